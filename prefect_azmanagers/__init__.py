@@ -1,0 +1,60 @@
+"""prefect-azmanagers: AzManagers.jl's capabilities as a Prefect integration.
+
+```python
+from prefect import flow, task
+from prefect_azmanagers import AzureScaleSetTaskRunner
+
+@task
+def square(x):
+    return x * x
+
+@flow(task_runner=AzureScaleSetTaskRunner("localcloud-small", 4))   # addprocs("cbox", 4)
+def sweep():
+    return sum(f.result() for f in square.map(range(100)))
+```
+
+Names are resolved lazily so that `import prefect_azmanagers` stays cheap (the agent on each
+instance imports only what it uses).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AzureManifest": "blocks",
+    "ScaleSetTemplate": "blocks",
+    "VMTemplate": "blocks",
+    "NICTemplate": "blocks",
+    "build_sstemplate": "templates",
+    "build_vmtemplate": "templates",
+    "build_nictemplate": "templates",
+    "AzureCluster": "cluster.cluster",
+    "AzureScaleSetTaskRunner": "task_runner",
+    "addproc": "detached",
+    "rmproc": "detached",
+    "detachat": "detached",
+    "detach": "detached",
+    "DetachedJob": "detached",
+    "DetachedVM": "detached",
+    "variablebundle": "detached",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'prefect_azmanagers' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"prefect_azmanagers.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

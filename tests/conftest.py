@@ -1,0 +1,138 @@
+"""Shared fixtures that start real services: a Prefect server and the local cloud.
+
+Both are started once per test session, on loopback, in temporary directories, and stopped at
+the end. Tests that need them ask for `prefect_server` / `localcloud`; unit tests start nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# Isolate Prefect's home and settings before anything imports prefect.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="azm-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_API_KEY", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2, verify=False).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class PrefectServer:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.ui_url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "prefect-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PREFECT_HOME=str(self.root / "server-home"),
+            PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.root / 'prefect.db'}",
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_UI_API_URL=self.api_url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        return env
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            env=self.env(), stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_http(f"{self.api_url}/health", 120, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real `prefect server` on loopback; PREFECT_API_URL points at it for the whole session."""
+    root = _SESSION_DIR / "prefect-server"
+    root.mkdir(exist_ok=True)
+    server = PrefectServer(root)
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        try:
+            yield server
+        finally:
+            server.stop()
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def localcloud(prefect_server):
+    """The local cloud, started as the CLI starts it; yields its localcloud.json as a dict.
+
+    It saves the `localcloud` manifest block and the example templates in the session's
+    Prefect server, and is stopped (every instance, process and namespace removed) at the end.
+    """
+    state_dir = _SESSION_DIR / "localcloud"
+    cli = [sys.executable, "-m", "prefect_azmanagers.cli"]
+    subprocess.run(
+        cli + ["localcloud", "start", "--background", "--state-dir", str(state_dir),
+               "--prefect-api-url", prefect_server.api_url],
+        check=True, env=dict(os.environ, PREFECT_API_URL=prefect_server.api_url), timeout=180,
+    )
+    info = json.loads((state_dir / "localcloud.json").read_text())
+    try:
+        yield info
+    finally:
+        subprocess.run(cli + ["localcloud", "stop", "--state-dir", str(state_dir)], timeout=180)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
