@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, idempotently:
+#   - Debian packages (when root): OpenSSH (the local cloud's instances run real sshd),
+#     iproute2 (network namespaces), Chromium (UI checks), Open MPI (mpi_ranks_per_worker).
+#   - a virtual environment in .venv with the package (editable) and its test/mpi extras.
+# Re-running is cheap: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(openssh-server openssh-client iproute2 procps psmisc util-linux passwd
+                 chromium openmpi-bin libopenmpi-dev curl)
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+fi
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages (install them as root): ${missing[*]}" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.azm-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "setup: installing the package and its test extras into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test,mpi]"
+  echo "$want" > "$stamp"
+fi
