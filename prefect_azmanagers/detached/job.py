@@ -1,0 +1,209 @@
+"""The driver's view of detached jobs: `detachat`, `detach` and `DetachedJob`.
+
+A job is one flow run of the VM's `azmanagers-detached/<vm>` deployment; everything about it
+(state, output streams, return value) lives in the Prefect API, so a `DetachedJob` is only a
+flow-run id: any process that can reach the API re-attaches with
+`DetachedJob.from_flow_run_id(id)`, also after the process that started it has exited and after
+the VM is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import sysconfig
+import time
+import types
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from uuid import UUID
+
+import cloudpickle
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, LogFilter, LogFilterFlowRunId,
+    LogFilterTimestamp,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import LogSort
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Cancelling
+
+from prefect_azmanagers.detached.bundle import variablebundle
+from prefect_azmanagers.detached.runtime import (
+    FLOW_NAME, PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
+)
+from prefect_azmanagers.exceptions import AzManagersError, PayloadError
+
+Status = Literal["starting", "running", "done", "failed", "cancelled"]
+
+_STATUS = {
+    StateType.SCHEDULED: "starting", StateType.PENDING: "starting",
+    StateType.RUNNING: "running", StateType.PAUSED: "running", StateType.CANCELLING: "running",
+    StateType.COMPLETED: "done", StateType.FAILED: "failed", StateType.CRASHED: "failed",
+    StateType.CANCELLED: "cancelled",
+}
+FINAL_STATUSES = ("done", "failed", "cancelled")
+
+# Prefect refuses flow-run parameters above 512 KiB of JSON; payloads whose base64 text is
+# longer than this travel over SFTP to the VM instead.
+MAX_INLINE_PAYLOAD = 400 * 1024
+_LOG_PAGE = 200
+
+
+class DetachedJobError(AzManagersError):
+    """A detached job cannot be found, was cancelled, or did not finish in time."""
+
+
+class DetachedJob:
+    """A job running (or run) on a detached VM, identified by its Prefect flow-run id."""
+
+    def __init__(self, flow_run_id: UUID | str):
+        self.flow_run_id = str(flow_run_id)
+
+    def __repr__(self) -> str:
+        return f"DetachedJob({self.flow_run_id!r})"
+
+    @classmethod
+    def from_flow_run_id(cls, flow_run_id: UUID | str) -> DetachedJob:
+        """Re-attach to a job, e.g. from another process; checks that the flow run exists."""
+        try:
+            UUID(str(flow_run_id))
+        except ValueError:
+            raise DetachedJobError(f"{flow_run_id!r} is not a flow-run id (a UUID)") from None
+        job = cls(flow_run_id)
+        job._flow_run()
+        return job
+
+    def _flow_run(self):
+        with get_client(sync_client=True) as client:
+            try:
+                return client.read_flow_run(UUID(self.flow_run_id))
+            except ObjectNotFound:
+                raise DetachedJobError(
+                    f"no flow run {self.flow_run_id} in the Prefect API at "
+                    f"{client.api_url}: check the id and PREFECT_API_URL") from None
+
+    def status(self) -> Status:
+        """"starting", "running", "done", "failed" or "cancelled"."""
+        state = self._flow_run().state
+        return "starting" if state is None else _STATUS[state.type]
+
+    def wait(self, timeout: float | None = None, *, poll: float = 1.0) -> Status:
+        """Block until the job has ended; returns its final status.
+
+        Raises DetachedJobError if `timeout` seconds pass first (the job keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.status()) not in FINAL_STATUSES:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DetachedJobError(
+                    f"detached job {self.flow_run_id} still {status!r} after {timeout} s")
+            time.sleep(poll)
+        return status
+
+    def _records(self) -> Iterator[Any]:
+        """The flow run's log records in timestamp order (paged by timestamp, deduplicated)."""
+        seen: set[UUID] = set()
+        after: datetime | None = None
+        with get_client(sync_client=True) as client:
+            while True:
+                log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(self.flow_run_id)]))
+                if after is not None:
+                    log_filter.timestamp = LogFilterTimestamp(after_=after)
+                page = client.read_logs(log_filter, limit=_LOG_PAGE, sort=LogSort.TIMESTAMP_ASC)
+                fresh = [log for log in page if log.id not in seen]
+                yield from fresh
+                seen.update(log.id for log in fresh)
+                if len(page) < _LOG_PAGE:
+                    return
+                if not fresh:  # a whole page of one timestamp: cannot happen with our records
+                    raise DetachedJobError("more than one page of log records share a timestamp")
+                after = page[-1].timestamp
+
+    def read(self, stdio: Literal["stdout", "stderr"] = "stdout") -> str:
+        """The job's own stdout or stderr so far, complete and in order.
+
+        The last lines reach the API shortly after the job ends; once `status()` is final,
+        the flow run has flushed them, so `wait()` then `read()` sees everything.
+        """
+        if stdio not in ("stdout", "stderr"):
+            raise ValueError(f'stdio must be "stdout" or "stderr", got {stdio!r}')
+        whole = STREAM_LOGGER.format(stream=stdio)
+        parts = []
+        for record in self._records():
+            if record.name == whole:
+                parts.append(record.message + "\n")
+            elif record.name == whole + PARTIAL_SUFFIX:
+                parts.append(record.message)
+        return "".join(parts)
+
+    def kill(self, timeout: float = 120) -> Status:
+        """Cancel the flow run; the worker on the VM stops the job's processes.
+
+        Returns the final status ("cancelled", or "done"/"failed" if the job ended first).
+        """
+        flow_run = self._flow_run()
+        status = _STATUS[flow_run.state.type] if flow_run.state else "starting"
+        if status in FINAL_STATUSES:
+            return status
+        with get_client(sync_client=True) as client:
+            # A run no worker has picked up yet has no process to stop: cancel it outright.
+            state = Cancelled() if flow_run.state.type == StateType.SCHEDULED else Cancelling()
+            client.set_flow_run_state(UUID(self.flow_run_id), state, force=True)
+        return self.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's return value; waits for the end. Raises DetachedJobFailed if it raised."""
+        status = self.wait(timeout)
+        if status == "cancelled":
+            raise DetachedJobError(f"detached job {self.flow_run_id} was cancelled")
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(self.flow_run_id)]),
+                type=ArtifactFilterType(any_=[RESULT_ARTIFACT_TYPE])))
+        if not artifacts:
+            raise DetachedJobError(
+                f"detached job {self.flow_run_id} ended {status!r} without storing a result "
+                f"(the flow process died?); its stderr:\n{self.read('stderr')[-3000:]}")
+        data = artifacts[0].data
+        value = cloudpickle.loads(base64.b64decode(data["pickle"])) if data["pickle"] else None
+        if data["ok"]:
+            return value
+        raise DetachedJobFailed(self.flow_run_id, data["traceback"]) from value
+
+
+def _ships_by_value(module_name: str | None) -> types.ModuleType | None:
+    """The module to pickle by value if it is the user's own file (not installed on the VM)."""
+    module = sys.modules.get(module_name or "")
+    origin = getattr(getattr(module, "__spec__", None), "origin", None)
+    if module is None or module_name == "__main__" or origin in (None, "built-in", "frozen"):
+        return None  # __main__ is pickled by value anyway
+    if module_name.split(".")[0] == "prefect_azmanagers":
+        return None  # installed on every VM (contract "Inside an instance")
+    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib",
+                                                        "platstdlib")}
+    return None if any(Path(origin).is_relative_to(root) for root in installed) else module
+
+
+def pickle_job(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """Cloudpickle a job; the module defining `fn` goes by value if it is the user's file.
+
+    The user's script or test module is not installed on the VM, so functions defined there
+    are shipped by value (as Prefect's bundles do); installed packages go by reference.
+    """
+    job = {"fn": fn, "args": args, "kwargs": kwargs, "variablebundle": dict(variablebundle)}
+    module = _ships_by_value(getattr(fn, "__module__", None) or type(fn).__module__)
+    if module is not None:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(job)
+    except Exception as exc:
+        raise PayloadError(
+            f"cannot pickle the detached job ({fn!r} with its arguments and variablebundle): "
+            f"{exc}; pass picklable values (open files, sockets, locks cannot travel)") from exc
+    finally:
+        if module is not None:
+            cloudpickle.unregister_pickle_by_value(module)
