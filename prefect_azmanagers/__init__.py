@@ -24,6 +24,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Prefect loads this package through its `prefect.collections` entry point; importing the block
+# classes here is what registers them with Prefect (server auto-registration, `Block.load` by
+# slug, `prefect block register -m prefect_azmanagers`). Everything else stays lazy.
+from prefect_azmanagers.blocks import AzureManifest, NICTemplate, ScaleSetTemplate, VMTemplate  # noqa: E402
+
 _EXPORTS = {
     "AzureManifest": "blocks",
     "ScaleSetTemplate": "blocks",

@@ -1,0 +1,77 @@
+"""`prefect-azmanagers`: the command line, one typer app per noun (as Prefect's own CLI).
+
+```
+prefect-azmanagers manifest write --subscription-id SUB --resource-group my-rg --ssh-user cvx
+prefect-azmanagers import-azmanagers            # ~/.azmanagers/*.json -> Prefect blocks
+prefect-azmanagers localcloud start --background
+prefect-azmanagers --verbose scalesets list     # --verbose logs every ARM request
+```
+
+A user mistake (any `AzManagersError`) prints one red line and exits 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from prefect_azmanagers.exceptions import AzManagersError
+
+_stderr = Console(stderr=True)
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """Print `message` as a red error on stderr and exit with status 1."""
+    _stderr.print(f"[red]Error:[/red] {escape(message)}")
+    raise typer.Exit(1)
+
+
+class _ErrorHandlingGroup(TyperGroup):
+    """Turns the project's errors raised by any sub-command into `exit_with_error`."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AzManagersError as exc:
+            exit_with_error(str(exc))
+
+
+app = typer.Typer(
+    name="prefect-azmanagers",
+    cls=_ErrorHandlingGroup,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="AzManagers for Prefect: manifests, templates, scale sets, detached VMs, local cloud.",
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Log DEBUG messages of prefect_azmanagers (each ARM request)."
+    ),
+) -> None:
+    if verbose:
+        logger = logging.getLogger("prefect_azmanagers")
+        logger.setLevel(logging.DEBUG)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+
+
+# Sub-apps are imported after `app` and `exit_with_error` exist: they use the latter.
+from prefect_azmanagers.cli import azure, config, detached, localcloud  # noqa: E402
+
+app.add_typer(config.manifest_app, name="manifest")
+app.add_typer(config.template_app, name="template")
+app.add_typer(localcloud.app, name="localcloud")
+app.add_typer(azure.scalesets_app, name="scalesets")
+app.add_typer(azure.vms_app, name="vms")
+app.add_typer(detached.vm_app, name="vm")
+app.add_typer(detached.job_app, name="job")
