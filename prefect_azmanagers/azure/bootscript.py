@@ -1,0 +1,157 @@
+"""The boot script (customData) every instance runs once, as root, at first boot.
+
+It prepares the instance and leaves a marker the driver checks over SSH:
+
+1. exports the caller's environment variables, each value shell-quoted (`shlex.quote`), so a
+   value with quotes, `$`, backticks or newlines arrives unchanged; the same assignments are
+   written to `~/.azmanagers/env.sh` so processes started later over SSH can source them;
+2. runs the template's temp-disk commands;
+3. runs the hooks in order (trusted bash fragments: customenv, a worker start, ...);
+4. its EXIT trap writes `/home/<admin>/.azmanagers/boot.status`: `ready`, or
+   `failed: exit <code> at line <n> (<step>)` (docs/architecture.md, "Inside an instance").
+
+It holds no secret: no cookie, no credential, no API key (Azure keeps customData readable to
+anyone who can read the VM model). Its size is checked against Azure's limit: customData is
+base64 whose DECODED form may be at most 65535 bytes (OSProfile.customData, Compute REST API).
+The original checked 64000 base64 characters; we check the documented limit on the script.
+
+`boot_log_tail` fetches the end of the instance's cloud-init output and its boot.status over
+SSH, for error messages about instances that failed or never became ready.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge
+
+READY_STATUS_PATH = "/home/{admin}/.azmanagers/boot.status"
+ENV_FILE_PATH = "/home/{admin}/.azmanagers/env.sh"
+CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
+CUSTOM_DATA_LIMIT = 65535  # bytes of the decoded customData (Azure's documented maximum)
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]*\Z", re.I)
+
+
+def _env_lines(env: Mapping[str, str]) -> list[str]:
+    lines = []
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise ConfigurationError(
+                f"Environment variable name {name!r} is not a valid shell name "
+                "(letters, digits and '_', not starting with a digit).")
+        lines.append(f"export {name}={shlex.quote(str(value))}")
+    return lines
+
+
+def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, str] | None = None,
+                hooks: Sequence[str] = ()) -> str:
+    """The bash boot script for an instance whose admin user is `admin_username`.
+
+    `tempdisk` and `hooks` are trusted bash fragments (from the template and from this package);
+    `env` values are data and are quoted. Any failing command stops the script and the status
+    file says which step and line failed.
+    """
+    if not _USER_NAME.match(admin_username or ""):
+        raise ConfigurationError(f"Admin user name {admin_username!r} is not a valid Linux user name.")
+    admin = admin_username
+    home = f"/home/{admin}"
+    exports = _env_lines(env or {})
+    env_file = "\n".join(["# written by the prefect-azmanagers boot script", *exports, ""])
+    parts = [
+        "#!/bin/bash",
+        "# prefect-azmanagers boot script: runs once as root at first boot (cloud-init user data).",
+        "set -u",
+        f"azm_status_dir={shlex.quote(home + '/.azmanagers')}",
+        'azm_status="$azm_status_dir/boot.status"',
+        "azm_step=prepare",
+        "azm_line=0",
+        "azm_finish() {",
+        "  local rc=$?",
+        '  mkdir -p "$azm_status_dir"',
+        '  if [ "$rc" -eq 0 ]; then azm_s=ready; else azm_s="failed: exit $rc at line $azm_line ($azm_step)"; fi',
+        '  printf \'%s\\n\' "$azm_s" > "$azm_status.tmp" && mv -f "$azm_status.tmp" "$azm_status"',
+        f'  chown -R {shlex.quote(admin)}: "$azm_status_dir" 2>/dev/null || true',
+        '  echo "prefect-azmanagers boot: $azm_s"',
+        "}",
+        "trap azm_finish EXIT",
+        "trap 'azm_line=$LINENO' ERR",
+        "set -eE",
+        'mkdir -p "$azm_status_dir"',
+        'rm -f "$azm_status"',
+        "azm_step=env",
+        *exports,
+        f"cat > \"$azm_status_dir/env.sh\" <<'AZM_ENV_EOF'\n{env_file}AZM_ENV_EOF",
+        f'chown -R {shlex.quote(admin)}: "$azm_status_dir" 2>/dev/null || true',
+    ]
+    if tempdisk.strip():
+        parts += ["azm_step=tempdisk", tempdisk.rstrip("\n")]
+    for i, hook in enumerate(hooks, 1):
+        parts += [f"azm_step='hook {i}'", hook.rstrip("\n")]
+    parts += ["azm_step=done", ""]
+    script = "\n".join(parts)
+    if "\nAZM_ENV_EOF\n" in env_file:  # a value that is exactly the heredoc terminator line
+        raise ConfigurationError("An environment value contains the line 'AZM_ENV_EOF'; rename it.")
+    return script
+
+
+def encode_custom_data(script: str) -> str:
+    """customData for ARM (base64 of the script); CustomDataTooLarge if over Azure's limit."""
+    raw = script.encode()
+    if len(raw) > CUSTOM_DATA_LIMIT:
+        raise CustomDataTooLarge(
+            f"The boot script is {len(raw)} bytes ({len(base64.b64encode(raw))} as base64); Azure "
+            f"accepts at most {CUSTOM_DATA_LIMIT} bytes of customData. Ship less through it: fewer "
+            "or smaller environment variables, or a customenv that installs packages by name "
+            "instead of embedding files.")
+    return base64.b64encode(raw).decode()
+
+
+async def _run(conn: Any, command: str) -> str:
+    result = await conn.run(command, check=False)
+    return (result.stdout or "") + (result.stderr or "")
+
+
+async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = None,
+                        lines: int = 50, host_key: str | None = None,
+                        connect_timeout: float = 15.0) -> str:
+    """The last `lines` lines of the instance's cloud-init output and its boot.status.
+
+    `target` is an open asyncssh connection (the cluster's own, host key already pinned), or an
+    address: then a connection is opened with the manifest's user, port and private key, and
+    `host_key` (an OpenSSH public key line) pins the server key; without it any key is accepted,
+    which is only acceptable here because nothing is sent but a read-only command. Never raises
+    for an unreachable instance: the text says why nothing could be read.
+    """
+    status_path = READY_STATUS_PATH.format(admin=admin_username)
+    command = (
+        f"echo '== {CLOUD_INIT_LOG} (last {int(lines)} lines) =='; "
+        f"tail -n {int(lines)} {CLOUD_INIT_LOG} 2>/dev/null || "
+        f"sudo -n tail -n {int(lines)} {CLOUD_INIT_LOG} 2>&1; "
+        f"echo '== boot.status =='; cat {shlex.quote(status_path)} 2>/dev/null || echo '(none yet)'"
+    )
+    if not isinstance(target, str):
+        return await _run(target, command)
+    import asyncio
+
+    import asyncssh
+
+    if manifest is None:
+        raise ConfigurationError("boot_log_tail needs the manifest to open its own SSH connection.")
+    known_hosts: Any = None
+    if host_key:
+        known_hosts = ([asyncssh.import_public_key(host_key)], [], [])
+    try:
+        async with asyncssh.connect(
+            target, port=manifest.ssh_port, username=manifest.ssh_user,
+            client_keys=[asyncssh.import_private_key(manifest.read_private_key())],
+            known_hosts=known_hosts, connect_timeout=connect_timeout,
+        ) as conn:
+            return await _run(conn, command)
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+        return f"(could not read the boot log from {target} over SSH: {exc})"

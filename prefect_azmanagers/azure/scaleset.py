@@ -1,0 +1,388 @@
+"""A scale set this process provisions into: created if missing, grown, listed, shrunk, deleted.
+
+Request economy (the original PUT the whole model per grow and listed through Resource Graph):
+
+- `grow(n)`: one GET (does it exist, what capacity), the quota check (SKU list once per process,
+  one usages list), then ONE write: PUT of the full model when creating, PATCH of `sku.capacity`
+  otherwise. It returns without waiting for instances to boot; the long-running operation is
+  followed in the background and its failure (e.g. AllocationFailed) is raised by the next
+  `instances()` or `grow()`, after the failed instances it left were deleted.
+- `instances()`: the VMs (with instance view) and the NICs (for private IPs): two paged lists,
+  whatever the number of instances.
+- `delete_instances(ids)`: one POST for the whole batch.
+- `delete_if_empty()`: deletes the scale set only if THIS object created it (the original also
+  deleted pre-existing scale sets at exit).
+
+Priority mix (spot with a base of regular instances and/or a regular percentage above it)
+switches the scale set to Flexible orchestration with `priorityMixPolicy`, as AzManagers does;
+a Flexible scale set's instances are listed as plain VMs filtered by scale set, and its NICs from
+the resource group's NIC list (the VMSS VM/NIC list APIs are Uniform-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from prefect_azmanagers.azure.errors import arm_errors
+from prefect_azmanagers.azure.quota import ensure_quota, priority_split
+from prefect_azmanagers.exceptions import AzureError, ResourceMissing, TemplateError
+
+logger = logging.getLogger("prefect_azmanagers.azure")
+
+FLEXIBLE_NETWORK_API_VERSION = "2020-11-01"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance of a scale set, as the control plane sees it."""
+
+    name: str
+    instance_id: str          # Uniform: "0", "1", ...; Flexible: the VM name (what delete takes)
+    vm_id: str
+    computer_name: str
+    provisioning_state: str   # "Creating" | "Succeeded" | "Failed" | ...
+    power_state: str | None   # "running" | "stopped" | "deallocated" | None
+    private_ip: str | None
+    priority: str | None      # "Regular" | "Spot"
+
+
+def _power_state(raw: dict) -> str | None:
+    view = (raw.get("properties") or {}).get("instanceView") or {}
+    for status in view.get("statuses") or []:
+        code = status.get("code") or ""
+        if code.startswith("PowerState/"):
+            return code.split("/", 1)[1]
+    return None
+
+
+def _ips_by_vm(nics: list[dict]) -> dict[str, str]:
+    """Primary private IP of each VM (lower-cased VM resource id -> IP) from NIC documents."""
+    ips: dict[str, str] = {}
+    for nic in nics:
+        props = nic.get("properties") or {}
+        vm = ((props.get("virtualMachine") or {}).get("id") or "").lower()
+        if not vm:
+            continue
+        configs = props.get("ipConfigurations") or []
+        primary = next((c for c in configs if (c.get("properties") or {}).get("primary")), None)
+        for config in ([primary] if primary else []) + configs:
+            ip = (config.get("properties") or {}).get("privateIPAddress")
+            if ip:
+                ips.setdefault(vm, ip)
+                break
+    return ips
+
+
+async def delete_scaleset(clients: Any, resource_group: str, name: str) -> bool:
+    """Delete a scale set and its instances, waiting for completion; False if it was not there."""
+    try:
+        with arm_errors(f"delete scale set {name}"):
+            poller = await clients.compute.virtual_machine_scale_sets.begin_delete(
+                resource_group, name, force_deletion=True)
+            await poller.result()
+    except ResourceMissing:
+        return False
+    return True
+
+
+class ScaleSet:
+    """A scale set this process provisions into: created if missing (then owned: deleted when
+    empty), grown in one request, listed, shrunk in one request.
+
+    `created` is True once this object has sent the request that creates the scale set (also
+    when that request was interrupted), so a cleanup after Ctrl-C deletes it.
+    """
+
+    def __init__(self, clients: Any, manifest: Any, template: Any, name: str, *,
+                 custom_data: str, tags: dict[str, str], spot: bool = False,
+                 max_price: float = -1, spot_base_regular_priority_count: int = 0,
+                 spot_regular_percentage_above_base: int = 0, os_disk_size: int | None = None,
+                 image_name: str | None = None, image_version: str | None = None,
+                 eviction_policy: str = "Delete", quota_wait: float = 0.0,
+                 resource_group: str | None = None):
+        self.clients = clients
+        self.manifest = manifest
+        self.template = template
+        self.name = name
+        self.resource_group = resource_group or template.resource_group or manifest.resource_group
+        if not self.resource_group:
+            raise TemplateError(f"No resource group for scale set {name}: set it in the template or manifest.")
+        self.custom_data = custom_data
+        self.tags = dict(tags)
+        self.spot = spot
+        self.max_price = max_price
+        self.base_regular = spot_base_regular_priority_count
+        self.regular_percentage = spot_regular_percentage_above_base
+        self.os_disk_size = os_disk_size
+        self.image_name = image_name
+        self.image_version = image_version
+        if eviction_policy not in ("Delete", "Deallocate"):
+            raise TemplateError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
+        self.eviction_policy = eviction_policy
+        self.quota_wait = quota_wait
+        self.created = False
+        self._id: str | None = None
+        self._flexible: bool | None = None
+        self._watchers: set[asyncio.Task] = set()
+        self._failure: AzureError | None = None
+
+    # -- model -----------------------------------------------------------------------------
+
+    @property
+    def priority_mix(self) -> bool:
+        return self.spot and (self.base_regular > 0 or self.regular_percentage > 0)
+
+    def _location(self) -> str:
+        location = self.template.value.get("location") or getattr(self.manifest, "location", None)
+        if not location:
+            raise TemplateError(f"Template for {self.name} has no location.")
+        return location
+
+    def _sku_name(self) -> str:
+        try:
+            return self.template.value["sku"]["name"]
+        except (KeyError, TypeError):
+            raise TemplateError("The scale-set template has no sku.name (the VM size).") from None
+
+    def body(self, capacity: int) -> dict:
+        """The ARM body (camelCase) that creates this scale set with `capacity` instances."""
+        self._sku_name()
+        value = copy.deepcopy(self.template.value)
+        try:
+            props = value["properties"]
+            profile = props["virtualMachineProfile"]
+            os_profile = profile["osProfile"]
+        except (KeyError, TypeError):
+            raise TemplateError(
+                "The scale-set template's value lacks properties.virtualMachineProfile.osProfile; "
+                "rebuild it with build_sstemplate.") from None
+        value["sku"]["capacity"] = capacity
+        value.setdefault("location", self._location())
+        value["tags"] = {**(value.get("tags") or {}), **self.tags}
+        admin = self.manifest.ssh_user or os_profile.get("adminUsername")
+        os_profile["adminUsername"] = admin
+        os_profile["computerNamePrefix"] = f"{self.name}-"
+        os_profile["customData"] = self.custom_data
+        linux = os_profile.setdefault("linuxConfiguration", {})
+        keys = linux.setdefault("ssh", {}).setdefault("publicKeys", [])
+        key_data = self.manifest.read_public_key().strip()
+        if not any(k.get("keyData", "").strip() == key_data for k in keys):
+            keys.append({"path": f"/home/{admin}/.ssh/authorized_keys", "keyData": key_data})
+        storage = profile.setdefault("storageProfile", {})
+        if self.os_disk_size:
+            storage.setdefault("osDisk", {})["diskSizeGB"] = self.os_disk_size
+        apply_image_override(storage, self.image_name, self.image_version)
+        if self.spot:
+            profile["priority"] = "Spot"
+            profile["evictionPolicy"] = self.eviction_policy
+            profile["billingProfile"] = {"maxPrice": self.max_price}
+        if self.priority_mix:
+            props["orchestrationMode"] = "Flexible"
+            props["priorityMixPolicy"] = {
+                "baseRegularPriorityCount": self.base_regular,
+                "regularPriorityPercentageAboveBase": self.regular_percentage,
+            }
+            props["platformFaultDomainCount"] = 1
+            profile.setdefault("networkProfile", {})["networkApiVersion"] = FLEXIBLE_NETWORK_API_VERSION
+            for key in ("overprovision", "doNotRunExtensionsOnOverprovisionedVMs", "upgradePolicy"):
+                props.pop(key, None)
+        return value
+
+    def _new_instances(self, old: int, new: int) -> tuple[int, int]:
+        """(regular, spot) instances added when capacity goes from old to new."""
+        if not self.spot:
+            return new - old, 0
+        if not self.priority_mix:
+            return 0, new - old
+        r_old, s_old = priority_split(old, self.base_regular, self.regular_percentage)
+        r_new, s_new = priority_split(new, self.base_regular, self.regular_percentage)
+        return r_new - r_old, s_new - s_old
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    async def _get(self) -> dict | None:
+        try:
+            with arm_errors(f"read scale set {self.name}"):
+                vmss = await self.clients.compute.virtual_machine_scale_sets.get(self.resource_group, self.name)
+        except ResourceMissing:
+            return None
+        raw = vmss.as_dict()
+        self._id = raw.get("id")
+        self._flexible = (raw.get("properties") or {}).get("orchestrationMode") == "Flexible"
+        return raw
+
+    async def grow(self, n: int) -> None:
+        """Add n instances in one request (after the quota check); does not wait for them to boot."""
+        if n < 1:
+            raise ValueError(f"grow(n) needs n >= 1, got {n}")
+        self._raise_failure()
+        current = await self._get()
+        old = int((current or {}).get("sku", {}).get("capacity") or 0)
+        regular, spot = self._new_instances(old, old + n)
+        await ensure_quota(self.clients, (current or {}).get("location") or self._location(),
+                           self._sku_name(), regular=regular, spot=spot, wait=self.quota_wait)
+        vmss_ops = self.clients.compute.virtual_machine_scale_sets
+        if current is None:
+            body = self.body(old + n)
+            self.created = True
+            try:
+                with arm_errors(f"create scale set {self.name} with {n} instances"):
+                    poller = await vmss_ops.begin_create_or_update(self.resource_group, self.name, body)
+            except AzureError:
+                self.created = False   # refused outright: nothing was made
+                raise
+            self._flexible = self.priority_mix
+        else:
+            with arm_errors(f"grow scale set {self.name} from {old} to {old + n} instances"):
+                poller = await vmss_ops.begin_update(self.resource_group, self.name,
+                                                     {"sku": {"capacity": old + n}})
+        logger.info("Scale set %s: capacity %d -> %d", self.name, old, old + n)
+        task = asyncio.get_running_loop().create_task(self._follow(poller, old + n))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _follow(self, poller: Any, capacity: int) -> None:
+        """Wait for a grow to finish; on failure delete the instances it left Failed, keep the error."""
+        try:
+            with arm_errors(f"provision scale set {self.name} to {capacity} instances"):
+                await poller.result()
+        except AzureError as exc:
+            logger.warning("Scale set %s: provisioning failed: %s", self.name, exc)
+            try:
+                await self._remove_failed()
+            except AzureError as cleanup_exc:
+                logger.warning("Scale set %s: could not delete failed instances: %s", self.name, cleanup_exc)
+            self._failure = exc
+
+    async def _remove_failed(self) -> None:
+        instances = await self._list()
+        failed = [i.instance_id for i in instances if i.provisioning_state.lower() == "failed"]
+        if failed:
+            await self.delete_instances(failed)
+        if self.created and len(failed) == len(instances):
+            await self.delete()
+
+    async def wait_provisioned(self) -> None:
+        """Wait until every grow sent so far finished; raise its failure if one failed."""
+        while self._watchers:
+            await asyncio.gather(*list(self._watchers))
+        self._raise_failure()
+
+    async def instances(self) -> list[Instance]:
+        """Every instance with its states and private IP (two paged lists: VMs and NICs).
+
+        Raises the failure of an earlier grow (e.g. AllocationFailed) once, after its failed
+        instances were deleted.
+        """
+        self._raise_failure()
+        return await self._list()
+
+    async def _list(self) -> list[Instance]:
+        if self._flexible is None and await self._get() is None:
+            return []
+        compute, network = self.clients.compute, self.clients.network
+        rg = self.resource_group
+        try:
+            with arm_errors(f"list the instances of scale set {self.name}"):
+                if self._flexible:
+                    vms = [v.as_dict() async for v in compute.virtual_machines.list(
+                        rg, filter=f"'virtualMachineScaleSet/id' eq '{self._id}'", expand="instanceView")]
+                    nics = [n.as_dict() async for n in network.network_interfaces.list(rg)]
+                else:
+                    vms = [v.as_dict() async for v in compute.virtual_machine_scale_set_vms.list(
+                        rg, self.name, expand="instanceView")]
+                    nics = [n.as_dict() async for n in network.network_interfaces
+                            .list_virtual_machine_scale_set_network_interfaces(rg, self.name)]
+        except ResourceMissing:
+            return []   # the scale set is gone
+        ips = _ips_by_vm(nics)
+        default_priority = "Spot" if self.spot else "Regular"
+        found = []
+        for vm in vms:
+            props = vm.get("properties") or {}
+            view = props.get("instanceView") or {}
+            found.append(Instance(
+                name=vm.get("name", ""),
+                instance_id=vm.get("name", "") if self._flexible else str(vm.get("instanceId", "")),
+                vm_id=props.get("vmId", ""),
+                computer_name=(props.get("osProfile") or {}).get("computerName") or view.get("computerName") or "",
+                provisioning_state=props.get("provisioningState") or "Unknown",
+                power_state=_power_state(vm),
+                private_ip=ips.get((vm.get("id") or "").lower()),
+                priority=props.get("priority") or default_priority,
+            ))
+        return found
+
+    async def delete_instances(self, instance_ids: list[str]) -> None:
+        """Delete these instances in one request and wait; instances already gone are fine."""
+        if not instance_ids:
+            return
+        try:
+            with arm_errors(f"delete {len(instance_ids)} instances of scale set {self.name}"):
+                poller = await self.clients.compute.virtual_machine_scale_sets.begin_delete_instances(
+                    self.resource_group, self.name, {"instanceIds": list(instance_ids)})
+                await poller.result()
+        except ResourceMissing:
+            logger.debug("Scale set %s: instances %s already gone", self.name, instance_ids)
+
+    async def delete_if_empty(self) -> bool:
+        """Delete the scale set if this object created it and it has no instance left."""
+        if not self.created:
+            return False
+        current = await self._get()
+        if current is None:
+            self.created = False
+            return True
+        if int((current.get("sku") or {}).get("capacity") or 0) > 0 and await self._list():
+            return False
+        await self.delete()
+        return True
+
+    async def delete(self) -> None:
+        """Delete the scale set and all its instances, waiting for completion (idempotent)."""
+        await self.close()
+        await delete_scaleset(self.clients, self.resource_group, self.name)
+        self.created = False
+
+    async def close(self) -> None:
+        """Stop following grows in the background (nothing is deleted)."""
+        current = asyncio.current_task()
+        for task in list(self._watchers):
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*[t for t in self._watchers if t is not current], return_exceptions=True)
+
+
+def apply_image_override(storage: dict, image_name: str | None, image_version: str | None) -> None:
+    """Point storageProfile.imageReference at another image name and/or gallery image version.
+
+    The reference id has the form `.../galleries/G/images/I[/versions/V]` (gallery image) or
+    `.../images/I` (managed image); a name replaces I, a version sets V (gallery images only).
+    """
+    if not image_name and not image_version:
+        return
+    ref = storage.get("imageReference") or {}
+    image_id = ref.get("id")
+    if not image_id or "/images/" not in image_id:
+        raise TemplateError(
+            "An image name/version override needs a template whose storageProfile.imageReference "
+            f"has an image id (.../images/NAME), found {ref!r}.")
+    head, _, tail = image_id.partition("/images/")
+    name, _, version = tail.partition("/versions/")
+    if image_name:
+        name = image_name
+    if image_version:
+        if "/galleries/" not in head:
+            raise TemplateError("An image version override needs a gallery image (…/galleries/G/images/I).")
+        version = image_version
+    ref["id"] = f"{head}/images/{name}" + (f"/versions/{version}" if version else "")
+    storage["imageReference"] = ref
