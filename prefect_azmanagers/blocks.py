@@ -51,6 +51,7 @@ __all__ = [
     "aload_nic_template",
     "template_block_name",
     "template_name_from_block",
+    "saved_names",
 ]
 
 DEFAULT_TEMPDISK = "sudo mkdir -m 777 /mnt/scratch\nln -s /mnt/scratch /scratch"
@@ -443,24 +444,28 @@ def _explain(exc: ValidationError) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _known_names(cls: type[Block]) -> list[str]:
+def saved_names(block_type: type[Block]) -> dict[str, str]:
+    """The saved blocks of `block_type`: AzManagers name -> block name, sorted by name.
+
+    A block saved under a name the rule cannot have produced is listed under its block name.
+    """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             documents = client.read_block_documents_by_type(
-                cls.get_block_type_slug(), include_secrets=False
+                block_type.get_block_type_slug(), include_secrets=False
             )
         except ObjectNotFound:
-            return []
-    names = []
+            return {}
+    names = {}
     for document in documents:
         try:
-            names.append(template_name_from_block(document.name))
+            names[template_name_from_block(document.name)] = document.name
         except TemplateError:
-            names.append(document.name)
-    return sorted(names)
+            names[document.name] = document.name
+    return dict(sorted(names.items()))
 
 
 def _load(cls: type[_B], name_or_block: str | _B, what: str, not_found: type[Exception], how: str) -> _B:
@@ -483,7 +488,7 @@ def _load(cls: type[_B], name_or_block: str | _B, what: str, not_found: type[Exc
             except ValueError as exc:
                 if "Unable to find block document" not in str(exc):
                     raise
-        known = _known_names(cls)
+        known = list(saved_names(cls))
     except httpx.HTTPError as exc:
         raise PrefectAPIUnreachable(
             f"Cannot reach the Prefect API to load the {what} {name_or_block!r}: {exc}. "

@@ -70,6 +70,9 @@ from prefect_azmanagers.cli import azure, config, detached, localcloud  # noqa: 
 
 app.add_typer(config.manifest_app, name="manifest")
 app.add_typer(config.template_app, name="template")
+app.command("import-azmanagers")(config.import_azmanagers)
+app.command("export-azmanagers")(config.export_azmanagers)
+app.command("keygen")(config.keygen)
 app.add_typer(localcloud.app, name="localcloud")
 app.add_typer(azure.scalesets_app, name="scalesets")
 app.add_typer(azure.vms_app, name="vms")

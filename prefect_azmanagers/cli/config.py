@@ -7,13 +7,18 @@ manifest, build and inspect templates, move `~/.azmanagers` in and out, create a
 from __future__ import annotations
 
 import json
+import os
+import socket
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefect_azmanagers import templates
 from prefect_azmanagers.blocks import (
+    DEFAULT_TEMPDISK,
     AzureManifest,
     NICTemplate,
     ScaleSetTemplate,
@@ -22,11 +27,18 @@ from prefect_azmanagers.blocks import (
     load_nic_template,
     load_scaleset_template,
     load_vm_template,
+    saved_names,
     template_block_name,
     template_name_from_block,
 )
 from prefect_azmanagers.cli import exit_with_error
-from prefect_azmanagers.exceptions import TemplateError
+from prefect_azmanagers.exceptions import KeyFileError
+from prefect_azmanagers.templates import (
+    DEFAULT_AZMANAGERS_DIR,
+    build_nictemplate,
+    build_sstemplate,
+    build_vmtemplate,
+)
 
 console = Console()
 
@@ -108,12 +120,10 @@ def template_list(
 
     Example: prefect-azmanagers template list --kind scaleset
     """
-    from prefect_azmanagers.blocks import _known_names
-
     table = Table("kind", "name", "block name")
     for kind_name in _selected_kinds(kind):
-        for template_name in _known_names(_KINDS[kind_name][0]):
-            table.add_row(kind_name, template_name, template_block_name(template_name))
+        for template_name, block_name in saved_names(_KINDS[kind_name][0]).items():
+            table.add_row(kind_name, template_name, block_name)
     console.print(table)
 
 
@@ -150,3 +160,222 @@ def _save(block, block_name: str, overwrite: bool) -> None:
                 f"pass --overwrite to replace it."
             )
         raise
+
+
+def _parse_tags(tags: list[str]) -> dict[str, str]:
+    parsed = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep or not key:
+            exit_with_error(f"--tag {tag!r} must look like key=value.")
+        parsed[key] = value
+    return parsed
+
+
+def _parse_disks(disks: list[str]) -> list[dict]:
+    parsed = []
+    for disk in disks:
+        try:
+            document = json.loads(disk)
+        except json.JSONDecodeError as exc:
+            exit_with_error(f"--data-disk {disk!r} is not JSON ({exc.msg}); e.g. '{{\"diskSizeGB\": 1023}}'.")
+        parsed.append(document)
+    return parsed
+
+
+_SAVE_HELP = "Save the template as a block (otherwise only print it)."
+
+
+@template_app.command("build-scaleset")
+def template_build_scaleset(
+    name: str = typer.Argument(..., help="Template name, e.g. ussc/cbox08."),
+    subscription_id: str = typer.Option(...),
+    admin_username: str = typer.Option(...),
+    location: str = typer.Option(...),
+    resource_group: str = typer.Option(...),
+    vnet: str = typer.Option(...),
+    subnet: str = typer.Option(...),
+    image_gallery: str = typer.Option(...),
+    image_name: str = typer.Option(...),
+    sku_name: str = typer.Option(..., help="VM size, e.g. Standard_D8s_v3."),
+    subscription_id_image: str = typer.Option("", help="Defaults to --subscription-id."),
+    resource_group_vnet: str = typer.Option("", help="Defaults to --resource-group."),
+    resource_group_image: str = typer.Option("", help="Defaults to --resource-group."),
+    sku_tier: str = typer.Option("Standard"),
+    os_disk_size: int = typer.Option(60, help="OS disk size in GB."),
+    data_disk: list[str] = typer.Option([], help='Data disk as JSON, repeatable: \'{"diskSizeGB": 1023}\'.'),
+    tempdisk: str = typer.Option(DEFAULT_TEMPDISK, help="Boot-script lines preparing the temp disk."),
+    tag: list[str] = typer.Option([], help="Resource tag key=value, repeatable."),
+    encryption_at_host: bool = typer.Option(False),
+    save: bool = typer.Option(True, help=_SAVE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+) -> None:
+    """Build a scale-set template (AzManagers' build_sstemplate) and save it.
+
+    Example: prefect-azmanagers template build-scaleset ussc/cbox08 --subscription-id SUB
+    --admin-username cvx --location southcentralus --resource-group my-rg --vnet my-vnet
+    --subnet default --image-gallery my-gallery --image-name my-image --sku-name Standard_D8s_v3
+    """
+    template = build_sstemplate(
+        name, subscription_id=subscription_id, admin_username=admin_username, location=location,
+        resource_group=resource_group, vnet=vnet, subnet=subnet, image_gallery=image_gallery,
+        image_name=image_name, sku_name=sku_name, subscription_id_image=subscription_id_image,
+        resource_group_vnet=resource_group_vnet, resource_group_image=resource_group_image,
+        sku_tier=sku_tier, os_disk_size=os_disk_size, data_disks=_parse_disks(data_disk),
+        tempdisk=tempdisk, tags=_parse_tags(tag), encryption_at_host=encryption_at_host,
+    )
+    _finish_build(template, name, save, overwrite)
+
+
+@template_app.command("build-vm")
+def template_build_vm(
+    name: str = typer.Argument(..., help="Template name, e.g. cbox."),
+    subscription_id: str = typer.Option(...),
+    admin_username: str = typer.Option(...),
+    location: str = typer.Option(...),
+    resource_group: str = typer.Option(...),
+    image_gallery: str = typer.Option(...),
+    image_name: str = typer.Option(...),
+    vm_size: str = typer.Option(..., help="VM size, e.g. Standard_D8s_v3."),
+    subscription_id_image: str = typer.Option("", help="Defaults to --subscription-id."),
+    resource_group_vnet: str = typer.Option("", help="Defaults to --resource-group."),
+    resource_group_image: str = typer.Option("", help="Defaults to --resource-group."),
+    nic_name: str = typer.Option("cbox-nic"),
+    os_disk_size: int = typer.Option(60, help="OS disk size in GB."),
+    data_disk: list[str] = typer.Option([], help='Data disk as JSON, repeatable: \'{"diskSizeGB": 1023}\'.'),
+    tempdisk: str = typer.Option(DEFAULT_TEMPDISK, help="Boot-script lines preparing the temp disk."),
+    tag: list[str] = typer.Option([], help="Resource tag key=value, repeatable."),
+    encryption_at_host: bool = typer.Option(False),
+    save: bool = typer.Option(True, help=_SAVE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+) -> None:
+    """Build a VM template (AzManagers' build_vmtemplate) and save it.
+
+    Example: prefect-azmanagers template build-vm cbox --subscription-id SUB --admin-username cvx
+    --location southcentralus --resource-group my-rg --image-gallery my-gallery
+    --image-name my-image --vm-size Standard_D8s_v3
+    """
+    template = build_vmtemplate(
+        name, subscription_id=subscription_id, admin_username=admin_username, location=location,
+        resource_group=resource_group, image_gallery=image_gallery, image_name=image_name,
+        vm_size=vm_size, subscription_id_image=subscription_id_image,
+        resource_group_vnet=resource_group_vnet, resource_group_image=resource_group_image,
+        nic_name=nic_name, os_disk_size=os_disk_size, data_disks=_parse_disks(data_disk),
+        tempdisk=tempdisk, tags=_parse_tags(tag), encryption_at_host=encryption_at_host,
+    )
+    _finish_build(template, name, save, overwrite)
+
+
+@template_app.command("build-nic")
+def template_build_nic(
+    name: str = typer.Argument(..., help="Template name, e.g. cbox-nic."),
+    subscription_id: str = typer.Option(...),
+    resource_group_vnet: str = typer.Option(...),
+    vnet: str = typer.Option(...),
+    subnet: str = typer.Option(...),
+    location: str = typer.Option(...),
+    accelerated: bool = typer.Option(True, help="Accelerated networking."),
+    save: bool = typer.Option(True, help=_SAVE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+) -> None:
+    """Build a NIC template (AzManagers' build_nictemplate) and save it.
+
+    Example: prefect-azmanagers template build-nic cbox-nic --subscription-id SUB
+    --resource-group-vnet my-rg --vnet my-vnet --subnet default --location southcentralus
+    """
+    template = build_nictemplate(
+        name, subscription_id=subscription_id, resource_group_vnet=resource_group_vnet,
+        vnet=vnet, subnet=subnet, location=location, accelerated=accelerated,
+    )
+    _finish_build(template, name, save, overwrite)
+
+
+def _finish_build(template, name: str, save: bool, overwrite: bool) -> None:
+    console.print_json(json.dumps(template.to_azmanagers()))
+    if save:
+        _save(template, template_block_name(name), overwrite)
+        console.print(f"Saved {type(template).__name__} {name!r} (block {template_block_name(name)!r}).")
+
+
+def import_azmanagers(
+    directory: Path = typer.Option(DEFAULT_AZMANAGERS_DIR, "--dir", help="The AzManagers folder."),
+    manifest_name: str = typer.Option("default", help="Block name for manifest.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing blocks."),
+) -> None:
+    """Import ~/.azmanagers (manifest.json, templates_*.json) as Prefect blocks, unchanged.
+
+    Example: prefect-azmanagers import-azmanagers --dir ~/.azmanagers
+    """
+    config = templates.import_azmanagers(directory, manifest_name=manifest_name, overwrite=overwrite)
+    table = Table("kind", "name", "block name", title=f"imported from {directory}")
+    if config.manifest is not None:
+        table.add_row("manifest", manifest_name, template_block_name(manifest_name))
+    for kind in templates.TEMPLATE_FILES:
+        for name in config.templates(kind):
+            table.add_row(kind, name, template_block_name(name))
+    console.print(table)
+
+
+def export_azmanagers(
+    directory: Path = typer.Option(DEFAULT_AZMANAGERS_DIR, "--dir", help="The AzManagers folder."),
+    manifest_name: str = typer.Option("default", help="Manifest block written as manifest.json."),
+) -> None:
+    """Write the manifest and template blocks as AzManagers' JSON files.
+
+    Example: prefect-azmanagers export-azmanagers --dir /tmp/azmanagers
+    """
+    for path in templates.export_azmanagers(directory, manifest_name=manifest_name):
+        console.print(f"wrote {path}")
+
+
+def keygen(
+    private_key_file: Path = typer.Option(
+        Path("~/.ssh/azmanagers_rsa"), "--file", help="Private key path; the public key gets .pub."
+    ),
+    bits: int = typer.Option(3072, min=3072, help="RSA key size (Azure accepts RSA for Linux VMs)."),
+) -> None:
+    """Create the RSA key pair the manifest points at (private key 0600); never overwrites.
+
+    Example: prefect-azmanagers keygen --file ~/.ssh/azmanagers_rsa
+    """
+    private_path, public_path = generate_key_pair(private_key_file, bits=bits)
+    console.print(f"Created {private_path} (0600) and {public_path}.")
+
+
+def generate_key_pair(private_key_file: Path, *, bits: int = 3072) -> tuple[Path, Path]:
+    """Write a new RSA key pair (OpenSSH format) at `private_key_file` and `<it>.pub`.
+
+    Refuses to overwrite either file: an existing key may be installed on running VMs.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private_path = Path(private_key_file).expanduser()
+    public_path = private_path.with_name(private_path.name + ".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(
+                f"{path} exists; refusing to overwrite a key that may be in use. "
+                f"Remove it first or choose another --file."
+            )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public_bytes = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    private_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{private_path} appeared while generating the key; not overwritten.") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_bytes)
+    comment = f" azmanagers@{socket.gethostname()}".encode()
+    try:
+        public_path.write_bytes(public_bytes + comment + b"\n")
+    except OSError:
+        private_path.unlink()
+        raise
+    return private_path, public_path
