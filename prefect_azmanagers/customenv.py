@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from prefect_azmanagers.azure.bootscript import CUSTOM_DATA_LIMIT
 from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge
 
 logger = logging.getLogger("prefect_azmanagers.customenv")
@@ -46,9 +47,6 @@ logger = logging.getLogger("prefect_azmanagers.customenv")
 # prefect_azmanagers is provided by the instance's Python (docs/architecture.md, "Inside an
 # instance"), so the agent that runs the spec's code always matches the instance's image.
 EXCLUDED = frozenset({"pip", "setuptools", "wheel", "distribute", "prefect-azmanagers"})
-
-# Azure rejects customData whose decoded size exceeds 64 KiB - 1 (osProfile.customData).
-CUSTOM_DATA_LIMIT = 65535
 
 ENV_DIR = "/home/{admin}/.azmanagers/env"
 
@@ -196,36 +194,44 @@ print("import site; " + "; ".join("site.addsitedir(%r)" % d for d in dirs))
 """
 
 _HOOK_TEMPLATE = """\
-# customenv (prefect_azmanagers.customenv): the driver's packages in a venv over the base Python
-azm_customenv() (
-  set -euo pipefail
-  env={env}; log={log}; work=$(mktemp -d)
-  mkdir -p "$(dirname "$log")"
-  trap 'rm -rf "$work"' EXIT
-  echo "customenv: installing {summary}"
-  {python} -c {unpack} "$work" <<'AZM_CUSTOMENV_PAYLOAD'
+# customenv (prefect_azmanagers.customenv): the driver's packages in a venv over the base Python.
+# The build runs in its own bash so its errexit holds; a failure names pip's tail in boot.status.
+azm_step=customenv
+azm_ce_dir=$(mktemp -d)
+cat > "$azm_ce_dir/build.sh" <<'AZM_CUSTOMENV_SCRIPT'
+set -euo pipefail
+work=$1; env={env}; log={log}
+mkdir -p "$(dirname "$log")"
+echo "customenv: installing {summary}"
+{python} -c {unpack} "$work" <<'AZM_CUSTOMENV_PAYLOAD'
 {payload}AZM_CUSTOMENV_PAYLOAD
-  rm -rf "$env"
-  {python} -m venv --without-pip "$env"
-  purelib=$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-  {python} -c {layer} > "$purelib/_azmanagers_base.pth"
-  "$env/bin/python" -m pip --version >/dev/null 2>&1 || "$env/bin/python" -m ensurepip -q
-  mapfile -t pip_args < "$work/pip-args.txt"
-  wheels=("$work"/wheels/*.whl)
-  [[ -e ${{wheels[0]}} ]] || wheels=()
-  echo "customenv: pip install into $env"
-  if ! "$env/bin/python" -m pip install --disable-pip-version-check --no-input --progress-bar off \\
-      "${{pip_args[@]}}" -r "$work/requirements.txt" "${{wheels[@]}}" >"$log" 2>&1; then
-    cat "$log"
-    tail_text=$(tail -n 15 "$log" | tr '\\n' ' ' | cut -c1-1500)
-    echo "failed: customenv: pip install failed: $tail_text" > {status}
-    exit 1
-  fi
+rm -rf "$env"
+{python} -m venv --without-pip "$env"
+purelib=$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+{python} -c {layer} > "$purelib/_azmanagers_base.pth"
+"$env/bin/python" -m pip --version >/dev/null 2>&1 || "$env/bin/python" -m ensurepip -q
+mapfile -t pip_args < "$work/pip-args.txt"
+wheels=("$work"/wheels/*.whl)
+[[ -e ${{wheels[0]}} ]] || wheels=()
+echo "customenv: pip install into $env"
+if ! "$env/bin/python" -m pip install --disable-pip-version-check --no-input --progress-bar off \\
+    "${{pip_args[@]}}" -r "$work/requirements.txt" "${{wheels[@]}}" >"$log" 2>&1; then
   cat "$log"
-  chown -R {admin}: "$env" "$log" 2>/dev/null || true
-  echo "customenv: ready: $env/bin/python"
-)
-azm_customenv
+  echo "pip install failed: $(tail -n 15 "$log" | tr '\\n' ' ' | cut -c1-1500)" > "$work/reason"
+  exit 1
+fi
+cat "$log"
+chown -R {admin}: "$env" "$log"
+echo "customenv: ready: $env/bin/python"
+AZM_CUSTOMENV_SCRIPT
+azm_ce_rc=0
+bash "$azm_ce_dir/build.sh" "$azm_ce_dir" || azm_ce_rc=$?
+if [ "$azm_ce_rc" -ne 0 ]; then
+  azm_step="customenv: $(cat "$azm_ce_dir/reason" 2>/dev/null || echo "failed, see the log above")"
+  rm -rf "$azm_ce_dir"
+  exit "$azm_ce_rc"
+fi
+rm -rf "$azm_ce_dir"
 """
 
 
@@ -386,7 +392,7 @@ def _pinned_requirements(path: Path) -> tuple[list[str], list[tuple[str, Path]]]
     local: list[tuple[str, Path]] = []
     text = path.read_text().replace("\\\n", " ")
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #", 1)[0].strip()
+        line = " ".join(raw.split(" #", 1)[0].split())
         if not line or line.startswith("#"):
             continue
         if line.startswith(("-e ", "--editable ")):

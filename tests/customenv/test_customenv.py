@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from prefect_azmanagers.azure.bootscript import boot_script
 from prefect_azmanagers.customenv import (
     CUSTOM_DATA_LIMIT,
     EnvironmentSpec,
@@ -30,7 +31,7 @@ from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge
 
 from .wheels import build_wheel
 
-ADMIN = "azmcustomenv"
+ADMIN = "nobody"  # an existing account, so the hook's chown works; /home is a private tmpfs
 
 
 def _install_target(tmp_path: Path, wheel: Path) -> Path:
@@ -173,12 +174,12 @@ def test_hook_too_large_names_the_sizes(tmp_path):
 
 
 def _run_hook(hook: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run the fragment as the boot script would (bash, root) with a private tmpfs /home; the
-    resulting home is copied out to tmp_path/home for inspection."""
+    """Run the control plane's boot script with the hook (bash, root) with a private tmpfs
+    /home; the resulting /home is copied out to tmp_path/home for inspection."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.fail("the hook test needs root and unshare (as in CI)")
     script = tmp_path / "boot.sh"
-    script.write_text("set -euo pipefail\n" + hook)
+    script.write_text(boot_script(admin_username=ADMIN, hooks=[hook]))
     out = tmp_path / "home"
     check = (f"{env_python(ADMIN)} -c 'import azm_tiny, prefect_azmanagers, sys; "
              "print(azm_tiny.ANSWER, sys.prefix)' > /home/check.txt 2>&1 || true")
@@ -197,6 +198,7 @@ def test_hook_builds_a_layered_venv_with_the_pins(tmp_path):
                            tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "customenv: ready" in proc.stdout
+    assert (home / ADMIN / ".azmanagers/boot.status").read_text() == "ready\n"
     assert (home / "check.txt").read_text().split() == ["42", f"/home/{ADMIN}/.azmanagers/env"]
     assert "Successfully installed azm-tiny-0.3.1" in (home / ADMIN / ".azmanagers/customenv.log").read_text()
 
@@ -207,6 +209,7 @@ def test_hook_failure_writes_the_pip_tail_to_boot_status(tmp_path):
                            tmp_path)
     assert proc.returncode != 0
     status = (home / ADMIN / ".azmanagers/boot.status").read_text()
-    assert status.startswith("failed: customenv: pip install failed:")
+    assert status.startswith("failed: exit 1 at line")
+    assert "(customenv: pip install failed:" in status
     assert "azm-no-such-package" in status
     assert "No matching distribution" in proc.stdout  # pip's full output is in the boot log
