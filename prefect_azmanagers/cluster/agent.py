@@ -1,0 +1,248 @@
+"""The worker agent: `python -m prefect_azmanagers.cluster.agent`, one process per worker slot.
+
+Started by the driver over SSH, it lives as long as the slot: it reads RUN frames on stdin,
+runs each cloudpickled callable in a thread pool of `--concurrency` threads and answers RESULT
+or ERROR (with the remote traceback). The protocol keeps the original stdin/stdout on
+duplicated descriptors; fd 0 becomes /dev/null and fd 1 a pipe whose lines are forwarded as
+OUTPUT frames, so a task's `print()` (or a child process writing to fd 1) cannot corrupt the
+stream. fd 2 stays the SSH channel's stderr, which the driver reads line by line (it also
+carries the agent's own crash output). On spot instances (`--imds URL`) it polls the IMDS
+scheduled events once a second and reports a Preempt naming its VM.
+
+Imports stay light (stdlib + cloudpickle): heavy libraries such as prefect are imported by the
+callables themselves, once, and then stay imported in this long-lived process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, Callable
+
+import cloudpickle
+
+from prefect_azmanagers.cluster.protocol import HEADER, Kind, encode, encode_json, parse_header
+
+_flush_hooks: list[Callable[[], None]] = []
+
+
+def register_flush_hook(hook: Callable[[], None]) -> None:
+    """Run `hook` when the agent shuts down (e.g. drain buffered logs/events to an API).
+
+    Callables running on a worker import this module to register once per process.
+    """
+    if hook not in _flush_hooks:
+        _flush_hooks.append(hook)
+
+
+def _run_flush_hooks() -> None:
+    for hook in list(_flush_hooks):
+        try:
+            hook()
+        except Exception:
+            traceback.print_exc()
+
+
+class _Channel:
+    """The protocol side of the agent: framed writes (thread-safe) and reads."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO):
+        self._reader = reader
+        self._writer = writer
+        self._lock = threading.Lock()
+
+    def send(self, frame: bytes) -> None:
+        with self._lock:
+            self._writer.write(frame)
+            self._writer.flush()
+
+    def receive(self) -> tuple[Kind, int, bytes] | None:
+        header = self._reader.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None  # the driver closed our stdin
+        length, kind, task_id = parse_header(header)
+        body = self._reader.read(length)
+        if len(body) < length:
+            return None
+        return kind, task_id, body
+
+
+def _take_over_stdio() -> tuple[BinaryIO, BinaryIO, int]:
+    """Move the protocol to private descriptors; return (reader, writer, stdout pipe read end)."""
+    reader = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    writer = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    return reader, writer, read_end
+
+
+def _forward_stdout(channel: _Channel, read_end: int) -> None:
+    with os.fdopen(read_end, "rb") as pipe:
+        for raw in pipe:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            channel.send(encode_json(Kind.OUTPUT, {"stream": "stdout", "line": line}))
+
+
+def _error_body(exc: BaseException, tb_text: str) -> dict[str, Any]:
+    try:
+        pickled: str | None = cloudpickle.dumps(exc).hex()
+    except Exception:
+        pickled = None
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb_text,
+        "exception": pickled,
+    }
+
+
+class Agent:
+    def __init__(self, channel: _Channel, concurrency: int):
+        self.channel = channel
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="azm-task")
+        self.concurrency = concurrency
+        self.running = 0
+        self._running_lock = threading.Lock()
+
+    def hello(self) -> None:
+        self.channel.send(encode_json(Kind.HELLO, {
+            "pid": os.getpid(), "pgid": os.getpgid(0), "hostname": socket.gethostname(),
+            "python": sys.version.split()[0], "concurrency": self.concurrency,
+        }))
+
+    def run_task(self, task_id: int, payload: bytes) -> None:
+        with self._running_lock:
+            self.running += 1
+        try:
+            try:
+                value = cloudpickle.loads(payload)()
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the driver
+                self.channel.send(encode_json(Kind.ERROR, _error_body(exc, traceback.format_exc()), task_id))
+                return
+            try:
+                data = cloudpickle.dumps(value)
+            except Exception as exc:
+                body = _error_body(exc, traceback.format_exc())
+                body["type"] = "prefect_azmanagers.exceptions.PayloadError"
+                body["message"] = (f"the return value ({type(value).__qualname__}) cannot be "
+                                   f"pickled to send it back: {exc}")
+                body["exception"] = None
+                self.channel.send(encode_json(Kind.ERROR, body, task_id))
+                return
+            self.channel.send(encode(Kind.RESULT, task_id, data))
+        finally:
+            with self._running_lock:
+                self.running -= 1
+
+    def heartbeat(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.channel.send(encode_json(Kind.HEARTBEAT, {"running": self.running}))
+
+    def serve(self) -> bool:
+        """Read frames until SHUTDOWN (True) or end of input (False: the driver is gone)."""
+        while True:
+            message = self.channel.receive()
+            if message is None:
+                return False
+            kind, task_id, body = message
+            if kind == Kind.SHUTDOWN:
+                return True
+            if kind == Kind.RUN:
+                self.pool.submit(self.run_task, task_id, body)
+
+
+def _imds_get(base_url: str, path: str) -> Any:
+    request = urllib.request.Request(base_url.rstrip("/") + path, headers={"Metadata": "true"})
+    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - IMDS is http
+        return json.load(response)
+
+
+def watch_scheduled_events(channel: _Channel, base_url: str, interval: float = 1.0) -> None:
+    """Poll IMDS scheduled events and report each Preempt event naming this VM once."""
+    vm_name = None
+    reported: set[str] = set()
+    last_complaint = float("-inf")
+    while True:
+        try:
+            if vm_name is None:
+                vm_name = _imds_get(base_url, "/metadata/instance?api-version=2021-02-01")["compute"]["name"]
+            document = _imds_get(base_url, "/metadata/scheduledevents?api-version=2020-07-01")
+            for event in document.get("Events", []):
+                event_id = event.get("EventId", "")
+                if (event.get("EventType") == "Preempt" and vm_name in event.get("Resources", [])
+                        and event_id not in reported):
+                    reported.add(event_id)
+                    channel.send(encode_json(Kind.PREEMPT, {
+                        "event_id": event_id, "not_before": event.get("NotBefore", ""),
+                    }))
+        except Exception as exc:  # IMDS briefly unreachable: keep polling, say why once a minute
+            if time.monotonic() - last_complaint > 60:
+                last_complaint = time.monotonic()
+                print(f"azmanagers agent: IMDS poll failed: {exc}", file=sys.stderr)
+        time.sleep(interval)
+
+
+def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _finish_stdout(forwarder: threading.Thread) -> None:
+    """Forward what tasks printed last: close our end of the stdout pipe, let the reader drain."""
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    forwarder.join(timeout=2.0)  # a child process still holding the pipe must not stall exit
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prefect_azmanagers.cluster.agent")
+    parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once by this slot")
+    parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    parser.add_argument("--imds", default=None,
+                        help="IMDS base URL to poll for Preempt events (spot instances)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+
+    reader, writer, stdout_pipe = _take_over_stdio()
+    channel = _Channel(reader, writer)
+    agent = Agent(channel, args.concurrency)
+    agent.hello()
+    forwarder = _start_daemon(_forward_stdout, channel, stdout_pipe)
+    _start_daemon(agent.heartbeat, args.heartbeat)
+    if args.imds:
+        _start_daemon(watch_scheduled_events, channel, args.imds)
+    asked_to_stop = agent.serve()
+    _run_flush_hooks()
+    _finish_stdout(forwarder)
+    if asked_to_stop:
+        channel.send(encode(Kind.BYE))
+    sys.stderr.flush()
+    # Task threads may still run (or user code left non-daemon threads): leave without joining.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    # Run the canonical module, not `__main__`, so flush hooks registered by callables that
+    # import `prefect_azmanagers.cluster.agent` land in the registry this process reads.
+    from prefect_azmanagers.cluster import agent as _canonical
+
+    _canonical.main()

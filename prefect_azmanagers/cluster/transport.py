@@ -1,0 +1,212 @@
+"""SSH to instances: one asyncssh connection per instance, agent processes over it, tunnels.
+
+`InstanceConnection.open` connects with the manifest's key, pins the host key per vmId
+(`known_hosts.PinnedHostKeys`), sends keepalives, and can forward driver loopback ports into
+the instance (`forward_ports`: they listen on the instance's loopback only, as sshd does).
+`InstanceConnection.start_agent` starts one agent process as an SSH exec channel; its stdout
+carries protocol frames, its stderr plain lines, both delivered to callbacks on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from typing import Callable, Sequence
+
+import asyncssh
+
+from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.protocol import Frame, FrameDecoder, ProtocolError
+from prefect_azmanagers.exceptions import HostKeyMismatch
+
+AGENT_MODULE = "prefect_azmanagers.cluster.agent"
+
+
+def agent_command(python: str, *, worker_id: int, concurrency: int = 1, heartbeat: float = 10.0,
+                  imds_url: str | None = None, env: dict[str, str] | None = None,
+                  launcher: Sequence[str] = ()) -> str:
+    """The shell command that starts one agent process on an instance.
+
+    The only place the command is built: MPI wraps it with `launcher` (e.g. `mpirun -n K
+    <flags>`) and customenv swaps `python` for the interpreter of the boot-built environment.
+    Every value is shell-quoted; sshd drops client-sent environment variables, so the worker
+    environment travels through `env`. `exec` makes the agent (or the launcher) the leader of
+    the session sshd creates, so killing its process group stops everything the slot started.
+    """
+    variables = {**(env or {}), "AZM_WORKER_ID": str(worker_id)}
+    words = ["exec", "env", *(f"{name}={value}" for name, value in variables.items()),
+             *launcher, python, "-u", "-m", AGENT_MODULE,
+             "--concurrency", str(concurrency), "--heartbeat", str(heartbeat)]
+    if imds_url:
+        words += ["--imds", imds_url]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+class _PinningClient(asyncssh.SSHClient):
+    """Accepts the host key pinned for the instance, or records it on first contact."""
+
+    def __init__(self, host_keys: PinnedHostKeys, vm_id: str, address: str,
+                 on_lost: Callable[[Exception | None], None]):
+        self._host_keys = host_keys
+        self._vm_id = vm_id
+        self._address = address
+        self._on_lost = on_lost
+        self.presented: asyncssh.SSHKey | None = None
+        self.mismatch: HostKeyMismatch | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        try:
+            self._host_keys.check(self._vm_id, key, self._address)
+        except HostKeyMismatch as exc:
+            self.mismatch = exc
+            return False
+        self.presented = key
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(exc)
+
+
+def _no_known_hosts(host: str, addr: str, port: int | None) -> tuple[list, list, list]:
+    # Trust nothing from files (not even ~/.ssh/known_hosts): _PinningClient decides.
+    return [], [], []
+
+
+class AgentProcess(asyncssh.SSHClientSession[bytes]):
+    """One agent process: frames from its stdout, lines from its stderr, flow-controlled writes."""
+
+    def __init__(self, on_frame: Callable[[Frame], None], on_stderr: Callable[[str], None],
+                 on_exit: Callable[[str], None]):
+        self._on_frame = on_frame
+        self._on_stderr = on_stderr
+        self._on_exit = on_exit
+        self._decoder = FrameDecoder()
+        self._stderr_tail = b""
+        self._channel: asyncssh.SSHClientChannel[bytes] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._exit_reason = "the agent's channel closed"
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self._channel = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            *lines, self._stderr_tail = (self._stderr_tail + data).split(b"\n")
+            for line in lines:
+                self._on_stderr(line.decode("utf-8", "replace"))
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._exit_reason = f"protocol error: {exc}"
+            self.close()
+            return
+        for frame in frames:
+            self._on_frame(frame)
+
+    def exit_status_received(self, status: int) -> None:
+        self._exit_reason = f"the agent exited with status {status}"
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self._exit_reason = f"the agent was killed by signal {signal}"
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stderr_tail:
+            self._on_stderr(self._stderr_tail.decode("utf-8", "replace"))
+        self._writable.set()
+        self._on_exit(f"{self._exit_reason}" + (f" ({exc})" if exc else ""))
+
+    async def send(self, data: bytes) -> None:
+        """Write one frame, waiting while the channel's send buffer is full."""
+        await self._writable.wait()
+        assert self._channel is not None
+        self._channel.write(data)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
+class InstanceConnection:
+    """The SSH connection to one instance (created with `open`)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, address: str, vm_id: str):
+        self._conn = conn
+        self.address = address
+        self.vm_id = vm_id
+        self._listeners: list[asyncssh.SSHListener] = []
+
+    @classmethod
+    async def open(cls, address: str, *, port: int, username: str, client_key: asyncssh.SSHKey,
+                   vm_id: str, host_keys: PinnedHostKeys,
+                   on_lost: Callable[[Exception | None], None] = lambda exc: None,
+                   connect_timeout: float = 20.0, keepalive_interval: float = 15.0,
+                   keepalive_count_max: int = 4) -> "InstanceConnection":
+        """Connect to an instance, checking (or, on first contact, pinning) its host key.
+
+        Raises HostKeyMismatch if the instance presents a key other than the pinned one,
+        OSError / asyncssh.Error when it cannot be reached or refuses the key.
+        """
+        pinned = host_keys.get(vm_id)
+        holder: dict[str, _PinningClient] = {}
+
+        def factory() -> _PinningClient:
+            holder["client"] = _PinningClient(host_keys, vm_id, address, on_lost)
+            return holder["client"]
+
+        options = {}
+        if pinned is not None:  # ask for the pinned key's type so the server presents that key
+            options["server_host_key_algs"] = [alg.decode() for alg in pinned.sig_algorithms]
+        try:
+            conn, _ = await asyncssh.create_connection(
+                factory, address, port=port, username=username, client_keys=[client_key],
+                known_hosts=_no_known_hosts, agent_path=None, config=None,
+                connect_timeout=connect_timeout, keepalive_interval=keepalive_interval,
+                keepalive_count_max=keepalive_count_max, window=8 << 20, **options,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            client = holder.get("client")
+            if client is not None and client.mismatch is not None:
+                raise client.mismatch from None
+            raise
+        client = holder["client"]
+        try:
+            assert client.presented is not None
+            host_keys.pin(vm_id, client.presented, address)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, address, vm_id)
+
+    async def run(self, command: str, *, timeout: float = 30.0) -> asyncssh.SSHCompletedProcess:
+        """Run a short command (no check); stdout/stderr as text."""
+        return await asyncio.wait_for(self._conn.run(command, check=False), timeout)
+
+    async def forward_ports(self, ports: Sequence[int]) -> None:
+        """Make each driver loopback port P reachable at 127.0.0.1:P inside the instance."""
+        for port in ports:
+            listener = await self._conn.forward_remote_port("127.0.0.1", port, "127.0.0.1", port)
+            self._listeners.append(listener)
+
+    async def start_agent(self, command: str, *, on_frame: Callable[[Frame], None],
+                          on_stderr: Callable[[str], None],
+                          on_exit: Callable[[str], None]) -> AgentProcess:
+        """Start `command` (see `agent_command`) on an exec channel of this connection."""
+        _, process = await self._conn.create_session(
+            lambda: AgentProcess(on_frame, on_stderr, on_exit), command, encoding=None)
+        return process
+
+    def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._conn.close()
+
+    async def wait_closed(self) -> None:
+        await self._conn.wait_closed()

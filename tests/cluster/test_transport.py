@@ -1,0 +1,134 @@
+"""Transport + agent against a real OpenSSH server: frames, output, host-key pinning."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncssh
+import cloudpickle
+import pytest
+
+from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.protocol import Frame, Kind, encode
+from prefect_azmanagers.cluster.serialization import dumps
+from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
+from prefect_azmanagers.exceptions import HostKeyMismatch
+
+pytestmark = pytest.mark.anyio
+
+
+class Collector:
+    def __init__(self):
+        self.frames: list[Frame] = []
+        self.stderr: list[str] = []
+        self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.arrived = asyncio.Event()
+
+    def on_frame(self, frame):
+        self.frames.append(frame)
+        self.arrived.set()
+
+    def on_exit(self, reason):
+        if not self.exited.done():
+            self.exited.set_result(reason)
+
+    async def wait_for(self, predicate, timeout=20):
+        async def loop():
+            while not any(predicate(f) for f in self.frames):
+                self.arrived.clear()
+                await self.arrived.wait()
+        try:
+            await asyncio.wait_for(loop(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no such frame; got {self.frames} stderr={self.stderr}") from None
+        return next(f for f in self.frames if predicate(f))
+
+
+async def _open(sshd, known_hosts, vm_id="vm-1"):
+    return await InstanceConnection.open(
+        sshd.address, port=sshd.port, username=sshd.username, client_key=sshd.client_key,
+        vm_id=vm_id, host_keys=PinnedHostKeys(known_hosts))
+
+
+def _noisy_task():
+    import os
+    import sys
+    print("hello from the task")
+    os.write(1, b"raw fd 1 write\n")
+    print("to stderr", file=sys.stderr)
+    return {"answer": 42}
+
+
+def _failing_task():
+    def inner():
+        raise ValueError("bad value 7")
+    inner()
+
+
+async def test_agent_round_trip_output_and_remote_traceback(sshd, tmp_path):
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(
+            agent_command(sshd.python, worker_id=3, env={"GREETING": "it's $HOME `x`"}),
+            on_frame=got.on_frame, on_stderr=got.stderr.append, on_exit=got.on_exit)
+        hello = await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        assert hello.json()["concurrency"] == 1
+
+        await agent.send(encode(Kind.RUN, 1, dumps(_noisy_task)))
+        result = await got.wait_for(lambda f: f.kind == Kind.RESULT)
+        assert result.task_id == 1 and cloudpickle.loads(result.body) == {"answer": 42}
+
+        await agent.send(encode(Kind.RUN, 2, dumps(_failing_task)))
+        error = (await got.wait_for(lambda f: f.kind == Kind.ERROR)).json()
+        assert error["type"] == "builtins.ValueError" and "bad value 7" in error["message"]
+        assert "in inner" in error["traceback"]
+        assert isinstance(cloudpickle.loads(bytes.fromhex(error["exception"])), ValueError)
+
+        import os  # the environment arrives unchanged, quoting intact
+        await agent.send(encode(Kind.RUN, 3, cloudpickle.dumps(
+            lambda: (os.environ["GREETING"], os.environ["AZM_WORKER_ID"]))))
+        env = await got.wait_for(lambda f: f.kind == Kind.RESULT and f.task_id == 3)
+        assert cloudpickle.loads(env.body) == ("it's $HOME `x`", "3")
+
+        await agent.send(encode(Kind.SHUTDOWN))
+        await got.wait_for(lambda f: f.kind == Kind.BYE)
+        await asyncio.wait_for(got.exited, 10)
+        lines = [f.json()["line"] for f in got.frames if f.kind == Kind.OUTPUT]
+        assert "hello from the task" in lines and "raw fd 1 write" in lines
+        assert "to stderr" in got.stderr
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_host_key_pinned_per_vm_id_and_mismatch_refused(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    conn = await _open(sshd, known_hosts, vm_id="vm-a")
+    conn.close()
+    pinned = known_hosts.read_text().split()
+    assert pinned[0] == "vm-a" and pinned[1] == "ssh-ed25519"
+    # same vmId, same key: accepted, nothing appended
+    conn = await _open(sshd, known_hosts, vm_id="vm-a")
+    conn.close()
+    assert len(known_hosts.read_text().splitlines()) == 1
+    # another instance that happens to reuse the address: pinned separately
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    known_hosts.write_text(known_hosts.read_text() + "vm-b " + other.export_public_key().decode())
+    with pytest.raises(HostKeyMismatch, match="vm-b"):
+        await _open(sshd, known_hosts, vm_id="vm-b")
+
+
+async def test_agent_killed_reports_exit(sshd, tmp_path):
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        await conn.start_agent(agent_command(sshd.python, worker_id=1), on_frame=got.on_frame,
+                               on_stderr=got.stderr.append, on_exit=got.on_exit)
+        pid = (await got.wait_for(lambda f: f.kind == Kind.HELLO)).json()["pid"]
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+        reason = await asyncio.wait_for(got.exited, 10)
+        assert "signal KILL" in reason or "status" in reason
+    finally:
+        conn.close()
