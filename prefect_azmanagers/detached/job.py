@@ -35,6 +35,7 @@ from prefect_azmanagers.detached.bundle import variablebundle
 from prefect_azmanagers.detached.runtime import (
     FLOW_NAME, PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
 )
+from prefect_azmanagers.detached.vm import DetachedVM, upload_payload
 from prefect_azmanagers.exceptions import AzManagersError, PayloadError
 
 Status = Literal["starting", "running", "done", "failed", "cancelled"]
@@ -207,3 +208,36 @@ def pickle_job(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     finally:
         if module is not None:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def _submit(vm: DetachedVM, fn: Callable[..., Any], args: tuple, kwargs: dict) -> DetachedJob:
+    if not callable(fn):
+        raise PayloadError(f"a detached job must be a callable, got {fn!r}")
+    payload = pickle_job(fn, args, kwargs)
+    inline = base64.b64encode(payload).decode()
+    parameters = ({"payload": inline} if len(inline) <= MAX_INLINE_PAYLOAD
+                  else {"payload_file": upload_payload(vm, payload)})
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(vm.deployment)
+        except ObjectNotFound:
+            raise DetachedJobError(
+                f"detached VM {vm.name} has no deployment {vm.deployment!r} in the Prefect API "
+                f"at {client.api_url}: was it removed (rmproc)? Create a VM with addproc.") from None
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters=parameters,
+            name=f"{getattr(fn, '__name__', type(fn).__name__)}-on-{vm.name}")
+    return DetachedJob(flow_run.id)
+
+
+def detachat(vm: DetachedVM | str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+             ) -> DetachedJob:
+    """Run `fn(*args, **kwargs)` on a detached VM as a flow run; returns at once.
+
+    `fn` is any picklable callable (closures and functions of the user's own script travel by
+    value); the current `variablebundle` goes with it. `vm` is a DetachedVM or the name of one
+    (looked up with the default manifest). The job keeps running when this process exits.
+    """
+    if isinstance(vm, str):
+        vm = DetachedVM.from_name(vm)
+    return _submit(vm, fn, args, kwargs)

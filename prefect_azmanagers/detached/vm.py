@@ -1,0 +1,359 @@
+"""Detached VMs: `addproc` / `rmproc` / `DetachedVM`.
+
+A detached VM is a standalone Azure VM (NIC + VM from templates, control plane `azure.vm`)
+whose boot script starts a Prefect process worker for a work pool of its own, named after the
+VM. The worker polls the Prefect API: nothing listens on the VM but SSH. The pool holds one
+deployment, `azmanagers-detached/<vm name>`, of the generic flow `run_detached` (by module path,
+the package being installed on every instance), through which `detachat` runs jobs there.
+
+- No secret goes into customData. When the driver uses an API key (Prefect Cloud), addproc
+  writes it over SSH (host key pinned per vmId) into `~/.azmanagers/prefect.env`, mode 0600,
+  which the worker loop reads; on a self-hosted server or the local cloud no key is needed.
+- The worker runs as the admin user in a restart loop (setsid, log in
+  `~/.azmanagers/worker.log`), so it outlives a Prefect server restart or its own crash.
+- The VM carries ownership tags (kind "detached"); `DetachedVM.from_name` finds it again from
+  any process, and `rmproc` deletes the deployment, work pool, VM and NIC, each even if
+  already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shlex
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import asyncssh
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.workers.process import ProcessWorker
+
+from prefect_azmanagers.azure import vm as azure_vm
+from prefect_azmanagers.azure.bootscript import boot_log_tail, boot_script, encode_custom_data
+from prefect_azmanagers.azure.clients import ArmClients
+from prefect_azmanagers.azure.ownership import KIND_TAG, ownership_tags
+from prefect_azmanagers.blocks import AzureManifest, load_manifest, load_nic_template, load_vm_template
+from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.transport import InstanceConnection
+from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
+from prefect_azmanagers.exceptions import (
+    AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
+)
+
+DETACHED_KIND = "detached"
+MANIFEST_TAG = "azmanagers-manifest"  # the manifest block's name, for rmproc from elsewhere
+ADMIN_TAG = "azmanagers-admin"
+WORKER_LOG = "~/.azmanagers/worker.log"
+API_ENV_FILE = ".azmanagers/prefect.env"
+# How often the VM's worker asks the API for work: the start latency of a job.
+WORKER_QUERY_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class DetachedVM:
+    """A VM running a Prefect worker for its own work pool (see `addproc`)."""
+
+    name: str
+    private_ip: str
+    vm_id: str
+    resource_group: str
+    admin_username: str
+    manifest: str | None = None  # the manifest block's name, when it has one
+
+    @property
+    def work_pool(self) -> str:
+        """The VM's work pool (named after the VM)."""
+        return self.name
+
+    @property
+    def deployment(self) -> str:
+        """`flow/deployment` name of the VM's generic deployment (for `prefect deployment run`)."""
+        return f"{FLOW_NAME}/{self.name}"
+
+    @classmethod
+    def from_name(cls, name: str, *, manifest: str | AzureManifest = "default") -> DetachedVM:
+        """Find a detached VM by name (from any process); ResourceMissing if it is gone."""
+        return run_coro_as_sync(_from_name(name, manifest))
+
+
+async def _from_name(name: str, manifest: str | AzureManifest) -> DetachedVM:
+    manifest_name = manifest if isinstance(manifest, str) else None
+    manifest = load_manifest(manifest)
+    async with ArmClients(manifest) as clients:
+        info = await azure_vm.get_vm(clients, manifest.resource_group, name)
+    if info.tags.get(KIND_TAG) != DETACHED_KIND:
+        raise ConfigurationError(
+            f"VM {name!r} in resource group {manifest.resource_group!r} is not a detached VM "
+            "(it was not made by addproc); use `prefect-azmanagers vm list` to see those.")
+    return _detached_vm(info, manifest, manifest_name)
+
+
+def _detached_vm(info: Any, manifest: AzureManifest, manifest_name: str | None) -> DetachedVM:
+    return DetachedVM(name=info.name, private_ip=info.private_ip, vm_id=info.vm_id,
+                      resource_group=info.resource_group,
+                      admin_username=info.tags.get(ADMIN_TAG, manifest.ssh_user),
+                      manifest=info.tags.get(MANIFEST_TAG) or manifest_name)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_url_for_vms(manifest: AzureManifest) -> str:
+    """The Prefect API URL a VM of this manifest uses; PrefectAPIUnreachable if none works.
+
+    The manifest's `prefect_api_url_for_vms` wins; otherwise the driver's PREFECT_API_URL, but a
+    loopback URL only when the VMs share the driver's loopback (a local cloud in loopback mode,
+    whose ARM endpoint is loopback too): an Azure VM cannot reach the laptop's 127.0.0.1.
+    """
+    if manifest.prefect_api_url_for_vms:
+        return manifest.prefect_api_url_for_vms
+    driver_url = PREFECT_API_URL.value()
+    if not driver_url:
+        raise PrefectAPIUnreachable(
+            "No Prefect API is configured (PREFECT_API_URL is unset), so a detached VM's worker "
+            "would have nothing to poll. Point PREFECT_API_URL at a Prefect server or Prefect "
+            "Cloud, or set prefect_api_url_for_vms in the manifest.")
+    if _is_loopback(driver_url) and not _is_loopback(manifest.arm_endpoint):
+        raise PrefectAPIUnreachable(
+            f"PREFECT_API_URL is {driver_url}, a loopback address of this machine, which Azure "
+            "VMs cannot reach: the detached job would never start. Run the Prefect server where "
+            "the VMs can reach it (e.g. `prefect server start --host 0.0.0.0` on a VM in the "
+            "same VNet) and set its URL as prefect_api_url_for_vms in the manifest "
+            "(`prefect-azmanagers manifest write --prefect-api-url-for-vms URL`), or use "
+            "Prefect Cloud.")
+    return driver_url
+
+
+def _check_driver_api() -> None:
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+        if error is not None:
+            raise PrefectAPIUnreachable(
+                f"The Prefect API at {client.api_url} does not answer ({error}); start the "
+                "server or fix PREFECT_API_URL before creating a detached VM.")
+
+
+def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
+    """Bash fragment for the boot script: the VM's Prefect worker, as `admin`, in a restart loop.
+
+    Every value is shell-quoted. `~/.azmanagers/prefect.env` (written over SSH, 0600) is read
+    at each (re)start, so an API key can arrive after boot without being in customData.
+    """
+    home = f"/home/{admin}"
+    state = f"{home}/.azmanagers"
+    env = {"HOME": home, "USER": admin, "LOGNAME": admin, "PREFECT_API_URL": api_url,
+           "PREFECT_HOME": f"{home}/.prefect",
+           "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": "10"}
+    worker = shlex.join([python, "-m", "prefect", "worker", "start", "--pool", pool,
+                         "--type", "process", "--name", pool])
+    env_file = shlex.quote(f"{home}/{API_ENV_FILE}")
+    loop = (f"cd; while true; do if [ -f {env_file} ]; then set -a; . {env_file}; set +a; fi; "
+            f"{worker}; echo \"worker exited with $?; restarting in 5 s\"; sleep 5; done")
+    log = shlex.quote(f"{state}/worker.log")
+    start = shlex.join(["runuser", "-u", admin, "--", "env", *[f"{k}={v}" for k, v in env.items()],
+                        "setsid", "bash", "-c", loop])
+    return "\n".join([
+        f"install -d -m 700 -o {shlex.quote(admin)} {shlex.quote(state)}",
+        f"install -m 600 -o {shlex.quote(admin)} /dev/null {log}",
+        f"nohup {start} >>{log} 2>&1 </dev/null &",
+    ])
+
+
+def _create_pool_and_deployment(pool: str) -> None:
+    """The VM's process work pool and the generic deployment in it (idempotent)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=pool, type="process",
+                description="Detached VM created by prefect-azmanagers addproc",
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+        flow_id = client.create_flow_from_name(FLOW_NAME)
+        client.create_deployment(
+            flow_id, pool, work_pool_name=pool, entrypoint=f"{run_detached.__module__}.run_detached",
+            pull_steps=[], parameter_openapi_schema=run_detached.parameters.model_dump(),
+            enforce_parameter_schema=False,
+            description="Runs cloudpickled jobs sent by prefect_azmanagers.detachat on this VM.")
+
+
+def _delete_pool_and_deployments(pool: str) -> None:
+    """Delete the pool's deployments and the pool; already gone is fine."""
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments(
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))):
+            try:
+                client.delete_deployment(deployment.id)
+            except ObjectNotFound:
+                pass
+        try:
+            client.delete_work_pool(pool)
+        except ObjectNotFound:
+            pass
+
+
+def wait_for_worker(pool: str, timeout: float) -> bool:
+    """True once a worker of `pool` is online (it has sent a heartbeat), False at the deadline."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if any(worker.status == "ONLINE" for worker in client.read_workers_for_work_pool(pool)):
+                return True
+            time.sleep(1)
+    return False
+
+
+@asynccontextmanager
+async def ssh_connection(vm: DetachedVM, manifest: AzureManifest) -> AsyncIterator[InstanceConnection]:
+    """SSH to the VM as the manifest's user; its host key is pinned per vmId."""
+    connection = await InstanceConnection.open(
+        vm.private_ip, port=manifest.ssh_port, username=manifest.ssh_user,
+        client_key=asyncssh.import_private_key(manifest.read_private_key()), vm_id=vm.vm_id,
+        host_keys=PinnedHostKeys(manifest.known_hosts_path()))
+    try:
+        yield connection
+    finally:
+        connection.close()
+        await connection.wait_closed()
+
+
+async def _write_private_file(vm: DetachedVM, manifest: AzureManifest, relative_path: str,
+                              data: bytes) -> None:
+    """Write `data` to ~/relative_path on the VM over SFTP, mode 0600 from creation."""
+    async with ssh_connection(vm, manifest) as connection:
+        # InstanceConnection has no public SFTP accessor yet (asked of the cluster engineer).
+        async with connection._conn.start_sftp_client() as sftp:
+            directory = relative_path.rsplit("/", 1)[0]
+            await sftp.makedirs(directory, exist_ok=True)
+            async with sftp.open(relative_path, "wb",
+                                 asyncssh.SFTPAttrs(permissions=0o600)) as remote:
+                await remote.write(data)
+
+
+def upload_payload(vm: DetachedVM, payload: bytes, *, manifest: str | AzureManifest | None = None
+                   ) -> str:
+    """Put a large job payload on the VM over SFTP; returns its file name for `run_detached`."""
+    manifest = load_manifest(manifest or vm.manifest or "default")
+    name = f"{uuid.uuid4().hex}.pkl"
+    run_coro_as_sync(_write_private_file(vm, manifest, f"{PAYLOAD_DIR.relative_to('~')}/{name}",
+                                         payload))
+    return name
+
+
+def _ship_api_key(vm: DetachedVM, manifest: AzureManifest) -> None:
+    key = PREFECT_API_KEY.value()
+    if key:
+        line = f"PREFECT_API_KEY={shlex.quote(key)}\n".encode()
+        run_coro_as_sync(_write_private_file(vm, manifest, API_ENV_FILE, line))
+
+
+async def _create(manifest: AzureManifest, manifest_name: str | None, vm_template: Any,
+                  nic_template: Any, name: str, custom_data: str) -> DetachedVM:
+    async with ArmClients(manifest, subscription_id=vm_template.subscription_id) as clients:
+        tags = {**ownership_tags(name, kind=DETACHED_KIND),
+                ADMIN_TAG: vm_template.value["properties"]["osProfile"]["adminUsername"]}
+        if manifest_name:
+            tags[MANIFEST_TAG] = manifest_name
+        info = await azure_vm.create_vm(clients, manifest, vm_template, nic_template, name,
+                                        custom_data=custom_data, tags=tags)
+    return _detached_vm(info, manifest, manifest_name)
+
+
+async def _delete(manifest: AzureManifest, resource_group: str, name: str) -> None:
+    async with ArmClients(manifest) as clients:
+        await azure_vm.delete_vm(clients, resource_group, name)
+
+
+def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
+            name: str | None = None, basename: str = "azm", manifest: str | AzureManifest = "default",
+            customenv: bool = False, worker_timeout: float = 600.0) -> DetachedVM:
+    """Create a detached VM whose Prefect worker serves its own work pool; returns when polling.
+
+    Checks first that the Prefect API is usable by the VM (PrefectAPIUnreachable otherwise),
+    then creates the work pool and deployment, the NIC and VM, and waits (up to
+    `worker_timeout` s) for the worker's heartbeat. On any failure, or Ctrl-C, everything it
+    created is deleted. `customenv=True` is not supported yet for detached VMs.
+    """
+    if customenv:
+        raise ConfigurationError(
+            "customenv=True is not supported for detached VMs yet; install the job's packages "
+            "into the VM image (or the local cloud's environment) instead.")
+    manifest_name = manifest if isinstance(manifest, str) else None
+    manifest = load_manifest(manifest)
+    vm_template = load_vm_template(vm_template)
+    nic_template = load_nic_template(nic_template) if nic_template is not None else None
+    api_url = api_url_for_vms(manifest)
+    _check_driver_api()
+    name = name or azure_vm.vm_name(basename)
+    admin = vm_template.value["properties"]["osProfile"]["adminUsername"]
+    script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
+        worker_hook(admin=admin, python=manifest.python, pool=name, api_url=api_url)])
+    custom_data = encode_custom_data(script)
+    _create_pool_and_deployment(name)
+    vm = None
+    try:
+        vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name, custom_data))
+        _ship_api_key(vm, manifest)
+        if not wait_for_worker(name, worker_timeout):
+            tail = run_coro_as_sync(boot_log_tail(vm.private_ip, admin_username=admin,
+                                                  manifest=manifest))
+            raise BootFailed(
+                f"the Prefect worker of detached VM {name} did not come online within "
+                f"{worker_timeout:.0f} s (its log is {WORKER_LOG} on the VM); boot log:\n{tail}")
+        return vm
+    except BaseException:
+        _delete_pool_and_deployments(name)
+        run_coro_as_sync(_delete(manifest, vm_template.resource_group, name))
+        raise
+
+
+def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None) -> None:
+    """Delete a detached VM: its deployment, work pool, VM and NIC (each even if already gone).
+
+    Deleting the VM stops its worker and any job still running there (the job's flow run then
+    shows as crashed when the server notices the worker is gone).
+    """
+    name = vm.name if isinstance(vm, DetachedVM) else vm
+    manifest = load_manifest(manifest or (vm.manifest if isinstance(vm, DetachedVM) else None)
+                             or "default")
+    resource_group = vm.resource_group if isinstance(vm, DetachedVM) else manifest.resource_group
+    _delete_pool_and_deployments(name)
+    try:
+        run_coro_as_sync(_delete(manifest, resource_group, name))
+    except ResourceMissing:
+        pass
+    if isinstance(vm, DetachedVM):
+        PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
+
+
+def list_detached_vms(*, manifest: str | AzureManifest = "default") -> list[DetachedVM]:
+    """The detached VMs (made by addproc) in the manifest's resource group."""
+    manifest_name = manifest if isinstance(manifest, str) else None
+    manifest = load_manifest(manifest)
+
+    async def listing() -> list[DetachedVM]:
+        async with ArmClients(manifest) as clients:
+            infos = await azure_vm.list_vms(clients, manifest.resource_group,
+                                            tag_filter={KIND_TAG: DETACHED_KIND})
+        return [_detached_vm(info, manifest, manifest_name) for info in infos]
+
+    return run_coro_as_sync(listing())
