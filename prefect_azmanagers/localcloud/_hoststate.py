@@ -1,0 +1,26 @@
+"""Machine-wide state shared by every local cloud on this host (several may run at once, e.g.
+parallel test sessions): a lock serializing changes to host resources they share (address
+sub-blocks, local accounts) and the directory where that shared bookkeeping lives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+HOST_STATE_DIR = Path(os.environ.get("AZMANAGERS_LOCALCLOUD_HOST_STATE", "/var/lib/azmanagers-localcloud"))
+
+
+@contextlib.asynccontextmanager
+async def host_lock() -> AsyncIterator[None]:
+    """Exclusive, machine-wide; waits in a thread so the event loop keeps running."""
+    HOST_STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(HOST_STATE_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,69 @@
+"""Local accounts for instances' adminUsername (OpenSSH only logs in local accounts).
+
+A missing account is created (no password, bash) and removed again when the last local cloud
+using it stops. Several local clouds may share one account (parallel test sessions all use
+"azureuser"), so usage is recorded machine-wide: HOST_STATE_DIR/users/<name>/ holds `created`
+when a local cloud created the account, and one file per local cloud using it.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+import shutil
+
+from prefect_azmanagers.localcloud._hoststate import HOST_STATE_DIR, host_lock
+from prefect_azmanagers.localcloud._proc import run
+
+_USERS_DIR = HOST_STATE_DIR / "users"
+_VALID_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_FIRST_REGULAR_UID = 1000
+
+
+class AccountError(ValueError):
+    """The adminUsername cannot be used as a local account."""
+
+
+async def acquire(name: str, cloud_id: str) -> pwd.struct_passwd:
+    """The account `name` (created if missing), recorded as used by `cloud_id`."""
+    if not _VALID_NAME.match(name):
+        raise AccountError(
+            f"adminUsername {name!r} is not a valid Linux user name: use lowercase letters, "
+            "digits, '_' or '-', starting with a letter or '_', at most 32 characters"
+        )
+    async with host_lock():
+        usage = _USERS_DIR / name
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            await run("useradd", "--no-create-home", "--home-dir", f"/home/{name}",
+                      "--shell", "/bin/bash", "--password", "*", "--user-group", name)
+            account = pwd.getpwnam(name)
+            usage.mkdir(parents=True, exist_ok=True)
+            (usage / "created").touch()
+        if account.pw_uid < _FIRST_REGULAR_UID:
+            raise AccountError(
+                f"adminUsername {name!r} is a system account on this machine (uid "
+                f"{account.pw_uid}); choose another adminUsername in the template's osProfile"
+            )
+        usage.mkdir(parents=True, exist_ok=True)
+        (usage / f"cloud-{cloud_id}").touch()
+        return account
+
+
+async def release_all(cloud_id: str) -> list[str]:
+    """Drop `cloud_id`'s use of every account; delete those a local cloud created and no other
+    one still uses. Returns the deleted names."""
+    deleted = []
+    if not _USERS_DIR.is_dir():
+        return deleted
+    async with host_lock():
+        for usage in sorted(_USERS_DIR.iterdir()):
+            (usage / f"cloud-{cloud_id}").unlink(missing_ok=True)
+            if any(p.name.startswith("cloud-") for p in usage.iterdir()):
+                continue
+            if (usage / "created").exists():
+                await run("userdel", usage.name, check=False)
+                deleted.append(usage.name)
+            shutil.rmtree(usage, ignore_errors=True)
+    return deleted

@@ -1,0 +1,444 @@
+"""VM sandboxes: what an instance of the local cloud is, from outside and from inside.
+
+Isolated mode (root; CI and the development machine): each instance is a network namespace
+with its own private IP on the local cloud's virtual network (netns.py), an OpenSSH sshd on
+that IP (sshd.py) running in a mount namespace that gives it a VM's filesystem layout
+(fsview.py), its customData run once by bash as root at boot (as cloud-init does) with output
+in /var/log/cloud-init-output.log, and IMDS at http://169.254.169.254 (imds.py). Every process
+started through SSH or by the boot script lives in the instance's namespaces, cannot reach the
+host's 127.0.0.1, and is ended when the instance is killed or deleted.
+
+```python
+host = SandboxHost(state_dir, prefect_api_url="http://127.0.0.1:4200/api")
+await host.start()
+ip = host.allocate(vm_id)              # for the NIC, at once
+await host.boot(InstanceSpec(key=vm_id, name="ss_0", computer_name="ss000000",
+                             admin_username="azureuser", public_keys=[pubkey],
+                             custom_data=b64script, metadata={"vmId": vm_id, ...}))
+# ssh -i key azureuser@ip works now; the boot script may still be running
+await host.stop()                      # nothing of it is left running or listening
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from prefect_azmanagers.localcloud import accounts, netns, sshd
+from prefect_azmanagers.localcloud._hoststate import host_lock
+from prefect_azmanagers.localcloud._proc import CLEAN_ENV, children_of, pids_in_netns, run
+from prefect_azmanagers.localcloud.fsview import PythonTrees, setup_script
+from prefect_azmanagers.localcloud.imds import IMDSServer, InstanceMetadata, NetnsBinder, network_document
+from prefect_azmanagers.localcloud.tcpforward import TCPForwarder
+
+logger = logging.getLogger(__name__)
+
+SSH_READY_TIMEOUT = 60.0  # seconds from sshd start to its banner (16 boots share 2 cores)
+DELETE_GRACE = 2.0  # seconds between SIGTERM and SIGKILL on an orderly delete
+_REQUIRED_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux",
+                   sshd.SSHD: "openssh-server", "ssh-keygen": "openssh-client",
+                   "useradd": "passwd", "userdel": "passwd"}
+
+
+class SandboxError(RuntimeError):
+    """The sandbox host cannot do what was asked (not started, unknown instance, no address)."""
+
+
+class SandboxBootError(SandboxError):
+    """An instance did not come up; the message says why and shows the tail of its logs."""
+
+
+@dataclass
+class InstanceSpec:
+    """What the control plane knows of a VM when it boots it (from the ARM request)."""
+
+    key: str  # the instance's vmId
+    name: str  # VM name
+    computer_name: str
+    admin_username: str
+    public_keys: list[str]  # OpenSSH public key lines from osProfile
+    custom_data: str | None  # base64, as sent in ARM
+    metadata: dict  # IMDS "compute" document
+    boot_delay: float = 0.0
+
+
+@dataclass
+class _Instance:
+    key: str
+    index: int
+    ip: str
+    sandbox: Path
+    metadata: InstanceMetadata
+    state: str = "allocated"  # allocated | booting | running | failed | killed
+    netns_file: Path | None = None
+    sshd: asyncio.subprocess.Process | None = None
+    boot_script: asyncio.subprocess.Process | None = None
+    imds: IMDSServer | None = None
+    host_key: str | None = None
+    boot_task: asyncio.Task | None = None
+    reaper: asyncio.Task | None = None
+    logs: list = field(default_factory=list)  # open log files handed to the processes
+
+
+class SandboxHost:
+    """Creates, boots, faults and removes the local cloud's VM sandboxes (see module doc)."""
+
+    def __init__(self, state_dir: Path, *, address_block: str = "10.213.0.0/16",
+                 prefect_api_url: str | None = None,
+                 on_event_ack: Callable[[str, str], None] | None = None):
+        self.state_dir = Path(state_dir).resolve()
+        self.address_block = ipaddress.ip_network(address_block)
+        self.prefect_api_url = prefect_api_url
+        self.on_event_ack = on_event_ack
+        self.mode = "isolated" if os.geteuid() == 0 else "loopback"
+        self.prefect_api_url_for_vms: str | None = None
+        # one id per state dir: names this cloud's namespaces, links and account usage
+        self.cloud_id = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:8]
+        self._sandboxes = self.state_dir / "sandboxes"
+        self._record = self.state_dir / "sandbox-host.json"
+        self._instances: dict[str, _Instance] = {}
+        self._network: netns.VirtualNetwork | None = None
+        self._binder: NetnsBinder | None = None
+        self._forwarder: TCPForwarder | None = None
+        self._trees = PythonTrees.of_this_interpreter()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Remove what an earlier run with this state dir left (namespaces, links, processes,
+        sandboxes), then create the virtual network and the Prefect API forwarder."""
+        if self.mode != "isolated":
+            raise SandboxError(
+                "the local cloud's VM sandboxes need root (network and mount namespaces, one "
+                "sshd per instance); loopback mode without root is not implemented: run the "
+                "local cloud as root (e.g. in a container or CI job)"
+            )
+        missing = [f"{tool} (Debian package {pkg})" for tool, pkg in _REQUIRED_TOOLS.items()
+                   if shutil.which(tool) is None]
+        if missing:
+            raise SandboxError(f"the local cloud's sandboxes need: {', '.join(missing)}")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        removed = await netns.remove_leftovers(self.cloud_id)
+        if removed:
+            logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
+        await accounts.release_all(self.cloud_id)
+        await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
+        self._sandboxes.mkdir(mode=0o700)
+        async with host_lock():
+            subnet = await netns.choose_subnet(self.address_block, self._previous_subnet())
+            self._network = netns.VirtualNetwork(self.cloud_id, subnet)
+            try:
+                await self._network.create()
+            except BaseException:
+                await self._network.destroy()
+                self._network = None
+                raise
+        self._record.write_text(json.dumps({"subnet": str(subnet)}))
+        self._binder = NetnsBinder()
+        if self.prefect_api_url:
+            await self._start_forwarder(self.prefect_api_url)
+
+    async def stop(self) -> None:
+        """Delete every instance; remove the network, the forwarder and the accounts this
+        local cloud created. Nothing of it is left running or listening."""
+        results = await asyncio.gather(*(self.delete(key) for key in list(self._instances)),
+                                       return_exceptions=True)
+        if self._forwarder is not None:
+            await self._forwarder.close()
+            self._forwarder = None
+        self.prefect_api_url_for_vms = None
+        if self._network is not None:
+            await self._network.destroy()
+            self._network = None
+        await accounts.release_all(self.cloud_id)
+        if self._binder is not None:
+            self._binder.close()
+            self._binder = None
+        for error in results:
+            if isinstance(error, BaseException):
+                raise error
+
+    def _previous_subnet(self) -> ipaddress.IPv4Network | None:
+        try:
+            return ipaddress.ip_network(json.loads(self._record.read_text())["subnet"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    async def _start_forwarder(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.hostname is None:
+            raise SandboxError(f"prefect_api_url {url!r} has no host; pass e.g. http://127.0.0.1:4200/api")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._forwarder = TCPForwarder(parts.hostname, port)
+        host, bound = await self._forwarder.start(self._network.gateway, port)
+        netloc = f"{host}:{bound}"
+        self.prefect_api_url_for_vms = urlunsplit(parts._replace(netloc=netloc))
+
+    # -- instances -------------------------------------------------------------------------
+
+    def allocate(self, key: str) -> str:
+        """Reserve the instance's private IP (idempotent per key) and return it."""
+        if key in self._instances:
+            return self._instances[key].ip
+        if self._network is None:
+            raise SandboxError("SandboxHost.start() must be awaited before allocate()")
+        used = {inst.index for inst in self._instances.values()}
+        index = next((i for i in self._network.instance_indexes if i not in used), None)
+        if index is None:
+            raise SandboxError(f"no free address left in {self._network.subnet}")
+        inst = _Instance(key=key, index=index, ip=self._network.address(index),
+                         sandbox=self._sandboxes / key,
+                         metadata=InstanceMetadata(compute={}, network={}))
+        self._instances[key] = inst
+        return inst.ip
+
+    async def boot(self, spec: InstanceSpec) -> None:
+        """Boot the instance; returns once its sshd accepts connections (the boot script may
+        still run). Raises SandboxBootError, after removing what was started, on failure or
+        when the instance is killed or deleted while booting."""
+        self.allocate(spec.key)
+        inst = self._instances[spec.key]
+        if inst.state != "allocated":
+            raise SandboxBootError(f"instance {spec.name} ({spec.key}) was already booted ({inst.state})")
+        inst.state = "booting"
+        inst.boot_task = asyncio.create_task(self._boot(inst, spec))
+        try:
+            await asyncio.shield(inst.boot_task)
+        except asyncio.CancelledError:
+            if not inst.boot_task.cancelled():  # our caller was cancelled: stop booting too
+                inst.boot_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await inst.boot_task
+                await self._teardown(inst, grace=0)
+                inst.state = "failed"
+                raise
+            raise SandboxBootError(f"instance {spec.name} was removed while booting") from None
+        except BaseException as exc:
+            await self._teardown(inst, grace=0)
+            inst.state = "failed"
+            if isinstance(exc, SandboxBootError):
+                raise
+            raise SandboxBootError(f"instance {spec.name} failed to boot: {exc}") from exc
+        finally:
+            inst.boot_task = None
+        inst.state = "running"
+
+    async def _boot(self, inst: _Instance, spec: InstanceSpec) -> None:
+        script = _decode_custom_data(spec)
+        account = await accounts.acquire(spec.admin_username, self.cloud_id)
+        layout = _make_sandbox_dirs(inst.sandbox, account.pw_uid, account.pw_gid)
+        try:
+            inst.host_key = await sshd.prepare(
+                layout["ssh"], layout["home"], inst.ip, spec.admin_username, account.pw_uid,
+                account.pw_gid, spec.public_keys, comment=f"root@{spec.computer_name}")
+        except ValueError as exc:
+            raise SandboxBootError(f"instance {spec.name}: {exc}") from None
+        inst.netns_file = await self._network.add_instance(inst.index)
+        inst.metadata.compute = dict(spec.metadata)
+        inst.metadata.network = network_document(
+            inst.ip, str(self._network.subnet.network_address), self._network.subnet.prefixlen,
+            await self._mac_of(inst))
+        inst.imds = IMDSServer(inst.key, inst.metadata, self.on_event_ack)
+        await inst.imds.start(await self._binder.bind(inst.netns_file, netns.IMDS_ADDRESS, 80))
+        if spec.boot_delay > 0:
+            await asyncio.sleep(spec.boot_delay)
+        auth_log = (layout["log"] / "auth.log").open("ab")
+        inst.logs.append(auth_log)
+        setup = setup_script(inst.sandbox, spec.admin_username, self._trees,
+                             [sshd.SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"])
+        inst.sshd = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self._network.instance_ns(inst.index),
+            "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", setup,
+            stdin=asyncio.subprocess.DEVNULL, stdout=auth_log, stderr=auth_log,
+            env=CLEAN_ENV, cwd="/")
+        await self._wait_for_ssh(inst, spec)
+        if script is not None:
+            await self._run_boot_script(inst, layout, script)
+
+    async def _mac_of(self, inst: _Instance) -> str:
+        out = await run("ip", "-n", self._network.instance_ns(inst.index), "-j", "link", "show", "eth0")
+        return json.loads(out)[0]["address"]
+
+    async def _wait_for_ssh(self, inst: _Instance, spec: InstanceSpec) -> None:
+        """Until sshd answers with its SSH banner on the instance's IP."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SSH_READY_TIMEOUT
+        while True:
+            if inst.sshd.returncode is not None:
+                raise SandboxBootError(
+                    f"instance {spec.name}: sshd exited with status {inst.sshd.returncode}; "
+                    f"its log ({inst.sandbox / 'log' / 'auth.log'}) ends with:\n"
+                    + _tail(inst.sandbox / "log" / "auth.log"))
+            with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(inst.ip, 22), 2)
+                try:
+                    banner = await asyncio.wait_for(reader.readexactly(8), 5)
+                finally:
+                    writer.close()
+                if banner == b"SSH-2.0-":
+                    return
+            if loop.time() > deadline:
+                raise SandboxBootError(
+                    f"instance {spec.name}: sshd did not accept connections on {inst.ip}:22 "
+                    f"within {SSH_READY_TIMEOUT:.0f} s; its log ends with:\n"
+                    + _tail(inst.sandbox / "log" / "auth.log"))
+            await asyncio.sleep(0.02)
+
+    async def _run_boot_script(self, inst: _Instance, layout: dict[str, Path], script: bytes) -> None:
+        """Start customData as cloud-init does: once, as root, by bash, in the instance's
+        namespaces, output appended to /var/log/cloud-init-output.log. Not awaited."""
+        user_data = layout["run"] / "cloud-init" / "user-data"
+        user_data.parent.mkdir(mode=0o700, exist_ok=True)
+        user_data.write_bytes(script)
+        user_data.chmod(0o700)
+        output = (layout["log"] / "cloud-init-output.log").open("ab")
+        inst.logs.append(output)
+        inst.boot_script = await asyncio.create_subprocess_exec(
+            "nsenter", "-t", str(inst.sshd.pid), "-m", "-n", "--wd=/", "--",
+            "/bin/bash", "/run/cloud-init/user-data",
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=CLEAN_ENV, cwd="/")
+        inst.reaper = asyncio.create_task(_note_boot_script_exit(inst.boot_script, output))
+
+    # -- scheduled events ------------------------------------------------------------------
+
+    def post_scheduled_event(self, key: str, event: dict) -> None:
+        """Publish (or replace, by EventId) a scheduled event in the instance's IMDS."""
+        self._instance(key).metadata.post_event(event)
+
+    def clear_scheduled_events(self, key: str) -> None:
+        self._instance(key).metadata.clear_events()
+
+    # -- faults and removal ----------------------------------------------------------------
+
+    async def kill(self, key: str) -> None:
+        """Abruptly end the instance: SIGKILL every process in it (sshd included) and remove
+        its namespace. Its sandbox directory and IP stay until delete()."""
+        inst = self._instance(key)
+        await self._cancel_boot(inst)
+        await self._teardown(inst, grace=0)
+        inst.state = "killed"
+
+    async def drop_ssh(self, key: str) -> None:
+        """Cut every live SSH connection of the instance (sshd's per-connection processes);
+        the instance and its listening sshd stay."""
+        inst = self._instance(key)
+        if inst.sshd is None or inst.sshd.returncode is not None:
+            return
+        for session in children_of(inst.sshd.pid):
+            for pid in [*children_of(session), session]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    async def delete(self, key: str) -> None:
+        """Orderly removal (SIGTERM, then SIGKILL after DELETE_GRACE s): processes, namespace,
+        sandbox directory, address. Idempotent."""
+        inst = self._instances.get(key)
+        if inst is None:
+            return
+        await self._cancel_boot(inst)
+        await self._teardown(inst, grace=DELETE_GRACE)
+        await asyncio.to_thread(shutil.rmtree, inst.sandbox, True)
+        self._instances.pop(key, None)
+
+    def describe(self, key: str) -> dict:
+        """State of an instance for status and admin views."""
+        inst = self._instance(key)
+        return {
+            "key": inst.key,
+            "ip": inst.ip,
+            "state": inst.state,
+            "sandbox": str(inst.sandbox),
+            "netns": self._network.instance_ns(inst.index) if self._network else None,
+            "pids": pids_in_netns(inst.netns_file) if inst.netns_file else [],
+            "sshd_pid": inst.sshd.pid if inst.sshd and inst.sshd.returncode is None else None,
+            "host_key": inst.host_key,
+        }
+
+    def _instance(self, key: str) -> _Instance:
+        try:
+            return self._instances[key]
+        except KeyError:
+            raise SandboxError(f"no instance {key!r} in this local cloud") from None
+
+    async def _cancel_boot(self, inst: _Instance) -> None:
+        task = inst.boot_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _teardown(self, inst: _Instance, grace: float) -> None:
+        """End everything running for the instance; keep its address and sandbox dir."""
+        if inst.imds is not None:  # its socket would keep the namespace alive
+            await inst.imds.close()
+            inst.imds = None
+        if self._network is not None:
+            await self._network.remove_instance(inst.index, grace)
+        inst.netns_file = None
+        for proc in (inst.sshd, inst.boot_script):
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # normally already ended with its namespace
+                await proc.wait()
+        if inst.reaper is not None:
+            await inst.reaper
+            inst.reaper = None
+        for log in inst.logs:
+            log.close()
+        inst.logs.clear()
+
+
+def _decode_custom_data(spec: InstanceSpec) -> bytes | None:
+    if not spec.custom_data:
+        return None
+    try:
+        return base64.b64decode(spec.custom_data, validate=True)
+    except (binascii.Error, ValueError):
+        raise SandboxBootError(
+            f"instance {spec.name}: customData is not valid base64 (ARM expects the boot "
+            "script base64-encoded in osProfile.customData)") from None
+
+
+def _make_sandbox_dirs(sandbox: Path, uid: int, gid: int) -> dict[str, Path]:
+    """The instance's disk: home, tmp, mnt, log, ssh, run (see fsview.SANDBOX_BINDS)."""
+    modes = {"home": 0o755, "tmp": 0o1777, "mnt": 0o755, "log": 0o755, "ssh": 0o755,
+             "run": 0o755, "run/sshd": 0o755, "run/lock": 0o1777}
+    sandbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+    layout = {}
+    for name, mode in modes.items():
+        path = sandbox / name
+        path.mkdir(exist_ok=True)
+        path.chmod(mode)  # mkdir's mode is filtered by the umask
+        layout[name] = path
+    os.chown(layout["home"], uid, gid)
+    return layout
+
+
+async def _note_boot_script_exit(proc: asyncio.subprocess.Process, output) -> None:
+    status = await proc.wait()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+    with contextlib.suppress(OSError, ValueError):
+        output.write(f"azmanagers localcloud: boot script finished at {when}, exit status {status}\n".encode())
+        output.flush()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
