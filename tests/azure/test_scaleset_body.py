@@ -15,7 +15,7 @@ PUBKEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 test@azm"
 @pytest.fixture
 def manifest():
     return AzureManifest(subscription_id="SUB", resource_group="rg", ssh_user="azureuser",
-                         ssh_public_key=PUBKEY, credential="static")
+                         ssh_public_key=PUBKEY)
 
 
 @pytest.fixture
