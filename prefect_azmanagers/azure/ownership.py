@@ -1,15 +1,16 @@
 """Who made a resource: ownership tags, and finding the orphans a crashed process left behind.
 
-Every scale set, VM and NIC this package creates carries three tags: the creator (`user@host`),
+Every scale set, VM and NIC this package creates carries tags: the creator (`user@host`), its pid,
 the cluster (or detached VM) id, and the creation time (ISO 8601, UTC). `find_orphans` lists
-the tagged resources of a resource group older than a threshold; `prefect-azmanagers cleanup`
-deletes them. Detached VMs are meant to outlive their driver, so they are only orphans when
+the tagged resources of a resource group older than a threshold whose creating process is not
+alive on this host (the pid tag); `prefect-azmanagers cleanup` deletes them. Detached VMs are meant to outlive their driver, so they are only orphans when
 asked for explicitly (`include_detached`); a NIC of ours attached to no VM always is one.
 """
 
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,7 @@ CREATOR_TAG = "azmanagers-creator"
 CLUSTER_TAG = "azmanagers-cluster"
 CREATED_TAG = "azmanagers-created"
 KIND_TAG = "azmanagers-kind"   # "cluster" (scale-set workers) or "detached" (long-lived VM)
+PID_TAG = "azmanagers-pid"     # the creating process: alive on this host -> not an orphan
 
 
 def creator() -> str:
@@ -41,7 +43,21 @@ def ownership_tags(cluster_id: str, *, kind: str = "cluster") -> dict[str, str]:
         CLUSTER_TAG: cluster_id,
         CREATED_TAG: datetime.now(timezone.utc).isoformat(timespec="seconds"),
         KIND_TAG: kind,
+        PID_TAG: str(os.getpid()),
     }
+
+
+def _creator_alive(tags: dict[str, str], me: str) -> bool:
+    """True if the resource's creator process still runs here (same user@host, live pid)."""
+    if tags.get(CREATOR_TAG) != me or not tags.get(PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,8 @@ def _created(tags: dict[str, str]) -> datetime | None:
 
 async def find_orphans(clients: Any, resource_group: str, *, older_than: timedelta = timedelta(0),
                        all_creators: bool = False, include_detached: bool = False) -> list[Orphan]:
-    """Tagged scale sets, VMs and unattached NICs of the group older than `older_than`.
+    """Tagged scale sets, VMs and unattached NICs of the group older than `older_than` whose
+    creating process is gone (a live creator on this host keeps its resources).
 
     Only this user@host's resources unless `all_creators`. Three paged list requests.
     """
@@ -76,6 +93,8 @@ async def find_orphans(clients: Any, resource_group: str, *, older_than: timedel
     def consider(kind: str, raw: dict, reason: str) -> None:
         tags = raw.get("tags") or {}
         if CLUSTER_TAG not in tags or (not all_creators and tags.get(CREATOR_TAG) != me):
+            return
+        if _creator_alive(tags, me):
             return
         created = _created(tags)
         if created is not None and created > cutoff:

@@ -386,3 +386,27 @@ def apply_image_override(storage: dict, image_name: str | None, image_version: s
         version = image_version
     ref["id"] = f"{head}/images/{name}" + (f"/versions/{version}" if version else "")
     storage["imageReference"] = ref
+
+
+@dataclass(frozen=True)
+class ScaleSetInfo:
+    """A scale set of a resource group, as `scalesets list` shows it."""
+
+    name: str
+    capacity: int
+    orchestration_mode: str
+    provisioning_state: str
+    tags: dict
+
+
+async def list_scalesets(clients: Any, resource_group: str) -> list[ScaleSetInfo]:
+    """Every scale set of the resource group (one paged list)."""
+    found = []
+    with arm_errors(f"list the scale sets of resource group {resource_group}"):
+        async for item in clients.compute.virtual_machine_scale_sets.list(resource_group):
+            raw = item.as_dict()
+            props = raw.get("properties") or {}
+            found.append(ScaleSetInfo(raw["name"], int((raw.get("sku") or {}).get("capacity") or 0),
+                                      props.get("orchestrationMode") or "Uniform",
+                                      props.get("provisioningState") or "", dict(raw.get("tags") or {})))
+    return found
