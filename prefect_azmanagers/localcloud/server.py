@@ -1,0 +1,386 @@
+"""The local cloud process: HTTPS ARM endpoint + admin API + sandboxes, and its lifecycle.
+
+`run()` serves in the foreground until SIGINT/SIGTERM and then removes every instance; `start()`
+runs it in the background (a detached `python -m prefect_azmanagers.localcloud.server`) and
+returns once it answers; `stop()` ends it and also cleans what a crashed run left behind.
+The state directory holds config.json, state.db (ARM resources, kept across restarts), the CA,
+the manifest's SSH key pair, the log, the pid file and localcloud.json (what clients need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from prefect_azmanagers.localcloud import urls
+from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
+from prefect_azmanagers.localcloud.config import load_config
+from prefect_azmanagers.localcloud.exceptions import ArmError
+from prefect_azmanagers.localcloud.keys import ensure_ssh_keypair, ensure_tls
+from prefect_azmanagers.localcloud.models import Backend, BootRequest
+from prefect_azmanagers.localcloud.responses import ArmRequest, ArmResponses
+from prefect_azmanagers.localcloud.store import STORE_FILE, Store
+
+logger = logging.getLogger("prefect_azmanagers.localcloud")
+
+DEFAULT_STATE_DIR = Path("~/.azmanagers/localcloud")
+INFO_FILE = "localcloud.json"
+PID_FILE = "localcloud.pid"
+LOG_FILE = "localcloud.log"
+STATIC_TOKEN = "localcloud"  # any bearer token is accepted; this is the manifest's
+
+
+class LocalCloudError(RuntimeError):
+    """The local cloud could not be started or stopped (the message says why and what to do)."""
+
+
+# ----- the ARM application ------------------------------------------------------------------
+def build_app(backend: Backend, describe_host: Any) -> Starlette:
+    """The Starlette app: admin routes under ADMIN_PREFIX, every other path is ARM."""
+    responses = ArmResponses(backend)
+    config = backend.config
+
+    def arm_error(exc: ArmError) -> Response:
+        return _json(exc.status, exc.body(), exc.headers)
+
+    async def arm(request: Request) -> Response:
+        path, method = request.url.path, request.method
+        if not request.headers.get("authorization", "").lower().startswith("bearer "):
+            return arm_error(ArmError(401, "AuthenticationFailed",
+                                      "Authentication failed. The 'Authorization' header is missing."))
+        found = urls.match(method, path)
+        if found is None:
+            return arm_error(ArmError(404, "InvalidResourceType",
+                                      f"The resource type for '{method} {path}' could not be found."))
+        route, params = found
+        if not route.method:
+            return arm_error(ArmError(405, "MethodNotAllowed",
+                                      f"The requested resource does not support http method '{method}'."))
+        backend.count(route.operation)
+        fault = backend.take_request_fault(route.operation)
+        if fault is not None:
+            return arm_error(fault)
+        query = {k.lower() if k.lower() == "api-version" else k: v for k, v in request.query_params.items()}
+        try:
+            if "api-version" not in query:
+                raise ArmError(400, "MissingApiVersionParameter",
+                               "The api-version query parameter (?api-version=) is required for all requests.")
+            if params["subscription"].lower() != config.subscription_id.lower():
+                raise ArmError(404, "SubscriptionNotFound",
+                               f"The subscription '{params['subscription']}' could not be found.")
+            rg = params.get("resource_group")
+            if rg is not None and rg.lower() != config.resource_group.lower():
+                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+            body = None
+            raw = await request.body()
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError as exc:
+                    raise ArmError(400, "InvalidRequestContent",
+                                   f"The request content was invalid and could not be deserialized: {exc}.") from None
+            req = ArmRequest(method=method, params=params, query=query, body=body,
+                             base_url=f"{request.url.scheme}://{request.url.netloc}", path=path)
+            result = getattr(responses, route.handler)(req)
+        except ArmError as exc:
+            return arm_error(exc)
+        return _json(result.status, result.body, result.headers)
+
+    routes = admin_routes(backend, describe_host) + [
+        Route("/{path:path}", arm, methods=["GET", "PUT", "PATCH", "DELETE", "POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _json(status: int, body: Any, headers: dict[str, str]) -> Response:
+    headers = {"x-ms-request-id": str(uuid.uuid4()), **headers}
+    if body is None or status == 204:
+        return Response(status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ----- foreground process -------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: run() installs handlers that also clean up."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _loopback_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise LocalCloudError(f"cannot listen on 127.0.0.1:{port}: {exc}; choose another --port (0 = any free)") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> None:
+    from prefect_azmanagers.localcloud.sandbox import InstanceSpec, SandboxHost
+
+    config = load_config(state_dir)
+    tls = ensure_tls(state_dir)
+    ssh = ensure_ssh_keypair(state_dir)
+    store = Store(state_dir / STORE_FILE)
+    backend_ref: list[Backend] = []
+    host = SandboxHost(state_dir, address_block=config.address_block, prefect_api_url=prefect_api_url,
+                       on_event_ack=lambda key, event_id: backend_ref[0].event_acknowledged(key, event_id))
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    server: _Server | None = None
+    serving: asyncio.Task | None = None
+    backend: Backend | None = None
+    try:
+        await host.start()
+        backend = Backend(config, store, host, boot_spec=lambda r: InstanceSpec(**asdict(r)))
+        backend.bind_loop(loop)
+        backend_ref.append(backend)
+
+        def describe_host() -> dict[str, Any]:
+            return {"mode": host.mode, "prefect_api_url_for_vms": host.prefect_api_url_for_vms,
+                    "state_dir": str(state_dir)}
+
+        sock = _loopback_socket(port)
+        bound = sock.getsockname()[1]
+        uv_config = uvicorn.Config(build_app(backend, describe_host), lifespan="off", log_level="warning",
+                                   ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
+                                   access_log=False, timeout_graceful_shutdown=2)
+        server = _Server(uv_config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if serving.done():
+                serving.result()
+                raise LocalCloudError("the HTTPS server stopped while starting")
+            await asyncio.sleep(0.05)
+        endpoint = f"https://127.0.0.1:{bound}"
+        info = {
+            "arm_endpoint": endpoint,
+            "ca_cert": str(tls.ca_cert),
+            "subscription_id": config.subscription_id,
+            "resource_group": config.resource_group,
+            "location": config.location,
+            "admin_endpoint": endpoint + ADMIN_PREFIX,
+            "mode": host.mode,
+            "python": sys.executable,
+            "pid": os.getpid(),
+            "prefect_api_url_for_vms": host.prefect_api_url_for_vms,
+            "static_token": STATIC_TOKEN,
+            "ssh_user": "azureuser",
+            "ssh_private_key_file": str(ssh.private_key),
+            "ssh_public_key_file": str(ssh.public_key),
+            "known_hosts_file": str(state_dir / "known_hosts"),
+            "state_dir": str(state_dir),
+        }
+        _write_atomic(state_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
+        print(json.dumps(info, indent=2), flush=True)
+        stopper = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({stopper, serving}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            server.should_exit = True
+        if serving is not None:
+            with contextlib.suppress(BaseException):
+                await serving
+        if backend is not None:
+            await backend.shutdown()
+        await host.stop()
+        store.close()
+        (state_dir / INFO_FILE).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _claim_pid_file(state_dir: Path) -> Path:
+    pid_file = state_dir / PID_FILE
+    other = _running_pid(state_dir)
+    if other is not None and other != os.getpid():
+        raise LocalCloudError(f"a local cloud (pid {other}) already runs with state dir {state_dir}; "
+                              f"stop it first: prefect-azmanagers localcloud stop --state-dir {state_dir}")
+    pid_file.write_text(f"{os.getpid()}\n")
+    return pid_file
+
+
+def run(state_dir: Path, *, port: int = 0, prefect_api_url: str | None = None) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM, then remove every instance and process."""
+    state_dir = prepare_state_dir(state_dir)
+    pid_file = _claim_pid_file(state_dir)
+    try:
+        asyncio.run(_serve(state_dir, port, prefect_api_url))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
+
+
+def prepare_state_dir(state_dir: Path | str) -> Path:
+    path = Path(state_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _running_pid(state_dir: Path) -> int | None:
+    try:
+        pid = int((state_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+# ----- background start / stop ----------------------------------------------------------------
+def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_api_url: str | None = None,
+          timeout: float = 120) -> dict[str, Any]:
+    """Start the local cloud as a background process; return its localcloud.json document."""
+    state_dir = prepare_state_dir(state_dir)
+    running = _running_pid(state_dir)
+    if running is not None:
+        raise LocalCloudError(f"a local cloud (pid {running}) already runs with state dir {state_dir}; "
+                              f"stop it first: prefect-azmanagers localcloud stop --state-dir {state_dir}")
+    if prefect_api_url is not None:
+        _check_loopback_url(prefect_api_url)
+    info_file = state_dir / INFO_FILE
+    info_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "prefect_azmanagers.localcloud", "--state-dir", str(state_dir),
+            "--port", str(port)]
+    if prefect_api_url:
+        argv += ["--prefect-api-url", prefect_api_url]
+    log_path = state_dir / LOG_FILE
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=state_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LocalCloudError(f"the local cloud exited while starting (status {proc.returncode}); "
+                                  f"log {log_path}:\n{_tail(log_path)}")
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(info_file.read_text())
+            if info.get("pid") == proc.pid:
+                return info
+        time.sleep(0.1)
+    proc.terminate()
+    raise LocalCloudError(f"the local cloud did not start within {timeout:.0f}s; log {log_path}:\n{_tail(log_path)}")
+
+
+def stop(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout: float = 60) -> bool:
+    """Stop the local cloud of this state dir and remove what a crashed run left behind.
+
+    Returns True if a running local cloud was stopped. Namespaces, links, processes and accounts
+    of an earlier crashed run are removed either way.
+    """
+    state_dir = prepare_state_dir(state_dir)
+    pid = _running_pid(state_dir)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _running_pid(state_dir) == pid and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+    asyncio.run(_remove_leftovers(state_dir))
+    (state_dir / PID_FILE).unlink(missing_ok=True)
+    (state_dir / INFO_FILE).unlink(missing_ok=True)
+    return pid is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
+
+
+async def _remove_leftovers(state_dir: Path) -> None:
+    from prefect_azmanagers.localcloud.sandbox import SandboxHost
+
+    if os.geteuid() != 0:
+        return
+    host = SandboxHost(state_dir)
+    await host.start()
+    await host.stop()
+
+
+def _check_loopback_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise LocalCloudError(f"--prefect-api-url must be a loopback URL such as http://127.0.0.1:4200/api "
+                              f"(got {url!r}): the local cloud forwards it into the instances' network")
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the local cloud in the foreground.")
+    parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--prefect-api-url", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(Path(args.state_dir), port=args.port, prefect_api_url=args.prefect_api_url)
+    except LocalCloudError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
