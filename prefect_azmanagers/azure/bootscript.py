@@ -16,18 +16,21 @@ base64 whose DECODED form may be at most 65535 bytes (OSProfile.customData, Comp
 The original checked 64000 base64 characters; we check the documented limit on the script.
 
 `boot_log_tail` fetches the end of the instance's cloud-init output and its boot.status over
-SSH, for error messages about instances that failed or never became ready.
+SSH, for error messages about instances that failed or never became ready; `wait_until_booted`
+waits for the marker and raises BootFailed with that tail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+import time
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge
+from prefect_azmanagers.exceptions import BootFailed, ConfigurationError, CustomDataTooLarge
 
 READY_STATUS_PATH = "/home/{admin}/.azmanagers/boot.status"
 ENV_FILE_PATH = "/home/{admin}/.azmanagers/env.sh"
@@ -117,6 +120,30 @@ async def _run(conn: Any, command: str) -> str:
     return (result.stdout or "") + (result.stderr or "")
 
 
+async def read_boot_status(conn: Any, admin_username: str) -> str | None:
+    """The instance's boot.status over an open asyncssh connection: "ready", "failed: ...",
+    or None while the boot script is still running."""
+    path = shlex.quote(READY_STATUS_PATH.format(admin=admin_username))
+    result = await conn.run(f"cat {path} 2>/dev/null", check=False)
+    return (result.stdout or "").strip() or None
+
+
+async def wait_until_booted(conn: Any, *, admin_username: str, name: str, timeout: float,
+                            poll: float = 1.0) -> None:
+    """Wait for the boot script to write "ready"; BootFailed with the log tail if it failed
+    or did not finish within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await read_boot_status(conn, admin_username)
+        if status == "ready":
+            return
+        if status is not None or time.monotonic() >= deadline:
+            what = f"its boot script {status}" if status else f"it did not finish booting within {timeout:.0f} s"
+            tail = await boot_log_tail(conn, admin_username=admin_username)
+            raise BootFailed(f"Instance {name}: {what}.\n{tail}")
+        await asyncio.sleep(poll)
+
+
 async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = None,
                         lines: int = 50, host_key: str | None = None,
                         connect_timeout: float = 15.0) -> str:
@@ -137,8 +164,6 @@ async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = Non
     )
     if not isinstance(target, str):
         return await _run(target, command)
-    import asyncio
-
     import asyncssh
 
     if manifest is None:

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
 from prefect_azmanagers.exceptions import AzureError, ResourceMissing, TemplateError
@@ -34,6 +35,7 @@ from prefect_azmanagers.exceptions import AzureError, ResourceMissing, TemplateE
 logger = logging.getLogger("prefect_azmanagers.azure")
 
 FLEXIBLE_NETWORK_API_VERSION = "2020-11-01"
+MAX_FAILURE_LOGS = 3   # failed instances whose boot log goes into the error message
 
 
 @dataclass(frozen=True)
@@ -258,18 +260,26 @@ class ScaleSet:
         except AzureError as exc:
             logger.warning("Scale set %s: provisioning failed: %s", self.name, exc)
             try:
-                await self._remove_failed()
+                logs = await self._remove_failed()
             except AzureError as cleanup_exc:
                 logger.warning("Scale set %s: could not delete failed instances: %s", self.name, cleanup_exc)
-            self._failure = exc
+                logs = ""
+            self._failure = type(exc)(f"{exc}{logs}", code=exc.code, status=exc.status) if logs else exc
 
-    async def _remove_failed(self) -> None:
+    async def _remove_failed(self) -> str:
+        """Delete the instances left Failed (and the scale set if it was ours and is now empty);
+        returns the boot-log tails of a few of them, read over SSH before deletion."""
         instances = await self._list()
-        failed = [i.instance_id for i in instances if i.provisioning_state.lower() == "failed"]
+        failed = [i for i in instances if i.provisioning_state.lower() == "failed"]
+        reachable = [i for i in failed if i.private_ip][:MAX_FAILURE_LOGS]
+        tails = await asyncio.gather(*(boot_log_tail(
+            i.private_ip, admin_username=self.manifest.ssh_user, manifest=self.manifest,
+            connect_timeout=10, lines=30) for i in reachable))
         if failed:
-            await self.delete_instances(failed)
+            await self.delete_instances([i.instance_id for i in failed])
         if self.created and len(failed) == len(instances):
             await self.delete()
+        return "".join(f"\n\nBoot log of {i.name}:\n{tail}" for i, tail in zip(reachable, tails))
 
     async def wait_provisioned(self) -> None:
         """Wait until every grow sent so far finished; raise its failure if one failed."""
@@ -323,7 +333,8 @@ class ScaleSet:
         return found
 
     async def delete_instances(self, instance_ids: list[str]) -> None:
-        """Delete these instances in one request and wait; instances already gone are fine."""
+        """Delete these instances in one request and wait; instances already gone are fine
+        (if some of a batch are gone, the rest are deleted in one more request)."""
         if not instance_ids:
             return
         try:
@@ -332,7 +343,11 @@ class ScaleSet:
                     self.resource_group, self.name, {"instanceIds": list(instance_ids)})
                 await poller.result()
         except ResourceMissing:
-            logger.debug("Scale set %s: instances %s already gone", self.name, instance_ids)
+            present = {i.instance_id for i in await self._list()}
+            remaining = [i for i in instance_ids if i in present]
+            logger.debug("Scale set %s: some of %s already gone; deleting %s", self.name, instance_ids, remaining)
+            if remaining and len(remaining) < len(instance_ids):
+                await self.delete_instances(remaining)
 
     async def delete_if_empty(self) -> bool:
         """Delete the scale set if this object created it and it has no instance left."""
