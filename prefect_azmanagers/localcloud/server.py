@@ -227,7 +227,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _claim_pid_file(state_dir: Path) -> Path:
     pid_file = state_dir / PID_FILE
-    other = _running_pid(state_dir)
+    other = running_pid(state_dir)
     if other is not None and other != os.getpid():
         raise LocalCloudError(f"a local cloud (pid {other}) already runs with state dir {state_dir}; "
                               f"stop it first: prefect-azmanagers localcloud stop --state-dir {state_dir}")
@@ -254,7 +254,8 @@ def prepare_state_dir(state_dir: Path | str) -> Path:
     return path
 
 
-def _running_pid(state_dir: Path) -> int | None:
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the local cloud running with this state dir, or None."""
     try:
         pid = int((state_dir / PID_FILE).read_text().strip())
     except (OSError, ValueError):
@@ -273,7 +274,7 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_a
           timeout: float = 120) -> dict[str, Any]:
     """Start the local cloud as a background process; return its localcloud.json document."""
     state_dir = prepare_state_dir(state_dir)
-    running = _running_pid(state_dir)
+    running = running_pid(state_dir)
     if running is not None:
         raise LocalCloudError(f"a local cloud (pid {running}) already runs with state dir {state_dir}; "
                               f"stop it first: prefect-azmanagers localcloud stop --state-dir {state_dir}")
@@ -310,11 +311,11 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout: float = 60) -> b
     of an earlier crashed run are removed either way.
     """
     state_dir = prepare_state_dir(state_dir)
-    pid = _running_pid(state_dir)
+    pid = running_pid(state_dir)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _running_pid(state_dir) == pid and _alive(pid):
+        while time.monotonic() < deadline and running_pid(state_dir) == pid and _alive(pid):
             time.sleep(0.1)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
