@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ class LocalCloudAdmin:
 
     def __init__(self, admin_endpoint: str, ca_cert: str | Path, *, timeout: float = 60):
         self.endpoint = admin_endpoint.rstrip("/")
-        self._http = httpx.Client(verify=str(ca_cert), timeout=timeout)
+        self._http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=timeout)
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> "LocalCloudAdmin":

@@ -1,0 +1,112 @@
+"""Helpers of the ARM conformance tests: static credentials for the real sync and aio Azure SDK
+clients, a handle on the local cloud under test, and the stock OpenSSH client."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from azure.core.credentials import AccessToken
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+
+from prefect_azmanagers.localcloud import LocalCloudAdmin
+
+PAGE_SIZE = 2
+
+
+class StaticCredential:
+    """azure-identity has no static credential; the local cloud accepts any bearer token."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken("localcloud", int(time.time()) + 3600)
+
+
+class AsyncStaticCredential:
+    async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken("localcloud", int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Cloud:
+    info: dict[str, Any]
+    admin: LocalCloudAdmin
+    compute: ComputeManagementClient
+    network: NetworkManagementClient
+
+    @property
+    def rg(self) -> str:
+        return self.info["resource_group"]
+
+    @property
+    def location(self) -> str:
+        return self.info["location"]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return dict(base_url=self.info["arm_endpoint"], connection_verify=self.info["ca_cert"], polling_interval=0)
+
+    def aio_clients(self):
+        """(compute, network) aio clients; use them as async context managers."""
+        from azure.mgmt.compute.aio import ComputeManagementClient as AioCompute
+        from azure.mgmt.network.aio import NetworkManagementClient as AioNetwork
+
+        cred = AsyncStaticCredential()
+        sub = self.info["subscription_id"]
+        return AioCompute(cred, sub, **self.client_kwargs()), AioNetwork(cred, sub, **self.client_kwargs())
+
+    def public_key(self) -> str:
+        return Path(self.info["ssh_public_key_file"]).read_text().strip()
+
+    def ssh(self, ip: str, command: str, *, key: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run `command` on an instance with the stock OpenSSH client and the manifest's key."""
+        argv = ["ssh", "-i", key or self.info["ssh_private_key_file"], "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"azureuser@{ip}", command]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def scale_set_body(self, capacity: int, *, custom_data: str | None = None, sku: str = "Standard_B1s",
+                       **profile: Any) -> dict[str, Any]:
+        """A camelCase VMSS body as the control plane sends it (extra profile keys merged in)."""
+        os_profile: dict[str, Any] = {
+            "computerNamePrefix": "conf", "adminUsername": "azureuser",
+            "linuxConfiguration": {"disablePasswordAuthentication": True, "ssh": {"publicKeys": [
+                {"path": "/home/azureuser/.ssh/authorized_keys", "keyData": self.public_key()}]}},
+        }
+        if custom_data is not None:
+            os_profile["customData"] = custom_data
+        orchestration = profile.pop("orchestrationMode", "Uniform")
+        extra_props = profile.pop("properties", {})
+        return {
+            "location": self.location,
+            "sku": {"name": sku, "tier": "Standard", "capacity": capacity},
+            "tags": {"test": "conformance"},
+            "properties": {
+                "orchestrationMode": orchestration,
+                **({"upgradePolicy": {"mode": "Manual"}} if orchestration == "Uniform" else {"platformFaultDomainCount": 1}),
+                **extra_props,
+                "virtualMachineProfile": {
+                    "osProfile": os_profile,
+                    "storageProfile": {"imageReference": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts",
+                                                          "sku": "server", "version": "latest"}},
+                    "networkProfile": {"networkInterfaceConfigurations": [{"name": "nic0", "properties": {
+                        "primary": True, "ipConfigurations": [{"name": "ip0", "properties": {
+                            "subnet": {"id": self.subnet_id()}}}]}}]},
+                    **profile,
+                },
+            },
+        }
+
+    def subnet_id(self) -> str:
+        return (f"/subscriptions/{self.info['subscription_id']}/resourceGroups/{self.rg}/providers/"
+                "Microsoft.Network/virtualNetworks/localcloud-vnet/subnets/default")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
