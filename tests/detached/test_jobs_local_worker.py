@@ -152,3 +152,28 @@ def test_unknown_flow_run_id_is_a_clear_error(prefect_server):
         DetachedJob.from_flow_run_id("nope")
     with pytest.raises(DetachedJobError, match="no flow run"):
         DetachedJob.from_flow_run_id("00000000-0000-0000-0000-000000000000")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect_azmanagers.cli", *args],
+                          capture_output=True, text=True, timeout=240, env=os.environ)
+
+
+def test_job_cli(local_pool):
+    vm, _ = local_pool
+
+    def two_streams():
+        import sys
+        print("out line")
+        print("err line", file=sys.stderr)
+        raise SystemExit(3)
+
+    job = detachat(vm, two_streams)
+    waited = _cli("job", "wait", job.flow_run_id, "--timeout", "180")
+    assert (waited.returncode, waited.stdout.strip()) == (1, "failed")
+    assert _cli("job", "status", job.flow_run_id).stdout.strip() == "failed"
+    assert _cli("job", "logs", job.flow_run_id).stdout == "out line\n"
+    assert _cli("job", "logs", job.flow_run_id, "--stderr").stdout.startswith("err line\n")
+    unknown = _cli("job", "status", "not-a-uuid")
+    assert unknown.returncode == 1 and "not a flow-run id" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
