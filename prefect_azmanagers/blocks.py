@@ -427,10 +427,11 @@ def _validated(cls: type[_B], name: str, **fields: Any) -> _B:
     try:
         return cls(**fields)
     except ValidationError as exc:
-        raise TemplateError(f"{cls.__name__} {name!r} is malformed: {_explain(exc)}") from None
+        raise TemplateError(f"{cls.__name__} {name!r} is malformed: {describe_validation_error(exc)}") from None
 
 
-def _explain(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line account of a pydantic error: `field.path: message; ...`."""
     parts = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"])
@@ -480,10 +481,13 @@ def _load(cls: type[_B], name_or_block: str | _B, what: str, not_found: type[Exc
         for block_name in candidates:
             try:
                 return cls.load(block_name, _sync=True)
-            except ValidationError as exc:
+            except RuntimeError as exc:  # Prefect wraps a failed validation in RuntimeError
+                if not isinstance(exc.__cause__, ValidationError):
+                    raise
                 raise ConfigurationError(
                     f"The {what} block {block_name!r} does not have the expected shape: "
-                    f"{_explain(exc)}. Save it again (e.g. with `prefect-azmanagers import-azmanagers`)."
+                    f"{describe_validation_error(exc.__cause__)}. Save it again (e.g. with "
+                    f"`prefect-azmanagers import-azmanagers --overwrite`)."
                 ) from None
             except ValueError as exc:
                 if "Unable to find block document" not in str(exc):

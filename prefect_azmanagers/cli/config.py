@@ -23,6 +23,7 @@ from prefect_azmanagers.blocks import (
     NICTemplate,
     ScaleSetTemplate,
     VMTemplate,
+    describe_validation_error,
     load_manifest,
     load_nic_template,
     load_scaleset_template,
@@ -93,7 +94,7 @@ def manifest_write(
             python=python,
         )
     except ValidationError as exc:
-        exit_with_error(f"Invalid manifest: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        exit_with_error(f"Invalid manifest: {describe_validation_error(exc)}")
     _save(manifest, template_block_name(name), overwrite)
     console.print(f"Saved manifest {name!r}.")
 
