@@ -273,8 +273,11 @@ async def _create(manifest: AzureManifest, manifest_name: str | None, vm_templat
                 ADMIN_TAG: vm_template.value["properties"]["osProfile"]["adminUsername"]}
         if manifest_name:
             tags[MANIFEST_TAG] = manifest_name
-        info = await azure_vm.create_vm(clients, manifest, vm_template, nic_template, name,
-                                        custom_data=custom_data, tags=tags)
+        created = await azure_vm.create_vm(clients, manifest, vm_template, nic_template, name,
+                                           custom_data=custom_data, tags=tags)
+        # Read back: the address the VM's NIC holds once attached is the one SSH must use
+        # (the local cloud assigns it at VM creation, not in the NIC creation reply).
+        info = await azure_vm.get_vm(clients, created.resource_group, name)
     return _detached_vm(info, manifest, manifest_name)
 
 

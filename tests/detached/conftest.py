@@ -46,3 +46,15 @@ def local_pool(prefect_server, tmp_path):
             worker.wait()
         log.close()
         _delete_pool_and_deployments(pool)
+
+
+@pytest.fixture(scope="module")
+def detached_vm(localcloud):
+    """One detached VM on the local cloud for a test module; removed (and checked gone) after."""
+    from prefect_azmanagers.detached.vm import addproc, rmproc
+
+    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmtest")
+    try:
+        yield vm
+    finally:
+        rmproc(vm)
