@@ -127,7 +127,9 @@ class ScaleSet:
         self.eviction_policy = eviction_policy
         self.quota_wait = quota_wait
         self.created = False
-        self._id: str | None = None
+        self._id = (f"/subscriptions/{clients.subscription_id if clients else manifest.subscription_id}"
+                    f"/resourceGroups/{self.resource_group}/providers/Microsoft.Compute"
+                    f"/virtualMachineScaleSets/{name}")
         self._flexible: bool | None = None
         self._watchers: set[asyncio.Task] = set()
         self._failure: AzureError | None = None
@@ -218,7 +220,7 @@ class ScaleSet:
         except ResourceMissing:
             return None
         raw = vmss.as_dict()
-        self._id = raw.get("id")
+        self._id = raw.get("id") or self._id
         self._flexible = (raw.get("properties") or {}).get("orchestrationMode") == "Flexible"
         return raw
 

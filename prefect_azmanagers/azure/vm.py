@@ -146,10 +146,8 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
         with arm_errors(f"create VM {name}"):
             poller = await clients.compute.virtual_machines.begin_create_or_update(rg, name, body)
             vm = (await poller.result()).as_dict()
-        ip = _primary_ip(nic)
-        if not ip:
-            with arm_errors(f"read NIC {nic_name}"):
-                ip = _primary_ip((await clients.network.network_interfaces.get(rg, nic_name)).as_dict())
+        with arm_errors(f"read NIC {nic_name}"):   # the address as attached to the VM
+            ip = _primary_ip((await clients.network.network_interfaces.get(rg, nic_name)).as_dict())
     except BaseException:
         logger.warning("Creating VM %s failed or was interrupted; deleting what was made", name)
         try:

@@ -1,0 +1,65 @@
+"""Standalone VM + NIC end to end on the local cloud: create, read, list, delete, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
+from prefect_azmanagers.azure.clients import ArmClients
+from prefect_azmanagers.azure.ownership import CLUSTER_TAG, ownership_tags
+from prefect_azmanagers.azure.vm import create_vm, delete_vm, get_vm, list_vms, vm_name
+from prefect_azmanagers.exceptions import AllocationFailed, ResourceMissing
+
+pytestmark = pytest.mark.e2e
+
+
+def test_vm_name_like_the_original():
+    names = {vm_name("cbox") for _ in range(50)}
+    assert all(re.fullmatch(r"cbox-[a-z]{6}", n) for n in names) and len(names) > 45
+
+
+def test_vm_and_nic_create_read_list_delete(lc):
+    async def scenario():
+        async with ArmClients(lc.manifest) as clients:
+            name = vm_name(lc.prefix)
+            data = encode_custom_data(boot_script(admin_username=lc.manifest.ssh_user))
+            try:
+                info = await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, name,
+                                       custom_data=data, tags=ownership_tags(lc.prefix, kind="detached"))
+                assert info.name == name and info.nic_name == f"{name}-nic"
+                assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", info.private_ip) and info.vm_id
+                assert info.tags[CLUSTER_TAG] == lc.prefix
+                vm = (await clients.compute.virtual_machines.get(info.resource_group, name)).as_dict()
+                props = vm["properties"]
+                assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+                assert props["networkProfile"]["networkInterfaces"][0]["properties"]["deleteOption"] == "Delete"
+                assert await get_vm(clients, info.resource_group, name) == info
+                listed = await list_vms(clients, info.resource_group, tag_filter={CLUSTER_TAG: lc.prefix})
+                assert [v.name for v in listed] == [name]
+                assert listed[0].private_ip == info.private_ip
+                status = {i["name"]: i for i in lc.admin.status()["instances"]}
+                assert status[name]["private_ip"] == info.private_ip
+            finally:
+                await delete_vm(clients, lc.manifest.resource_group, name)
+            with pytest.raises(ResourceMissing):
+                await get_vm(clients, lc.manifest.resource_group, name)
+            with pytest.raises(ResourceMissing):
+                await clients.network.network_interfaces.get(lc.manifest.resource_group, f"{name}-nic")
+            await delete_vm(clients, lc.manifest.resource_group, name)   # idempotent
+    asyncio.run(scenario())
+
+
+def test_vm_allocation_failure_leaks_nothing(lc):
+    async def scenario():
+        async with ArmClients(lc.manifest) as clients:
+            name = vm_name(lc.prefix)
+            lc.admin.fail_next_lro(1)
+            with pytest.raises(AllocationFailed, match="AllocationFailed|capacity"):
+                await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, name,
+                                custom_data=encode_custom_data(boot_script(admin_username=lc.manifest.ssh_user)),
+                                tags=ownership_tags(lc.prefix))
+            # the fixture checks that neither the VM nor its NIC is left
+    asyncio.run(scenario())
