@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Callable
 
 import cloudpickle
 
+from prefect_azmanagers.cluster import mpi
 from prefect_azmanagers.cluster.protocol import HEADER, Kind, encode, encode_json, parse_header
 
 _flush_hooks: list[Callable[[], None]] = []
@@ -110,8 +111,17 @@ def _error_body(exc: BaseException, tb_text: str) -> dict[str, Any]:
     }
 
 
+def _run_pickled(task_id: int, payload: bytes) -> Any:
+    return cloudpickle.loads(payload)()
+
+
 class Agent:
-    def __init__(self, channel: _Channel, concurrency: int):
+    def __init__(self, channel: _Channel, concurrency: int, *,
+                 execute: Callable[[int, bytes], Any] = _run_pickled,
+                 after_call: Callable[[], None] | None = None):
+        # execute/after_call: the MPI seam (cluster/mpi.py runs each call on every rank)
+        self.execute = execute
+        self.after_call = after_call
         self.channel = channel
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="azm-task")
         self.concurrency = concurrency
@@ -129,7 +139,7 @@ class Agent:
             self.running += 1
         try:
             try:
-                value = cloudpickle.loads(payload)()
+                value = self.execute(task_id, payload)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the driver
                 self.channel.send(encode_json(Kind.ERROR, _error_body(exc, traceback.format_exc()), task_id))
                 return
@@ -147,6 +157,8 @@ class Agent:
         finally:
             with self._running_lock:
                 self.running -= 1
+            if self.after_call is not None:
+                self.after_call()
 
     def heartbeat(self, interval: float) -> None:
         while True:
@@ -222,9 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
 
+    leader = mpi.leader_or_follow(args.concurrency)  # under mpirun, ranks > 0 stay inside
     reader, writer, stdout_pipe = _take_over_stdio()
+    if leader is not None:
+        leader.tag_output()
+        register_flush_hook(leader.stop_followers)
     channel = _Channel(reader, writer)
-    agent = Agent(channel, args.concurrency)
+    agent = Agent(channel, args.concurrency, **({"execute": leader.execute,
+                                                 "after_call": leader.after_call} if leader else {}))
     agent.hello()
     forwarder = _start_daemon(_forward_stdout, channel, stdout_pipe)
     _start_daemon(agent.heartbeat, args.heartbeat)
