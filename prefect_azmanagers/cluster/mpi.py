@@ -1,0 +1,283 @@
+"""MPI ranks per worker: the launcher command and the rank side of the agent.
+
+With `mpi_ranks_per_worker=K` a worker is `mpirun -n K <flags> <python> -m
+prefect_azmanagers.cluster.agent ...` (see `launcher`). Open MPI gives mpirun's stdin to rank 0
+and carries every rank's stdout back on mpirun's stdout, so:
+
+- rank 0 is the agent the driver talks to: for every call it sends the pickled payload to the
+  other ranks, runs the call itself, and waits until every rank reported; the result is rank
+  0's, an exception on any rank fails the call with that rank's traceback (`MPIRankError`);
+- ranks > 0 (`follow`) never write to stdout: their stdout and stderr lines go to stderr tagged
+  `[rank r]` (the driver logs the agent's stderr), and they wait for calls without spinning.
+
+Control messages travel on a duplicate of COMM_WORLD, so a task's own messages on
+`prefect_azmanagers.mpi.comm()` (COMM_WORLD) never mix with them. A rank that fails while others
+are still inside the call (possibly blocked in a collective that can never complete) poisons the
+worker: the failure is reported, then the whole worker exits and the engine restarts the slot.
+A callable may define `__azm_mpi_follower__()`: ranks > 0 then call that instead of the callable
+itself (the task runner uses it to run the bare task function there, while rank 0 runs
+Prefect's engine, which reports the task's states once).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
+
+# Portable for Open MPI (Debian's MPI): K ranks may exceed the instance's cores (the original's
+# `-bind-to core:$OMP_NUM_THREADS --map-by numa` assumes whole-machine HPC sizes).
+DEFAULT_MPI_FLAGS = "--bind-to none --oversubscribe"
+FOLLOWER_ATTRIBUTE = "__azm_mpi_follower__"
+
+_RUN, _OUTCOME, _ACK = 1, 2, 3
+# After one rank failed, how long the others may take to finish the call before the worker is
+# considered stuck (e.g. in a collective the failed rank never joins) and restarted.
+FAILURE_GRACE_SECONDS = 2.0
+_MAX_IDLE_SLEEP = 0.01
+
+
+class MPIRankError(AzManagersError):
+    """A rank other than 0 raised while running a call; the message holds its traceback."""
+
+    def __init__(self, rank: int, size: int, error_type: str, message: str, remote_traceback: str):
+        super().__init__(
+            f"MPI rank {rank} of {size} failed: {error_type}: {message}\n"
+            f"--- traceback on rank {rank} ---\n{remote_traceback}")
+        self.rank = rank
+        self.size = size
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        message = str(self).split("\n", 1)[0].split(": ", 2)[-1]
+        return (MPIRankError, (self.rank, self.size, self.error_type, message,
+                               self.remote_traceback))
+
+
+def launcher(ranks: int, flags: str = DEFAULT_MPI_FLAGS) -> list[str]:
+    """The words that prefix the agent command to start `ranks` ranks (transport.agent_command)."""
+    if ranks < 1:
+        raise ConfigurationError(f"mpi_ranks_per_worker must be at least 1 to use MPI, got {ranks}.")
+    try:
+        extra = shlex.split(flags)
+    except ValueError as exc:
+        raise ConfigurationError(f"mpi_flags {flags!r} is not a valid shell word list: {exc}") from exc
+    return ["mpirun", "-n", str(ranks), *extra]
+
+
+def launched_by_mpi() -> bool:
+    """True in a process started by mpirun/mpiexec (Open MPI or a PMI-based launcher)."""
+    return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
+def _execute_locally(payload: bytes, follower: bool) -> Any:
+    target = cloudpickle.loads(payload)
+    if follower:
+        target = getattr(target, FOLLOWER_ATTRIBUTE, target)
+    return target()
+
+
+def _tag_lines(fd: int, prefix: bytes) -> threading.Thread:
+    """Point `fd` at a pipe whose lines go, prefixed, to what `fd` was; a thread copies them.
+
+    The copy of the old `fd` is closed at end of input, so a reader of it sees EOF in turn."""
+    sink = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+
+    def copy() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                os.write(sink, prefix + (line if line.endswith(b"\n") else line + b"\n"))
+        os.close(sink)
+
+    thread = threading.Thread(target=copy, daemon=True, name=f"azm-mpi-tag-{fd}")
+    thread.start()
+    return thread
+
+
+class Leader:
+    """Rank 0's side: runs each call on every rank and combines the outcomes."""
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.control = MPI.COMM_WORLD.Dup()
+        self.size = self.control.Get_size()
+        self.poisoned = False
+        self._busy = False
+
+    def tag_output(self) -> None:
+        """Prefix rank 0's stdout and stderr lines with `[rank 0]` (after the agent took stdio)."""
+        for fd in (1, 2):
+            _tag_lines(fd, b"[rank 0] ")
+
+    def execute(self, task_id: int, payload: bytes) -> Any:
+        """Run the call on all ranks; rank 0's value, or the first failing rank's error."""
+        self._busy = True
+        requests = [self.control.isend((task_id, payload), dest=r, tag=_RUN)
+                    for r in range(1, self.size)]
+        local: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                local["value"] = _execute_locally(payload, follower=False)
+            except BaseException as exc:  # noqa: BLE001 - reported as the call's failure
+                local["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True, name="azm-mpi-rank0")
+        thread.start()
+        outcomes: dict[int, dict[str, str] | None] = {}
+        failed_at: float | None = None
+        sleep = 0.0002
+        status = self._mpi.Status()
+        while thread.is_alive() or len(outcomes) < self.size - 1:
+            received = False
+            while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
+                source = status.Get_source()
+                outcomes[source] = self.control.recv(source=source, tag=_OUTCOME)
+                if outcomes[source]:  # tell the failed rank we will report it (see follow)
+                    requests.append(self.control.isend(None, dest=source, tag=_ACK))
+                received = True
+            if failed_at is None and ("error" in local or any(outcomes.values())):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_SECONDS:
+                self.poisoned = True
+                break
+            sleep = 0.0002 if received else min(sleep * 2, _MAX_IDLE_SLEEP)
+            thread.join(timeout=sleep)
+        if not self.poisoned:
+            self._mpi.Request.waitall(requests)
+            self._busy = False
+        if "error" in local:
+            raise local["error"]
+        for rank in sorted(outcomes):
+            failure = outcomes[rank]
+            if failure:
+                raise MPIRankError(rank, self.size, failure["type"], failure["message"],
+                                   failure["traceback"])
+        if self.poisoned:  # rank 0 itself is stuck after a failure it has not reported yet
+            raise MPIRankError(0, self.size, "Stuck", "rank 0 did not finish after another rank "
+                               "failed", "")
+        return local["value"]
+
+    def after_call(self) -> None:
+        """Once the failure of a stuck call is reported, end the worker (the engine restarts it)."""
+        if self.poisoned:
+            print("azmanagers agent: MPI ranks still inside a failed call after "
+                  f"{FAILURE_GRACE_SECONDS}s; ending this worker so it restarts clean",
+                  file=sys.stderr, flush=True)
+            os._exit(70)
+
+    def stop_followers(self) -> None:
+        """Tell ranks > 0 to exit and finalize MPI (skipped when a call is still running)."""
+        if self.poisoned or self._busy:
+            return
+        for rank in range(1, self.size):
+            self.control.send(None, dest=rank, tag=_RUN)
+        self._mpi.Finalize()
+
+
+def follow() -> None:
+    """Ranks > 0: run every call rank 0 sends until told to stop; never returns."""
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    protocol = os.dup(1)  # kept only to report a failure rank 0 is too stuck to report
+    os.dup2(2, 1)  # stdout is rank 0's protocol stream: never write to it
+    taggers = [_tag_lines(fd, f"[rank {rank}] ".encode()) for fd in (1, 2)]
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    control = MPI.COMM_WORLD.Dup()
+    while True:
+        message = _wait_for(control, _RUN, timeout=None)
+        if message is None:
+            break
+        task_id, payload = message
+        outcome: dict[str, str] | None = None
+        try:
+            _execute_locally(payload, follower=True)
+        except BaseException as exc:  # noqa: BLE001 - reported to rank 0
+            outcome = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                       "message": str(exc), "traceback": traceback.format_exc()}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        control.send(outcome, dest=0, tag=_OUTCOME)
+        if outcome and _wait_for(control, _ACK, timeout=FAILURE_GRACE_SECONDS) is _TIMED_OUT:
+            _report_and_abort(protocol, task_id, MPIRankError(
+                rank, control.Get_size(), outcome["type"], outcome["message"], outcome["traceback"]))
+    MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        os.close(fd)
+    for tagger in taggers:
+        tagger.join(timeout=2.0)
+    os._exit(0)
+
+
+_TIMED_OUT = object()
+
+
+def _wait_for(control: Any, tag: int, timeout: float | None) -> Any:
+    """Receive the next message with `tag` from rank 0, polling with sleeps (a blocking
+    receive would spin a core for as long as we wait); _TIMED_OUT after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sleep = 0.0002
+    while not control.Iprobe(source=0, tag=tag):
+        if deadline is not None and time.monotonic() > deadline:
+            return _TIMED_OUT
+        time.sleep(sleep)
+        sleep = min(sleep * 2, _MAX_IDLE_SLEEP)
+    return control.recv(source=0, tag=tag)
+
+
+def _report_and_abort(protocol: int, task_id: int, error: MPIRankError) -> None:
+    """Rank 0 holds the GIL in a collective this rank will never join (mpi4py's pickle-based
+    reductions do), so it cannot report: send the task's ERROR frame on the protocol stream
+    ourselves, in one write small enough to stay whole, then end the worker."""
+    from prefect_azmanagers.cluster.protocol import Kind, encode_json
+
+    text = str(error)
+    frame = b""
+    for keep in (3000, 1500, 500):
+        body = {"type": f"{MPIRankError.__module__}.MPIRankError",
+                "message": text[:keep], "traceback": error.remote_traceback[-keep:],
+                "exception": None}
+        frame = encode_json(Kind.ERROR, body, task_id)
+        if len(frame) <= 4000:
+            break
+    print(f"rank 0 is stuck after this rank failed task {task_id}; reporting it and ending the "
+          "worker so it restarts clean", file=sys.stderr, flush=True)
+    os.write(protocol, frame[:4000])
+    time.sleep(1.0)  # let mpirun forward the frame before the job is torn down
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(70)
+
+
+def leader_or_follow(concurrency: int) -> Leader | None:
+    """In the agent, before it takes over stdio: None outside MPI; ranks > 0 never return."""
+    if not launched_by_mpi():
+        return None
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() > 0:
+        follow()
+    if concurrency != 1:
+        raise SystemExit("azmanagers agent: --concurrency must be 1 under MPI (every call runs "
+                         "on all ranks, in order)")
+    return Leader()
+
