@@ -1,0 +1,117 @@
+"""The picklable callable that runs one Prefect task run on a worker and returns its final State.
+
+The driver builds a `RemoteTaskRun` per submitted task and hands it to the engine, which
+cloudpickles it to an agent. On the worker it enters the flow's serialized context (the
+driver's settings, so the remote engine reports to the driver's Prefect API through the SSH
+tunnel), runs Prefect's task engine with `return_type="state"`, waits until the task's events
+have left the process, and returns the State. A task's own exception stays inside the Failed
+State, with the worker's traceback added as a note so the driver (and the flow's log) show
+where it was raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import socket
+import traceback
+import uuid
+from typing import Any
+
+ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "prefect_azmanagers_on_worker", default=False
+)
+"""True while a task run executes on a worker: the flow's task runner, re-entered there by
+`hydrated_context`, then runs nested submits locally instead of provisioning a cluster."""
+
+
+class RemoteTaskRun:
+    """One task run, shipped to a worker: `RemoteTaskRun(...)()` returns the final State."""
+
+    def __init__(
+        self,
+        task: Any,
+        task_run_id: uuid.UUID,
+        parameters: dict[str, Any],
+        wait_for: list[Any] | None,
+        dependencies: dict[str, set[Any]],
+        context: dict[str, Any],
+    ) -> None:
+        self.task = task
+        self.task_run_id = task_run_id
+        self.parameters = parameters
+        self.wait_for = wait_for
+        self.dependencies = dependencies
+        self.context = context
+
+    def __call__(self) -> Any:
+        import httpx
+        from prefect.context import hydrated_context
+        from prefect.task_engine import run_task_async, run_task_sync
+
+        token = ON_WORKER.set(True)
+        try:
+            with hydrated_context(self.context):
+                kwargs = dict(
+                    task=self.task,
+                    task_run_id=self.task_run_id,
+                    parameters=self.parameters,
+                    wait_for=self.wait_for,
+                    return_type="state",
+                    dependencies=self.dependencies,
+                )
+                try:
+                    if self.task.isasync:
+                        state = asyncio.run(run_task_async(**kwargs))
+                    else:
+                        state = run_task_sync(**kwargs)
+                    flush_events()  # inside the context: its settings name the API
+                except (OSError, httpx.TransportError) as exc:
+                    raise _api_unreachable(self.context, exc) from exc
+        finally:
+            ON_WORKER.reset(token)
+        _note_remote_traceback(state)
+        return state
+
+
+def flush_events() -> None:
+    """Wait until this process's Prefect events (task-run states) have been sent to the API.
+
+    Task-run state changes reach the server as events; returning the final State before they
+    are sent would let the driver see a result the API does not hold yet. Logs are batched by
+    Prefect every 2 s and drained when the agent stops (`drain_prefect_services`).
+    """
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.instance().wait_until_empty()
+
+
+def drain_prefect_services() -> None:
+    """Send every queued Prefect log and event and stop their workers (agent shutdown)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+
+
+def _note_remote_traceback(state: Any) -> None:
+    """Attach the worker's traceback to a failed task's exception (tracebacks do not pickle)."""
+    if not state.is_failed():
+        return
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, BaseException) and exc.__traceback__ is not None:
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        exc.add_note(f"Remote traceback (on {socket.gethostname()}):\n{text}")
+
+
+def _api_unreachable(context: dict[str, Any], exc: Exception) -> Exception:
+    from prefect_azmanagers.exceptions import PrefectAPIUnreachable
+
+    settings = context.get("settings_context", {}).get("settings", {})
+    url = settings.get("api", {}).get("url")
+    return PrefectAPIUnreachable(
+        f"The worker on {socket.gethostname()} could not reach the Prefect API at {url}: "
+        f"{exc}. Use a loopback API URL on the driver (it is forwarded through SSH) or set "
+        "the manifest's prefect_api_url_for_vms to an address the VMs can reach."
+    )

@@ -1,0 +1,475 @@
+"""AzureScaleSetTaskRunner: run a flow's tasks on the instances of an Azure scale set.
+
+The runner is a thin Prefect adapter over `AzureCluster` (the engine in `cluster/`), as
+prefect-dask's `DaskTaskRunner` is over a Dask client. Switching a flow over is one line:
+
+```python
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+@task
+def square(x):
+    return x * x
+
+@flow(task_runner=ThreadPoolTaskRunner())                    # before: threads on this machine
+def sweep():
+    return sum(square.map(range(100)).result())
+```
+
+```python
+from prefect_azmanagers import AzureScaleSetTaskRunner
+
+@flow(task_runner=AzureScaleSetTaskRunner("cbox08", 5))     # after: 5 scale-set instances
+def sweep():
+    return sum(square.map(range(100)).result())
+```
+
+`submit` returns a future at once; the task starts on the first free worker slot (elastic:
+work begins as soon as the first instance joins; `waitfor=True` blocks until all have).
+Each task run executes Prefect's own task engine on the worker, which reports its states and
+logs to the driver's Prefect API through the SSH connection, so the UI shows every task run,
+its logs and its dependency edges as with a local runner. The cluster is created when the
+flow starts and torn down when it ends; pass `cluster=` to share one `AzureCluster` between
+flows instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import cloudpickle
+from prefect.client.schemas.objects import RunInput
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
+from prefect.logging import get_run_logger
+from prefect.settings import get_current_settings
+from prefect.states import Cancelled, Crashed, Failed, State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.collections import visit_collection
+from prefect.utilities.engine import collect_task_run_inputs_sync
+from typing_extensions import Self
+
+from prefect_azmanagers import _prefect_compat as compat
+from prefect_azmanagers._remote_task import ON_WORKER, RemoteTaskRun
+from prefect_azmanagers.exceptions import (
+    ConfigurationError,
+    PayloadError,
+    PrefectAPIUnreachable,
+    WorkerLost,
+)
+
+if TYPE_CHECKING:
+    from prefect.tasks import Task
+
+    from prefect_azmanagers.blocks import AzureManifest, ScaleSetTemplate
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_RESOLVER_THREADS = 64
+
+
+class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
+    """Runs task runs on scale-set instances over SSH (AzManagers' `addprocs(template, n)`).
+
+    Args:
+        template: a `ScaleSetTemplate` block or the name of a saved one.
+        n: number of instances; each runs `ppi` worker slots.
+        manifest: an `AzureManifest` block or the name of a saved one.
+        waitfor: block at flow start until all `n * ppi` workers joined (or `join_timeout`).
+        cluster: an `AzureCluster` to run on instead of creating one; the runner leaves it
+            running when the flow ends. The other arguments are then ignored.
+        The remaining arguments are `AzureCluster`'s (spot, customenv, MPI, env, image, ...).
+    """
+
+    def __init__(
+        self,
+        template: str | ScaleSetTemplate | None = None,
+        n: int = 0,
+        *,
+        manifest: str | AzureManifest = "default",
+        waitfor: bool = False,
+        ppi: int = 1,
+        group: str = "azm",
+        spot: bool = False,
+        max_price: float = -1,
+        spot_base_regular_priority_count: int = 0,
+        spot_regular_percentage_above_base: int = 0,
+        customenv: bool = False,
+        mpi_ranks_per_worker: int = 0,
+        mpi_flags: str | None = None,
+        env: dict[str, str] | None = None,
+        os_disk_size: int | None = None,
+        image_name: str | None = None,
+        image_version: str | None = None,
+        join_timeout: float = 720.0,
+        max_task_retries_on_lost_worker: int = 3,
+        cluster: AzureCluster | None = None,
+    ):
+        if cluster is None and (template is None or n < 1):
+            raise ConfigurationError(
+                "AzureScaleSetTaskRunner needs a scale-set template and a number of instances "
+                f"n >= 1 (got template={template!r}, n={n}), e.g. "
+                "AzureScaleSetTaskRunner('cbox08', 4), or an existing cluster: "
+                "AzureScaleSetTaskRunner(cluster=my_cluster)."
+            )
+        self.template = template
+        self.n = n
+        self.cluster_options: dict[str, Any] = dict(
+            manifest=manifest, waitfor=waitfor, ppi=ppi, group=group, spot=spot,
+            max_price=max_price,
+            spot_base_regular_priority_count=spot_base_regular_priority_count,
+            spot_regular_percentage_above_base=spot_regular_percentage_above_base,
+            customenv=customenv, mpi_ranks_per_worker=mpi_ranks_per_worker,
+            env=dict(env or {}), os_disk_size=os_disk_size, image_name=image_name,
+            image_version=image_version, join_timeout=join_timeout,
+            max_task_retries_on_lost_worker=max_task_retries_on_lost_worker,
+        )
+        if mpi_flags is not None:
+            self.cluster_options["mpi_flags"] = mpi_flags
+        self._given_cluster = cluster
+        self._reset_runtime_state()
+        super().__init__()
+
+    def _reset_runtime_state(self) -> None:
+        self._cluster: AzureCluster | None = None
+        self._local: ThreadPoolTaskRunner | None = None
+        self._resolver: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._outstanding: set[concurrent.futures.Future[Any]] = set()
+        self._engine_futures: set[concurrent.futures.Future[Any]] = set()
+        self._duplicates: list[AzureScaleSetTaskRunner] = []
+        self._settings_source: Any = None
+        self._settings: dict[str, Any] = {}
+        self._api_url_for_workers: str | None = None
+        self._flow_logger: Any = None
+        self._flow_context = contextvars.Context()
+        self._previous_output_handler: Any = None
+
+    def duplicate(self) -> Self:
+        """A fresh runner with this configuration (sharing a passed-in cluster)."""
+        twin = object.__new__(type(self))
+        twin.__setstate__(self.__getstate__())
+        twin._given_cluster = self._given_cluster
+        with self._lock:
+            self._duplicates = [d for d in self._duplicates if d._started]
+            self._duplicates.append(twin)
+        return twin
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, AzureScaleSetTaskRunner)
+            and (self.template, self.n, self.cluster_options, self._given_cluster)
+            == (other.template, other.n, other.cluster_options, other._given_cluster)
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The runner travels inside every task's context; engines, pools and locks stay home.
+        state = {k: v for k, v in self.__dict__.items() if k in _CONFIGURATION}
+        state.update(_given_cluster=None, _started=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime_state()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        super().__enter__()
+        if ON_WORKER.get():
+            # Re-entered on a worker by `hydrated_context`: nested submits run there, in an
+            # unbounded thread pool so a parent waiting on its children never deadlocks.
+            self._local = ThreadPoolTaskRunner(max_workers=sys.maxsize).__enter__()
+            return self
+        try:
+            forward_port = self._plan_api_access()
+            self._cluster = self._given_cluster or self._create_cluster(forward_port)
+            if self._given_cluster is not None and forward_port is not None:
+                _require_forwarded(self._given_cluster, forward_port)
+            self._previous_output_handler = self._cluster.output_handler
+            self._cluster.output_handler = self._log_worker_output
+            self._resolver = concurrent.futures.ThreadPoolExecutor(
+                _RESOLVER_THREADS, thread_name_prefix="azm-resolver"
+            )
+        except BaseException:
+            self._close(cancel=True)
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        try:
+            self._close(cancel=exc_type is not None)
+        finally:
+            super().__exit__(exc_type, exc_value, traceback)
+
+    def _close(self, *, cancel: bool) -> None:
+        """Finish (or, after an error, cancel) this runner's work, then stop what it made."""
+        if self._local is not None:
+            self._local.__exit__(None, None, None)
+            self._local = None
+        if cancel:
+            self.cancel_all()
+        else:
+            concurrent.futures.wait(list(self._outstanding))
+        if self._resolver is not None:
+            self._resolver.shutdown(wait=True, cancel_futures=True)
+            self._resolver = None
+        cluster, self._cluster = self._cluster, None
+        if cluster is None:
+            return
+        if cluster is self._given_cluster:
+            cluster.output_handler = self._previous_output_handler
+        else:
+            cluster.close()
+
+    def cancel_all(self) -> None:
+        """Stop this runner's remote work (Prefect calls it when the flow run is cancelled).
+
+        Called on the flow's template runner, it reaches the duplicates the flow entered.
+        """
+        with self._lock:
+            duplicates = list(self._duplicates)
+            engine_futures = list(self._engine_futures)
+            outstanding = list(self._outstanding)
+        for duplicate in duplicates:
+            duplicate.cancel_all()
+        if self._cluster is not None:
+            if self._cluster is self._given_cluster:
+                for future in engine_futures:
+                    self._cluster.cancel(future)
+            else:
+                self._cluster.cancel_all()
+        for future in outstanding:
+            if not future.done():
+                _settle(future, Cancelled(message="Cancelled with the flow run."))
+
+    def _create_cluster(self, forward_port: int | None) -> AzureCluster:
+        from prefect_azmanagers.cluster.cluster import AzureCluster
+
+        if self.template is None:
+            raise ConfigurationError(
+                "This AzureScaleSetTaskRunner was built around an existing cluster, which does "
+                "not travel with a pickled flow; give it a template and n to run elsewhere."
+            )
+        cluster = AzureCluster(
+            self.template, self.n, **self.cluster_options,
+            forward_ports=() if forward_port is None else (forward_port,),
+        )
+        self._cluster = cluster
+        return cluster.start()
+
+    def _plan_api_access(self) -> int | None:
+        """How workers reach the Prefect API; returns the driver port to forward, if any."""
+        api_url = get_current_settings().api.url
+        if not api_url:
+            raise PrefectAPIUnreachable(
+                "AzureScaleSetTaskRunner needs a Prefect API that the workers can report to, but "
+                "PREFECT_API_URL is not set (Prefect's ephemeral mode). Start a server "
+                "(`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
+                "or use Prefect Cloud."
+            )
+        for_vms = self._manifest_api_url_for_vms()
+        if for_vms and for_vms != api_url:
+            self._api_url_for_workers = for_vms
+            return None
+        parts = urlsplit(api_url)
+        if parts.hostname in _LOOPBACK_HOSTS:
+            return parts.port or (443 if parts.scheme == "https" else 80)
+        return None  # a routable URL (e.g. Prefect Cloud): workers reach it directly
+
+    def _manifest_api_url_for_vms(self) -> str | None:
+        if self._given_cluster is not None:
+            manifest = getattr(self._given_cluster, "manifest", None)
+        else:
+            from prefect_azmanagers.blocks import load_manifest
+
+            manifest = load_manifest(self.cluster_options["manifest"])
+        return getattr(manifest, "prefect_api_url_for_vms", None)
+
+    # -- submission --------------------------------------------------------------------
+
+    def submit(
+        self,
+        task: Task[Any, Any],
+        parameters: dict[str, Any],
+        wait_for: Iterable[PrefectFuture[Any]] | None = None,
+        dependencies: dict[str, set[RunInput]] | None = None,
+    ) -> PrefectConcurrentFuture[Any]:
+        """Send one task run to the cluster; returns its future at once."""
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        if self._local is not None:
+            return self._local.submit(task, parameters, wait_for, dependencies)
+
+        if self._flow_logger is None and (flow_run_context := FlowRunContext.get()):
+            self._flow_logger = get_run_logger(flow_run_context)
+            self._flow_context = contextvars.copy_context()
+        task_run_id = compat.new_task_run_id()
+        context = compat.serialize_context_with_settings(self._settings_for_workers())
+        upstream = {k: collect_task_run_inputs_sync(v) for k, v in parameters.items()}
+        merged = {k: set(v) for k, v in upstream.items()}
+        for key, inputs in (dependencies or {}).items():
+            merged[key] = merged.get(key, set()) | set(inputs)
+        wait_for = list(wait_for) if wait_for else None
+
+        outer: concurrent.futures.Future[State] = concurrent.futures.Future()
+        with self._lock:
+            self._outstanding.add(outer)
+        outer.add_done_callback(self._forget)
+        args = (outer, task, task_run_id, parameters, wait_for, merged, context)
+        if wait_for or any(upstream.values()):
+            assert self._resolver is not None
+            self._resolver.submit(self._dispatch, *args)
+        else:
+            self._dispatch(*args)
+        return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=outer)
+
+    def _dispatch(
+        self,
+        outer: concurrent.futures.Future[State],
+        task: Task[Any, Any],
+        task_run_id: uuid.UUID,
+        parameters: dict[str, Any],
+        wait_for: list[PrefectFuture[Any]] | None,
+        dependencies: dict[str, set[RunInput]],
+        context: dict[str, Any],
+    ) -> None:
+        """Wait for upstream futures, then hand the task run to the engine."""
+        try:
+            wait_for_states = None
+            if wait_for:
+                wait(wait_for)
+                wait_for_states = [f.state for f in wait_for]
+            # Futures do not pickle; their final States do, and the remote engine resolves
+            # them as it would futures (a failed upstream gives Pending("NotReady")).
+            parameters = _futures_to_states(parameters)
+            run = RemoteTaskRun(task, task_run_id, parameters, wait_for_states,
+                                dependencies, context)
+            if outer.done():  # cancelled while waiting for upstream work
+                return
+            assert self._cluster is not None
+            engine_future = self._cluster.submit(run, label=f"{task.name} {task_run_id}")
+        except BaseException as exc:
+            _settle(outer, _state_for_error(exc, task, parameters))
+            return
+        with self._lock:
+            self._engine_futures.add(engine_future)
+        engine_future.add_done_callback(
+            lambda done: self._on_engine_done(done, outer, task, parameters)
+        )
+
+    def _on_engine_done(
+        self,
+        done: concurrent.futures.Future[Any],
+        outer: concurrent.futures.Future[State],
+        task: Task[Any, Any],
+        parameters: dict[str, Any],
+    ) -> None:
+        with self._lock:
+            self._engine_futures.discard(done)
+        if done.cancelled():
+            _settle(outer, Cancelled(message="Cancelled with the flow run."))
+        elif (exc := done.exception()) is not None:
+            _settle(outer, _state_for_error(exc, task, parameters))
+        else:
+            _settle(outer, done.result())
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._outstanding.discard(future)
+
+    def _settings_for_workers(self) -> dict[str, Any]:
+        """The serialized settings shipped with every task, rebuilt only when they change."""
+        source = compat.current_settings_context()
+        if source is not self._settings_source:
+            settings = compat.serialize_settings()
+            if self._api_url_for_workers and settings:
+                settings = dict(settings, settings=dict(settings["settings"]))
+                settings["settings"]["api"] = dict(
+                    settings["settings"].get("api", {}), url=self._api_url_for_workers
+                )
+            self._settings, self._settings_source = settings, source
+        return self._settings
+
+    # -- worker output -----------------------------------------------------------------
+
+    def _log_worker_output(self, worker: Any, stream: str, line: str) -> None:
+        """Show a worker's stdout/stderr line in the flow run's log (and so in the UI)."""
+        if self._flow_logger is None:
+            self.logger.info("From worker %s: %s", getattr(worker, "id", worker), line)
+            return
+        # Run in the flow's context: its settings say where the API (and so the log) is.
+        self._flow_context.copy().run(
+            self._flow_logger.info, "From worker %s: %s", getattr(worker, "id", worker), line
+        )
+
+
+_CONFIGURATION = ("template", "n", "cluster_options", "_given_cluster", "logger", "_started")
+
+
+def _futures_to_states(parameters: dict[str, Any]) -> dict[str, Any]:
+    futures: list[PrefectFuture[Any]] = []
+    visit_collection(
+        parameters,
+        lambda x: futures.append(x) if isinstance(x, PrefectFuture) else None,
+        return_data=False,
+    )
+    if not futures:
+        return parameters
+    wait(futures)
+    return visit_collection(
+        parameters,
+        lambda x: x.state if isinstance(x, PrefectFuture) else x,
+        return_data=True,
+    )
+
+
+def _state_for_error(exc: BaseException, task: Task[Any, Any], parameters: dict[str, Any]
+                     ) -> State:
+    """The final State of a task run the runner could not complete (the task did not raise)."""
+    if isinstance(exc, PayloadError):
+        exc = _name_unpicklable(exc, task, parameters)
+        return Failed(message=str(exc), data=exc)
+    if isinstance(exc, WorkerLost):
+        return Crashed(message=str(exc), data=exc)
+    if isinstance(exc, concurrent.futures.CancelledError):
+        return Cancelled(message="Cancelled with the flow run.")
+    return Crashed(message=f"{type(exc).__name__}: {exc}", data=exc)
+
+
+def _name_unpicklable(exc: PayloadError, task: Task[Any, Any], parameters: dict[str, Any]
+                      ) -> PayloadError:
+    """Say which parameter of the task cannot be pickled."""
+    for name, value in parameters.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as cause:  # noqa: BLE001 - any pickling failure names the parameter
+            return PayloadError(
+                f"Parameter {name!r} of task {task.name!r} cannot be sent to a worker: "
+                f"{type(cause).__name__}: {cause}. Pass something picklable (data, or the "
+                "information needed to rebuild the object on the worker)."
+            )
+    return exc
+
+
+def _settle(future: concurrent.futures.Future[State], state: State) -> None:
+    try:
+        future.set_result(state)
+    except concurrent.futures.InvalidStateError:
+        pass  # already settled (e.g. cancelled first)
+
+
+def _require_forwarded(cluster: AzureCluster, port: int) -> None:
+    if port not in tuple(getattr(cluster, "forward_ports", ())):
+        raise PrefectAPIUnreachable(
+            f"The Prefect API is on the driver's loopback (port {port}) but the cluster passed "
+            f"to AzureScaleSetTaskRunner does not forward it to its workers. Create it with "
+            f"AzureCluster(..., forward_ports=[{port}])."
+        )

@@ -1,0 +1,83 @@
+"""Fixtures for the adapter's unit tests: an in-process stand-in for `AzureCluster`, isolating the Prefect adapter in unit tests.
+
+It keeps the engine's contract that matters to the adapter: callables travel as cloudpickle
+bytes (so what cannot be pickled fails as it would on the wire, with PayloadError), run on
+worker threads, and their return values travel back pickled too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any, Callable
+
+import cloudpickle
+import pytest
+
+from prefect_azmanagers.exceptions import PayloadError, WorkerLost
+
+
+class FakeWorker:
+    def __init__(self, id: int):
+        self.id = id
+
+
+class FakeCluster:
+    def __init__(self, workers: int = 4, forward_ports: tuple[int, ...] = (), lose: int = 0):
+        self.forward_ports = forward_ports
+        self.manifest = None
+        self.output_handler: Callable[[Any, str, str], None] = lambda w, s, line: None
+        self.submitted: list[str] = []
+        self.cancelled_all = 0
+        self.cancelled: list[concurrent.futures.Future[Any]] = []
+        self.closed = 0
+        self._lose = lose  # fail this many submissions with WorkerLost
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+    def start(self) -> "FakeCluster":
+        return self
+
+    def submit(self, fn: Callable[[], Any], *, label: str = "", payload: bytes | None = None
+               ) -> concurrent.futures.Future[Any]:
+        try:
+            blob = payload if payload is not None else cloudpickle.dumps(fn)
+        except Exception as exc:
+            raise PayloadError(f"{label}: cannot pickle: {exc}") from exc
+        with self._lock:
+            self.submitted.append(label)
+            lose, self._lose = self._lose > 0, max(self._lose - 1, 0)
+        if lose:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(WorkerLost("worker 1 (fake-0) lost: agent died"))
+            return future
+        return self._pool.submit(self._run, blob)
+
+    def _run(self, blob: bytes) -> Any:
+        self.output_handler(FakeWorker(1), "stdout", "hello from the fake worker")
+        return cloudpickle.loads(cloudpickle.dumps(cloudpickle.loads(blob)()))
+
+    def cancel(self, future: concurrent.futures.Future[Any]) -> None:
+        self.cancelled.append(future)
+        future.cancel()
+
+    def cancel_all(self) -> None:
+        self.cancelled_all += 1
+
+    def close(self) -> None:
+        self.closed += 1
+        self._pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def fake_cluster():
+    """A factory of FakeClusters, each closed after the test."""
+    made: list[FakeCluster] = []
+
+    def make(**kwargs: Any) -> FakeCluster:
+        made.append(FakeCluster(**kwargs))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.close()

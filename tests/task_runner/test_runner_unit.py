@@ -1,0 +1,256 @@
+"""The Prefect adapter against an in-process fake engine and a real Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.context import FlowRunContext
+from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from prefect_azmanagers import _prefect_compat as compat
+from prefect_azmanagers._remote_task import ON_WORKER
+from prefect_azmanagers.exceptions import (
+    ConfigurationError,
+    PayloadError,
+    PrefectAPIUnreachable,
+    WorkerLost,
+)
+from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+
+
+@pytest.fixture
+def cluster(prefect_server, fake_cluster):
+    return fake_cluster(forward_ports=(prefect_server.port,))
+
+
+@task
+def square(x):
+    return x * x
+
+
+@task
+async def async_double(x):
+    await asyncio.sleep(0.01)
+    return 2 * x
+
+
+@task
+def add(a, b):
+    return a + b
+
+
+@task
+def boom(x):
+    raise ValueError(f"boom {x}")
+
+
+def on_worker() -> bool:
+    return ON_WORKER.get()
+
+
+@task
+def on_worker_flag():
+    return on_worker()
+
+
+@task
+def parent(n):
+    futures = square.map(range(n))
+    return sum(f.result() for f in futures), type(FlowRunContext.get().task_runner).__name__
+
+
+def _read_task_runs(flow_run_id):
+    from prefect.client.schemas.filters import TaskRunFilter
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def test_results_sync_async_mapped_dependent(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def pipeline():
+        squares = square.map(range(5))
+        doubled = async_double.submit(7)
+        total = add.submit(squares[1], doubled)
+        waited = square.submit(3, wait_for=[total])
+        return [f.result() for f in squares], doubled.result(), total.result(), waited.result()
+
+    assert pipeline() == ([0, 1, 4, 9, 16], 14, 15, 9)
+    assert len(cluster.submitted) == 8
+
+
+def test_api_holds_task_runs_and_dependency_edges(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def edges():
+        a = square.submit(2)
+        b = square.submit(3)
+        c = add.submit(a, b)
+        d = square.submit(1, wait_for=[c])
+        d.result()
+        return FlowRunContext.get().flow_run.id, a.task_run_id, b.task_run_id, c.task_run_id, d.task_run_id
+
+    flow_run_id, a, b, c, d = edges()
+    runs = {r.id: r for r in _read_task_runs(flow_run_id)}
+    assert set(runs) == {a, b, c, d}
+    assert all(r.state.is_completed() for r in runs.values())
+    assert {i.id for i in runs[c].task_inputs["a"]} == {a}
+    assert {i.id for i in runs[c].task_inputs["b"]} == {b}
+    assert {i.id for i in runs[d].task_inputs["wait_for"]} == {c}
+
+
+def test_failing_task_fails_flow_with_remote_traceback(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def failing():
+        return boom.submit(1).result()
+
+    with pytest.raises(ValueError, match="boom 1") as info:
+        failing()
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "Remote traceback" in notes and ", in boom\nValueError: boom 1" in notes
+
+
+def test_failed_upstream_leaves_downstream_not_ready(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def chain():
+        up = boom.submit(2)
+        down = square.submit(up)
+        waiting = square.submit(1, wait_for=[up])
+        wait([down, waiting])
+        return down.state, waiting.state
+
+    down, waiting = chain(return_state=True).result(raise_on_failure=False)
+    assert down.name == "NotReady" and waiting.name == "NotReady"
+
+
+def test_nested_submits_run_locally_on_the_worker(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def nested():
+        return parent.submit(6).result(), on_worker_flag.submit().result(), on_worker()
+
+    (total, runner_type), in_task, in_flow = nested()
+    assert total == sum(i * i for i in range(6))
+    assert runner_type == "AzureScaleSetTaskRunner"
+    assert in_task is True and in_flow is False
+    # only the top-level tasks went to the cluster; the 6 children ran on the worker
+    assert len(cluster.submitted) == 2
+
+
+def test_unpicklable_parameter_is_named(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def unpicklable():
+        return square.submit(threading.Lock()).result()
+
+    with pytest.raises(PayloadError, match="Parameter 'x' of task 'square'"):
+        unpicklable()
+
+
+def test_lost_worker_crashes_the_task_run_with_the_reason(prefect_server, fake_cluster):
+    fake = fake_cluster(forward_ports=(prefect_server.port,), lose=1)
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=fake))
+    def lost():
+        future = square.submit(3)
+        future.wait()
+        state = future.state
+        return state.is_crashed(), state.message, state.result(raise_on_failure=False)
+
+    crashed, message, exception = lost()
+    assert crashed and "agent died" in message
+    assert isinstance(exception, WorkerLost)
+
+
+def test_settings_serialized_once_per_runner(cluster, monkeypatch):
+    calls = []
+    real = compat.serialize_settings
+    monkeypatch.setattr(compat, "serialize_settings", lambda: calls.append(1) or real())
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def many():
+        return sum(square.map(range(20)).result())
+
+    assert many() == sum(i * i for i in range(20))
+    assert len(calls) == 1
+
+
+def test_worker_output_goes_to_the_flow_run_log(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def chatty():
+        square.submit(2).result()
+        return FlowRunContext.get().flow_run.id
+
+    flow_run_id = chatty()
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    lines = [log.message for log in logs if log.task_run_id is None]
+    assert "From worker 1: hello from the fake worker" in lines
+
+
+def test_owned_cluster_is_closed_and_cancelled_through_the_template(
+    prefect_server, fake_cluster, monkeypatch
+):
+    made = []
+
+    def fake_create(self, forward_port):
+        made.append(fake_cluster(forward_ports=(forward_port,)))
+        return made[-1]
+
+    monkeypatch.setattr(AzureScaleSetTaskRunner, "_create_cluster", fake_create)
+    monkeypatch.setattr(AzureScaleSetTaskRunner, "_manifest_api_url_for_vms", lambda self: None)
+    template = AzureScaleSetTaskRunner("localcloud-small", 2)
+    with template.duplicate() as runner:
+        assert made[0].forward_ports == (prefect_server.port,)
+        template.cancel_all()  # what the flow engine calls on cancellation
+        assert made[0].cancelled_all == 1
+    assert made[0].closed == 1
+
+
+def test_given_cluster_is_left_open_and_must_forward_the_api(prefect_server, fake_cluster):
+    fake = fake_cluster(forward_ports=(prefect_server.port,))
+    with AzureScaleSetTaskRunner(cluster=fake):
+        pass
+    assert fake.closed == 0
+    with pytest.raises(PrefectAPIUnreachable, match=f"forward_ports=\\[{prefect_server.port}\\]"):
+        with AzureScaleSetTaskRunner(cluster=fake_cluster(forward_ports=())):
+            pass
+
+
+def test_ephemeral_mode_is_refused():
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with pytest.raises(PrefectAPIUnreachable, match="PREFECT_API_URL is not set"):
+            with AzureScaleSetTaskRunner("localcloud-small", 1):
+                pass
+
+
+def test_missing_template_or_size_is_refused():
+    with pytest.raises(ConfigurationError, match="n >= 1"):
+        AzureScaleSetTaskRunner("cbox", 0)
+
+
+def test_runner_pickles_without_engine_and_duplicates_its_configuration(cluster):
+    runner = AzureScaleSetTaskRunner("cbox08", 3, ppi=2, spot=True, env={"A": "1"})
+    twin = runner.duplicate()
+    assert twin == runner and twin is not runner
+    copy = pickle.loads(pickle.dumps(runner))
+    assert copy == runner and copy._cluster is None
+    shared = AzureScaleSetTaskRunner(cluster=cluster)
+    assert shared.duplicate()._given_cluster is cluster
+    # re-entered on a worker (as hydrated_context does) it provisions nothing
+    token = ON_WORKER.set(True)
+    try:
+        with pickle.loads(pickle.dumps(runner)).duplicate() as on_worker:
+            assert on_worker._cluster is None and on_worker._local is not None
+    finally:
+        ON_WORKER.reset(token)
