@@ -16,10 +16,12 @@ rule (see its docstring) and the loaders apply it, so users keep the names they 
 from __future__ import annotations
 
 import asyncio
-from abc import ABC
-import os
+import logging
 import re
 import stat
+from abc import ABC
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -52,7 +54,11 @@ __all__ = [
     "template_block_name",
     "template_name_from_block",
     "saved_names",
+    "prefect_api_errors",
+    "describe_validation_error",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPDISK = "sudo mkdir -m 777 /mnt/scratch\nln -s /mnt/scratch /scratch"
 
@@ -445,6 +451,20 @@ def describe_validation_error(exc: ValidationError) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def prefect_api_errors(action: str) -> Iterator[None]:
+    """Turn "the Prefect API cannot be reached" during `action` into PrefectAPIUnreachable."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        raise PrefectAPIUnreachable(
+            f"Cannot reach the Prefect API ({PREFECT_API_URL.value() or 'ephemeral'}) to {action}: "
+            f"{exc or type(exc).__name__}. Start a server (`prefect server start`) or set PREFECT_API_URL."
+        ) from None
+
+
 def saved_names(block_type: type[Block]) -> dict[str, str]:
     """The saved blocks of `block_type`: AzManagers name -> block name, sorted by name.
 
@@ -453,13 +473,14 @@ def saved_names(block_type: type[Block]) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
-        try:
-            documents = client.read_block_documents_by_type(
-                block_type.get_block_type_slug(), include_secrets=False
-            )
-        except ObjectNotFound:
-            return {}
+    with prefect_api_errors(f"list the {block_type.get_block_type_name()} blocks"):
+        with get_client(sync_client=True) as client:
+            try:
+                documents = client.read_block_documents_by_type(
+                    block_type.get_block_type_slug(), include_secrets=False
+                )
+            except ObjectNotFound:
+                return {}
     names = {}
     for document in documents:
         try:
@@ -473,32 +494,29 @@ def _load(cls: type[_B], name_or_block: str | _B, what: str, not_found: type[Exc
     if isinstance(name_or_block, cls):
         return name_or_block
     if not isinstance(name_or_block, str):
-        raise TypeError(f"Expected a {cls.__name__} or a block name, got {type(name_or_block).__name__}.")
+        raise ConfigurationError(
+            f"Expected a {cls.__name__} or the name of one, got {type(name_or_block).__name__}."
+        )
     candidates = [template_block_name(name_or_block)]
     if _BLOCK_NAME.fullmatch(name_or_block) and name_or_block not in candidates:
         candidates.append(name_or_block)  # already a block name, e.g. copied from the UI
-    try:
-        for block_name in candidates:
-            try:
+    for block_name in candidates:
+        logger.debug("Loading %s %r from block %r", what, name_or_block, block_name)
+        try:
+            with prefect_api_errors(f"load the {what} {name_or_block!r}"):
                 return cls.load(block_name, _sync=True)
-            except RuntimeError as exc:  # Prefect wraps a failed validation in RuntimeError
-                if not isinstance(exc.__cause__, ValidationError):
-                    raise
-                raise ConfigurationError(
-                    f"The {what} block {block_name!r} does not have the expected shape: "
-                    f"{describe_validation_error(exc.__cause__)}. Save it again (e.g. with "
-                    f"`prefect-azmanagers import-azmanagers --overwrite`)."
-                ) from None
-            except ValueError as exc:
-                if "Unable to find block document" not in str(exc):
-                    raise
-        known = list(saved_names(cls))
-    except httpx.HTTPError as exc:
-        raise PrefectAPIUnreachable(
-            f"Cannot reach the Prefect API to load the {what} {name_or_block!r}: {exc}. "
-            f"Start a server (`prefect server start`) or set PREFECT_API_URL."
-        ) from None
-    listing = ", ".join(repr(n) for n in known) if known else "none"
+        except RuntimeError as exc:  # Prefect wraps a failed validation in RuntimeError
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            raise ConfigurationError(
+                f"The {what} block {block_name!r} does not have the expected shape: "
+                f"{describe_validation_error(exc.__cause__)}. Save it again (e.g. with "
+                f"`prefect-azmanagers import-azmanagers --overwrite`)."
+            ) from None
+        except ValueError as exc:
+            if "Unable to find block document" not in str(exc):
+                raise
+    listing = ", ".join(repr(n) for n in saved_names(cls)) or "none"
     raise not_found(f"No {what} named {name_or_block!r} (known: {listing}). {how}")
 
 

@@ -33,6 +33,10 @@ from prefect_azmanagers.blocks import (
     ScaleSetTemplate,
     VMTemplate,
     load_manifest,
+    load_nic_template,
+    load_scaleset_template,
+    load_vm_template,
+    prefect_api_errors,
     saved_names,
     template_block_name,
 )
@@ -57,6 +61,7 @@ TEMPLATE_FILES = {
     "vm": ("templates_vm.json", VMTemplate),
     "nic": ("templates_nic.json", NICTemplate),
 }
+_LOADERS = {"scaleset": load_scaleset_template, "vm": load_vm_template, "nic": load_nic_template}
 # manifest.json key -> AzureManifest field (AzManagers.jl's write_manifest writes these five).
 MANIFEST_KEYS = {
     "resourcegroup": "resource_group",
@@ -451,7 +456,7 @@ def import_azmanagers(
     anything is saved; an existing block is an error unless `overwrite`.
     """
     config = read_azmanagers(directory)
-    with _prefect_api(api_url):
+    with _prefect_api(api_url), prefect_api_errors(f"import {directory}"):
         existing = _existing_block_names(config, manifest_name) if not overwrite else []
         if existing:
             raise ConfigurationError(
@@ -472,14 +477,17 @@ def export_azmanagers(
     manifest_name: str = "default",
     api_url: str | None = None,
 ) -> list[Path]:
-    """Write the saved manifest `manifest_name` and all template blocks as AzManagers' files."""
-    with _prefect_api(api_url):
+    """Write the saved manifest `manifest_name` and all template blocks as AzManagers' files.
+
+    A saved template that is not a valid template any more is a ConfigurationError naming it.
+    """
+    with _prefect_api(api_url), prefect_api_errors(f"export to {directory}"):
         config = AzManagersConfig()
         if manifest_name in saved_names(AzureManifest):
             config.manifest = load_manifest(manifest_name)
         for kind, (_, block_type) in TEMPLATE_FILES.items():
-            for name, block_name in saved_names(block_type).items():
-                config.templates(kind)[name] = block_type.load(block_name, _sync=True)
+            for name in saved_names(block_type):
+                config.templates(kind)[name] = _LOADERS[kind](name)
     return write_azmanagers(config, directory)
 
 

@@ -28,6 +28,7 @@ from prefect_azmanagers.blocks import (
     load_nic_template,
     load_scaleset_template,
     load_vm_template,
+    prefect_api_errors,
     saved_names,
     template_block_name,
     template_name_from_block,
@@ -153,7 +154,8 @@ def _selected_kinds(kind: str | None) -> list[str]:
 def _save(block, block_name: str, overwrite: bool) -> None:
     """Save `block`; an existing block of that name is an error unless `overwrite`."""
     try:
-        block.save(block_name, overwrite=overwrite, _sync=True)
+        with prefect_api_errors(f"save {template_name_from_block(block_name)!r}"):
+            block.save(block_name, overwrite=overwrite, _sync=True)
     except ValueError as exc:
         if "already in use" in str(exc):
             exit_with_error(

@@ -112,7 +112,7 @@ _DELETE = object()
 BLOCKS = {"scaleset": ScaleSetTemplate, "vm": VMTemplate, "nic": NICTemplate}
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(BLOCKS)), st.data())
 def test_any_document_loads_or_raises_template_error(kind: str, data) -> None:
     document = data.draw(_near_valid_entry(kind) | JSON | st.dictionaries(ENTRY_KEYS, JSON))
@@ -134,7 +134,7 @@ def test_any_document_loads_or_raises_template_error(kind: str, data) -> None:
         assert BLOCKS[kind].from_azmanagers("again", block.to_azmanagers()) == block
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(JSON)
 def test_any_template_file_reads_or_raises_configuration_error(tmp_path_factory, document) -> None:
     root = tmp_path_factory.mktemp("fuzz")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefect_azmanagers.blocks import template_block_name, template_name_from_block
@@ -31,6 +31,7 @@ def test_documented_examples(name: str, block_name: str) -> None:
     assert template_name_from_block(block_name) == name
 
 
+@settings(deadline=None)
 @given(st.text(min_size=1))
 def test_round_trip_any_name(name: str) -> None:
     block_name = template_block_name(name)
@@ -38,11 +39,13 @@ def test_round_trip_any_name(name: str) -> None:
     assert template_name_from_block(block_name) == name
 
 
+@settings(deadline=None)
 @given(st.text(alphabet="ab/-_Z.", min_size=1, max_size=12))
 def test_round_trip_names_dense_in_separators(name: str) -> None:
     assert template_name_from_block(template_block_name(name)) == name
 
 
+@settings(deadline=None)
 @given(st.text(min_size=1), st.text(min_size=1))
 def test_distinct_names_get_distinct_block_names(a: str, b: str) -> None:
     if a != b:

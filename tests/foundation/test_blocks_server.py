@@ -118,8 +118,12 @@ def test_a_saved_block_of_the_wrong_shape_is_a_configuration_error() -> None:
         data = dict(document.data)
         data["value"] = {"location": "x"}
         client.update_block_document(document.id, BlockDocumentUpdate(data=data))
-    with pytest.raises(ConfigurationError, match=r"does not have the expected shape: .*sku\.name"):
-        load_scaleset_template(name)
+    try:
+        with pytest.raises(ConfigurationError, match=r"does not have the expected shape: .*sku\.name"):
+            load_scaleset_template(name)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_block_document(document.id)
 
 
 def test_secrets_are_not_in_the_document_read_without_secrets() -> None:

@@ -1,0 +1,56 @@
+"""The CLI's common behaviour: `python -m`, --help with examples, --verbose, clean errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from prefect_azmanagers.cli import app
+
+OWN_COMMANDS = [
+    ["manifest", "write"], ["manifest", "show"], ["template", "list"], ["template", "show"],
+    ["template", "build-scaleset"], ["template", "build-vm"], ["template", "build-nic"],
+    ["import-azmanagers"], ["export-azmanagers"], ["keygen"],
+]
+
+
+@pytest.mark.parametrize("command", OWN_COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example: prefect-azmanagers " + " ".join(command) in result.output
+
+
+def test_root_lists_every_noun() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    for noun in ["manifest", "template", "import-azmanagers", "export-azmanagers", "keygen",
+                 "localcloud", "scalesets", "vms", "vm", "job"]:
+        assert f" {noun} " in result.output, noun
+
+
+def run_module(*args: str, api_url: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_azmanagers.cli", *args], capture_output=True, text=True,
+        timeout=300, env=dict(os.environ, PREFECT_API_URL=api_url, COLUMNS="200"),
+    )
+
+
+def test_python_m_verbose_logs_debug_and_user_errors_have_no_traceback(prefect_server) -> None:
+    quiet = run_module("manifest", "show", "nobody", api_url=prefect_server.api_url)
+    verbose = run_module("--verbose", "manifest", "show", "nobody", api_url=prefect_server.api_url)
+    for result in (quiet, verbose):
+        assert result.returncode == 1
+        assert "Error: No manifest named 'nobody'" in result.stderr and "Traceback" not in result.stderr
+    assert "prefect_azmanagers.blocks DEBUG Loading manifest 'nobody'" in verbose.stderr
+    assert "DEBUG" not in quiet.stderr
+
+
+def test_unreachable_prefect_api_is_one_clean_line() -> None:
+    result = run_module("template", "list", api_url="http://127.0.0.1:9/api")
+    assert result.returncode == 1
+    assert "Cannot reach the Prefect API (http://127.0.0.1:9/api)" in result.stderr
+    assert "Traceback" not in result.stderr
