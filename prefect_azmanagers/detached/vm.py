@@ -46,6 +46,7 @@ from prefect_azmanagers.azure.ownership import KIND_TAG, ownership_tags
 from prefect_azmanagers.blocks import AzureManifest, load_manifest, load_nic_template, load_vm_template
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.transport import InstanceConnection
+from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
 from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
 from prefect_azmanagers.exceptions import (
     AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
@@ -294,12 +295,9 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     Checks first that the Prefect API is usable by the VM (PrefectAPIUnreachable otherwise),
     then creates the work pool and deployment, the NIC and VM, and waits (up to
     `worker_timeout` s) for the worker's heartbeat. On any failure, or Ctrl-C, everything it
-    created is deleted. `customenv=True` is not supported yet for detached VMs.
+    created is deleted. `customenv=True` builds the driver's environment on the VM at boot
+    (prefect_azmanagers.customenv) and runs the worker and its jobs with it.
     """
-    if customenv:
-        raise ConfigurationError(
-            "customenv=True is not supported for detached VMs yet; install the job's packages "
-            "into the VM image (or the local cloud's environment) instead.")
     manifest_name = manifest if isinstance(manifest, str) else None
     manifest = load_manifest(manifest)
     vm_template = load_vm_template(vm_template)
@@ -308,8 +306,12 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     _check_driver_api()
     name = name or azure_vm.vm_name(basename)
     admin = vm_template.value["properties"]["osProfile"]["adminUsername"]
+    hooks, python = [], manifest.python
+    if customenv:  # seam owned by customenv: the venv is built before the worker starts
+        hooks.append(customenv_hook(capture_environment(), admin_username=admin, python=python))
+        python = env_python(admin)
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
-        worker_hook(admin=admin, python=manifest.python, pool=name, api_url=api_url)])
+        *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
     custom_data = encode_custom_data(script)
     _create_pool_and_deployment(name)
     vm = None
