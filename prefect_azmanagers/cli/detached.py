@@ -1,7 +1,7 @@
 """`prefect-azmanagers vm|job ...`: detached VMs and the jobs running on them.
 
 ```
-prefect-azmanagers vm add localcloud-vm --manifest localcloud --name analysis-1
+prefect-azmanagers vm add localcloud-vm --manifest localcloud --name analysis-1 --code flows
 prefect-azmanagers vm list --manifest localcloud
 prefect deployment run azmanagers-detached/analysis-1 ...   # or flows of prefect.yaml
 prefect-azmanagers job status 0691e3c1-...                  # starting|running|done|failed|cancelled
@@ -15,6 +15,7 @@ prefect-azmanagers vm rm analysis-1 --manifest localcloud
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -36,6 +37,8 @@ def vm_add(
     nic: Optional[str] = typer.Option(None, "--nic", help="Name of the NICTemplate block."),
     name: Optional[str] = typer.Option(None, "--name", help="VM name (default: BASENAME-xxxxxx)."),
     basename: str = typer.Option("azm", "--basename", help="Prefix of the generated VM name."),
+    code: Optional[Path] = typer.Option(
+        None, "--code", help="A directory (e.g. flows) to copy to the VM for prefect.yaml deployments."),
     manifest: str = MANIFEST_OPTION,
 ) -> None:
     """Create a detached VM whose Prefect worker serves the work pool of the same name.
@@ -44,7 +47,7 @@ def vm_add(
     """
     from prefect_azmanagers.detached.vm import addproc
 
-    vm = addproc(template, nic, name=name, basename=basename, manifest=manifest)
+    vm = addproc(template, nic, name=name, basename=basename, manifest=manifest, code=code)
     _console.print(f"Detached VM [bold]{vm.name}[/bold] at {vm.private_ip}: worker online, "
                    f"work pool {vm.work_pool!r}, deployment {vm.deployment!r}")
 

@@ -34,7 +34,7 @@ _EXPORTS = {
     "list_detached_vms": "vm",
     "DetachedJob": "job",
     "detachat": "job",
-    "detach": "job",
+    "detach": "detach",
     "DetachedJobFailed": "runtime",
     "run_detached": "runtime",
 }

@@ -25,6 +25,7 @@ import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ MANIFEST_TAG = "azmanagers-manifest"  # the manifest block's name, for rmproc fr
 ADMIN_TAG = "azmanagers-admin"
 WORKER_LOG = "~/.azmanagers/worker.log"
 API_ENV_FILE = ".azmanagers/prefect.env"
+CODE_DIR = ".azmanagers/code"
 # How often the VM's worker asks the API for work: the start latency of a job.
 WORKER_QUERY_SECONDS = 2
 
@@ -152,6 +154,11 @@ def _check_driver_api() -> None:
                 "server or fix PREFECT_API_URL before creating a detached VM.")
 
 
+def code_dir(admin: str) -> str:
+    """Where `addproc(code=...)` puts the user's code on the VM: the flow runs' working dir."""
+    return f"/home/{admin}/{CODE_DIR}"
+
+
 def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
     """Bash fragment for the boot script: the VM's Prefect worker, as `admin`, in a restart loop.
 
@@ -173,22 +180,29 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
     start = shlex.join(["runuser", "-u", admin, "--", "env", *[f"{k}={v}" for k, v in env.items()],
                         "setsid", "bash", "-c", loop])
     return "\n".join([
-        f"install -d -m 700 -o {shlex.quote(admin)} {shlex.quote(state)}",
+        f"install -d -m 700 -o {shlex.quote(admin)} {shlex.quote(state)} "
+        f"{shlex.quote(code_dir(admin))}",
         f"install -m 600 -o {shlex.quote(admin)} /dev/null {log}",
         f"nohup {start} >>{log} 2>&1 </dev/null &",
     ])
 
 
-def _create_pool_and_deployment(pool: str) -> None:
-    """The VM's process work pool and the generic deployment in it (idempotent)."""
+def _create_pool_and_deployment(pool: str, working_dir: str | None = None) -> None:
+    """The VM's process work pool and the generic deployment in it (idempotent).
+
+    `working_dir` becomes the pool's default working directory of flow runs: the VM's code
+    directory, so deployments with file entrypoints (prefect.yaml) find the shipped code.
+    """
+    template = ProcessWorker.get_default_base_job_template()
+    if working_dir:
+        template["variables"]["properties"]["working_dir"]["default"] = working_dir
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(
-                name=pool, type="process",
-                description="Detached VM created by prefect-azmanagers addproc",
-                base_job_template=ProcessWorker.get_default_base_job_template()))
+                name=pool, type="process", base_job_template=template,
+                description="Detached VM created by prefect-azmanagers addproc"))
         flow_id = client.create_flow_from_name(FLOW_NAME)
         client.create_deployment(
             flow_id, pool, work_pool_name=pool, entrypoint=f"{run_detached.__module__}.run_detached",
@@ -260,6 +274,22 @@ def upload_payload(vm: DetachedVM, payload: bytes, *, manifest: str | AzureManif
     return name
 
 
+async def _put_code(vm: DetachedVM, manifest: AzureManifest, code: Path) -> None:
+    async with ssh_connection(vm, manifest) as connection:
+        # InstanceConnection has no public SFTP accessor yet (asked of the cluster engineer).
+        async with connection._conn.start_sftp_client() as sftp:
+            await sftp.put(str(code), f"{CODE_DIR}/{code.name}", recurse=True)
+
+
+def _ship_code(vm: DetachedVM, manifest: AzureManifest, code: str | os.PathLike[str]) -> None:
+    """Copy a local directory (e.g. flows/) into the VM's code directory over SFTP."""
+    code = Path(code).resolve()
+    if not code.is_dir():
+        raise ConfigurationError(f"code={str(code)!r} is not a directory; pass the directory "
+                                 "holding the flows to run on the VM, e.g. code='flows'.")
+    run_coro_as_sync(_put_code(vm, manifest, code))
+
+
 def _ship_api_key(vm: DetachedVM, manifest: AzureManifest) -> None:
     key = PREFECT_API_KEY.value()
     if key:
@@ -289,14 +319,17 @@ async def _delete(manifest: AzureManifest, resource_group: str, name: str) -> No
 
 def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
             name: str | None = None, basename: str = "azm", manifest: str | AzureManifest = "default",
-            customenv: bool = False, worker_timeout: float = 600.0) -> DetachedVM:
+            customenv: bool = False, code: str | os.PathLike[str] | None = None,
+            worker_timeout: float = 600.0) -> DetachedVM:
     """Create a detached VM whose Prefect worker serves its own work pool; returns when polling.
 
     Checks first that the Prefect API is usable by the VM (PrefectAPIUnreachable otherwise),
     then creates the work pool and deployment, the NIC and VM, and waits (up to
     `worker_timeout` s) for the worker's heartbeat. On any failure, or Ctrl-C, everything it
     created is deleted. `customenv=True` builds the driver's environment on the VM at boot
-    (prefect_azmanagers.customenv) and runs the worker and its jobs with it.
+    (prefect_azmanagers.customenv) and runs the worker and its jobs with it. `code`, a local
+    directory (e.g. "flows"), is copied to the VM's code directory, the working directory of
+    its flow runs, for deployments of files (prefect.yaml).
     """
     manifest_name = manifest if isinstance(manifest, str) else None
     manifest = load_manifest(manifest)
@@ -313,11 +346,13 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
     custom_data = encode_custom_data(script)
-    _create_pool_and_deployment(name)
+    _create_pool_and_deployment(name, code_dir(admin))
     vm = None
     try:
         vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name, custom_data))
         _ship_api_key(vm, manifest)
+        if code is not None:
+            _ship_code(vm, manifest, code)
         if not wait_for_worker(name, worker_timeout):
             tail = run_coro_as_sync(boot_log_tail(vm.private_ip, admin_username=admin,
                                                   manifest=manifest))
