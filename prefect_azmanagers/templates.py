@@ -364,8 +364,9 @@ class AzManagersConfig:
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ConfigurationError(f"Cannot read {path}: {exc.strerror}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigurationError(f"Cannot read {path}: {reason}.") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -456,6 +457,11 @@ def import_azmanagers(
     anything is saved; an existing block is an error unless `overwrite`.
     """
     config = read_azmanagers(directory)
+    if config.manifest is None and not any(config.templates(kind) for kind in TEMPLATE_FILES):
+        raise ConfigurationError(
+            f"{directory} holds none of {MANIFEST_FILE}, "
+            f"{', '.join(f for f, _ in TEMPLATE_FILES.values())}: nothing to import."
+        )
     with _prefect_api(api_url), prefect_api_errors(f"import {directory}"):
         existing = _existing_block_names(config, manifest_name) if not overwrite else []
         if existing:

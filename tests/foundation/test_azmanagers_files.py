@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from prefect_azmanagers.blocks import NICTemplate, ScaleSetTemplate, VMTemplate
 from prefect_azmanagers.exceptions import ConfigurationError, TemplateError
-from prefect_azmanagers.templates import read_azmanagers, write_azmanagers
+from prefect_azmanagers.templates import import_azmanagers, read_azmanagers, write_azmanagers
 
 from .conftest import REFERENCE_DIR
 
@@ -42,6 +42,17 @@ def test_missing_files_are_simply_absent(tmp_path: Path) -> None:
     (tmp_path / "templates_nic.json").write_text((REFERENCE_DIR / "templates_nic.json").read_text())
     config = read_azmanagers(tmp_path)
     assert config.manifest is None and not config.scalesets and list(config.nics) == ["cbox-nic"]
+
+
+def test_a_file_that_is_not_text_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "templates_vm.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigurationError, match="templates_vm.json: not UTF-8 text"):
+        read_azmanagers(tmp_path)
+
+
+def test_importing_a_folder_without_azmanagers_files_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="holds none of manifest.json, templates_scaleset.json"):
+        import_azmanagers(tmp_path)
 
 
 def test_not_a_directory_is_refused(tmp_path: Path) -> None:
