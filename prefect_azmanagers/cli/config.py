@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -82,8 +83,6 @@ def manifest_write(
 
     Example: prefect-azmanagers manifest write --subscription-id SUB --resource-group my-rg --ssh-user cvx
     """
-    from pydantic import ValidationError
-
     try:
         manifest = AzureManifest(
             subscription_id=subscription_id, resource_group=resource_group, ssh_user=ssh_user,
@@ -108,9 +107,10 @@ def manifest_show(name: str = typer.Argument("default", help="Manifest name.")) 
     """
     manifest = load_manifest(name)
     table = Table("field", "value", title=f"manifest {name!r}")
-    for field, value in manifest.model_dump(exclude={"block_type_slug"}).items():
-        secret = type(getattr(manifest, field)).__name__ == "SecretStr"
-        table.add_row(field, "********" if secret and value is not None else str(value))
+    for field in AzureManifest.model_fields:
+        if field != "block_type_slug":
+            value = getattr(manifest, field)
+            table.add_row(field, "********" if isinstance(value, SecretStr) else str(value))
     console.print(table)
 
 
