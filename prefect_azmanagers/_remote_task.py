@@ -49,6 +49,7 @@ class RemoteTaskRun:
         from prefect.context import hydrated_context
         from prefect.task_engine import run_task_async, run_task_sync
 
+        _drain_at_agent_exit()
         token = ON_WORKER.set(True)
         try:
             with hydrated_context(self.context):
@@ -93,6 +94,12 @@ def drain_prefect_services() -> None:
 
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
+
+
+def _drain_at_agent_exit() -> None:
+    from prefect_azmanagers.cluster.agent import register_flush_hook
+
+    register_flush_hook(drain_prefect_services)  # idempotent
 
 
 def _note_remote_traceback(state: Any) -> None:
