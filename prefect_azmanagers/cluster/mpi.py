@@ -113,11 +113,16 @@ class Leader:
     def __init__(self) -> None:
         from mpi4py import MPI
 
+        global _leader
         self._mpi = MPI
         self.control = MPI.COMM_WORLD.Dup()
         self.size = self.control.Get_size()
         self.poisoned = False
         self._busy = False
+        self._changed = threading.Condition()
+        self._outcomes: dict[int, dict[str, str] | None] = {}
+        self._surfaced = False
+        _leader = self
 
     def tag_output(self) -> None:
         """Prefix rank 0's stdout and stderr lines with `[rank 0]` (after the agent took stdio)."""
@@ -127,6 +132,8 @@ class Leader:
     def execute(self, task_id: int, payload: bytes) -> Any:
         """Run the call on all ranks; rank 0's value, or the first failing rank's error."""
         self._busy = True
+        with self._changed:
+            self._outcomes, self._surfaced = {}, False
         requests = [self.control.isend((task_id, payload), dest=r, tag=_RUN)
                     for r in range(1, self.size)]
         local: dict[str, Any] = {}
@@ -139,19 +146,21 @@ class Leader:
 
         thread = threading.Thread(target=run, daemon=True, name="azm-mpi-rank0")
         thread.start()
-        outcomes: dict[int, dict[str, str] | None] = {}
         failed_at: float | None = None
         sleep = 0.0002
         status = self._mpi.Status()
-        while thread.is_alive() or len(outcomes) < self.size - 1:
+        while thread.is_alive() or len(self._outcomes) < self.size - 1:
             received = False
             while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
                 source = status.Get_source()
-                outcomes[source] = self.control.recv(source=source, tag=_OUTCOME)
-                if outcomes[source]:  # tell the failed rank we will report it (see follow)
+                outcome = self.control.recv(source=source, tag=_OUTCOME)
+                if outcome:  # tell the failed rank we will report it (see follow)
                     requests.append(self.control.isend(None, dest=source, tag=_ACK))
+                with self._changed:
+                    self._outcomes[source] = outcome
+                    self._changed.notify_all()
                 received = True
-            if failed_at is None and ("error" in local or any(outcomes.values())):
+            if failed_at is None and ("error" in local or any(self._outcomes.values())):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_SECONDS:
                 self.poisoned = True
@@ -163,15 +172,31 @@ class Leader:
             self._busy = False
         if "error" in local:
             raise local["error"]
-        for rank in sorted(outcomes):
-            failure = outcomes[rank]
-            if failure:
-                raise MPIRankError(rank, self.size, failure["type"], failure["message"],
-                                   failure["traceback"])
-        if self.poisoned:  # rank 0 itself is stuck after a failure it has not reported yet
-            raise MPIRankError(0, self.size, "Stuck", "rank 0 did not finish after another rank "
-                               "failed", "")
+        failure = self._first_failure()
+        if failure is not None and not self._surfaced:
+            raise failure
+        if "value" not in local:  # rank 0 itself is stuck after another rank failed
+            raise failure or MPIRankError(0, self.size, "Stuck", "rank 0 did not finish", "")
         return local["value"]
+
+    def _first_failure(self) -> MPIRankError | None:
+        for rank in sorted(self._outcomes):
+            failure = self._outcomes[rank]
+            if failure:
+                return MPIRankError(rank, self.size, failure["type"], failure["message"],
+                                    failure["traceback"])
+        return None
+
+    def wait_for_ranks(self) -> None:
+        """Inside a call on rank 0: wait until every other rank finished it; raise the first
+        failure (once raised here, the call's own outcome stands for it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._first_failure() is not None
+                                   or len(self._outcomes) == self.size - 1)
+            failure = self._first_failure()
+            if failure is not None:
+                self._surfaced = True
+                raise failure
 
     def after_call(self) -> None:
         """Once the failure of a stuck call is reported, end the worker (the engine restarts it)."""
@@ -266,6 +291,17 @@ def _report_and_abort(protocol: int, task_id: int, error: MPIRankError) -> None:
     from mpi4py import MPI
 
     MPI.COMM_WORLD.Abort(70)
+
+
+_leader: Leader | None = None
+
+
+def wait_for_ranks() -> None:
+    """Called by a running call on rank 0: block until ranks > 0 finished the same call and
+    raise `MPIRankError` if one failed, so the call can record that failure as its own (the
+    task runner does this so a task's Prefect state says which rank failed). No-op elsewhere."""
+    if _leader is not None:
+        _leader.wait_for_ranks()
 
 
 def leader_or_follow(concurrency: int) -> Leader | None:

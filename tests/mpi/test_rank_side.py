@@ -190,3 +190,26 @@ def test_launcher_quotes_flags_and_refuses_bad_input():
         launcher(0)
     with pytest.raises(ConfigurationError):
         launcher(2, "--oops 'unterminated")
+
+
+def _surfacing():
+    from prefect_azmanagers.cluster.mpi import MPIRankError, wait_for_ranks
+    from prefect_azmanagers.mpi import comm
+
+    if comm().Get_rank() == 2:
+        raise KeyError("only on rank 2")
+    try:
+        wait_for_ranks()
+    except MPIRankError as exc:
+        return f"rank {exc.rank} failed: {exc.error_type}"
+    return "no failure"
+
+
+def test_a_call_can_surface_other_ranks_failures_itself(agents):
+    agent = agents(3)
+    frame, _ = agent.call(_surfacing)
+    assert frame.kind == Kind.RESULT
+    assert cloudpickle.loads(frame.body) == "rank 2 failed: builtins.KeyError"
+    frame, _ = agent.call(_allreduce, 2)
+    assert cloudpickle.loads(frame.body) == (3, 6)
+    assert agent.shutdown() == 0
