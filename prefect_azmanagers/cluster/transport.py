@@ -147,7 +147,7 @@ class InstanceConnection:
     async def open(cls, address: str, *, port: int, username: str, client_key: asyncssh.SSHKey,
                    vm_id: str, host_keys: PinnedHostKeys,
                    on_lost: Callable[[Exception | None], None] = lambda exc: None,
-                   connect_timeout: float = 20.0, keepalive_interval: float = 15.0,
+                   connect_timeout: float = 15.0, keepalive_interval: float = 15.0,
                    keepalive_count_max: int = 4) -> "InstanceConnection":
         """Connect to an instance, checking (or, on first contact, pinning) its host key.
 
@@ -184,6 +184,11 @@ class InstanceConnection:
             conn.close()
             raise
         return cls(conn, address, vm_id)
+
+    @property
+    def ssh(self) -> asyncssh.SSHClientConnection:
+        """The underlying asyncssh connection (for helpers such as azure.bootscript.boot_log_tail)."""
+        return self._conn
 
     async def run(self, command: str, *, timeout: float = 30.0) -> asyncssh.SSHCompletedProcess:
         """Run a short command (no check); stdout/stderr as text."""
