@@ -41,12 +41,19 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import asyncssh
 
-from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster import mpi, serialization
 from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.protocol import Frame, Kind, encode
 from prefect_azmanagers.cluster.transport import AgentProcess, InstanceConnection, agent_command
+from prefect_azmanagers.customenv import (
+    EnvironmentSpec,
+    capture_environment,
+    customenv_hook,
+    env_python,
+)
 from prefect_azmanagers.exceptions import (
     AzManagersError,
     AzureError,
@@ -66,7 +73,6 @@ T = TypeVar("T")
 logger = logging.getLogger("prefect_azmanagers.cluster")
 worker_logger = logging.getLogger("prefect_azmanagers.worker")
 
-DEFAULT_MPI_FLAGS = "--bind-to none"
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 LARGE_PAYLOAD = 1 << 20  # results above this size are unpickled off the event loop
 AGENT_HELLO_TIMEOUT = 120.0
@@ -470,17 +476,21 @@ class AzureCluster:
 
     # Seams for customenv and MPI (their owners extend these three methods).
     def _boot_hooks(self) -> list[str]:
-        if self.customenv:
-            raise ConfigurationError("customenv=True is not available in this build of the engine")
-        return []
+        if not self.customenv:
+            return []
+        spec = self.customenv if isinstance(self.customenv, EnvironmentSpec) else capture_environment()
+        return [customenv_hook(spec, admin_username=self._admin, python=self._manifest.python)]
 
     def _agent_python(self) -> str:
-        return self._manifest.python
+        return env_python(self._admin) if self.customenv else self._manifest.python
 
     def _agent_launcher(self) -> list[str]:
-        if self.mpi_ranks_per_worker:
-            raise ConfigurationError("mpi_ranks_per_worker is not available in this build of the engine")
-        return []
+        if not self.mpi_ranks_per_worker:
+            return []
+        if self.concurrency != 1:
+            raise ConfigurationError("mpi_ranks_per_worker needs concurrency=1: every call runs "
+                                     "on all ranks of a worker, one call at a time")
+        return mpi.launcher(self.mpi_ranks_per_worker, self.mpi_flags)
 
     async def _grow(self, count: int) -> None:
         now = time.monotonic()
