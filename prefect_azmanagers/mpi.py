@@ -18,9 +18,13 @@ def main():
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import functools
+import inspect
 from typing import Any
 
-from prefect_azmanagers.cluster.mpi import launched_by_mpi
+from prefect_azmanagers.cluster.mpi import launched_by_mpi, own_failure_stands, wait_for_ranks
 from prefect_azmanagers.exceptions import ConfigurationError
 
 __all__ = ["comm"]
@@ -43,3 +47,54 @@ def comm() -> Any:
             "mpi4py is not installed in the instance's Python: install prefect-azmanagers[mpi] "
             "there (and an MPI such as Debian's openmpi-bin).") from exc
     return MPI.COMM_WORLD
+
+
+def checking_other_ranks(task: Any) -> Any:
+    """On rank 0: a copy of the Prefect `task` whose function ends by waiting for the other
+    ranks, so a failure there becomes this task run's failure (MPIRankError with that rank's
+    traceback) in Prefect's state. Outside MPI the task itself."""
+    if not launched_by_mpi():
+        return task
+    fn = task.fn
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def with_ranks_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException:
+                own_failure_stands()
+                raise
+            await asyncio.to_thread(wait_for_ranks)
+            return result
+
+        wrapper: Any = with_ranks_async
+    else:
+        @functools.wraps(fn)
+        def with_ranks(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                own_failure_stands()
+                raise
+            wait_for_ranks()
+            return result
+
+        wrapper = with_ranks
+    checked = copy.copy(task)
+    checked.fn = wrapper
+    return checked
+
+
+def run_task_function(task: Any, parameters: dict[str, Any], context: dict[str, Any]) -> None:
+    """On ranks > 0: the task's own function with its resolved parameters, outside Prefect's
+    task engine (rank 0 runs the engine, so the task run's states are reported once)."""
+    from prefect.context import hydrated_context
+    from prefect.utilities.callables import parameters_to_args_kwargs
+    from prefect.utilities.engine import resolve_inputs_sync
+
+    with hydrated_context(context):
+        args, kwargs = parameters_to_args_kwargs(task.fn, resolve_inputs_sync(parameters))
+        result = task.fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            asyncio.run(result)
