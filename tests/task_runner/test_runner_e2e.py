@@ -1,0 +1,184 @@
+"""AzureScaleSetTaskRunner end to end: flows on local-cloud scale-set workers (real ARM SDK,
+real OpenSSH in network namespaces, real agents) against a real Prefect server.
+
+The local cloud runs in isolated mode: an instance cannot reach the driver's loopback, so every
+task state and log that reaches the API went through the SSH tunnel the runner asked for.
+This test module is not installed on the instances: its tasks travel by value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.context import FlowRunContext
+
+from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+pytestmark = pytest.mark.e2e
+
+AGENT_MODULE = "prefect_azmanagers.cluster.agent"
+
+
+@pytest.fixture(scope="module")
+def admin(localcloud):
+    with LocalCloudAdmin.from_info(localcloud) as client:
+        yield client
+
+
+def runner(group: str, n: int = 2, **options) -> AzureScaleSetTaskRunner:
+    options.setdefault("join_timeout", 300)
+    return AzureScaleSetTaskRunner("localcloud-small", n, manifest="localcloud", group=group,
+                                   **options)
+
+
+def new_group(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def instances_of(admin: LocalCloudAdmin, group: str) -> list[dict]:
+    return [i for i in admin.status()["instances"] if i["scale_set"] == group]
+
+
+def agents_tagged(tag: str) -> list[psutil.Process]:
+    """Agent processes started for one runner (the runner's env carries the tag)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if AGENT_MODULE in " ".join(proc.info["cmdline"] or ()) and \
+                    proc.environ().get("AZM_TEST_TAG") == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def assert_nothing_left(admin: LocalCloudAdmin, group: str, tag: str) -> None:
+    assert instances_of(admin, group) == []
+    assert [s for s in admin.status()["scale_sets"] if s["name"] == group] == []
+    assert agents_tagged(tag) == []
+    assert not [t for t in threading.enumerate() if t.name == "azm-cluster"]
+
+
+def task_runs_of(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def logs_of(flow_run_id, *, wait_for: str, timeout: float = 30) -> list:
+    """The flow run's logs, once one containing `wait_for` arrived (logs are batched)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        if any(wait_for in log.message for log in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(0.5)
+
+
+@task
+def square(x):
+    return x * x
+
+
+@task
+async def async_double(x):
+    await asyncio.sleep(0.01)
+    return 2 * x
+
+
+@task
+def add(a, b):
+    return a + b
+
+
+@task(log_prints=True)
+def where(x):
+    import socket
+
+    print(f"task {x} on {socket.gethostname()} says hello")
+    return socket.gethostname(), os.environ.get("AZM_WORKER_ID")
+
+
+@task
+def fails_deep(x):
+    def level_two():
+        raise KeyError(f"missing thing {x}")
+
+    level_two()
+
+
+@task
+def children(n):
+    return sum(square.map(range(n)).result())
+
+
+def test_flow_results_api_records_logs_edges_and_clean_teardown(localcloud, admin):
+    group, tag = new_group("tr"), uuid.uuid4().hex
+
+    @flow(task_runner=runner(group, 2, ppi=2, env={"AZM_TEST_TAG": tag}))
+    def pipeline():
+        squares = square.map(range(12))
+        doubled = async_double.submit(21)
+        total = add.submit(squares[3], doubled)
+        later = where.submit(1, wait_for=[total])
+        nested = children.submit(5)
+        placements = where.map(range(8))
+        return (FlowRunContext.get().flow_run.id, [f.result() for f in squares],
+                doubled.result(), total.result(), later.result(), nested.result(),
+                {p.result()[0] for p in placements},
+                {"total": total.task_run_id, "sq3": squares[3].task_run_id,
+                 "doubled": doubled.task_run_id, "later": later.task_run_id})
+
+    flow_run_id, squares, doubled, total, later, nested, hosts, ids = pipeline()
+    assert squares == [i * i for i in range(12)] and doubled == 42 and total == 51
+    assert nested == sum(i * i for i in range(5))
+    assert later[1] and len(hosts) == 2  # both instances ran tasks
+
+    runs = {r.id: r for r in task_runs_of(flow_run_id)}
+    # 12 + 1 + 1 + 1 + 1 (children) + 5 (its nested squares) + 8
+    assert len(runs) == 29 and all(r.state.is_completed() for r in runs.values())
+    assert {i.id for i in runs[ids["total"]].task_inputs["a"]} == {ids["sq3"]}
+    assert {i.id for i in runs[ids["total"]].task_inputs["b"]} == {ids["doubled"]}
+    assert {i.id for i in runs[ids["later"]].task_inputs["wait_for"]} == {ids["total"]}
+
+    logs = logs_of(flow_run_id, wait_for="says hello")
+    task_logs = [log for log in logs if log.task_run_id is not None]
+    assert any("says hello" in log.message for log in task_logs)  # print() in a remote task
+    assert any("Finished in state Completed" in log.message for log in task_logs)
+    assert_nothing_left(admin, group, tag)
+
+
+def test_failing_task_fails_flow_with_remote_traceback(localcloud, admin):
+    group, tag = new_group("trf"), uuid.uuid4().hex
+
+    @flow(task_runner=runner(group, 1, env={"AZM_TEST_TAG": tag}))
+    def failing():
+        return fails_deep.submit(7).result()
+
+    state = failing(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KeyError, match="missing thing 7") as info:
+        state.result()
+    notes = "\n".join(info.value.__notes__)
+    assert "Remote traceback" in notes and "in level_two" in notes
+    assert_nothing_left(admin, group, tag)
