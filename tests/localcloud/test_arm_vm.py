@@ -107,7 +107,7 @@ def test_flexible_scale_set_with_priority_mix(cloud: Cloud):
         assert len(vms) == 5
         assert all(vm.virtual_machine_scale_set.id.lower() == ss.id.lower() for vm in vms)
         # base 1 regular, then 50% of the 4 above base: 3 regular, 2 spot
-        assert sorted(vm.priority.value if hasattr(vm.priority, "value") else vm.priority for vm in vms) == ["Regular"] * 3 + ["Spot"] * 2
+        assert sorted(vm.priority for vm in vms) == ["Regular"] * 3 + ["Spot"] * 2
         vm_ids = {vm.id.lower() for vm in vms}
         nics = [n for n in cloud.network.network_interfaces.list(cloud.rg)
                 if n.virtual_machine and n.virtual_machine.id.lower() in vm_ids]
