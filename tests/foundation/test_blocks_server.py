@@ -55,6 +55,7 @@ def test_each_block_round_trips_through_the_server() -> None:
         "ussc/" + unique("ss"): build_sstemplate("ussc/x", **SCALESET_ARGS),
         unique("vm"): build_vmtemplate("vm", **VM_ARGS),
         unique("nic"): build_nictemplate("nic", **NIC_ARGS),
+        "Team_A/" + unique("nic.v2"): build_nictemplate("nic", **NIC_ARGS),  # escapes, leading dash
     }
     loaders = {AzureManifest: load_manifest, ScaleSetTemplate: load_scaleset_template,
                VMTemplate: load_vm_template, NICTemplate: load_nic_template}
