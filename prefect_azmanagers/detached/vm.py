@@ -361,8 +361,8 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
                 f"{worker_timeout:.0f} s (its log is {WORKER_LOG} on the VM); boot log:\n{tail}")
         return vm
     except BaseException:
-        _delete_pool_and_deployments(name)
         run_coro_as_sync(_delete(manifest, vm_template.resource_group, name))
+        _delete_pool_and_deployments(name)
         raise
 
 
@@ -376,11 +376,12 @@ def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None)
     manifest = load_manifest(manifest or (vm.manifest if isinstance(vm, DetachedVM) else None)
                              or "default")
     resource_group = vm.resource_group if isinstance(vm, DetachedVM) else manifest.resource_group
-    _delete_pool_and_deployments(name)
+    # The VM first: its worker would re-create a deleted work pool at its next heartbeat.
     try:
         run_coro_as_sync(_delete(manifest, resource_group, name))
     except ResourceMissing:
         pass
+    _delete_pool_and_deployments(name)
     if isinstance(vm, DetachedVM):
         PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
 

@@ -48,13 +48,89 @@ def local_pool(prefect_server, tmp_path):
         _delete_pool_and_deployments(pool)
 
 
+@pytest.fixture
+def run_on_vm(localcloud):
+    """run_on_vm(vm, command): a shell command on a detached VM over SSH (pinned host key)."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.blocks import load_manifest
+    from prefect_azmanagers.detached.vm import ssh_connection
+
+    def run_command(vm, command: str):
+        async def run():
+            async with ssh_connection(vm, load_manifest("localcloud")) as connection:
+                return await connection.run(command)
+
+        return run_coro_as_sync(run())
+
+    return run_command
+
+
+def leftovers(name: str, localcloud_info: dict) -> list[str]:
+    """What is left of detached VM `name`: ARM VM/NIC, local-cloud instance, work pool,
+    deployments, worker or job processes."""
+    import psutil
+    from prefect import get_client
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    manifest = load_manifest("localcloud")
+    found = []
+
+    async def arm() -> None:
+        async with ArmClients(manifest) as clients:
+            async for vm in clients.compute.virtual_machines.list(manifest.resource_group):
+                if vm.name == name:
+                    found.append(f"ARM VM {name}")
+            async for nic in clients.network.network_interfaces.list(manifest.resource_group):
+                if nic.name.startswith(name):
+                    found.append(f"ARM NIC {nic.name}")
+
+    run_coro_as_sync(arm())
+    with LocalCloudAdmin.from_info(localcloud_info) as admin:
+        found += [f"local-cloud instance {i['name']}" for i in admin.status()["instances"]
+                  if i["name"] == name]
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            found.append(f"work pool {name}")
+        except ObjectNotFound:
+            pass
+        found += [f"deployment {d.name}" for d in client.read_deployments(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[name])))]
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if f"--pool {name}" in cmdline:
+            found.append(f"process {process.pid}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture
+def assert_vm_gone(localcloud):
+    """Wait until nothing of a detached VM is left (see `leftovers`); fail with what remains."""
+    def check(name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while remaining := leftovers(name, localcloud):
+            assert time.monotonic() < deadline, f"left behind: {remaining}"
+            time.sleep(2)
+
+    return check
+
+
 @pytest.fixture(scope="module")
 def detached_vm(localcloud):
-    """One detached VM on the local cloud for a test module; removed (and checked gone) after."""
+    """One detached VM on the local cloud for a test module; rmproc'ed after, and checked gone."""
     from prefect_azmanagers.detached.vm import addproc, rmproc
 
-    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmtest")
+    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmtest",
+                 code=Path(__file__).resolve().parents[2] / "flows")
     try:
         yield vm
     finally:
         rmproc(vm)
+        assert leftovers(vm.name, localcloud) == []

@@ -1,16 +1,28 @@
 """Detached runs end to end on the local cloud: real VMs (sandboxes reached over OpenSSH), the
 real Azure SDK against the local ARM endpoint, a real Prefect server, the Prefect worker that
 the VM's boot script starts, and jobs submitted with detachat/detach.
+
+One VM serves the module (the `detached_vm` fixture; its teardown checks that rmproc leaves
+nothing); persist=False makes its own. The server-restart test runs last: it restarts the
+session's Prefect server.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from prefect_azmanagers.detached import DetachedJob, detachat, rmproc
+from prefect_azmanagers.detached import DetachedJob, DetachedJobFailed, detachat, variablebundle
 from prefect_azmanagers.detached.vm import DetachedVM
 
 pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
 
 
 def hello(n):
@@ -20,11 +32,171 @@ def hello(n):
     return n * 2
 
 
-def test_addproc_detachat_read_result(detached_vm):
+def test_addproc_detachat_streams_status_result(detached_vm):
     vm = detached_vm
     assert DetachedVM.from_name(vm.name, manifest="localcloud") == vm
-    job = detachat(vm, hello, 21)
-    assert job.wait(timeout=300) == "done"
+
+    def slow_hello(n):
+        import time
+        time.sleep(4)
+        return hello(n)
+
+    job = detachat(vm, slow_hello, 21)
+    seen = []
+    deadline = time.monotonic() + 300
+    while (status := job.status()) not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        time.sleep(0.3)
+    seen.append(status)
+    assert seen[0] in ("starting", "running") and "running" in seen and seen[-1] == "done"
+    assert seen == sorted(seen, key=["starting", "running", "done"].index)
+    assert job.wait(timeout=10) == "done"
     assert job.result() == 42
     assert job.read() == "hello 21 from the VM\n"
     assert job.read("stderr") == "a warning\n"
+
+
+def test_failing_job_is_failed_with_traceback(detached_vm):
+    def broken():
+        return {}["missing key"]
+
+    job = detachat(detached_vm, broken)
+    assert job.wait(timeout=300) == "failed"
+    stderr = job.read("stderr")
+    assert "Traceback (most recent call last)" in stderr and "KeyError: 'missing key'" in stderr
+    with pytest.raises(DetachedJobFailed, match="missing key"):
+        job.result()
+
+
+def test_kill_stops_the_process_on_the_vm(detached_vm, run_on_vm):
+    def sleeper():
+        import time
+        print("sleeping", flush=True)
+        time.sleep(900)
+
+    job = detachat(detached_vm, sleeper)
+    deadline = time.monotonic() + 300
+    while "sleeping" not in job.read():
+        assert time.monotonic() < deadline, job.status()
+        time.sleep(1)
+    find = f"pgrep -f 'detached.jobprocess .*{job.flow_run_id}'"
+    assert run_on_vm(detached_vm, find).exit_status == 0
+    assert job.kill(timeout=180) == "cancelled"
+    deadline = time.monotonic() + 60
+    while run_on_vm(detached_vm, find).exit_status == 0:
+        assert time.monotonic() < deadline, "the job process still runs on the VM"
+        time.sleep(1)
+
+
+def test_variablebundle_reaches_the_job(detached_vm):
+    variablebundle.update(session="token-abc", factor=3)
+    try:
+        def use_bundle(x):
+            from prefect_azmanagers import variablebundle as bundle
+            return f"{bundle['session']}:{x * bundle['factor']}"
+
+        assert detachat(detached_vm, use_bundle, 5).result(timeout=300) == "token-abc:15"
+    finally:
+        variablebundle.clear()
+
+
+def test_two_megabyte_payload_travels_over_sftp(detached_vm, run_on_vm):
+    data = os.urandom(2 * 1024 * 1024)
+
+    def digest(blob):
+        import hashlib
+        return len(blob), hashlib.sha256(blob).hexdigest()
+
+    job = detachat(detached_vm, digest, data)
+    assert job.result(timeout=300) == (len(data), hashlib.sha256(data).hexdigest())
+    from prefect import get_client
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(job.flow_run_id).parameters
+    assert "payload" not in parameters and parameters["payload_file"].endswith(".pkl")
+    assert run_on_vm(detached_vm, "ls -A ~/.azmanagers/payloads").stdout.strip() == ""
+
+
+def test_job_from_an_exited_process_read_from_another(detached_vm, tmp_path):
+    starter = tmp_path / "starter.py"
+    starter.write_text(
+        "from prefect_azmanagers import detachat\n"
+        "from prefect_azmanagers.detached.vm import DetachedVM\n"
+        "def job():\n"
+        "    import time\n"
+        "    time.sleep(5)\n"
+        "    print('still here after the starter exited')\n"
+        "    return 'finished'\n"
+        f"vm = DetachedVM.from_name({detached_vm.name!r}, manifest='localcloud')\n"
+        "print(detachat(vm, job).flow_run_id)\n")
+    started = subprocess.run([sys.executable, str(starter)], capture_output=True, text=True,
+                             timeout=300, env=os.environ)
+    assert started.returncode == 0, started.stderr
+    flow_run_id = started.stdout.split()[-1]
+    reader = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom prefect_azmanagers import DetachedJob\n"
+         "job = DetachedJob.from_flow_run_id(sys.argv[1])\n"
+         "print(job.wait(300), job.result(), repr(job.read()))", flow_run_id],
+        capture_output=True, text=True, timeout=400, env=os.environ)
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.split("\n")[-2] == "done finished 'still here after the starter exited\\n'"
+
+
+def test_prefect_yaml_deployment_runs_on_the_vm(detached_vm):
+    env = dict(os.environ, AZM_VM=detached_vm.name)
+    deployed = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "hello"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "detached-hello/hello", "--watch",
+         "--watch-timeout", "300"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Completed" in run.stdout
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter, DeploymentFilterName, LogFilter, LogFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["hello"])))
+        assert flow_run.state.is_completed()
+        work_pool = flow_run.work_pool_name
+        messages = [log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))]
+    assert work_pool == detached_vm.name
+    assert any(message.startswith("hello DETACHED WORLD from ") for message in messages)
+
+
+def test_persist_false_leaves_nothing(localcloud, assert_vm_gone, tmp_path):
+    starter = tmp_path / "detach_once.py"
+    starter.write_text(
+        "from prefect_azmanagers import detach\n"
+        "def job():\n"
+        "    print('one-shot job')\n"
+        "    return 7\n"
+        "j = detach(job, vm_template='localcloud-vm', nic_template='localcloud-nic',\n"
+        "           manifest='localcloud', basename='azmonce', persist=False)\n"
+        "print(j.flow_run_id)\n")
+    started = subprocess.run([sys.executable, str(starter)], capture_output=True, text=True,
+                             timeout=900, env=os.environ)
+    assert started.returncode == 0, started.stderr
+    job = DetachedJob.from_flow_run_id(started.stdout.split()[-1])
+    assert job.result(timeout=300) == 7 and job.read() == "one-shot job\n"
+    from prefect import get_client
+    with get_client(sync_client=True) as client:
+        vm_name = client.read_flow_run(job.flow_run_id).work_pool_name
+    assert vm_name.startswith("azmonce-")
+    assert_vm_gone(vm_name, timeout=300)
+    assert job.result() == 7  # still readable once the VM is gone
+
+
+def test_worker_survives_a_prefect_server_restart(detached_vm, prefect_server):
+    prefect_server.restart()
+    job = detachat(detached_vm, hello, 5)
+    assert job.wait(timeout=300) == "done"
+    assert job.result() == 10
