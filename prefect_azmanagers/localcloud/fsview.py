@@ -53,11 +53,12 @@ def _outermost(paths: set[Path]) -> tuple[Path, ...]:
     return tuple(sorted(p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)))
 
 
-def setup_script(sandbox: Path, admin: str, trees: PythonTrees, then: list[str]) -> str:
-    """The shell script run in the new mount namespace; it ends by exec'ing `then`."""
+def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, then: list[str]) -> str:
+    """The shell script run in the new mount and UTS namespaces; it ends by exec'ing `then`."""
     q = shlex.quote
     lines = [
         "set -e",
+        f"hostname {q(hostname)}",
         # a scratch tmpfs on /mnt holds the sandbox and the Python trees while /root etc. are
         # covered (the sandbox itself may live under /root or /tmp)
         "mount -t tmpfs -o mode=700,size=64k azlc-stage /mnt",

@@ -72,13 +72,20 @@ class VirtualNetwork:
         await run("ip", "-n", ns, "link", "set", "eth0", "up")
         await run("ip", "-n", ns, "link", "set", "lo", "up")
         await run("ip", "-n", ns, "addr", "add", f"{IMDS_ADDRESS}/32", "dev", "lo")
+        await self._forget_neighbor(index)
         return NETNS_DIR / ns
+
+    async def _forget_neighbor(self, index: int) -> None:
+        """Drop the host's ARP entry for a reused address: it would name the previous
+        instance's MAC and blackhole connections until it expires (~30 s)."""
+        await run("ip", "neigh", "flush", "to", self.address(index), "dev", self.host_link, check=False)
 
     async def remove_instance(self, index: int, grace: float) -> None:
         """End the namespace's processes (SIGTERM, then SIGKILL after `grace`), remove its link
         and the namespace. Idempotent."""
         await remove_namespace(self.instance_ns(index), grace)
         await run("ip", "-n", self.vnet_ns, "link", "del", f"i{index}", check=False)
+        await self._forget_neighbor(index)
 
     async def destroy(self) -> None:
         """Remove the host link and the bridge namespace (instances first). Idempotent."""

@@ -113,6 +113,7 @@ class SandboxHost:
         self._record = self.state_dir / "sandbox-host.json"
         self._instances: dict[str, _Instance] = {}
         self._network: netns.VirtualNetwork | None = None
+        self._last_index = 0
         self._binder: NetnsBinder | None = None
         self._forwarder: TCPForwarder | None = None
         self._trees = PythonTrees.of_this_interpreter()
@@ -197,10 +198,13 @@ class SandboxHost:
             return self._instances[key].ip
         if self._network is None:
             raise SandboxError("SandboxHost.start() must be awaited before allocate()")
+        # round robin, as Azure does not hand a just-freed address out again at once
         used = {inst.index for inst in self._instances.values()}
-        index = next((i for i in self._network.instance_indexes if i not in used), None)
+        after_last = sorted(self._network.instance_indexes, key=lambda i: (i <= self._last_index, i))
+        index = next((i for i in after_last if i not in used), None)
         if index is None:
             raise SandboxError(f"no free address left in {self._network.subnet}")
+        self._last_index = index
         inst = _Instance(key=key, index=index, ip=self._network.address(index),
                          sandbox=self._sandboxes / key,
                          metadata=InstanceMetadata(compute={}, network={}))
@@ -259,11 +263,11 @@ class SandboxHost:
             await asyncio.sleep(spec.boot_delay)
         auth_log = (layout["log"] / "auth.log").open("ab")
         inst.logs.append(auth_log)
-        setup = setup_script(inst.sandbox, spec.admin_username, self._trees,
+        setup = setup_script(inst.sandbox, spec.admin_username, spec.computer_name, self._trees,
                              [sshd.SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"])
         inst.sshd = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", self._network.instance_ns(inst.index),
-            "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", setup,
+            "unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c", setup,
             stdin=asyncio.subprocess.DEVNULL, stdout=auth_log, stderr=auth_log,
             env=CLEAN_ENV, cwd="/")
         await self._wait_for_ssh(inst, spec)
@@ -309,7 +313,7 @@ class SandboxHost:
         output = (layout["log"] / "cloud-init-output.log").open("ab")
         inst.logs.append(output)
         inst.boot_script = await asyncio.create_subprocess_exec(
-            "nsenter", "-t", str(inst.sshd.pid), "-m", "-n", "--wd=/", "--",
+            "nsenter", "-t", str(inst.sshd.pid), "-m", "-u", "-n", "--wd=/", "--",
             "/bin/bash", "/run/cloud-init/user-data",
             stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=CLEAN_ENV, cwd="/")
         inst.reaper = asyncio.create_task(_note_boot_script_exit(inst.boot_script, output))
