@@ -179,4 +179,4 @@ async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = Non
         ) as conn:
             return await _run(conn, command)
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-        return f"(could not read the boot log from {target} over SSH: {exc})"
+        return f"(could not read the boot log from {target} over SSH: {type(exc).__name__}: {exc})"

@@ -37,7 +37,7 @@ logger = logging.getLogger("prefect_azmanagers.azure")
 USER_AGENT = f"prefect-azmanagers/{__version__}"
 # Fallback delay between LRO polls when ARM sends no Retry-After (the SDK's default is 30 s).
 POLLING_INTERVAL = 2.0
-RETRY_TOTAL = 10
+RETRY_TOTAL = 10   # attempts after the first, for throttling and 5xx alike (azure-core: 3 for status codes)
 
 
 class StaticTokenCredential:
@@ -152,7 +152,7 @@ class ArmClients:
     @staticmethod
     def _policies() -> dict[str, Any]:
         # Each client gets its own policy objects (pipelines must not share stateful policies).
-        return dict(retry_policy=IdempotentRetryPolicy(retry_total=RETRY_TOTAL),
+        return dict(retry_policy=IdempotentRetryPolicy(retry_total=RETRY_TOTAL, retry_status=RETRY_TOTAL),
                     custom_hook_policy=RequestLogPolicy())
 
     async def close(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
-from prefect_azmanagers.exceptions import AzureError, ResourceMissing, TemplateError
+from prefect_azmanagers.exceptions import AllocationFailed, AzureError, ResourceMissing, TemplateError
 
 logger = logging.getLogger("prefect_azmanagers.azure")
 
@@ -96,7 +96,9 @@ class ScaleSet:
     empty), grown in one request, listed, shrunk in one request.
 
     `created` is True once this object has sent the request that creates the scale set (also
-    when that request was interrupted), so a cleanup after Ctrl-C deletes it.
+    when that request was interrupted), so a cleanup after Ctrl-C deletes it. As an async
+    context manager it releases what it made when the block exits with an error or is
+    cancelled (Ctrl-C under asyncio.run), and only stops its background work otherwise.
     """
 
     def __init__(self, clients: Any, manifest: Any, template: Any, name: str, *,
@@ -133,6 +135,7 @@ class ScaleSet:
         self._flexible: bool | None = None
         self._watchers: set[asyncio.Task] = set()
         self._failure: AzureError | None = None
+        self._preexisting: set[str] | None = None   # instance ids before our first grow of a set we did not create
 
     # -- model -----------------------------------------------------------------------------
 
@@ -246,6 +249,8 @@ class ScaleSet:
                 raise
             self._flexible = self.priority_mix
         else:
+            if self._preexisting is None and not self.created:
+                self._preexisting = {i.instance_id for i in await self._list()}
             with arm_errors(f"grow scale set {self.name} from {old} to {old + n} instances"):
                 poller = await vmss_ops.begin_update(self.resource_group, self.name,
                                                      {"sku": {"capacity": old + n}})
@@ -262,18 +267,19 @@ class ScaleSet:
         except AzureError as exc:
             logger.warning("Scale set %s: provisioning failed: %s", self.name, exc)
             try:
-                logs = await self._remove_failed()
+                # Instances that were never allocated have no boot log to read.
+                logs = await self._remove_failed(read_logs=not isinstance(exc, AllocationFailed))
             except AzureError as cleanup_exc:
                 logger.warning("Scale set %s: could not delete failed instances: %s", self.name, cleanup_exc)
                 logs = ""
             self._failure = type(exc)(f"{exc}{logs}", code=exc.code, status=exc.status) if logs else exc
 
-    async def _remove_failed(self) -> str:
+    async def _remove_failed(self, *, read_logs: bool) -> str:
         """Delete the instances left Failed (and the scale set if it was ours and is now empty);
         returns the boot-log tails of a few of them, read over SSH before deletion."""
         instances = await self._list()
         failed = [i for i in instances if i.provisioning_state.lower() == "failed"]
-        reachable = [i for i in failed if i.private_ip][:MAX_FAILURE_LOGS]
+        reachable = [i for i in failed if i.private_ip and read_logs][:MAX_FAILURE_LOGS]
         tails = await asyncio.gather(*(boot_log_tail(
             i.private_ip, admin_username=self.manifest.ssh_user, manifest=self.manifest,
             connect_timeout=10, lines=30) for i in reachable))
@@ -369,6 +375,28 @@ class ScaleSet:
         await self.close()
         await delete_scaleset(self.clients, self.resource_group, self.name)
         self.created = False
+
+    async def release(self) -> None:
+        """Delete everything this object made: the scale set if it created it, else the
+        instances it added to someone else's scale set (the ones that were not there before)."""
+        if self.created:
+            await self.delete()
+            return
+        await self.close()
+        if self._preexisting is not None:
+            ours = [i.instance_id for i in await self._list() if i.instance_id not in self._preexisting]
+            await self.delete_instances(ours)
+
+    async def __aenter__(self) -> ScaleSet:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """On an error or interruption (Ctrl-C cancels the task) release what was made."""
+        if exc_type is None:
+            await self.close()
+            return
+        logger.warning("Scale set %s: %s; deleting what this process made", self.name, exc_type.__name__)
+        await self.release()
 
     async def close(self) -> None:
         """Stop following grows in the background (nothing is deleted)."""

@@ -6,6 +6,7 @@ import asyncio
 import re
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
 from prefect_azmanagers.azure.clients import ArmClients
@@ -46,7 +47,7 @@ def test_vm_and_nic_create_read_list_delete(lc):
                 await delete_vm(clients, lc.manifest.resource_group, name)
             with pytest.raises(ResourceMissing):
                 await get_vm(clients, lc.manifest.resource_group, name)
-            with pytest.raises(ResourceMissing):
+            with pytest.raises(ResourceNotFoundError):     # the NIC went with the VM
                 await clients.network.network_interfaces.get(lc.manifest.resource_group, f"{name}-nic")
             await delete_vm(clients, lc.manifest.resource_group, name)   # idempotent
     asyncio.run(scenario())

@@ -1,0 +1,75 @@
+"""`scalesets list|delete`, `vms list` and `cleanup` through the real CLI on the local cloud."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
+from prefect_azmanagers.azure.clients import ArmClients
+from prefect_azmanagers.azure.ownership import PID_TAG, ownership_tags
+from prefect_azmanagers.azure.scaleset import ScaleSet
+from prefect_azmanagers.azure.vm import create_vm
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "prefect_azmanagers.cli", *args], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, COLUMNS="250"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def dead_pid() -> str:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return str(proc.pid)
+
+
+def test_list_and_cleanup_orphans(lc):
+    orphan_tags = {**ownership_tags(lc.prefix), PID_TAG: dead_pid()}     # its creator has died
+    live_tags = ownership_tags(lc.prefix + "live")                        # this process: alive
+    data = encode_custom_data(boot_script(admin_username=lc.manifest.ssh_user))
+
+    async def provision():
+        async with ArmClients(lc.manifest) as clients:
+            orphan = ScaleSet(clients, lc.manifest, lc.sstemplate, lc.name("o"), custom_data=data, tags=orphan_tags)
+            live = ScaleSet(clients, lc.manifest, lc.sstemplate, lc.name("l"), custom_data=data, tags=live_tags)
+            for ss in (orphan, live):
+                await ss.grow(1)
+                await ss.wait_provisioned()
+            await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, lc.name("v"),
+                            custom_data=data, tags=orphan_tags)
+            return live
+
+    async def delete(live):
+        async with ArmClients(lc.manifest) as clients:
+            live.clients = clients
+            await live.delete()
+
+    live = asyncio.run(provision())
+    try:
+        listed = cli("scalesets", "list", "--manifest", "localcloud")
+        assert lc.name("o") in listed and lc.name("l") in listed
+        assert lc.name("v") in cli("vms", "list", "--manifest", "localcloud")
+
+        dry = cli("cleanup", "--manifest", "localcloud", "--older-than", "0s", "--dry-run")
+        assert lc.name("o") in dry and lc.name("v") in dry
+        assert lc.name("l") not in dry                       # its creator (this process) is alive
+        assert "Would delete" in dry
+        assert {s["name"] for s in lc.admin.status()["scale_sets"]} >= {lc.name("o"), lc.name("l")}
+
+        assert "Would delete 0" in cli("cleanup", "--manifest", "localcloud", "--older-than", "1h", "--dry-run")
+
+        done = cli("cleanup", "--manifest", "localcloud", "--older-than", "0s")
+        assert "Deleted" in done
+        remaining = lc.leftovers()
+        assert remaining == [f"scale set {lc.name('l')}", f"instance {lc.name('l')}_0"], remaining
+    finally:
+        asyncio.run(delete(live))
+    assert "did not exist" in cli("scalesets", "delete", lc.name("l"), "--yes", "--manifest", "localcloud")
