@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,50 @@ def test_two_megabyte_payload_travels_over_sftp(detached_vm, run_on_vm):
         parameters = client.read_flow_run(job.flow_run_id).parameters
     assert "payload" not in parameters and parameters["payload_file"].endswith(".pkl")
     assert run_on_vm(detached_vm, "ls -A ~/.azmanagers/payloads").stdout.strip() == ""
+
+
+def test_output_order_partial_and_long_lines(detached_vm):
+    def many():
+        import os
+        import sys
+        for i in range(300):
+            print(i)
+        print("x" * 200_000)
+        os.system("echo from a child process")
+        sys.stdout.write("no newline at the end")
+
+    job = detachat(detached_vm, many)
+    assert job.wait(timeout=300) == "done"
+    expected = "".join(f"{i}\n" for i in range(300)) + "x" * 200_000 + "\n"
+    assert job.read() == expected + "from a child process\nno newline at the end"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect_azmanagers.cli", *args],
+                          capture_output=True, text=True, timeout=300, env=os.environ)
+
+
+def test_cli_vm_list_and_job_commands(detached_vm):
+    listed = _cli("vm", "list", "--manifest", "localcloud")
+    assert listed.returncode == 0 and detached_vm.name in listed.stdout
+
+    def two_streams():
+        import sys
+        print("out line")
+        print("err line", file=sys.stderr)
+        raise SystemExit(3)
+
+    job = detachat(detached_vm, two_streams)
+    waited = _cli("job", "wait", job.flow_run_id, "--timeout", "300")
+    assert (waited.returncode, waited.stdout.strip()) == (1, "failed")
+    assert _cli("job", "status", job.flow_run_id).stdout.strip() == "failed"
+    assert _cli("job", "logs", job.flow_run_id).stdout == "out line\n"
+    assert _cli("job", "logs", job.flow_run_id, "--stderr").stdout.startswith("err line\n")
+    for bad in (("job", "status", "not-a-uuid"), ("job", "logs", str(uuid.UUID(int=0))),
+                ("vm", "rm", "no-such-vm", "--manifest", "no-such-manifest")):
+        result = _cli(*bad)
+        assert result.returncode == 1 and "Error" in result.stderr, result
+        assert "Traceback" not in result.stderr
 
 
 def test_job_from_an_exited_process_read_from_another(detached_vm, tmp_path):
