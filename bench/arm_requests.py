@@ -102,11 +102,11 @@ def table(results: dict[int, dict]) -> str:
     sizes = sorted(results)
     cols = [(n, p) for n in sizes for p in ("provision", "list", "teardown")]
     ops = sorted({op for n in sizes for p in results[n]["requests"].values() for op in p})
-    head = f"{'operation':<56}" + "".join(f"{f'{p} N={n}':>17}" for n, p in cols)
+    head = f"{'operation':<62}" + "".join(f"{f'{p} N={n}':>17}" for n, p in cols)
     lines = [head, "-" * len(head)]
 
     def row(label: str, pick) -> str:
-        return f"{label:<56}" + "".join(f"{pick(results[n]['requests'][p]):>17}" for n, p in cols)
+        return f"{label:<62}" + "".join(f"{pick(results[n]['requests'][p]):>17}" for n, p in cols)
 
     for op in ops:
         if op not in POLLS:
@@ -117,7 +117,7 @@ def table(results: dict[int, dict]) -> str:
     lines.append(row("reads (GET, incl. list pages)",
                      lambda c: sum(v for k, v in c.items() if k not in POLLS and k.split("_", 1)[-1] not in WRITES)))
     lines.append(row("LRO status polls (time-dependent)", lambda c: sum(c.get(k, 0) for k in POLLS)))
-    lines.append(f"{'seconds':<56}" + "".join(f"{results[n]['seconds'][p]:>17}" for n, p in cols))
+    lines.append(f"{'seconds':<62}" + "".join(f"{results[n]['seconds'][p]:>17}" for n, p in cols))
     return "\n".join(lines)
 
 

@@ -64,3 +64,32 @@ def test_vm_allocation_failure_leaks_nothing(lc):
                                 tags=ownership_tags(lc.prefix))
             # the fixture checks that neither the VM nor its NIC is left
     asyncio.run(scenario())
+
+
+def test_vm_creation_cancelled_midway_leaks_nothing(lc):
+    """Cancelling create_vm (what Ctrl-C does to an asyncio task) while the VM boots deletes VM and NIC."""
+    lc.admin.settings(boot_delay=5)
+
+    async def scenario():
+        async with ArmClients(lc.manifest) as clients:
+            name = vm_name(lc.prefix)
+            task = asyncio.create_task(create_vm(
+                clients, lc.manifest, lc.vmtemplate, lc.nictemplate, name,
+                custom_data=encode_custom_data(boot_script(admin_username=lc.manifest.ssh_user)),
+                tags=ownership_tags(lc.prefix)))
+            for _ in range(600):
+                status = await asyncio.to_thread(lc.admin.status)
+                if any(i["name"] == name for i in status["instances"]):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the VM was never requested")
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    try:
+        asyncio.run(scenario())
+    finally:
+        lc.admin.settings(boot_delay=0)
+    # the fixture checks that neither the VM nor its NIC is left
