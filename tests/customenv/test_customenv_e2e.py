@@ -95,3 +95,22 @@ def test_task_needing_driver_packages_runs_only_with_customenv(localcloud, admin
     with pytest.raises(ModuleNotFoundError, match="azm_indexed|azm_shipped"):
         state.result()
     assert [i for i in admin.status()["instances"] if i["scale_set"] == group] == []
+
+
+def test_failed_install_fails_the_join_with_pips_tail(localcloud, admin):
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+    from prefect_azmanagers.customenv import EnvironmentSpec
+    from prefect_azmanagers.exceptions import JoinTimeout
+
+    group = f"cenvfail-{uuid.uuid4().hex[:6]}"
+    spec = EnvironmentSpec("test", ("azm-no-such-package==9.9",), (), ("--no-index",))
+    cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
+                           customenv=spec, waitfor=True, max_replacements=0, join_timeout=300,
+                           progress=False)
+    with pytest.raises(JoinTimeout) as info:
+        cluster.start()
+    cluster.close()
+    message = str(info.value)
+    assert "customenv: pip install failed" in message
+    assert "No matching distribution found for azm-no-such-package==9.9" in message
+    assert [i for i in admin.status()["instances"] if i["scale_set"] == group] == []
