@@ -85,6 +85,7 @@ def admin_routes(backend: Backend, describe_host: Any) -> list[Route]:
                 "scale_set": inst.scale_set_id.rsplit("/", 1)[-1] if inst.scale_set_id else None,
                 "private_ip": nic.private_ip if nic else None, "priority": inst.priority,
                 "provisioning_state": inst.provisioning_state, "power_state": inst.power_state,
+                "sandbox": _describe_sandbox(backend, inst.vm_id),
             })
         scale_sets = [{"name": ss.name, "resource_group": ss.resource_group, "capacity": ss.sku["capacity"],
                        "sku": ss.sku["name"], "orchestration_mode": ss.orchestration_mode,
@@ -151,6 +152,14 @@ def admin_routes(backend: Backend, describe_host: Any) -> list[Route]:
         Route(f"{ADMIN_PREFIX}/quotas", guarded(quotas), methods=["PUT"]),
         Route(f"{ADMIN_PREFIX}/settings", guarded(settings), methods=["PUT"]),
     ]
+
+
+def _describe_sandbox(backend: Backend, key: str) -> dict[str, Any] | None:
+    """The sandbox's own view (pids, netns, state), or None when it has none (e.g. deallocated)."""
+    try:
+        return backend.sandboxes.describe(key)
+    except Exception:  # the sandbox host refuses unknown keys with its own error type
+        return None
 
 
 def _settings(backend: Backend) -> dict[str, Any]:

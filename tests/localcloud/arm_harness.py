@@ -110,3 +110,27 @@ class Cloud:
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def nic_body(cloud: Cloud) -> dict[str, Any]:
+    return {"location": cloud.location, "properties": {"enableAcceleratedNetworking": False, "ipConfigurations": [
+        {"name": "ipConfig1", "properties": {"subnet": {"id": cloud.subnet_id()}}}]}}
+
+
+def vm_body(cloud: Cloud, nic_id: str, computer_name: str, delete_option: str = "Delete", **props: Any) -> dict:
+    return {
+        "location": cloud.location,
+        "tags": {"purpose": "detached"},
+        "properties": {
+            "hardwareProfile": {"vmSize": "Standard_B1s"},
+            "storageProfile": {"imageReference": {"publisher": "Canonical", "offer": "ubuntu", "sku": "server",
+                                                  "version": "latest"},
+                               "osDisk": {"createOption": "FromImage", "deleteOption": "Delete"}},
+            "osProfile": {"computerName": computer_name, "adminUsername": "azureuser",
+                          "linuxConfiguration": {"disablePasswordAuthentication": True, "ssh": {"publicKeys": [
+                              {"path": "/home/azureuser/.ssh/authorized_keys", "keyData": cloud.public_key()}]}}},
+            "networkProfile": {"networkInterfaces": [
+                {"id": nic_id, "properties": {"primary": True, "deleteOption": delete_option}}]},
+            **props,
+        },
+    }

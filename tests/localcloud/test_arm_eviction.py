@@ -8,9 +8,8 @@ import json
 import time
 
 import pytest
-from arm_harness import Cloud, unique
+from arm_harness import Cloud, nic_body, unique, vm_body
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from test_arm_vm import nic_body, vm_body
 
 SPOT = dict(priority="Spot", evictionPolicy="Delete", billingProfile={"maxPrice": -1})
 EVENTS = "curl -s -H Metadata:true 'http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01'"
