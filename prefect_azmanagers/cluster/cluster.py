@@ -510,6 +510,12 @@ class AzureCluster:
             try:
                 instances = await self._scaleset.instances()
             except AzureError as exc:
+                # A grow failed; what it made is listed now or never: claim it, then give up
+                # on the rest of that request.
+                try:
+                    self._reconcile(await self._scaleset.instances())
+                except Exception as again:
+                    logger.warning("listing the instances of %s failed: %s", self.group, again)
                 self._provisioning_failed(exc)
                 instances = None
             except Exception as exc:  # network trouble listing: keep trying with backoff
@@ -527,6 +533,10 @@ class AzureCluster:
                 pass
 
     def _reconcile(self, instances: list[Instance]) -> None:
+        expired = time.monotonic() - self.join_timeout
+        while self._unclaimed and self._unclaimed[0] < expired:
+            self._unclaimed.popleft()
+            logger.warning("a requested instance of %s never appeared within join_timeout", self.group)
         seen = set()
         for inst in instances:
             seen.add(inst.name)
@@ -1004,7 +1014,7 @@ class AzureCluster:
             await self._kill_agent(worker)
             self._worker_lost(worker, "cancelled")  # other calls it ran are re-queued
             if worker.member.state == "joined":
-                await self._restart_slot(worker)
+                self._spawn(self._restart_slot(worker), worker.member.tasks)
 
     async def _scale(self, n: int) -> None:
         live = [m for m in self._members.values() if m.state in ("joining", "joined", "draining")]

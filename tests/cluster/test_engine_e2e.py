@@ -3,8 +3,12 @@ namespaces, real agents. Plain callables only (the Prefect adapter is tested els
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -13,7 +17,9 @@ import psutil
 import pytest
 
 from prefect_azmanagers.cluster.cluster import AzureCluster
+from prefect_azmanagers.blocks import load_scaleset_template
 from prefect_azmanagers.cluster.errors import RemoteError
+from prefect_azmanagers.exceptions import JoinTimeout, WorkerLost
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 
 pytestmark = pytest.mark.e2e
@@ -114,3 +120,200 @@ def test_results_tracebacks_output_and_clean_close(localcloud, admin):
         assert sum(w.tasks_run for w in cluster.workers) == 40 + 20 + 3
         assert len(instances_of(admin, group)) == 2
     assert_nothing_left(admin, group, addresses)
+
+
+def sleepy(i: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return i
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_elastic_start_then_scale_up_and_down(localcloud, admin):
+    group = group_name("elastic")
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
+                      progress=False, join_timeout=300) as cluster:
+        assert cluster.workers == []  # start() returned before any instance booted
+        futures = [cluster.submit(lambda i=i: sleepy(i, 0.05)) for i in range(10)]
+        assert [f.result(timeout=300) for f in futures] == list(range(10))
+        assert len(cluster.workers) == 1
+
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=300)
+        addresses = {w.ip for w in cluster.workers}
+        assert len(addresses) == 2 and len(instances_of(admin, group)) == 2
+        futures = [cluster.submit(lambda i=i: sleepy(i, 0.5)) for i in range(8)]
+        assert [f.result(timeout=120) for f in futures] == list(range(8))
+        assert all(w.tasks_run > 0 for w in cluster.workers)
+
+        cluster.scale(1)
+        assert len(instances_of(admin, group)) == 1 and len(cluster.workers) == 1
+        assert cluster.submit(lambda: "still working").result(timeout=60) == "still working"
+    assert_nothing_left(admin, group, addresses)
+
+
+def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
+    group = group_name("faults")
+    with AzureCluster("localcloud-small", 2, manifest="localcloud", ppi=2, group=group,
+                      progress=False, join_timeout=300, waitfor=True) as cluster:
+        addresses = {w.ip for w in cluster.workers}
+        futures = [cluster.submit(lambda i=i: sleepy(i, 4)) for i in range(12)]
+        wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 4, 60, "4 busy workers")
+        victim = next(m for m in cluster._members.values())
+        killed = victim.workers[0]
+        # kill -9 the agent process (from outside the engine, over a separate SSH session)
+        result = cluster._call(victim.conn.run(f"kill -9 {killed.pgid}"))
+        assert result.exit_status == 0
+        # and cut every SSH connection of the other instance
+        other = next(m for m in cluster._members.values() if m is not victim)
+        admin.drop_ssh(other.name)
+        assert [f.result(timeout=180) for f in futures] == list(range(12))
+        wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 4, 120,
+                   "every slot back")
+
+        # past the bound, a lost call fails with WorkerLost naming the worker and why
+        cluster.max_task_retries_on_lost_worker = 0
+        with pytest.raises(WorkerLost, match=r"worker \d+ \(instance .*killed by signal KILL"):
+            cluster.submit(lambda: os.kill(os.getpid(), signal.SIGKILL)).result(timeout=120)
+        # a task that raises is its own failure, never re-run
+        attempts_marker = f"/tmp/attempts-{uuid.uuid4().hex}"
+
+        def count_and_fail():
+            with open(attempts_marker, "a") as handle:
+                handle.write("x")
+            raise RuntimeError("task failure, not a lost worker")
+
+        with pytest.raises(RuntimeError, match="task failure"):
+            cluster.submit(count_and_fail).result(timeout=60)
+        wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 4, 120,
+                   "every slot back")
+        runs = [cluster.submit(lambda: open(attempts_marker).read() if os.path.exists(attempts_marker) else "")
+                for _ in range(8)]
+        assert sorted(f.result(timeout=60) for f in runs)[-1] == "x"
+    assert_nothing_left(admin, group, addresses)
+
+
+def test_spot_eviction_drains_and_requeues(localcloud, admin):
+    group = group_name("spot")
+    admin.settings(eviction_notice=10)
+    try:
+        with AzureCluster("localcloud-small", 2, manifest="localcloud", spot=True, group=group,
+                          progress=False, join_timeout=300, waitfor=True) as cluster:
+            addresses = {w.ip for w in cluster.workers}
+            futures = [cluster.submit(lambda i=i: sleepy(i, 8)) for i in range(6)]
+            wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 2, 60, "busy workers")
+            victim = next(iter(cluster._members.values()))
+
+            async def evict():
+                await cluster._clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
+                    cluster._scaleset.resource_group, group, victim.instance_id)
+
+            cluster._call(evict())
+            wait_until(lambda: any(w.preempted for w in cluster.workers), 30, "the Preempt")
+            assert [f.result(timeout=300) for f in futures] == list(range(6))
+            # the evicted instance was given up and replaced by a new one
+            cluster.wait_for_workers(2, timeout=300)
+            assert victim.name not in {w.instance for w in cluster.workers}
+            addresses |= {w.ip for w in cluster.workers}
+    finally:
+        admin.settings(eviction_notice=30)
+    assert_nothing_left(admin, group, addresses)
+
+
+def write_pid_and_sleep(path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(300)
+
+
+def test_cancel_stops_remote_work(localcloud, admin):
+    group = group_name("cancel")
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", ppi=2, group=group,
+                      progress=False, join_timeout=300, waitfor=True) as cluster:
+        addresses = {w.ip for w in cluster.workers}
+        member = next(iter(cluster._members.values()))
+        pidfiles = [f"/tmp/cancel-{uuid.uuid4().hex}" for _ in range(2)]
+        running = [cluster.submit(lambda p=p: write_pid_and_sleep(p)) for p in pidfiles]
+        queued = cluster.submit(lambda: "never")
+
+        def remote_alive(path: str) -> str:
+            # a killed process stays a zombie until sshd reaps it: count zombies as gone
+            probe = (f"test -s {path} || {{ echo none; exit; }}; "
+                     f"grep -qs '^State:[[:space:]]*[RSDT]' /proc/$(cat {path})/status "
+                     "&& echo alive || echo gone")
+            return cluster._call(member.conn.run(probe)).stdout.strip()
+
+        wait_until(lambda: all(remote_alive(p) == "alive" for p in pidfiles), 60, "tasks running")
+        cluster.cancel(running[0])
+        assert running[0].cancelled()
+        wait_until(lambda: remote_alive(pidfiles[0]) == "gone", 10, "the cancelled call to stop")
+        assert remote_alive(pidfiles[1]) == "alive"
+        cluster.cancel_all()
+        assert running[1].cancelled() and queued.cancelled()
+        wait_until(lambda: remote_alive(pidfiles[1]) == "gone", 10, "every call to stop")
+        wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 2, 120, "slots back")
+        assert cluster.submit(lambda: 7).result(timeout=60) == 7
+    assert_nothing_left(admin, group, addresses)
+
+
+def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localcloud, admin):
+    group = group_name("bootfail")
+    template = load_scaleset_template("localcloud-small").model_copy(
+        update={"tempdisk": "echo preparing scratch space on purpose-fail; false"})
+    cluster = AzureCluster(template, 1, manifest="localcloud", group=group, progress=False,
+                           join_timeout=240, waitfor=True, max_replacements=0)
+    with pytest.raises(JoinTimeout) as info:
+        cluster.start()
+    message = str(info.value)
+    assert f"{group}_0" in message and "0 of 1 workers joined" in message
+    assert "failed: exit 1" in message and "tempdisk" in message
+    assert "preparing scratch space on purpose-fail" in message  # the cloud-init log tail
+    assert_nothing_left(admin, group, set())
+
+
+def test_join_deadline_names_the_instance_that_did_not_join(localcloud, admin):
+    group = group_name("slow")
+    admin.settings(boot_delay=120)
+    try:
+        cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
+                               progress=False, join_timeout=20, waitfor=True, max_replacements=0)
+        started = time.monotonic()
+        with pytest.raises(JoinTimeout) as info:
+            cluster.start()
+        assert time.monotonic() - started < 100
+    finally:
+        admin.settings(boot_delay=0)
+    message = str(info.value)
+    assert f"{group}_0" in message and "within 20 s" in message
+    wait_until(lambda: instances_of(admin, group) == [], 120, "the slow instance deleted")
+    assert_nothing_left(admin, group, set())
+
+
+def test_sigterm_closes_the_cluster(localcloud, admin, tmp_path):
+    group = group_name("sigterm")
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from prefect_azmanagers.cluster.cluster import AzureCluster
+        cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group="{group}",
+                               progress=False, join_timeout=300, waitfor=True).start()
+        print(cluster.submit(lambda: "joined").result(timeout=120), flush=True)
+        time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    try:
+        assert driver.stdout.readline().strip() == "joined"
+        assert len(instances_of(admin, group)) == 1
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(120) == -signal.SIGTERM
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert_nothing_left(admin, group, set())
