@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -448,3 +450,24 @@ def test_addresses_are_handed_out_round_robin_until_the_block_is_full(loop, tmp_
         assert small.allocate("vm5") == ips[1]
     finally:
         loop.run(small.stop())
+
+
+def test_state_dir_under_root_with_shell_metacharacters(loop, keys):
+    """The default state dir lives under /root, which instances must not see; paths are quoted."""
+    state = Path("/root") / f".azlc-test {uuid.uuid4().hex[:6]} 'q' $(x)"
+    h = SandboxHost(state)
+    loop.run(h.start())
+    try:
+        spec = spec_for(keys, "#!/bin/bash\necho booted-under-root\n")
+        h.allocate(spec.key)
+        loop.run(h.boot(spec))
+        vm = Booted(h, spec, keys)
+        # /root is traversable (the interpreter lives below it) but the state dir is not there
+        probe = f"test -e {shlex.quote(str(state))} && echo visible || echo hidden"
+        assert vm.check(probe).strip() == "hidden"
+        assert state.exists()
+        log = Path(h.describe(spec.key)["sandbox"]) / "log" / "cloud-init-output.log"
+        _wait_for(lambda: "booted-under-root" in log.read_text(), message="the boot script's output")
+    finally:
+        loop.run(h.stop())
+        shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""IMDS request handling (no namespace needed): Azure's rules and document shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefect_azmanagers.localcloud.imds import IMDSServer, InstanceMetadata, network_document
+
+H = {"metadata": "true"}
+
+
+@pytest.fixture
+def imds():
+    acks = []
+    meta = InstanceMetadata(compute={"name": "ss_1", "vmId": "v", "tags": ""},
+                            network=network_document("10.0.0.5", "10.0.0.0", 22, "0a:1b:2c:3d:4e:5f"))
+    server = IMDSServer("v", meta, lambda key, event_id: acks.append((key, event_id)))
+    server.acks = acks
+    return server
+
+
+def call(server, method, target, headers=H, body=b""):
+    status, content_type, payload = server.route(method, target, headers, body)
+    return status, (json.loads(payload) if payload and "json" in content_type else payload.decode())
+
+
+def test_instance_document_and_leaves(imds):
+    status, doc = call(imds, "GET", "/metadata/instance?api-version=2021-02-01")
+    assert status == 200 and doc["compute"]["name"] == "ss_1"
+    assert doc["network"]["interface"][0]["macAddress"] == "0A1B2C3D4E5F"
+    assert call(imds, "GET", "/metadata/instance/compute/vmId?api-version=1&format=text") == (200, "v")
+    ip = "/metadata/instance/network/interface/0/ipv4/ipAddress/0/privateIpAddress?api-version=1&format=text"
+    assert call(imds, "GET", ip) == (200, "10.0.0.5")
+    assert call(imds, "GET", "/metadata/instance/compute?api-version=1&format=text")[0] == 400
+    assert call(imds, "GET", "/metadata/instance/compute/nope?api-version=1")[0] == 404
+
+
+@pytest.mark.parametrize("headers, target, status, fragment", [
+    ({}, "/metadata/instance?api-version=1", 400, "Required metadata header"),
+    ({"metadata": "false"}, "/metadata/instance?api-version=1", 400, "Required metadata header"),
+    ({**H, "x-forwarded-for": "1.2.3.4"}, "/metadata/instance?api-version=1", 400, "X-Forwarded-For"),
+    (H, "/metadata/scheduledevents", 400, "api-version was not specified"),
+    (H, "/metadata/identity/oauth2/token?api-version=1", 404, "Not found"),
+])
+def test_requests_azure_refuses(imds, headers, target, status, fragment):
+    got, doc = call(imds, "GET", target, headers)
+    assert got == status and fragment in doc["error"]
+
+
+def test_scheduled_events_incarnation_and_acknowledgement(imds):
+    url = "/metadata/scheduledevents?api-version=2020-07-01"
+    first = call(imds, "GET", url)[1]
+    event = {"EventId": "E1", "EventType": "Preempt", "EventStatus": "Scheduled"}
+    imds.metadata.post_event(event)
+    imds.metadata.post_event({**event, "EventStatus": "Started"})  # same id: replaced
+    second = call(imds, "GET", url)[1]
+    assert second["Events"] == [{**event, "EventStatus": "Started"}]
+    assert second["DocumentIncarnation"] > first["DocumentIncarnation"]
+    assert call(imds, "POST", url, body=b'{"StartRequests": [{"EventId": "E1"}]}')[0] == 200
+    assert imds.acks == [("v", "E1")]
+    assert call(imds, "POST", url, body=b'{"StartRequests": [{"EventId": "E2"}]}')[0] == 400
+    assert call(imds, "POST", url, body=b"not json")[0] == 400
+    assert call(imds, "DELETE", url)[0] == 405
+    assert imds.acks == [("v", "E1")]
