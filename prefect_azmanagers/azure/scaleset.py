@@ -79,16 +79,16 @@ def _ips_by_vm(nics: list[dict]) -> dict[str, str]:
     return ips
 
 
-async def delete_scaleset(clients: Any, resource_group: str, name: str) -> bool:
-    """Delete a scale set and its instances, waiting for completion; False if it was not there."""
+async def delete_scaleset(clients: Any, resource_group: str, name: str) -> None:
+    """Delete a scale set and its instances, waiting for completion (already gone is fine:
+    ARM answers 204 or 404 for that)."""
     try:
         with arm_errors(f"delete scale set {name}"):
             poller = await clients.compute.virtual_machine_scale_sets.begin_delete(
                 resource_group, name, force_deletion=True)
             await poller.result()
     except ResourceMissing:
-        return False
-    return True
+        pass
 
 
 class ScaleSet:

@@ -205,15 +205,14 @@ async def list_vms(clients: Any, resource_group: str, *, tag_filter: dict[str, s
     return found
 
 
-async def delete_nic(clients: Any, resource_group: str, name: str) -> bool:
-    """Delete a NIC and wait; False if it was already gone."""
+async def delete_nic(clients: Any, resource_group: str, name: str) -> None:
+    """Delete a NIC and wait (already gone is fine)."""
     try:
         with arm_errors(f"delete NIC {name}"):
             poller = await clients.network.network_interfaces.begin_delete(resource_group, name)
             await poller.result()
     except ResourceMissing:
-        return False
-    return True
+        pass
 
 
 async def delete_vm(clients: Any, resource_group: str, name: str, *, nic_name: str | None = None) -> None:

@@ -93,7 +93,11 @@ def scalesets_delete(
         typer.confirm(f"Delete scale set {name} and all its instances?", abort=True)
 
     async def work(clients: ArmClients, rg: str) -> bool:
-        return await delete_scaleset(clients, rg, name)
+        # ARM answers a DELETE of a missing resource with 204: look first to say which it was.
+        if name not in {s.name for s in await list_scalesets(clients, rg)}:
+            return False
+        await delete_scaleset(clients, rg, name)
+        return True
 
     deleted = _with_clients(manifest, work)
     _console.print(f"Deleted scale set {name}." if deleted else f"Scale set {name} did not exist.")
