@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import shlex
 import shutil
 import socket
@@ -17,6 +18,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -312,6 +314,10 @@ def test_kill_ends_everything_but_keeps_address_and_disk(host, loop, boot):
     assert after["state"] == "killed" and after["ip"] == vm.ip and after["pids"] == []
     assert not any(_alive(p) for p in before["pids"])
     assert before["netns"] not in _netns_names()
+    port = f"i{before['netns'].rsplit('-', 1)[1]}"  # its veth end on the local cloud's bridge
+    bridge = subprocess.run(["ip", "-n", f"azlc-{host.cloud_id}-vnet", "-o", "link"],
+                            capture_output=True, text=True, check=True).stdout
+    assert f" {port}@" not in bridge and " br0:" in bridge
     assert not _listening(f"{vm.ip}:22")
     assert Path(after["sandbox"], "log").is_dir()
     loop.run(host.delete(vm.spec.key))
@@ -384,11 +390,16 @@ def test_stop_leaves_nothing_and_next_start_removes_a_crashed_runs_leftovers(loo
         assert left["netns"] not in _netns_names()
         assert not any(_alive(p) for p in left["pids"])
         assert not Path(left["sandbox"]).exists()
-        spec2 = spec_for(keys)
+        spec2 = spec_for(keys, admin_username=f"azlc{uuid.uuid4().hex[:8]}")
         fresh.allocate(spec2.key)
         loop.run(fresh.boot(spec2))
-        assert Booted(fresh, spec2, keys).check("echo ok").strip() == "ok"
+        vm2 = Booted(fresh, spec2, keys)
+        assert ssh(vm2.ip, vm2.key, vm2.known_hosts, "whoami", user=spec2.admin_username).stdout.strip() \
+            == spec2.admin_username
+        pwd.getpwnam(spec2.admin_username)  # created for the instance
         live = fresh.describe(spec2.key)
+        forwarder = urlsplit(fresh.prefect_api_url_for_vms).netloc
+        assert _listening(forwarder)
     finally:
         loop.run(fresh.stop())
     prefix = f"azlc-{fresh.cloud_id}-"
@@ -397,8 +408,9 @@ def test_stop_leaves_nothing_and_next_start_removes_a_crashed_runs_leftovers(loo
     assert f"azl{fresh.cloud_id}" not in links
     assert not any(_alive(p) for p in live["pids"])
     assert not _listening(f"{live['ip']}:22")
-    forwarder = fresh.prefect_api_url_for_vms
-    assert forwarder is None and not _listening(f"{crashed.prefect_api_url_for_vms.split('//')[1].split('/')[0]}")
+    with pytest.raises(KeyError):  # the account it created is removed with it
+        pwd.getpwnam(spec2.admin_username)
+    assert fresh.prefect_api_url_for_vms is None and not _listening(forwarder)
 
 
 def test_sixteen_instances_boot_in_parallel(host, loop, keys, capsys):
