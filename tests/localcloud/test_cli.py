@@ -1,0 +1,82 @@
+"""The `localcloud` CLI as the shared fixture runs it: blocks saved in the real Prefect server point
+at a working local cloud; admin verbs and status through the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from arm_harness import StaticCredential
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+
+from prefect_azmanagers.blocks import load_manifest, load_nic_template, load_scaleset_template, load_vm_template
+from prefect_azmanagers.localcloud import LocalCloudAdmin
+from prefect_azmanagers.localcloud.config import LocalCloudConfig
+
+CLI = [sys.executable, "-m", "prefect_azmanagers.cli", "localcloud"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
+    manifest = load_manifest("localcloud")
+    assert manifest.arm_endpoint == localcloud["arm_endpoint"] and manifest.ca_bundle == localcloud["ca_cert"]
+    assert manifest.credential == "static" and manifest.python == sys.executable
+    assert manifest.prefect_api_url_for_vms == localcloud["prefect_api_url_for_vms"] is not None
+    assert oct(os.stat(manifest.ssh_private_key_file).st_mode & 0o777) == "0o600"
+    template = load_scaleset_template("localcloud-small")
+    assert load_vm_template("localcloud-vm").value["properties"]["hardwareProfile"]["vmSize"]
+    assert load_nic_template("localcloud-nic").value["properties"]["ipConfigurations"]
+
+    # the template's body, completed as the control plane completes it, is accepted as is
+    body = dict(template.value)
+    body["sku"] = dict(body["sku"], capacity=1)
+    os_profile = body["properties"]["virtualMachineProfile"]["osProfile"]
+    os_profile["linuxConfiguration"]["ssh"]["publicKeys"] = [
+        {"path": f"/home/{manifest.ssh_user}/.ssh/authorized_keys", "keyData": manifest.read_public_key().strip()}]
+    kwargs = dict(base_url=manifest.arm_endpoint, connection_verify=manifest.ca_bundle, polling_interval=0)
+    compute = ComputeManagementClient(StaticCredential(), manifest.subscription_id, **kwargs)
+    network = NetworkManagementClient(StaticCredential(), manifest.subscription_id, **kwargs)
+    rg = manifest.resource_group
+    compute.virtual_machine_scale_sets.begin_create_or_update(rg, "clismall", body).result()
+    try:
+        [nic] = network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(rg, "clismall")
+        ip = nic.ip_configurations[0].private_ip_address
+        status = _cli("status", "--state-dir", localcloud["state_dir"])
+        assert status.returncode == 0, status.stderr
+        assert "isolated" in status.stdout and "clismall_0" in status.stdout and ip in status.stdout
+
+        kill = _cli("kill", "clismall_0", "--state-dir", localcloud["state_dir"])
+        assert kill.returncode == 0, kill.stderr
+        view = compute.virtual_machine_scale_set_vms.get_instance_view(rg, "clismall", "0")
+        assert view.statuses[-1].code == "PowerState/stopped"
+        unknown = _cli("kill", "no-such-vm", "--state-dir", localcloud["state_dir"])
+        assert unknown.returncode == 1 and "no instance named 'no-such-vm'" in unknown.stderr
+    finally:
+        compute.virtual_machine_scale_sets.begin_delete(rg, "clismall").result()
+
+
+def test_fault_verbs_reach_the_admin_api(localcloud):
+    state = ["--state-dir", localcloud["state_dir"]]
+    admin = LocalCloudAdmin.from_info(localcloud)
+    try:
+        assert _cli("throttle", "2", "--retry-after", "1", *state).returncode == 0
+        assert _cli("fail-next", "1", "--allocation-failed", *state).returncode == 0
+        assert _cli("boot-fail", "3", *state).returncode == 0
+        assert _cli("quota", "standardBSFamily", "7", *state).returncode == 0
+        assert _cli("boot-delay", "0.5", *state).returncode == 0
+        doc = admin.status()
+        assert doc["faults"]["throttle"] == 2 and doc["faults"]["allocation_failures"] == 1
+        assert doc["faults"]["boot_failures"] == 3 and doc["settings"]["boot_delay"] == 0.5
+        assert admin.set_quota("standardBSFamily", 7)["quotas"]["standardBSFamily"] == 7
+        counters = _cli("counters", *state)
+        assert counters.returncode == 0 and "live instances" in counters.stdout
+    finally:
+        admin.clear_faults()
+        admin.settings(boot_delay=0)
+        admin.set_quota("standardBSFamily", LocalCloudConfig().quotas["standardBSFamily"])
+        admin.close()
