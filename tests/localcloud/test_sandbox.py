@@ -325,7 +325,7 @@ def test_kill_ends_everything_but_keeps_address_and_disk(host, loop, boot):
 
 
 def test_boot_delay_keeps_ssh_down_until_it_passed(host, loop, keys):
-    spec = spec_for(keys, boot_delay=1.5)
+    spec = spec_for(keys, boot_delay=3)
     ip = host.allocate(spec.key)
     pending = loop.submit(host.boot(spec))
     try:
@@ -430,21 +430,24 @@ def test_sixteen_instances_boot_in_parallel(host, loop, keys, capsys):
         seen = {Booted(host, s, keys).check("hostname; ip -4 -o addr show dev eth0") for s in specs}
         assert {(out.split()[0], out.split()[4].split("/")[0]) for out in seen} == \
             {(s.computer_name, ip) for s, ip in zip(specs, ips)}
-        rss_kib = [_rss_kib(host.describe(s.key)["pids"]) for s in specs]
+        pids = [host.describe(s.key)["pids"] for s in specs]
+        rss = [_memory_kib(p, "Rss") for p in pids]
+        pss = [_memory_kib(p, "Pss") for p in pids]
         with capsys.disabled():
             print(f"\n[sandbox figures] 16 instances booted in parallel in {elapsed:.2f} s; "
-                  f"idle RSS per instance {sum(rss_kib) / len(rss_kib) / 1024:.1f} MiB "
-                  f"(min {min(rss_kib) / 1024:.1f}, max {max(rss_kib) / 1024:.1f})")
+                  f"idle memory per instance: RSS {sum(rss) / 16 / 1024:.1f} MiB "
+                  f"(max {max(rss) / 1024:.1f}), PSS {sum(pss) / 16 / 1024:.1f} MiB")
     finally:
         for s in specs:
             loop.run(host.delete(s.key))
 
 
-def _rss_kib(pids: list[int]) -> int:
+def _memory_kib(pids: list[int], field: str) -> int:
+    """Sum of `field` ("Rss" or "Pss": shared pages divided among their users) over `pids`."""
     total = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 total += int(line.split()[1])
     return total
 
