@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import socket
 import traceback
 import uuid
@@ -53,6 +54,7 @@ class RemoteTaskRun:
         token = ON_WORKER.set(True)
         try:
             with hydrated_context(self.context):
+                _keep_api_records_off_stderr()
                 kwargs = dict(
                     task=self.task,
                     task_run_id=self.task_run_id,
@@ -100,6 +102,26 @@ def _drain_at_agent_exit() -> None:
     from prefect_azmanagers.cluster.agent import register_flush_hook
 
     register_flush_hook(drain_prefect_services)  # idempotent
+
+
+class _SentToAPI:
+    """Logging filter: drop flow/task-run records, which reach the API on their own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("prefect.task_runs", "prefect.flow_runs"))
+
+
+_SENT_TO_API = _SentToAPI()
+
+
+def _keep_api_records_off_stderr() -> None:
+    """Keep task-run logs off the worker's stderr: the driver shows every stderr line in the
+    flow's log, where these records would appear a second time."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and _SENT_TO_API not in handler.filters:
+            handler.addFilter(_SENT_TO_API)
 
 
 def _note_remote_traceback(state: Any) -> None:

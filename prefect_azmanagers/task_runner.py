@@ -179,6 +179,11 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self.__dict__.update(state)
         self._reset_runtime_state()
 
+    @property
+    def cluster(self) -> AzureCluster | None:
+        """The cluster this runner submits to while it runs on the driver (else None)."""
+        return self._cluster
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def __enter__(self) -> Self:

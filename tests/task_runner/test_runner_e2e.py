@@ -9,6 +9,7 @@ This test module is not installed on the instances: its tasks travel by value.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 import subprocess
@@ -182,3 +183,171 @@ def test_failing_task_fails_flow_with_remote_traceback(localcloud, admin):
     notes = "\n".join(info.value.__notes__)
     assert "Remote traceback" in notes and "in level_two" in notes
     assert_nothing_left(admin, group, tag)
+
+
+@task
+def slow_square(x, seconds=4.0):
+    time.sleep(seconds)
+    return x * x
+
+
+def running_task_runs(flow_run_id) -> int:
+    return sum(1 for r in task_runs_of(flow_run_id) if r.state and r.state.is_running())
+
+
+class when_running(threading.Thread):
+    """In the background: once `count` task runs of the flow run are Running, call `action`;
+    `join()` re-raises what the action raised."""
+
+    def __init__(self, flow_run_ids: list, count: int, action, timeout: float = 240):
+        super().__init__(daemon=True)
+        self.flow_run_ids, self.count, self.action, self.timeout = flow_run_ids, count, action, timeout
+        self.context = contextvars.copy_context()  # the test's Prefect settings (API URL)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.flow_run_ids and self.context.run(
+                        running_task_runs, self.flow_run_ids[0]) >= self.count:
+                    self.context.run(self.action)
+                    return
+            except BaseException as exc:  # noqa: BLE001 - reported by join()
+                self.error = exc
+                return
+            time.sleep(0.3)
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def test_waitfor_blocks_until_every_worker_joined(localcloud, admin):
+    group, tag = new_group("trw"), uuid.uuid4().hex
+
+    @flow(task_runner=runner(group, 2, ppi=2, waitfor=True, env={"AZM_TEST_TAG": tag}))
+    def waited():
+        joined = len(FlowRunContext.get().task_runner.cluster.workers)  # before any submit
+        return joined, sum(square.map(range(10)).result())
+
+    assert waited() == (4, sum(i * i for i in range(10)))
+    assert_nothing_left(admin, group, tag)
+
+
+def test_agent_killed_mid_run_work_is_rerun_and_flow_completes(localcloud, admin):
+    group, tag = new_group("trk"), uuid.uuid4().hex
+    flow_run_ids: list = []
+    killed: list[int] = []
+
+    def kill_one_agent():
+        victim = agents_tagged(tag)[0]
+        killed.append(victim.pid)
+        victim.send_signal(signal.SIGKILL)
+
+    @flow(task_runner=runner(group, 2, env={"AZM_TEST_TAG": tag}))
+    def survives():
+        flow_run_ids.append(FlowRunContext.get().flow_run.id)
+        return slow_square.map(range(6)).result()
+
+    watcher = when_running(flow_run_ids, 2, kill_one_agent)
+    state = survives(return_state=True)
+    watcher.join()
+    assert killed, "no agent was killed: the flow never had two running tasks"
+    assert state.is_completed() and state.result() == [i * i for i in range(6)]
+    assert not psutil.pid_exists(killed[0]) or \
+        psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert_nothing_left(admin, group, tag)
+
+
+def test_spot_eviction_mid_run_work_is_rerun_and_flow_completes(localcloud, admin):
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+
+    group, tag = new_group("trs"), uuid.uuid4().hex
+    flow_run_ids: list = []
+    evicted: list[str] = []
+
+    def evict_one_instance():
+        victim = instances_of(admin, group)[0]
+
+        async def evict():
+            async with ArmClients(load_manifest("localcloud")) as arm:
+                await arm.compute.virtual_machine_scale_set_vms.simulate_eviction(
+                    victim["resource_group"], group, victim["name"].rsplit("_", 1)[1])
+
+        asyncio.run(evict())
+        evicted.append(victim["name"])
+
+    @flow(task_runner=runner(group, 2, spot=True, env={"AZM_TEST_TAG": tag}))
+    def survives_eviction():
+        flow_run_ids.append(FlowRunContext.get().flow_run.id)
+        return slow_square.map(range(6)).result()
+
+    watcher = when_running(flow_run_ids, 2, evict_one_instance)
+    state = survives_eviction(return_state=True)
+    watcher.join()
+    assert evicted, "no instance was evicted: the flow never had two running tasks"
+    assert state.is_completed() and state.result() == [i * i for i in range(6)]
+    assert evicted[0] not in {i["name"] for i in instances_of(admin, group)}
+    assert_nothing_left(admin, group, tag)
+
+
+CANCELLED_FLOW = '''
+import sys, time
+from prefect import flow, task
+from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+@task
+def sleeper(x):
+    time.sleep(600)
+    return x
+
+@flow(task_runner=AzureScaleSetTaskRunner("localcloud-small", 1, manifest="localcloud", ppi=2,
+      group=sys.argv[1], env={"AZM_TEST_TAG": sys.argv[2]}, join_timeout=300))
+def long_flow():
+    return sleeper.map(range(4)).result()
+
+long_flow()
+'''
+
+
+def test_sigterm_cancels_remote_work_and_tears_down(localcloud, admin, prefect_server, tmp_path):
+    group, tag = new_group("trc"), uuid.uuid4().hex
+    script = tmp_path / "long_flow.py"
+    script.write_text(CANCELLED_FLOW)
+    proc = subprocess.Popen([sys.executable, str(script), group, tag], cwd=tmp_path,
+                            env=dict(os.environ, PREFECT_API_URL=prefect_server.api_url),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        busy: list[psutil.Process] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            busy = [p for p in agents_tagged(tag) if p.cpu_times() is not None]
+            if len(busy) == 2 and _sleeping_task_runs(group) >= 2:
+                break
+            time.sleep(0.5)
+        assert len(busy) == 2, f"the flow never ran two remote tasks:\n{_output(proc)}"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        gone, alive = psutil.wait_procs(busy, timeout=30)
+        assert alive == [], "remote work still running after the flow was cancelled"
+        assert_nothing_left(admin, group, tag)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _sleeping_task_runs(group: str) -> int:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+    return sum(1 for r in runs if r.name.startswith("sleeper") and r.state and r.state.is_running())
+
+
+def _output(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        return "(still running)"
+    return proc.stdout.read()[-3000:] if proc.stdout else ""
