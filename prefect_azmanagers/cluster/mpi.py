@@ -43,7 +43,25 @@ _RUN, _OUTCOME, _ACK = 1, 2, 3
 # After one rank failed, how long the others may take to finish the call before the worker is
 # considered stuck (e.g. in a collective the failed rank never joins) and restarted.
 FAILURE_GRACE_SECONDS = 2.0
-_MAX_IDLE_SLEEP = 0.01
+_MIN_SLEEP, _MAX_IDLE_SLEEP = 0.0002, 0.01
+_HOT_SECONDS = 0.1  # after activity, keep polling fast this long: calls come back to back
+
+
+class _Backoff:
+    """Poll intervals: short while work is recent, growing to _MAX_IDLE_SLEEP when idle, so a
+    waiting rank neither spins a core (as a blocking MPI receive does) nor adds latency."""
+
+    def __init__(self) -> None:
+        self.active()
+
+    def active(self) -> None:
+        self._since = time.monotonic()
+        self._sleep = _MIN_SLEEP
+
+    def interval(self) -> float:
+        if time.monotonic() - self._since > _HOT_SECONDS:
+            self._sleep = min(self._sleep * 2, _MAX_IDLE_SLEEP)
+        return self._sleep
 
 
 class MPIRankError(AzManagersError):
@@ -147,10 +165,9 @@ class Leader:
         thread = threading.Thread(target=run, daemon=True, name="azm-mpi-rank0")
         thread.start()
         failed_at: float | None = None
-        sleep = 0.0002
+        backoff = _Backoff()
         status = self._mpi.Status()
         while thread.is_alive() or len(self._outcomes) < self.size - 1:
-            received = False
             while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
                 source = status.Get_source()
                 outcome = self.control.recv(source=source, tag=_OUTCOME)
@@ -159,14 +176,13 @@ class Leader:
                 with self._changed:
                     self._outcomes[source] = outcome
                     self._changed.notify_all()
-                received = True
+                backoff.active()
             if failed_at is None and ("error" in local or any(self._outcomes.values())):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_SECONDS:
                 self.poisoned = True
                 break
-            sleep = 0.0002 if received else min(sleep * 2, _MAX_IDLE_SLEEP)
-            thread.join(timeout=sleep)
+            thread.join(timeout=backoff.interval())
         if not self.poisoned:
             self._mpi.Request.waitall(requests)
             self._busy = False
@@ -226,8 +242,9 @@ def follow() -> None:
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
     control = MPI.COMM_WORLD.Dup()
+    backoff = _Backoff()
     while True:
-        message = _wait_for(control, _RUN, timeout=None)
+        message = _wait_for(control, _RUN, backoff, timeout=None)
         if message is None:
             break
         task_id, payload = message
@@ -240,7 +257,8 @@ def follow() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         control.send(outcome, dest=0, tag=_OUTCOME)
-        if outcome and _wait_for(control, _ACK, timeout=FAILURE_GRACE_SECONDS) is _TIMED_OUT:
+        backoff.active()
+        if outcome and _wait_for(control, _ACK, backoff, FAILURE_GRACE_SECONDS) is _TIMED_OUT:
             _report_and_abort(protocol, task_id, MPIRankError(
                 rank, control.Get_size(), outcome["type"], outcome["message"], outcome["traceback"]))
     MPI.Finalize()
@@ -256,16 +274,14 @@ def follow() -> None:
 _TIMED_OUT = object()
 
 
-def _wait_for(control: Any, tag: int, timeout: float | None) -> Any:
+def _wait_for(control: Any, tag: int, backoff: _Backoff, timeout: float | None) -> Any:
     """Receive the next message with `tag` from rank 0, polling with sleeps (a blocking
     receive would spin a core for as long as we wait); _TIMED_OUT after `timeout` seconds."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    sleep = 0.0002
     while not control.Iprobe(source=0, tag=tag):
         if deadline is not None and time.monotonic() > deadline:
             return _TIMED_OUT
-        time.sleep(sleep)
-        sleep = min(sleep * 2, _MAX_IDLE_SLEEP)
+        time.sleep(backoff.interval())
     return control.recv(source=0, tag=tag)
 
 
@@ -294,6 +310,14 @@ def _report_and_abort(protocol: int, task_id: int, error: MPIRankError) -> None:
 
 
 _leader: Leader | None = None
+
+
+def own_failure_stands() -> None:
+    """Called by a failing call on rank 0: its own failure is the call's outcome, even if other
+    ranks fail too (without it, another rank's failure would replace a returned result)."""
+    if _leader is not None:
+        with _leader._changed:
+            _leader._surfaced = True
 
 
 def wait_for_ranks() -> None:
