@@ -478,6 +478,8 @@ class Backend:
         new = [self._new_member(ss, priority="Regular" if n < regular else "Spot", sku=sku)
                for n in range(regular + spot)]
         doomed = sorted(live, key=_creation_order)[capacity:] if len(live) > capacity else []
+        for inst in doomed:
+            inst.power_state = "deleting"  # at once, so a following request does not count them
         allocation_failure = bool(new) and self._take_allocation_failure()
         self._save(ss)
 

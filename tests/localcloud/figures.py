@@ -1,0 +1,106 @@
+"""Figures of the local cloud (not a test; run it alone on a quiet machine):
+
+    .venv/bin/python tests/localcloud/figures.py [--instances 16] [--seconds 10]
+
+- time from the create request to every instance SSH-reachable with the stock OpenSSH client
+  (boot delay 0), split into the ARM LRO (Succeeded = every sshd accepts) and the SSH check;
+- the endpoint's requests per second on a list call (VirtualMachineScaleSetVMs_List through the
+  real SDK, one client, sequential);
+- resident memory per idle instance (every process in the instance's namespaces) and the local
+  cloud process's growth per instance.
+Prints a table and the JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from arm_harness import Cloud, StaticCredential  # noqa: E402
+
+from prefect_azmanagers.localcloud import LocalCloudAdmin, start, stop  # noqa: E402
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(instances: int, seconds: float) -> dict:
+    state_dir = Path(tempfile.mkdtemp(prefix="azm-figures-"))
+    info = start(state_dir)
+    kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
+    cloud = Cloud(info, LocalCloudAdmin.from_info(info),
+                  ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs),
+                  NetworkManagementClient(StaticCredential(), info["subscription_id"], **kwargs))
+    try:
+        cloud.admin.set_quota("standardBSFamily", 2 * instances)
+        server_rss_before = _rss_kib(info["pid"])
+        t0 = time.monotonic()
+        cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+            cloud.rg, "figures", cloud.scale_set_body(instances)).result()
+        t_lro = time.monotonic() - t0
+        ips = [n.ip_configurations[0].private_ip_address for n in
+               cloud.network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(cloud.rg, "figures")]
+        with ThreadPoolExecutor(instances) as pool:
+            results = list(pool.map(lambda ip: cloud.ssh(ip, "true").returncode, ips))
+        t_ssh = time.monotonic() - t0
+        assert results == [0] * instances, results
+
+        time.sleep(2)  # idle
+        pids = [pid for inst in cloud.admin.status()["instances"] for pid in (inst["sandbox"] or {}).get("pids", [])]
+        instance_rss = sum(_rss_kib(pid) for pid in pids)
+        server_growth = _rss_kib(info["pid"]) - server_rss_before
+
+        n, t1 = 0, time.monotonic()
+        while time.monotonic() - t1 < seconds:
+            list(cloud.compute.virtual_machine_scale_set_vms.list(cloud.rg, "figures"))
+            n += 1
+        rps = n / (time.monotonic() - t1)
+        cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, "figures").result()
+        return {
+            "instances": instances,
+            "create_to_lro_succeeded_s": round(t_lro, 2),
+            "create_to_all_ssh_reachable_s": round(t_ssh, 2),
+            "list_requests_per_s": round(rps, 1),
+            "rss_per_idle_instance_mib": round(instance_rss / instances / 1024, 1),
+            "processes_per_instance": round(len(pids) / instances, 1),
+            "localcloud_rss_growth_per_instance_mib": round(server_growth / instances / 1024, 2),
+        }
+    finally:
+        cloud.compute.close()
+        cloud.network.close()
+        cloud.admin.close()
+        stop(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    figures = measure(args.instances, args.seconds)
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
