@@ -87,6 +87,23 @@ def test_spot_counts_against_low_priority_cores(cloud: Cloud):
         cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, name).result()
 
 
+def test_spot_requests_are_validated(cloud: Cloud):
+    bad_price = dict(priority="Spot", evictionPolicy="Delete", billingProfile={"maxPrice": -5})
+    with pytest.raises(HttpResponseError) as info:
+        cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+            cloud.rg, unique("price"), cloud.scale_set_body(1, **bad_price))
+    assert info.value.error.code == "MaxPriceValueInvalid"
+    spot = dict(priority="Spot", evictionPolicy="Delete", billingProfile={"maxPrice": -1})
+    with pytest.raises(HttpResponseError) as info:
+        cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+            cloud.rg, unique("hb"), cloud.scale_set_body(1, sku="Standard_HB120rs_v3", **spot))
+    assert info.value.error.code == "AzureSpotIsNotSupportedForThisVMSize"
+    with pytest.raises(HttpResponseError) as info:
+        cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+            cloud.rg, unique("pol"), cloud.scale_set_body(1, evictionPolicy="Delete"))
+    assert info.value.error.code == "InvalidParameter" and "priority is Spot" in info.value.error.message
+
+
 def test_sku_not_available(cloud: Cloud):
     with pytest.raises(ResourceExistsError) as info:
         cloud.compute.virtual_machine_scale_sets.begin_create_or_update(

@@ -80,3 +80,18 @@ def test_fault_verbs_reach_the_admin_api(localcloud):
         admin.settings(boot_delay=0)
         admin.set_quota("standardBSFamily", LocalCloudConfig().quotas["standardBSFamily"])
         admin.close()
+
+
+def test_start_without_a_prefect_api_says_the_blocks_were_not_saved(tmp_path):
+    state = ["--state-dir", str(tmp_path / "lc")]
+    env = dict(os.environ, PREFECT_API_URL="http://127.0.0.1:9/api")  # nothing listens there
+    try:
+        started = subprocess.run(CLI + ["start", "--background", *state], capture_output=True, text=True,
+                                 timeout=180, env=env)
+        assert started.returncode == 0, started.stderr
+        assert "NOT saved" in started.stdout and "arm_endpoint" in started.stdout
+        assert (tmp_path / "lc" / "localcloud.json").exists()
+    finally:
+        stopped = subprocess.run(CLI + ["stop", *state], capture_output=True, text=True, timeout=180, env=env)
+    assert stopped.returncode == 0 and "Stopped the local cloud" in stopped.stdout
+    assert not (tmp_path / "lc" / "localcloud.json").exists()
