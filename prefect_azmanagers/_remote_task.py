@@ -50,13 +50,15 @@ class RemoteTaskRun:
         from prefect.context import hydrated_context
         from prefect.task_engine import run_task_async, run_task_sync
 
+        from prefect_azmanagers.mpi import checking_other_ranks
+
         _drain_at_agent_exit()
         token = ON_WORKER.set(True)
         try:
             with hydrated_context(self.context):
                 _keep_api_records_off_stderr()
                 kwargs = dict(
-                    task=self.task,
+                    task=checking_other_ranks(self.task),  # MPI seam: rank 0 waits for the others
                     task_run_id=self.task_run_id,
                     parameters=self.parameters,
                     wait_for=self.wait_for,
@@ -75,6 +77,13 @@ class RemoteTaskRun:
             ON_WORKER.reset(token)
         _note_remote_traceback(state)
         return state
+
+    def __azm_mpi_follower__(self) -> None:
+        """On ranks > 0 of an MPI worker (cluster/mpi.py): the bare task function; rank 0 runs
+        Prefect's engine, so the task run's states are reported once."""
+        from prefect_azmanagers.mpi import run_task_function
+
+        run_task_function(self.task, self.parameters, self.context)
 
 
 def flush_events() -> None:
