@@ -33,7 +33,7 @@ from prefect.states import Cancelled, Cancelling
 
 from prefect_azmanagers.detached.bundle import variablebundle
 from prefect_azmanagers.detached.runtime import (
-    FLOW_NAME, PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
+    PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
 )
 from prefect_azmanagers.detached.vm import DetachedVM, upload_payload
 from prefect_azmanagers.exceptions import AzManagersError, PayloadError

@@ -18,16 +18,15 @@ the package being installed on every instance), through which `detachat` runs jo
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -50,7 +49,7 @@ from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
 from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
 from prefect_azmanagers.exceptions import (
-    AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
+    BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
 )
 
 DETACHED_KIND = "detached"
@@ -255,8 +254,7 @@ async def _write_private_file(vm: DetachedVM, manifest: AzureManifest, relative_
                               data: bytes) -> None:
     """Write `data` to ~/relative_path on the VM over SFTP, mode 0600 from creation."""
     async with ssh_connection(vm, manifest) as connection:
-        # InstanceConnection has no public SFTP accessor yet (asked of the cluster engineer).
-        async with connection._conn.start_sftp_client() as sftp:
+        async with connection.ssh.start_sftp_client() as sftp:
             directory = relative_path.rsplit("/", 1)[0]
             await sftp.makedirs(directory, exist_ok=True)
             async with sftp.open(relative_path, "wb",
@@ -276,8 +274,7 @@ def upload_payload(vm: DetachedVM, payload: bytes, *, manifest: str | AzureManif
 
 async def _put_code(vm: DetachedVM, manifest: AzureManifest, code: Path) -> None:
     async with ssh_connection(vm, manifest) as connection:
-        # InstanceConnection has no public SFTP accessor yet (asked of the cluster engineer).
-        async with connection._conn.start_sftp_client() as sftp:
+        async with connection.ssh.start_sftp_client() as sftp:
             await sftp.put(str(code), f"{CODE_DIR}/{code.name}", recurse=True)
 
 

@@ -1,0 +1,71 @@
+"""The Prefect UI shows a detached job: headless Chromium (Debian's) against the real server.
+
+A job runs on a detached VM of the local cloud; the UI's flow-runs list names its flow run and
+the flow-run page shows its state and the job's own output lines (the `job.stdout` logs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from prefect_azmanagers.detached import addproc, detachat, rmproc
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def ui_check_job():
+    print("visible in the Prefect UI: line one")
+    print("visible in the Prefect UI: line two")
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def finished_job(localcloud):
+    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmui")
+    try:
+        job = detachat(vm, ui_check_job)
+        assert job.wait(timeout=300) == "done"
+        yield job
+    finally:
+        rmproc(vm)
+
+
+@pytest.fixture
+def page(prefect_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            # The UI bundle calls an analytics host: only the server's own address may be reached.
+            page.route("**/*", lambda route: route.continue_()
+                       if route.request.url.startswith(prefect_server.ui_url) else route.abort())
+            yield page
+        finally:
+            browser.close()
+
+
+def test_ui_lists_the_detached_flow_run_with_its_logs(prefect_server, finished_job, page):
+    from playwright.sync_api import expect
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run_name = client.read_flow_run(finished_job.flow_run_id).name
+    page.goto(f"{prefect_server.ui_url}/runs")
+    expect(page.get_by_text(flow_run_name).first).to_be_visible(timeout=60_000)
+
+    page.goto(f"{prefect_server.ui_url}/runs/flow-run/{finished_job.flow_run_id}")
+    expect(page.get_by_text(flow_run_name).first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
+    logs_tab = page.get_by_role("tab", name=re.compile("Logs"))
+    if logs_tab.count():
+        logs_tab.first.click()
+    expect(page.get_by_text("visible in the Prefect UI: line one")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("visible in the Prefect UI: line two")).to_be_visible(timeout=60_000)
