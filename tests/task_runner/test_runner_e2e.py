@@ -351,3 +351,63 @@ def _output(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         return "(still running)"
     return proc.stdout.read()[-3000:] if proc.stdout else ""
+
+
+def final_state(future):
+    future.wait()
+    return future.state
+
+
+USER_MODULE = '''
+from prefect import task
+from prefect.cache_policies import INPUTS
+from prefect.runtime import task_run
+
+CALLS = []
+
+
+@task(retries=2, retry_delay_seconds=0)
+def flaky(x):
+    if task_run.run_count < 3:
+        raise RuntimeError(f"attempt {task_run.run_count} fails")
+    return ("flaky", x, task_run.run_count)
+
+
+@task(cache_policy=INPUTS, persist_result=True)
+def expensive(x):
+    import os
+    return ("computed", x, os.getpid())
+'''
+
+
+def test_shared_cluster_user_module_retries_and_caching(localcloud, admin, prefect_server,
+                                                        tmp_path, monkeypatch):
+    """A module that exists only on the driver runs on the workers; Prefect's retries and
+    caching behave as with a local runner; one AzureCluster serves two flows."""
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+
+    (tmp_path / "azm_user_tasks.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import azm_user_tasks
+
+    group, tag = new_group("trx"), uuid.uuid4().hex
+    cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
+                           env={"AZM_TEST_TAG": tag}, forward_ports=[prefect_server.port],
+                           progress=False, join_timeout=300)
+    with cluster:
+        @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+        def first():
+            return (azm_user_tasks.flaky.submit(5).result(),
+                    final_state(azm_user_tasks.expensive.submit(9)))
+
+        @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+        def second():
+            return final_state(azm_user_tasks.expensive.submit(9))
+
+        flaky, computed = first()
+        assert flaky == ("flaky", 5, 3)  # two Prefect retries on the worker, then success
+        assert computed.is_completed() and computed.name == "Completed"
+        assert len(cluster.workers) == 1  # the cluster outlives the first flow
+        cached = second()
+        assert cached.name == "Cached" and cached.result() == computed.result()
+    assert_nothing_left(admin, group, tag)
