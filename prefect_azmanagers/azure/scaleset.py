@@ -79,6 +79,10 @@ def _ips_by_vm(nics: list[dict]) -> dict[str, str]:
     return ips
 
 
+def _capacity(vmss: dict | None) -> int:
+    return int(((vmss or {}).get("sku") or {}).get("capacity") or 0)
+
+
 async def delete_scaleset(clients: Any, resource_group: str, name: str) -> None:
     """Delete a scale set and its instances, waiting for completion (already gone is fine:
     ARM answers 204 or 404 for that)."""
@@ -136,6 +140,9 @@ class ScaleSet:
         self._watchers: set[asyncio.Task] = set()
         self._failure: AzureError | None = None
         self._preexisting: set[str] | None = None   # instance ids before our first grow of a set we did not create
+        # Serialises capacity writes: two concurrent grows must not both PATCH old + n.
+        self._capacity_lock = asyncio.Lock()
+        self._writes = 0   # capacity writes sent by this object (a grow re-reads if it changed)
 
     # -- model -----------------------------------------------------------------------------
 
@@ -232,11 +239,25 @@ class ScaleSet:
         if n < 1:
             raise ValueError(f"grow(n) needs n >= 1, got {n}")
         self._raise_failure()
+        writes_seen = self._writes
         current = await self._get()
-        old = int((current or {}).get("sku", {}).get("capacity") or 0)
+        old = _capacity(current)
         regular, spot = self._new_instances(old, old + n)
         await ensure_quota(self.clients, (current or {}).get("location") or self._location(),
                            self._sku_name(), regular=regular, spot=spot, wait=self.quota_wait)
+        async with self._capacity_lock:
+            if self._writes != writes_seen:   # another grow/delete of ours went first: re-read
+                current = await self._get()
+                old = _capacity(current)
+            poller = await self._request_growth(current, old, n)
+            self._writes += 1
+        logger.info("Scale set %s: capacity %d -> %d", self.name, old, old + n)
+        task = asyncio.get_running_loop().create_task(self._follow(poller, old + n))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _request_growth(self, current: dict | None, old: int, n: int) -> Any:
+        """Send the one write that takes the capacity from old to old + n; returns its poller."""
         vmss_ops = self.clients.compute.virtual_machine_scale_sets
         if current is None:
             body = self.body(old + n)
@@ -248,16 +269,11 @@ class ScaleSet:
                 self.created = False   # refused outright: nothing was made
                 raise
             self._flexible = self.priority_mix
-        else:
-            if self._preexisting is None and not self.created:
-                self._preexisting = {i.instance_id for i in await self._list()}
-            with arm_errors(f"grow scale set {self.name} from {old} to {old + n} instances"):
-                poller = await vmss_ops.begin_update(self.resource_group, self.name,
-                                                     {"sku": {"capacity": old + n}})
-        logger.info("Scale set %s: capacity %d -> %d", self.name, old, old + n)
-        task = asyncio.get_running_loop().create_task(self._follow(poller, old + n))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+            return poller
+        if self._preexisting is None and not self.created:
+            self._preexisting = {i.instance_id for i in await self._list()}
+        with arm_errors(f"grow scale set {self.name} from {old} to {old + n} instances"):
+            return await vmss_ops.begin_update(self.resource_group, self.name, {"sku": {"capacity": old + n}})
 
     async def _follow(self, poller: Any, capacity: int) -> None:
         """Wait for a grow to finish; on failure delete the instances it left Failed, keep the error."""
@@ -347,8 +363,10 @@ class ScaleSet:
             return
         try:
             with arm_errors(f"delete {len(instance_ids)} instances of scale set {self.name}"):
-                poller = await self.clients.compute.virtual_machine_scale_sets.begin_delete_instances(
-                    self.resource_group, self.name, {"instanceIds": list(instance_ids)})
+                async with self._capacity_lock:   # the request lowers the capacity a grow reads
+                    self._writes += 1
+                    poller = await self.clients.compute.virtual_machine_scale_sets.begin_delete_instances(
+                        self.resource_group, self.name, {"instanceIds": list(instance_ids)})
                 await poller.result()
         except ResourceMissing:
             present = {i.instance_id for i in await self._list()}
@@ -365,7 +383,7 @@ class ScaleSet:
         if current is None:
             self.created = False
             return True
-        if int((current.get("sku") or {}).get("capacity") or 0) > 0 and await self._list():
+        if _capacity(current) > 0 and await self._list():
             return False
         await self.delete()
         return True

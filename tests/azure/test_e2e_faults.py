@@ -175,3 +175,16 @@ def test_ctrl_c_during_provisioning_deletes_everything(lc):
     assert "PROVISIONED" not in output
     assert "deleting what this process made" in output
     assert not lc.leftovers(), output
+
+
+def test_spot_quota_is_the_low_priority_one(lc):
+    async def scenario():
+        async with ArmClients(lc.manifest) as clients:
+            limit = (await usages(clients, lc.info["location"]))["lowprioritycores"].limit
+            lc.admin.set_quota("lowPriorityCores", 2)
+            try:
+                with pytest.raises(QuotaExceeded, match=r"lowPriorityCores: limit 2, in use 0, this request needs 4"):
+                    await make(clients, lc, spot=True).grow(2)
+            finally:
+                lc.admin.set_quota("lowPriorityCores", limit)
+    asyncio.run(scenario())

@@ -158,3 +158,14 @@ def test_priority_mix_uses_flexible_orchestration(lc):
             finally:
                 await ss.delete()
     asyncio.run(scenario())
+
+
+def test_concurrent_grows_add_up(lc):
+    async def scenario():
+        async with ArmClients(lc.manifest) as clients:
+            async with make(clients, lc) as ss:
+                await asyncio.gather(ss.grow(1), ss.grow(2))
+                await ss.wait_provisioned()
+                assert len(await ss.instances()) == 3
+                await ss.delete()
+    asyncio.run(scenario())
