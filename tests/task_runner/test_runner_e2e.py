@@ -411,3 +411,23 @@ def test_shared_cluster_user_module_retries_and_caching(localcloud, admin, prefe
         cached = second()
         assert cached.name == "Cached" and cached.result() == computed.result()
     assert_nothing_left(admin, group, tag)
+
+
+def test_waitfor_times_out_naming_instances_that_cannot_boot(localcloud, admin):
+    from prefect_azmanagers.exceptions import JoinTimeout
+
+    group, tag = new_group("trt"), uuid.uuid4().hex
+    before = admin.status()["settings"]["boot_delay"]
+    admin.settings(boot_delay=3600)
+    try:
+        @flow(task_runner=runner(group, 1, waitfor=True, join_timeout=20,
+                                 env={"AZM_TEST_TAG": tag}))
+        def never_starts():
+            return square.submit(1).result()
+
+        with pytest.raises(JoinTimeout, match=f"{group}_") as info:
+            never_starts()
+        assert "1" in str(info.value)  # how many workers were expected
+    finally:
+        admin.settings(boot_delay=before)
+    assert_nothing_left(admin, group, tag)
