@@ -5,7 +5,7 @@ It prepares the instance and leaves a marker the driver checks over SSH:
 1. exports the caller's environment variables, each value shell-quoted (`shlex.quote`), so a
    value with quotes, `$`, backticks or newlines arrives unchanged; the same assignments are
    written to `~/.azmanagers/env.sh` so processes started later over SSH can source them;
-2. runs the template's temp-disk commands;
+2. runs the template's temp-disk commands (a failing one is logged, not fatal, as in AzManagers);
 3. runs the hooks in order (trusted bash fragments: customenv, a worker start, ...);
 4. its EXIT trap writes `/home/<admin>/.azmanagers/boot.status`: `ready`, or
    `failed: exit <code> at line <n> (<step>)` (docs/architecture.md, "Inside an instance").
@@ -57,8 +57,8 @@ def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, st
     """The bash boot script for an instance whose admin user is `admin_username`.
 
     `tempdisk` and `hooks` are trusted bash fragments (from the template and from this package);
-    `env` values are data and are quoted. Any failing command stops the script and the status
-    file says which step and line failed.
+    `env` values are data and are quoted. A failing command in a hook (or in the env step)
+    stops the script and the status file says which step and line failed.
     """
     if not _USER_NAME.match(admin_username or ""):
         raise ConfigurationError(f"Admin user name {admin_username!r} is not a valid Linux user name.")
@@ -69,7 +69,6 @@ def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, st
     parts = [
         "#!/bin/bash",
         "# prefect-azmanagers boot script: runs once as root at first boot (cloud-init user data).",
-        "set -u",
         f"azm_status_dir={shlex.quote(home + '/.azmanagers')}",
         'azm_status="$azm_status_dir/boot.status"',
         "azm_step=prepare",
@@ -93,7 +92,9 @@ def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, st
         f'chown -R {shlex.quote(admin)}: "$azm_status_dir" 2>/dev/null || true',
     ]
     if tempdisk.strip():
-        parts += ["azm_step=tempdisk", tempdisk.rstrip("\n")]
+        # As in AzManagers, a failing temp-disk command (e.g. `mkdir` of a directory the image
+        # already has) is logged but does not fail the boot; errexit is for our own steps.
+        parts += ["azm_step=tempdisk", "set +e", tempdisk.rstrip("\n"), "set -e"]
     for i, hook in enumerate(hooks, 1):
         parts += [f"azm_step='hook {i}'", hook.rstrip("\n")]
     parts += ["azm_step=done", ""]

@@ -103,11 +103,21 @@ def test_failing_hook_marks_failed_with_step_and_stops(tmp_path):
 
 
 def test_failing_command_reports_its_line(tmp_path):
-    script = boot_script(admin_username=getpass.getuser(), tempdisk="false")
+    script = boot_script(admin_username=getpass.getuser(), hooks=["true\nfalse\ntrue"])
     result = run_script(tmp_path, script)
     line = next(i for i, text in enumerate(script.splitlines(), 1) if text == "false")
     assert result.returncode == 1
-    assert status(tmp_path) == f"failed: exit 1 at line {line} (tempdisk)"
+    assert status(tmp_path) == f"failed: exit 1 at line {line} (hook 1)"
+
+
+def test_failing_tempdisk_command_does_not_fail_the_boot(tmp_path):
+    # AzManagers' default tempdisk `mkdir`s a directory an image may already have.
+    script = boot_script(admin_username=getpass.getuser(),
+                         tempdisk=f"mkdir {tmp_path}\ntouch {tmp_path}/after", hooks=["true"])
+    result = run_script(tmp_path, script)
+    assert result.returncode == 0
+    assert (tmp_path / "after").exists() and status(tmp_path) == "ready"
+    assert "File exists" in result.stdout + result.stderr
 
 
 def test_status_path_matches_contract():
