@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+FAKE_API_KEY = "pnu_fake-key-for-tests-$(not run)"
+
 
 @pytest.fixture
 def run_on_vm(localcloud):
@@ -87,8 +89,13 @@ def detached_vm(localcloud):
     """One detached VM on the local cloud for a test module; rmproc'ed after, and checked gone."""
     from prefect_azmanagers.detached.vm import addproc, rmproc
 
-    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmtest",
-                 code=Path(__file__).resolve().parents[2] / "flows")
+    from prefect.settings import PREFECT_API_KEY, temporary_settings
+
+    # As with Prefect Cloud: the driver has an API key, which addproc must ship privately (the
+    # local server ignores it).
+    with temporary_settings(updates={PREFECT_API_KEY: FAKE_API_KEY}):
+        vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud",
+                     basename="azmtest", code=Path(__file__).resolve().parents[2] / "flows")
     try:
         yield vm
     finally:

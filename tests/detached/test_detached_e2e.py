@@ -21,6 +21,7 @@ import pytest
 
 from prefect_azmanagers.detached import DetachedJob, DetachedJobFailed, detachat, variablebundle
 from prefect_azmanagers.detached.vm import DetachedVM
+from tests.detached.conftest import FAKE_API_KEY
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +58,17 @@ def test_addproc_detachat_streams_status_result(detached_vm):
     assert job.result() == 42
     assert job.read() == "hello 21 from the VM\n"
     assert job.read("stderr") == "a warning\n"
+
+
+def test_api_key_is_shipped_over_ssh_to_a_private_file(detached_vm, run_on_vm):
+    shown = run_on_vm(detached_vm, "stat -c %a ~/.azmanagers/prefect.env; "
+                                   "bash -c 'set -a; . ~/.azmanagers/prefect.env; "
+                                   "printf %s \"$PREFECT_API_KEY\"'")
+    mode, key = shown.stdout.split("\n", 1)
+    assert (mode, key) == ("600", FAKE_API_KEY)
+    boot_log = run_on_vm(detached_vm, "cat /var/log/cloud-init-output.log").stdout
+    assert "worker" in boot_log or "boot" in boot_log
+    assert FAKE_API_KEY not in boot_log
 
 
 def test_failing_job_is_failed_with_traceback(detached_vm):
