@@ -45,6 +45,10 @@ def test_list_and_cleanup_orphans(lc):
                 await ss.wait_provisioned()
             await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, lc.name("v"),
                             custom_data=data, tags=orphan_tags)
+            nic = {**lc.nictemplate.value, "tags": orphan_tags}          # a NIC a crash left unattached
+            poller = await clients.network.network_interfaces.begin_create_or_update(
+                lc.manifest.resource_group, lc.name("n"), nic)
+            await poller.result()
             return live
 
     async def delete(live):
@@ -59,7 +63,7 @@ def test_list_and_cleanup_orphans(lc):
         assert lc.name("v") in cli("vms", "list", "--manifest", "localcloud")
 
         dry = cli("cleanup", "--manifest", "localcloud", "--older-than", "0s", "--dry-run")
-        assert lc.name("o") in dry and lc.name("v") in dry
+        assert lc.name("o") in dry and lc.name("v") in dry and lc.name("n") in dry
         assert lc.name("l") not in dry                       # its creator (this process) is alive
         assert "Would delete" in dry
         assert {s["name"] for s in lc.admin.status()["scale_sets"]} >= {lc.name("o"), lc.name("l")}
@@ -70,6 +74,7 @@ def test_list_and_cleanup_orphans(lc):
         assert "Deleted" in done
         remaining = lc.leftovers()
         assert remaining == [f"scale set {lc.name('l')}", f"instance {lc.name('l')}_0"], remaining
+        assert lc.name("n") not in cli("cleanup", "--manifest", "localcloud", "--older-than", "0s", "--dry-run")
     finally:
         asyncio.run(delete(live))
     assert "did not exist" in cli("scalesets", "delete", lc.name("l"), "--yes", "--manifest", "localcloud")
