@@ -30,7 +30,13 @@ from typing import Any
 from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
-from prefect_azmanagers.exceptions import AllocationFailed, AzureError, ResourceMissing, TemplateError
+from prefect_azmanagers.exceptions import (
+    AllocationFailed,
+    AzureError,
+    ConfigurationError,
+    ResourceMissing,
+    TemplateError,
+)
 
 logger = logging.getLogger("prefect_azmanagers.azure")
 
@@ -129,11 +135,19 @@ class ScaleSet:
         self.image_name = image_name
         self.image_version = image_version
         if eviction_policy not in ("Delete", "Deallocate"):
-            raise TemplateError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
+            raise ConfigurationError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
+        if not 0 <= spot_regular_percentage_above_base <= 100 or spot_base_regular_priority_count < 0:
+            raise ConfigurationError(
+                "spot_regular_percentage_above_base must be within 0..100 and "
+                "spot_base_regular_priority_count >= 0.")
+        if (spot_base_regular_priority_count or spot_regular_percentage_above_base) and not spot:
+            raise ConfigurationError(
+                "A priority mix (spot_base_regular_priority_count / spot_regular_percentage_above_base) "
+                "mixes spot with regular instances: pass spot=True too.")
         self.eviction_policy = eviction_policy
         self.quota_wait = quota_wait
         self.created = False
-        self._id = (f"/subscriptions/{clients.subscription_id if clients else manifest.subscription_id}"
+        self._id = (f"/subscriptions/{clients.subscription_id}"
                     f"/resourceGroups/{self.resource_group}/providers/Microsoft.Compute"
                     f"/virtualMachineScaleSets/{name}")
         self._flexible: bool | None = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from prefect_azmanagers.azure.scaleset import ScaleSet, apply_image_override
 from prefect_azmanagers.blocks import AzureManifest
-from prefect_azmanagers.exceptions import TemplateError
+from prefect_azmanagers.exceptions import ConfigurationError, TemplateError
 from prefect_azmanagers.templates import build_sstemplate
 
 PUBKEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 test@azm"
@@ -26,7 +28,7 @@ def template():
 
 
 def scaleset(manifest, template, **kw):
-    return ScaleSet(None, manifest, template, "azm", custom_data="Y3VzdG9t", tags={"azmanagers-cluster": "c1"}, **kw)
+    return ScaleSet(SimpleNamespace(subscription_id="SUB"), manifest, template, "azm", custom_data="Y3VzdG9t", tags={"azmanagers-cluster": "c1"}, **kw)
 
 
 def test_regular_body(manifest, template):
@@ -90,6 +92,18 @@ def test_image_override_on_managed_image():
         apply_image_override(storage, None, "1.0.0")
 
 
-def test_bad_eviction_policy(manifest, template):
-    with pytest.raises(TemplateError, match="eviction_policy"):
-        scaleset(manifest, template, eviction_policy="Stop")
+@pytest.mark.parametrize("kw, words", [
+    (dict(eviction_policy="Stop"), "eviction_policy"),
+    (dict(spot=True, spot_regular_percentage_above_base=101), "0..100"),
+    (dict(spot=True, spot_base_regular_priority_count=-1), ">= 0"),
+    (dict(spot_base_regular_priority_count=2), "spot=True"),
+])
+def test_bad_parameters(manifest, template, kw, words):
+    with pytest.raises(ConfigurationError, match=words):
+        scaleset(manifest, template, **kw)
+
+
+def test_template_without_sku(manifest, template):
+    broken = template.model_copy(update={"value": {k: v for k, v in template.value.items() if k != "sku"}})
+    with pytest.raises(TemplateError, match="sku.name"):
+        scaleset(manifest, broken).body(1)
