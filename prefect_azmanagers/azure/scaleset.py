@@ -191,9 +191,10 @@ class ScaleSet:
         value["sku"]["capacity"] = capacity
         value.setdefault("location", self._location())
         value["tags"] = {**(value.get("tags") or {}), **self.tags}
+        # The driver logs in as manifest.ssh_user with the manifest's key: that is the admin.
         admin = self.manifest.ssh_user or os_profile.get("adminUsername")
         os_profile["adminUsername"] = admin
-        os_profile["computerNamePrefix"] = f"{self.name}-"
+        os_profile["computerNamePrefix"] = f"{self.name}-"   # as AzManagers: "<scale set>-"
         os_profile["customData"] = self.custom_data
         linux = os_profile.setdefault("linuxConfiguration", {})
         keys = linux.setdefault("ssh", {}).setdefault("publicKeys", [])
