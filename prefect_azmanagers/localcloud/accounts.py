@@ -8,12 +8,16 @@ when a local cloud created the account, and one file per local cloud using it.
 
 from __future__ import annotations
 
+import logging
 import pwd
 import re
 import shutil
+from collections.abc import Callable
 
 from prefect_azmanagers.localcloud._hoststate import HOST_STATE_DIR, host_lock
-from prefect_azmanagers.localcloud._proc import run
+from prefect_azmanagers.localcloud._proc import CommandError, run
+
+logger = logging.getLogger(__name__)
 
 _USERS_DIR = HOST_STATE_DIR / "users"
 _VALID_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -51,19 +55,27 @@ async def acquire(name: str, cloud_id: str) -> pwd.struct_passwd:
         return account
 
 
-async def release_all(cloud_id: str) -> list[str]:
-    """Drop `cloud_id`'s use of every account; delete those a local cloud created and no other
-    one still uses. Returns the deleted names."""
+async def release_all(cloud_id: str, is_running: Callable[[str], bool]) -> list[str]:
+    """Drop `cloud_id`'s use of every account, and the use recorded by local clouds that are no
+    longer running (`is_running(other_id)`: crashed without stop); delete the accounts a local
+    cloud created and no running one uses. Returns the deleted names."""
     deleted = []
     if not _USERS_DIR.is_dir():
         return deleted
     async with host_lock():
         for usage in sorted(_USERS_DIR.iterdir()):
-            (usage / f"cloud-{cloud_id}").unlink(missing_ok=True)
-            if any(p.name.startswith("cloud-") for p in usage.iterdir()):
+            for marker in usage.glob("cloud-*"):
+                other = marker.name.removeprefix("cloud-")
+                if other == cloud_id or not is_running(other):
+                    marker.unlink(missing_ok=True)
+            if any(usage.glob("cloud-*")):
                 continue
             if (usage / "created").exists():
-                await run("userdel", usage.name, check=False)
+                try:
+                    await run("userdel", usage.name)
+                except CommandError as exc:  # e.g. still logged in: keep the record, retry later
+                    logger.warning("cannot remove account %s yet: %s", usage.name, exc)
+                    continue
                 deleted.append(usage.name)
             shutil.rmtree(usage, ignore_errors=True)
     return deleted

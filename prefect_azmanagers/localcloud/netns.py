@@ -121,6 +121,11 @@ async def remove_leftovers(cloud_id: str) -> list[str]:
     return removed
 
 
+def is_running(cloud_id: str) -> bool:
+    """Whether the local cloud `cloud_id` has its network (it exists from start to stop)."""
+    return (NETNS_DIR / f"azlc-{cloud_id}-vnet").exists()
+
+
 async def link_exists(name: str) -> bool:
     return bool((await run("ip", "-o", "link", "show", "dev", name, check=False)).strip())
 

@@ -137,7 +137,7 @@ class SandboxHost:
         removed = await netns.remove_leftovers(self.cloud_id)
         if removed:
             logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
-        await accounts.release_all(self.cloud_id)
+        await accounts.release_all(self.cloud_id, netns.is_running)
         await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
         self._sandboxes.mkdir(mode=0o700)
         async with host_lock():
@@ -166,7 +166,7 @@ class SandboxHost:
         if self._network is not None:
             await self._network.destroy()
             self._network = None
-        await accounts.release_all(self.cloud_id)
+        await accounts.release_all(self.cloud_id, netns.is_running)
         if self._binder is not None:
             self._binder.close()
             self._binder = None

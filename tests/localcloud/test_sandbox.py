@@ -486,3 +486,23 @@ def test_state_dir_under_root_with_shell_metacharacters(loop, keys):
     finally:
         loop.run(h.stop())
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_accounts_are_shared_between_local_clouds_and_removed_by_the_last(loop, tmp_path, monkeypatch):
+    from prefect_azmanagers.localcloud import accounts
+
+    # a private usage registry: the machine's one records the local clouds running right now
+    monkeypatch.setattr(accounts, "_USERS_DIR", tmp_path / "users")
+    name = f"azlc{uuid.uuid4().hex[:8]}"
+    running = {"cloud-a", "cloud-b"}
+    try:
+        loop.run(accounts.acquire(name, "cloud-a"))
+        loop.run(accounts.acquire(name, "cloud-b"))  # exists now: b only records its use
+        assert loop.run(accounts.release_all("cloud-a", lambda c: c in running)) == []
+        pwd.getpwnam(name)  # b still uses it
+        running.discard("cloud-b")  # b crashed without stop: its use no longer counts
+        assert loop.run(accounts.release_all("cloud-c", lambda c: c in running)) == [name]
+        with pytest.raises(KeyError):
+            pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
