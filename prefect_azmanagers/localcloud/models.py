@@ -411,7 +411,8 @@ class Backend:
         _check_max_price(profile)
         ss_id = self._compute_id(rg, "virtualMachineScaleSets", name)
         existing = self.scale_sets.get(ss_id.lower())
-        capacity = int(body["sku"].get("capacity", existing.sku["capacity"] if existing else 0))
+        requested = body["sku"].get("capacity")
+        capacity = int(requested) if requested is not None else (existing.sku["capacity"] if existing else 0)
         if existing is None:
             if len(self.scale_sets) + 1 > self.config.quotas.get("virtualMachineScaleSets", 10**9):
                 raise errors.ArmError(409, "OperationNotAllowed",
@@ -443,7 +444,8 @@ class Backend:
     def patch_scale_set(self, rg: str, name: str, body: dict[str, Any]) -> tuple[ScaleSet, Operation]:
         """PATCH: capacity and tags."""
         ss = self.scale_set(rg, name)
-        capacity = int(body.get("sku", {}).get("capacity", ss.sku["capacity"]))
+        requested = (body.get("sku") or {}).get("capacity")
+        capacity = ss.sku["capacity"] if requested is None else int(requested)
         sku = self._checked_sku(ss.sku["name"], ss.vm_profile.get("priority") == "Spot")
         op = self._resize(ss, capacity, sku)
         if "tags" in body:

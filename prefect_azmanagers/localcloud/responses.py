@@ -79,16 +79,81 @@ def _capacity(value: Any, path: str) -> int:
     return value
 
 
+# The shapes of the members the local cloud reads (others are only checked for camelCase).
+# A dict is an object's members, [x] a list of x, a type (tuple) a leaf.
+_STR, _NUM, _BOOL = (str,), (int, float), (bool,)
+_OS_PROFILE = {
+    "computerNamePrefix": _STR, "computerName": _STR, "adminUsername": _STR, "customData": _STR,
+    "linuxConfiguration": {"disablePasswordAuthentication": _BOOL,
+                           "ssh": {"publicKeys": [{"path": _STR, "keyData": _STR}]}},
+}
+_SPOT = {"priority": _STR, "evictionPolicy": _STR, "billingProfile": {"maxPrice": _NUM}}
+_IP_CONFIG = {"name": _STR, "properties": {"subnet": {"id": _STR}, "primary": _BOOL}}
+_TOP = {"location": _STR, "tags": {}}
+SCALE_SET_SHAPE = {
+    **_TOP,
+    "sku": {"name": _STR, "tier": _STR, "capacity": (int,)},
+    "properties": {
+        "orchestrationMode": _STR,
+        "priorityMixPolicy": {"baseRegularPriorityCount": (int,), "regularPriorityPercentageAboveBase": (int,)},
+        "virtualMachineProfile": {
+            **_SPOT,
+            "osProfile": _OS_PROFILE,
+            "storageProfile": {"imageReference": {}},
+            "networkProfile": {"networkInterfaceConfigurations": [
+                {"name": _STR, "properties": {"primary": _BOOL, "enableAcceleratedNetworking": _BOOL,
+                                              "ipConfigurations": [_IP_CONFIG]}}]},
+        },
+    },
+}
+VM_SHAPE = {
+    **_TOP,
+    "properties": {
+        **_SPOT,
+        "hardwareProfile": {"vmSize": _STR},
+        "osProfile": _OS_PROFILE,
+        "storageProfile": {"imageReference": {}},
+        "networkProfile": {"networkInterfaces": [{"id": _STR, "properties": {"deleteOption": _STR, "primary": _BOOL}}]},
+    },
+}
+NIC_SHAPE = {**_TOP, "properties": {"enableAcceleratedNetworking": _BOOL, "ipConfigurations": [_IP_CONFIG]}}
+
+
+def check_shape(doc: Any, shape: Any, path: str = "") -> None:
+    """Refuse a member whose JSON type differs from what ARM expects (present members only)."""
+    def refuse(expected: str) -> None:
+        raise errors.invalid_parameter(
+            f"The value of parameter '{path}' must be {expected}, not {type(doc).__name__} {doc!r:.40}.", path)
+
+    if doc is None:
+        return
+    if isinstance(shape, dict):
+        if not isinstance(doc, dict):
+            refuse("an object")
+        for key, sub in shape.items():
+            check_shape(doc.get(key), sub, f"{path}.{key}" if path else key)
+        if path.endswith("tags") and not all(isinstance(v, str) for v in doc.values()):
+            refuse("an object of string values")
+    elif isinstance(shape, list):
+        if not isinstance(doc, list):
+            refuse("an array")
+        for n, item in enumerate(doc):
+            check_shape(item, shape[0], f"{path}[{n}]")
+    elif not isinstance(doc, shape) or (bool not in shape and isinstance(doc, bool)):
+        refuse(" or ".join(t.__name__ for t in shape))
+
+
 def _check_os_profile(os_profile: dict[str, Any], path: str) -> None:
     keys = ((os_profile.get("linuxConfiguration") or {}).get("ssh") or {}).get("publicKeys") or []
     for n, key in enumerate(keys):
-        if not isinstance(key, dict) or not key.get("keyData"):
+        if not key.get("keyData"):
             raise errors.missing_parameter(f"{path}.linuxConfiguration.ssh.publicKeys[{n}].keyData")
     if "customData" in os_profile:
         decode_custom_data(os_profile["customData"], f"{path}.customData")
 
 
 def validate_scale_set(body: dict[str, Any]) -> None:
+    check_shape(body, SCALE_SET_SHAPE)
     require(body, "location")
     require(body, "sku.name")
     _capacity(require(body, "sku").get("capacity", 0), "sku.capacity")
@@ -100,23 +165,34 @@ def validate_scale_set(body: dict[str, Any]) -> None:
     configs = require(body, f"{base}.networkProfile.networkInterfaceConfigurations")
     for n, config in enumerate(configs):
         where = f"{base}.networkProfile.networkInterfaceConfigurations[{n}]"
-        if not isinstance(config, dict) or not config.get("name"):
+        if not config.get("name"):
             raise errors.missing_parameter(f"{where}.name")
-        if not (config.get("properties") or {}).get("ipConfigurations"):
+        ip_configs = (config.get("properties") or {}).get("ipConfigurations")
+        if not ip_configs:
             raise errors.missing_parameter(f"{where}.properties.ipConfigurations")
+        for m, ip_config in enumerate(ip_configs):
+            if not ip_config.get("name"):
+                raise errors.missing_parameter(f"{where}.properties.ipConfigurations[{m}].name")
     _check_os_profile(profile["osProfile"], f"{base}.osProfile")
-    mode = body["properties"].get("orchestrationMode", "Uniform")
+    mode = body["properties"].get("orchestrationMode") or "Uniform"
     if mode not in ("Uniform", "Flexible"):
         raise errors.invalid_parameter(f"orchestrationMode '{mode}' is not Uniform or Flexible.", "properties.orchestrationMode")
-    if body["properties"].get("priorityMixPolicy") and mode != "Flexible":
+    mix = body["properties"].get("priorityMixPolicy")
+    if mix and mode != "Flexible":
         raise errors.invalid_parameter(
             "priorityMixPolicy is only supported for scale sets with Flexible orchestration mode.",
             "properties.priorityMixPolicy")
+    if mix and not 0 <= (mix.get("regularPriorityPercentageAboveBase") or 0) <= 100:
+        raise errors.invalid_parameter("regularPriorityPercentageAboveBase must be between 0 and 100.",
+                                       "properties.priorityMixPolicy.regularPriorityPercentageAboveBase")
+    if mix and (mix.get("baseRegularPriorityCount") or 0) < 0:
+        raise errors.invalid_parameter("baseRegularPriorityCount must not be negative.",
+                                       "properties.priorityMixPolicy.baseRegularPriorityCount")
     _check_priority(profile, base)
 
 
 def _check_priority(props: dict[str, Any], base: str) -> None:
-    priority = props.get("priority", "Regular")
+    priority = props.get("priority") or "Regular"
     if priority not in ("Regular", "Spot", "Low"):
         raise errors.invalid_parameter(f"priority '{priority}' is not Regular, Low or Spot.", f"{base}.priority")
     policy = props.get("evictionPolicy")
@@ -127,6 +203,7 @@ def _check_priority(props: dict[str, Any], base: str) -> None:
 
 
 def validate_vm(body: dict[str, Any]) -> None:
+    check_shape(body, VM_SHAPE)
     require(body, "location")
     require(body, "properties.hardwareProfile.vmSize")
     require(body, "properties.storageProfile.imageReference")
@@ -134,17 +211,18 @@ def validate_vm(body: dict[str, Any]) -> None:
     require(body, "properties.osProfile.adminUsername")
     refs = require(body, "properties.networkProfile.networkInterfaces")
     for n, ref in enumerate(refs):
-        if not isinstance(ref, dict) or not ref.get("id"):
+        if not ref.get("id"):
             raise errors.missing_parameter(f"properties.networkProfile.networkInterfaces[{n}].id")
     _check_os_profile(body["properties"]["osProfile"], "properties.osProfile")
     _check_priority(body["properties"], "properties")
 
 
 def validate_nic(body: dict[str, Any]) -> None:
+    check_shape(body, NIC_SHAPE)
     require(body, "location")
     ipcs = require(body, "properties.ipConfigurations")
     for n, ipc in enumerate(ipcs):
-        if not isinstance(ipc, dict) or not ipc.get("name"):
+        if not ipc.get("name"):
             raise errors.missing_parameter(f"properties.ipConfigurations[{n}].name")
         if not ((ipc.get("properties") or {}).get("subnet") or {}).get("id"):
             raise errors.missing_parameter(f"properties.ipConfigurations[{n}].properties.subnet.id")
@@ -330,7 +408,8 @@ class ArmResponses:
 
     def patch_scale_set(self, req: ArmRequest) -> ArmResponse:
         body = _body_dict(req, "VirtualMachineScaleSetUpdate")
-        if "sku" in body and "capacity" in body["sku"]:
+        check_shape(body, {"sku": {"capacity": (int,)}, "tags": {}})
+        if (body.get("sku") or {}).get("capacity") is not None:
             _capacity(body["sku"]["capacity"], "sku.capacity")
         ss, op = self.backend.patch_scale_set(self._rg(req), req.params["vmss"], body)
         return ArmResponse(200, scale_set_doc(ss), self._lro_headers(req, op, "Microsoft.Compute", with_location=False))

@@ -104,6 +104,11 @@ def build_app(backend: Backend, describe_host: Any) -> Starlette:
             result = getattr(responses, route.handler)(req)
         except ArmError as exc:
             return arm_error(exc)
+        except Exception as exc:  # an emulator bug: answer as ARM would, and keep the traceback
+            logger.exception("%s %s failed", method, path)
+            return arm_error(ArmError(500, "InternalServerError",
+                                      f"The local cloud failed on this request ({type(exc).__name__}: {exc}); "
+                                      "see localcloud.log in its state directory."))
         return _json(result.status, result.body, result.headers)
 
     routes = admin_routes(backend, describe_host) + [
