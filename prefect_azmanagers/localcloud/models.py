@@ -212,15 +212,21 @@ class Backend:
             self.instances[inst.id.lower()] = inst
         for rec in self.store.load("nic"):
             nic = Nic(**rec)
+            # Azure keeps a NIC's dynamic private IP while it exists (also when its VM is deallocated).
+            nic.private_ip = self.sandboxes.allocate(nic.address_key)
             self.nics[nic.id.lower()] = nic
 
+    def _table(self, obj: ScaleSet | Instance | Nic) -> dict:
+        return {ScaleSet: self.scale_sets, Instance: self.instances, Nic: self.nics}[type(obj)]
+
     def _save(self, obj: ScaleSet | Instance | Nic) -> None:
+        if self._table(obj).get(obj.id.lower()) is not obj:
+            return  # deleted meanwhile (e.g. a boot failing because its instance was deleted)
         kind = {ScaleSet: "scale_set", Instance: "instance", Nic: "nic"}[type(obj)]
         self.store.put(kind, obj.id, asdict(obj))
 
     def _forget(self, obj: ScaleSet | Instance | Nic) -> None:
-        table = {ScaleSet: self.scale_sets, Instance: self.instances, Nic: self.nics}[type(obj)]
-        table.pop(obj.id.lower(), None)
+        self._table(obj).pop(obj.id.lower(), None)
         self.store.delete(obj.id)
 
     # ----- lifecycle ---------------------------------------------------------------------
@@ -936,7 +942,7 @@ def _check_max_price(profile: dict[str, Any]) -> None:
         )
 
 
-def decode_custom_data(value: str, path: str) -> None:
+def check_custom_data(value: str, path: str) -> None:
     """Refuse customData that is not base64 (ARM: InvalidParameter)."""
     try:
         base64.b64decode(value, validate=True)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 from prefect_azmanagers.localcloud import exceptions as errors
-from prefect_azmanagers.localcloud.models import Backend, Instance, Nic, Operation, ScaleSet, decode_custom_data
+from prefect_azmanagers.localcloud.models import Backend, Instance, Nic, Operation, ScaleSet, check_custom_data
 
 _CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")
 # Maps whose keys are user data, not schema members.
@@ -149,7 +149,7 @@ def _check_os_profile(os_profile: dict[str, Any], path: str) -> None:
         if not key.get("keyData"):
             raise errors.missing_parameter(f"{path}.linuxConfiguration.ssh.publicKeys[{n}].keyData")
     if "customData" in os_profile:
-        decode_custom_data(os_profile["customData"], f"{path}.customData")
+        check_custom_data(os_profile["customData"], f"{path}.customData")
 
 
 def validate_scale_set(body: dict[str, Any]) -> None:
