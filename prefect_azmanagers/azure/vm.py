@@ -134,14 +134,15 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
         nic_body = await _nic_body_from_reference(clients, value, location)
     nic_body["tags"] = {**(nic_body.get("tags") or {}), **tags}
     nic_name = f"{name}-nic"
-    made_nic = made_vm = False
+    nic_id = (f"/subscriptions/{clients.subscription_id}/resourceGroups/{rg}"
+              f"/providers/Microsoft.Network/networkInterfaces/{nic_name}")
+    # Built before anything is created, so a template error leaves nothing behind.
+    body = _vm_body(manifest, value, name, nic_id, custom_data, tags, os_disk_size, image_name, image_version)
+    made_vm = False
     try:
-        made_nic = True
         with arm_errors(f"create NIC {nic_name}"):
             poller = await clients.network.network_interfaces.begin_create_or_update(rg, nic_name, nic_body)
-            nic = (await poller.result()).as_dict()
-        body = _vm_body(manifest, value, name, nic["id"], custom_data, tags, os_disk_size,
-                        image_name, image_version)
+            await poller.result()
         made_vm = True
         with arm_errors(f"create VM {name}"):
             poller = await clients.compute.virtual_machines.begin_create_or_update(rg, name, body)
@@ -153,7 +154,7 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
         try:
             if made_vm:
                 await delete_vm(clients, rg, name, nic_name=nic_name)
-            elif made_nic:
+            else:
                 await delete_nic(clients, rg, nic_name)
         except Exception as cleanup_exc:   # report, but keep the original error
             logger.error("Could not delete VM %s / NIC %s after a failure: %s. Run "
