@@ -178,9 +178,12 @@ class Agent:
                 self.pool.submit(self.run_task, task_id, body)
 
 
+_imds_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS never via a proxy
+
+
 def _imds_get(base_url: str, path: str) -> Any:
     request = urllib.request.Request(base_url.rstrip("/") + path, headers={"Metadata": "true"})
-    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - IMDS is http
+    with _imds_opener.open(request, timeout=5) as response:
         return json.load(response)
 
 

@@ -1,0 +1,196 @@
+"""Unit tests of the engine's pure parts: framing, pickling of local code, remote errors,
+pinned host keys, command building, and the agent process driven through pipes (no SSH)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import asyncssh
+import cloudpickle
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster.cluster import _seconds_until
+from prefect_azmanagers.cluster.errors import RemoteError, exception_from_error
+from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.protocol import (
+    HEADER,
+    FrameDecoder,
+    Kind,
+    ProtocolError,
+    encode,
+)
+from prefect_azmanagers.cluster.transport import agent_command
+from prefect_azmanagers.exceptions import HostKeyMismatch, PayloadError
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(Kind)), st.integers(0, 2**63), st.binary(max_size=300)),
+                max_size=8),
+       st.integers(1, 50))
+def test_frames_survive_any_chunking(frames, chunk):
+    stream = b"".join(encode(k, t, b) for k, t, b in frames)
+    decoder = FrameDecoder()
+    got = []
+    for i in range(0, len(stream), chunk):
+        got += decoder.feed(stream[i:i + chunk])
+    assert [(f.kind, f.task_id, f.body) for f in got] == frames
+
+
+def test_corrupted_stream_is_refused():
+    with pytest.raises(ProtocolError, match="unknown message kind"):
+        FrameDecoder().feed(HEADER.pack(0, 99, 0))
+    with pytest.raises(ProtocolError, match="not plausible"):
+        FrameDecoder().feed(HEADER.pack(1 << 50, Kind.RUN, 0))
+
+
+def test_local_modules_travel_by_value(tmp_path, monkeypatch):
+    (tmp_path / "my_local_helpers.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_local_helpers
+
+    payload = serialization.dumps(lambda: my_local_helpers.triple(14))
+    # a fresh interpreter that cannot import the module still runs the callable
+    code = "import sys, cloudpickle; print(cloudpickle.loads(sys.stdin.buffer.read())())"
+    result = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True,
+                            cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.stdout.strip() == b"42", result.stderr.decode()
+    # installed and standard-library modules stay by reference
+    assert not serialization.is_local_module(json)
+    assert not serialization.is_local_module(asyncssh)
+    assert serialization.is_local_module(my_local_helpers)
+
+
+def test_unpicklable_callable_is_a_payload_error_naming_it():
+    lock = threading.Lock()
+    with pytest.raises(PayloadError, match="callable 'uses_lock'.*lock"):
+        serialization.dumps(lambda: lock, what="callable 'uses_lock'")
+
+
+def test_remote_errors_rebuild_the_original_type_or_a_remote_error():
+    body = {"type": "builtins.ValueError", "message": "bad", "traceback": "Traceback...\nValueError: bad",
+            "exception": cloudpickle.dumps(ValueError("bad")).hex()}
+    exc = exception_from_error(body, "worker 3")
+    assert isinstance(exc, ValueError) and exc.remote_traceback.endswith("ValueError: bad")
+    assert any("worker 3" in note for note in exc.__notes__)
+    body["exception"] = None
+    exc = exception_from_error(body, "worker 3")
+    assert isinstance(exc, RemoteError) and "ValueError: bad" in str(exc)
+    body["type"] = "prefect_azmanagers.exceptions.PayloadError"
+    assert isinstance(exception_from_error(body, "worker 3"), PayloadError)
+
+
+def test_pinned_host_keys(tmp_path):
+    store = PinnedHostKeys(tmp_path / "sub" / "known_hosts")
+    first, second = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    assert store.get("vm-1") is None and store.check("vm-1", first, "10.0.0.4") is False
+    store.pin("vm-1", first, "10.0.0.4")
+    store.pin("vm-2", second, "10.0.0.4")  # same address, another instance
+    assert oct((tmp_path / "sub" / "known_hosts").stat().st_mode & 0o777) == "0o600"
+    assert store.check("vm-1", first, "10.0.0.4") and store.check("vm-2", second, "10.0.0.4")
+    with pytest.raises(HostKeyMismatch, match="vm-1 at 10.0.0.9.*delete the line"):
+        store.check("vm-1", second, "10.0.0.9")
+    store.forget({"vm-1"})
+    assert store.get("vm-1") is None and store.get("vm-2") is not None
+
+
+def test_agent_command_quotes_everything():
+    command = agent_command("/opt/my python/bin/python3", worker_id=7, concurrency=3,
+                            env={"A": "x'; rm -rf / #", "B": "$(id)"}, imds_url="http://169.254.169.254",
+                            launcher=["mpirun", "-n", "2"])
+    words = shlex.split(command)
+    assert words[:2] == ["exec", "env"]
+    assert "A=x'; rm -rf / #" in words and "B=$(id)" in words and "AZM_WORKER_ID=7" in words
+    assert words[words.index("mpirun"):words.index("mpirun") + 4] == ["mpirun", "-n", "2", "/opt/my python/bin/python3"]
+    assert words[-6:] == ["--concurrency", "3", "--heartbeat", "10.0", "--imds", "http://169.254.169.254"]
+
+
+def test_seconds_until_not_before():
+    soon = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 25 < _seconds_until(format_datetime(soon, usegmt=True)) <= 30
+    assert _seconds_until("") == 0.0 and _seconds_until("garbage") == 0.0
+
+
+class _FakeIMDS(http.server.BaseHTTPRequestHandler):
+    events: list[dict] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.headers.get("Metadata") != "true":
+            self.send_response(400)
+            self.end_headers()
+            return
+        if self.path.startswith("/metadata/instance"):
+            doc = {"compute": {"name": "ss_3"}}
+        else:
+            doc = {"DocumentIncarnation": 1, "Events": self.events}
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _FrameReader:
+    def __init__(self, stream):
+        self.stream = stream
+        self.decoder = FrameDecoder()
+
+    def until(self, predicate):
+        frames = []
+        while not any(predicate(f) for f in frames):
+            data = os.read(self.stream.fileno(), 65536)
+            if not data:
+                break
+            frames += self.decoder.feed(data)
+        return frames
+
+
+def test_agent_reports_preempt_for_its_vm_and_flushes_on_shutdown(tmp_path):
+    _FakeIMDS.events = [
+        {"EventId": "other", "EventType": "Preempt", "Resources": ["ss_9"], "NotBefore": ""},
+        {"EventId": "reboot", "EventType": "Reboot", "Resources": ["ss_3"], "NotBefore": ""},
+        {"EventId": "mine", "EventType": "Preempt", "Resources": ["ss_3"],
+         "NotBefore": "Mon, 19 Sep 2016 18:29:47 GMT"},
+    ]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeIMDS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    marker = tmp_path / "flushed"
+    try:
+        command = agent_command(sys.executable, worker_id=1,
+                                imds_url=f"http://127.0.0.1:{server.server_address[1]}")
+        agent = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def register():
+            from prefect_azmanagers.cluster.agent import register_flush_hook
+            register_flush_hook(lambda: marker.write_text("yes"))
+            return "registered"
+
+        agent.stdin.write(encode(Kind.RUN, 5, serialization.dumps(register)))
+        agent.stdin.flush()
+        reader = _FrameReader(agent.stdout)
+        frames = reader.until(lambda f: f.kind == Kind.PREEMPT)
+        preempts = [f.json() for f in frames if f.kind == Kind.PREEMPT]
+        assert preempts == [{"event_id": "mine", "not_before": "Mon, 19 Sep 2016 18:29:47 GMT"}]
+        if not any(f.kind == Kind.RESULT for f in frames):
+            frames += reader.until(lambda f: f.kind == Kind.RESULT)
+        assert any(f.kind == Kind.RESULT and cloudpickle.loads(f.body) == "registered" for f in frames)
+        agent.stdin.write(encode(Kind.SHUTDOWN))
+        agent.stdin.flush()
+        frames = reader.until(lambda f: f.kind == Kind.BYE)
+        assert frames[-1].kind == Kind.BYE and marker.read_text() == "yes"
+        assert agent.wait(10) == 0
+    finally:
+        server.shutdown()
