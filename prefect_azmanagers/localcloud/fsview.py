@@ -2,8 +2,8 @@
 
 The instance's sshd starts in a mount namespace of its own, prepared by a shell script that:
 - binds the sandbox directory's parts onto /home/<admin> (only that home under /home), /tmp,
-  /mnt, /var/log, /etc/ssh (its sshd config and host key) and /run, and gives it its own
-  /dev/shm;
+  /mnt, /var/log, /etc/ssh (its sshd config and host key), /run and /etc/hosts (its hostname
+  resolves to its private IP, as Azure's DNS does), and gives it its own /dev/shm;
 - hides the host's /root (and the source tree of an editable install of this package: the
   driver's repository must not be importable on an instance) behind empty tmpfs mounts, then
   binds back, read-only, exactly the Python trees an instance needs to run the local cloud's
@@ -23,7 +23,8 @@ _SYSTEM_DIRS = [Path(p) for p in ("/usr", "/etc", "/var", "/bin", "/sbin", "/lib
                                   "/dev", "/proc", "/sys", "/run", "/opt")]
 
 # sandbox subdirectory -> path inside the instance (the sandbox dir is the instance's disk)
-SANDBOX_BINDS = {"tmp": "/tmp", "log": "/var/log", "ssh": "/etc/ssh", "run": "/run"}
+SANDBOX_BINDS = {"tmp": "/tmp", "log": "/var/log", "ssh": "/etc/ssh", "run": "/run",
+                 "hosts": "/etc/hosts"}
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class IMDSServer:
             status, content_type, body = await self._respond(reader)
             head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                     f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                    "Server: Microsoft-IIS/10.0\r\nConnection: close\r\n\r\n")
+                    "Connection: close\r\n\r\n")
             writer.write(head.encode() + body)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):

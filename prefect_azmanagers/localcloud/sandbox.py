@@ -246,6 +246,9 @@ class SandboxHost:
         script = _decode_custom_data(spec)
         account = await accounts.acquire(spec.admin_username, self.cloud_id)
         layout = _make_sandbox_dirs(inst.sandbox, account.pw_uid, account.pw_gid)
+        (inst.sandbox / "hosts").write_text(
+            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{inst.ip}\t{spec.computer_name}\n")
         try:
             inst.host_key = await sshd.prepare(
                 layout["ssh"], layout["home"], inst.ip, spec.admin_username, account.pw_uid,
@@ -419,7 +422,7 @@ def _decode_custom_data(spec: InstanceSpec) -> bytes | None:
 
 
 def _make_sandbox_dirs(sandbox: Path, uid: int, gid: int) -> dict[str, Path]:
-    """The instance's disk: home, tmp, mnt, log, ssh, run (see fsview.SANDBOX_BINDS)."""
+    """The instance's disk: home, tmp, mnt, log, ssh, run, hosts (see fsview.SANDBOX_BINDS)."""
     modes = {"home": 0o755, "tmp": 0o1777, "mnt": 0o755, "log": 0o755, "ssh": 0o755,
              "run": 0o755, "run/sshd": 0o755, "run/lock": 0o1777}
     sandbox.mkdir(mode=0o700, parents=True, exist_ok=True)
