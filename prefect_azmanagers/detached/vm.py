@@ -33,9 +33,13 @@ from urllib.parse import urlparse
 import asyncssh
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
+from prefect.states import Crashed
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
@@ -58,6 +62,8 @@ ADMIN_TAG = "azmanagers-admin"
 WORKER_LOG = "~/.azmanagers/worker.log"
 API_ENV_FILE = ".azmanagers/prefect.env"
 CODE_DIR = ".azmanagers/code"
+_FINAL_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED,
+                      StateType.CANCELLED}
 # How often the VM's worker asks the API for work: the start latency of a job.
 WORKER_QUERY_SECONDS = 2
 
@@ -211,8 +217,20 @@ def _create_pool_and_deployment(pool: str, working_dir: str | None = None) -> No
 
 
 def _delete_pool_and_deployments(pool: str) -> None:
-    """Delete the pool's deployments and the pool; already gone is fine."""
+    """Delete the pool's deployments and the pool; already gone is fine.
+
+    Flow runs of the pool that had not ended (their VM is gone) are marked Crashed, so that
+    their jobs read as "failed" instead of running forever.
+    """
     with get_client(sync_client=True) as client:
+        unfinished = client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[t for t in StateType if t not in _FINAL_STATE_TYPES]))))
+        for flow_run in unfinished:
+            client.set_flow_run_state(flow_run.id, Crashed(
+                message=f"detached VM {pool} was deleted (rmproc) before the run ended"),
+                force=True)
         for deployment in client.read_deployments(
                 work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))):
             try:
@@ -364,10 +382,10 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
 
 
 def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None) -> None:
-    """Delete a detached VM: its deployment, work pool, VM and NIC (each even if already gone).
+    """Delete a detached VM: its VM, NIC, deployments and work pool (each even if already gone).
 
-    Deleting the VM stops its worker and any job still running there (the job's flow run then
-    shows as crashed when the server notices the worker is gone).
+    Deleting the VM stops its worker and any job still running there; such a job's flow run is
+    marked Crashed (its status reads "failed").
     """
     name = vm.name if isinstance(vm, DetachedVM) else vm
     manifest = load_manifest(manifest or (vm.manifest if isinstance(vm, DetachedVM) else None)

@@ -87,7 +87,7 @@ def assert_vm_gone(localcloud):
 @pytest.fixture(scope="module")
 def detached_vm(localcloud):
     """One detached VM on the local cloud for a test module; rmproc'ed after, and checked gone."""
-    from prefect_azmanagers.detached.vm import addproc, rmproc
+    from prefect_azmanagers.detached import addproc, detachat, rmproc
 
     from prefect.settings import PREFECT_API_KEY, temporary_settings
 
@@ -99,5 +99,11 @@ def detached_vm(localcloud):
     try:
         yield vm
     finally:
+        # A job still running when its VM is removed must end as failed, not run forever.
+        unfinished = detachat(vm, time.sleep, 900)
+        deadline = time.monotonic() + 300
+        while unfinished.status() == "starting" and time.monotonic() < deadline:
+            time.sleep(1)
         rmproc(vm)
         assert leftovers(vm.name, localcloud) == []
+        assert unfinished.status() == "failed"
