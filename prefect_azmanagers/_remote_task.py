@@ -83,7 +83,11 @@ class RemoteTaskRun:
         Prefect's engine, so the task run's states are reported once."""
         from prefect_azmanagers.mpi import run_task_function
 
-        run_task_function(self.task, self.parameters, self.context)
+        token = ON_WORKER.set(True)  # as on rank 0: the flow's runner re-entered runs locally
+        try:
+            run_task_function(self.task, self.parameters, self.context)
+        finally:
+            ON_WORKER.reset(token)
 
 
 def flush_events() -> None:
