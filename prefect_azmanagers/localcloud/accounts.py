@@ -13,6 +13,7 @@ import pwd
 import re
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 from prefect_azmanagers.localcloud._hoststate import HOST_STATE_DIR, host_lock
 from prefect_azmanagers.localcloud._proc import CommandError, run
@@ -50,6 +51,12 @@ async def acquire(name: str, cloud_id: str) -> pwd.struct_passwd:
                 f"adminUsername {name!r} is a system account on this machine (uid "
                 f"{account.pw_uid}); choose another adminUsername in the template's osProfile"
             )
+        if _is_locked(name):
+            raise AccountError(
+                f"the local account {name!r} exists and is locked ('!' in /etc/shadow): sshd "
+                f"without PAM refuses every login to it, keys included; unlock it with "
+                f"`usermod -p '*' {name}` or choose another adminUsername"
+            )
         usage.mkdir(parents=True, exist_ok=True)
         (usage / f"cloud-{cloud_id}").touch()
         return account
@@ -79,3 +86,15 @@ async def release_all(cloud_id: str, is_running: Callable[[str], bool]) -> list[
                 deleted.append(usage.name)
             shutil.rmtree(usage, ignore_errors=True)
     return deleted
+
+
+def _is_locked(name: str) -> bool:
+    try:
+        lines = Path("/etc/shadow").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(":")
+        if fields[0] == name and len(fields) > 1:
+            return fields[1].startswith("!")
+    return False

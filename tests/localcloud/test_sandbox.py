@@ -507,5 +507,8 @@ def test_accounts_are_shared_between_local_clouds_and_removed_by_the_last(loop, 
         assert loop.run(accounts.release_all("cloud-c", lambda c: c in running)) == [name]
         with pytest.raises(KeyError):
             pwd.getpwnam(name)
+        subprocess.run(["useradd", "--no-create-home", name], check=True)  # password "!": locked
+        with pytest.raises(accounts.AccountError, match="is locked"):
+            loop.run(accounts.acquire(name, "cloud-a"))
     finally:
         subprocess.run(["userdel", name], capture_output=True)
