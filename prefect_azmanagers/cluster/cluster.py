@@ -46,7 +46,7 @@ from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS
 from prefect_azmanagers.cluster.progress import JoinProgress
-from prefect_azmanagers.cluster.protocol import Frame, Kind, encode
+from prefect_azmanagers.cluster.protocol import Frame, Kind
 from prefect_azmanagers.cluster.transport import AgentProcess, InstanceConnection, agent_command
 from prefect_azmanagers.customenv import (
     EnvironmentSpec,
@@ -396,12 +396,28 @@ class AzureCluster:
             return
         try:
             if self._loop.is_running():
-                self._call(self._close())
+                self._wait_closed(asyncio.run_coroutine_threadsafe(self._close(), self._loop))
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread is not None and self._thread is not threading.current_thread():
                 self._thread.join(30)
             self._loop.close()
+
+    def _wait_closed(self, closing: concurrent.futures.Future) -> None:
+        """Wait for the teardown; a first Ctrl-C does not abandon it (instances would leak)."""
+        interrupted = False
+        while True:
+            try:
+                closing.result()
+                return
+            except KeyboardInterrupt:
+                if interrupted:
+                    logger.error("cleanup abandoned: run `prefect-azmanagers cleanup` to delete "
+                                 "what cluster %s left behind", self.cluster_id)
+                    raise
+                interrupted = True
+                logger.warning("still deleting the instances of cluster %s; press Ctrl-C again "
+                               "to abandon the cleanup", self.cluster_id)
 
     def __enter__(self) -> "AzureCluster":
         return self.start()
@@ -420,10 +436,17 @@ class AzureCluster:
             raise AzManagersError("the cluster is not running: call start() (or use `with`) first")
 
     def _call(self, coro: Any) -> Any:
+        """Run a coroutine on the cluster's loop and wait; an interrupt cancels it."""
         assert self._loop is not None
         if threading.current_thread() is self._thread:
+            coro.close()
             raise AzManagersError("AzureCluster methods cannot be called from its own event loop")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def _spawn(self, coro: Any, owner: set[asyncio.Task] | None = None) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -755,7 +778,7 @@ class AzureCluster:
             worker.inflight[item.id] = item
             worker.state = WorkerState.BUSY
             try:
-                await agent.send(encode(Kind.RUN, item.id, item.payload))
+                await agent.send(Kind.RUN, item.id, item.payload)
             except (asyncssh.Error, OSError):
                 return  # the channel closed: the exit callback re-queues the item
 
@@ -1045,7 +1068,7 @@ class AzureCluster:
                    for w in m.workers if w.agent is not None and not w.exited.is_set()]
         for worker in workers:
             try:
-                await asyncio.wait_for(worker.agent.send(encode(Kind.SHUTDOWN)), 5)
+                await asyncio.wait_for(worker.agent.send(Kind.SHUTDOWN), 5)
             except (asyncssh.Error, OSError, asyncio.TimeoutError):
                 pass
         if workers:

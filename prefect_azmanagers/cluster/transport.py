@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import asyncssh
 
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-from prefect_azmanagers.cluster.protocol import Frame, FrameDecoder, ProtocolError
+from prefect_azmanagers.cluster.protocol import HEADER, Frame, FrameDecoder, Kind, ProtocolError
 from prefect_azmanagers.exceptions import HostKeyMismatch
 
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
@@ -123,11 +123,14 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
         self._writable.set()
         self._on_exit(f"{self._exit_reason}" + (f" ({exc})" if exc else ""))
 
-    async def send(self, data: bytes) -> None:
-        """Write one frame, waiting while the channel's send buffer is full."""
+    async def send(self, kind: Kind, task_id: int = 0, body: bytes = b"") -> None:
+        """Write one frame (header, then the body uncopied), waiting while the channel's send
+        buffer is full."""
         await self._writable.wait()
         assert self._channel is not None
-        self._channel.write(data)
+        self._channel.write(HEADER.pack(len(body), kind, task_id))
+        if body:
+            self._channel.write(body)
 
     def close(self) -> None:
         if self._channel is not None:
