@@ -27,6 +27,7 @@ import base64
 import binascii
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -114,6 +115,7 @@ class SandboxHost:
         self._instances: dict[str, _Instance] = {}
         self._network: netns.VirtualNetwork | None = None
         self._last_index = 0
+        self._state_dir_lock: int | None = None
         self._binder: NetnsBinder | None = None
         self._forwarder: TCPForwarder | None = None
         self._trees = PythonTrees.of_this_interpreter()
@@ -134,25 +136,39 @@ class SandboxHost:
         if missing:
             raise SandboxError(f"the local cloud's sandboxes need: {', '.join(missing)}")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        removed = await netns.remove_leftovers(self.cloud_id)
-        if removed:
-            logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
-        await accounts.release_all(self.cloud_id, netns.is_running)
-        await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
-        self._sandboxes.mkdir(mode=0o700)
-        async with host_lock():
-            subnet = await netns.choose_subnet(self.address_block, self._previous_subnet())
-            self._network = netns.VirtualNetwork(self.cloud_id, subnet)
-            try:
+        self._hold_state_dir()
+        try:
+            removed = await netns.remove_leftovers(self.cloud_id)
+            if removed:
+                logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
+            await accounts.release_all(self.cloud_id, netns.is_running)
+            await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
+            self._sandboxes.mkdir(mode=0o700)
+            async with host_lock():
+                subnet = await netns.choose_subnet(self.address_block, self._previous_subnet())
+                self._network = netns.VirtualNetwork(self.cloud_id, subnet)
                 await self._network.create()
-            except BaseException:
-                await self._network.destroy()
-                self._network = None
-                raise
-        self._record.write_text(json.dumps({"subnet": str(subnet)}))
-        self._binder = NetnsBinder()
-        if self.prefect_api_url:
-            await self._start_forwarder(self.prefect_api_url)
+            self._record.write_text(json.dumps({"subnet": str(subnet)}))
+            self._binder = NetnsBinder()
+            if self.prefect_api_url:
+                await self._start_forwarder(self.prefect_api_url)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _hold_state_dir(self) -> None:
+        """Lock the state dir for this host's lifetime (released by stop() or the process's
+        death): a second local cloud on it would take the running one's instances for leftovers."""
+        fd = os.open(self.state_dir / "sandbox-host.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SandboxError(
+                f"another local cloud is running with the state dir {self.state_dir}; stop it "
+                "first (prefect-azmanagers localcloud stop --state-dir ...) or use another state dir"
+            ) from None
+        self._state_dir_lock = fd
 
     async def stop(self) -> None:
         """Delete every instance; remove the network, the forwarder and the accounts this
@@ -170,6 +186,9 @@ class SandboxHost:
         if self._binder is not None:
             self._binder.close()
             self._binder = None
+        if self._state_dir_lock is not None:
+            os.close(self._state_dir_lock)
+            self._state_dir_lock = None
         for error in results:
             if isinstance(error, BaseException):
                 raise error

@@ -380,9 +380,15 @@ def test_stop_leaves_nothing_and_next_start_removes_a_crashed_runs_leftovers(loo
     crashed.allocate(spec.key)
     loop.run(crashed.boot(spec))
     left = crashed.describe(spec.key)
-    # a crash: the process dies without stop(); its IMDS sockets die with it
+    with pytest.raises(SandboxError, match="another local cloud is running with the state dir"):
+        loop.run(SandboxHost(state).start())
+    # the refused start touched nothing
+    assert left["netns"] in _netns_names() and _alive(left["sshd_pid"])
+    left = crashed.describe(spec.key)
+    # a crash: the process dies without stop(); its sockets and its state dir lock die with it
     loop.run(crashed._instances[spec.key].imds.close())
     loop.run(crashed._forwarder.close())
+    os.close(crashed._state_dir_lock)
 
     fresh = SandboxHost(state, prefect_api_url=service.url)
     loop.run(fresh.start())
