@@ -35,8 +35,12 @@ fi
 stamp=.venv/.azm-installed
 want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  echo "setup: installing the package and its test extras into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,mpi]"
+  echo "setup: installing the package and its test extras into .venv (log: .venv/install.log)"
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -e ".[test,mpi]"; } > .venv/install.log 2>&1; then
+    tail -40 .venv/install.log >&2
+    echo "setup: pip install failed (full log: .venv/install.log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
