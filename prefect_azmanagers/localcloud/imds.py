@@ -34,6 +34,14 @@ _MAX_BODY = 64 * 1024
 _NEWEST_VERSIONS = ["2023-07-01", "2021-12-13", "2020-07-01"]
 
 
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+    acknowledged: tuple[str, ...] = ()  # EventIds approved by this request
+
+
 @dataclass
 class InstanceMetadata:
     """What one instance's IMDS serves; the SandboxHost mutates it, requests read it."""
@@ -127,20 +135,32 @@ class IMDSServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
+        response = None
         try:
-            status, content_type, body = await self._respond(reader)
-            head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                    f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n")
-            writer.write(head.encode() + body)
+            response = await self._respond(reader)
+            head = (f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Error')}\r\n"
+                    f"Content-Type: {response.content_type}\r\n"
+                    f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + response.body)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             self._connections.discard(writer)
             writer.close()
+        if response is not None:
+            # only once the instance has its answer: an approval may end the instance at once
+            self._notify(response.acknowledged)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+    def _notify(self, event_ids: tuple[str, ...]) -> None:
+        for event_id in event_ids:
+            if self.on_event_ack is not None:
+                try:
+                    self.on_event_ack(self.key, event_id)
+                except Exception:  # the host's bug must not break the metadata service
+                    logger.exception("on_event_ack(%s, %s) failed", self.key, event_id)
+
+    async def _respond(self, reader: asyncio.StreamReader) -> Response:
         head = await reader.readuntil(b"\r\n\r\n")
         if len(head) > _MAX_HEAD:
             return _error(400, "Bad request. Request headers too large")
@@ -160,8 +180,7 @@ class IMDSServer:
         body = await reader.readexactly(length) if length else b""
         return self.route(method, target, headers, body)
 
-    def route(self, method: str, target: str, headers: dict[str, str], body: bytes
-              ) -> tuple[int, str, bytes]:
+    def route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         """Answer one request (headers keyed in lowercase)."""
         url = urlsplit(target)
         path = url.path.rstrip("/").lower()
@@ -186,7 +205,7 @@ class IMDSServer:
             return self._instance(url.path.rstrip("/").split("/")[3:], query.get("format"))
         return _error(404, "Not found")
 
-    def _instance(self, parts: list[str], fmt: str | None) -> tuple[int, str, bytes]:
+    def _instance(self, parts: list[str], fmt: str | None) -> Response:
         node: object = {"compute": self.metadata.compute, "network": self.metadata.network}
         for part in parts:
             if isinstance(node, dict) and part in node:
@@ -198,10 +217,10 @@ class IMDSServer:
         if fmt == "text":
             if isinstance(node, (dict, list)):
                 return _error(400, "Bad request. format=text is only allowed for leaf nodes")
-            return 200, "text/plain; charset=utf-8", str(node).encode()
+            return Response(200, "text/plain; charset=utf-8", str(node).encode())
         return _json(200, node)
 
-    def _acknowledge(self, body: bytes) -> tuple[int, str, bytes]:
+    def _acknowledge(self, body: bytes) -> Response:
         try:
             requests = json.loads(body or b"null")["StartRequests"]
             event_ids = [r["EventId"] for r in requests]
@@ -211,27 +230,21 @@ class IMDSServer:
         unknown = [i for i in event_ids if i not in known]
         if unknown:
             return _error(400, f"Bad request. Unknown EventId(s): {', '.join(map(str, unknown))}")
-        for event_id in event_ids:
-            if self.on_event_ack is not None:
-                try:
-                    self.on_event_ack(self.key, event_id)
-                except Exception:  # the instance's request must not fail for the host's bug
-                    logger.exception("on_event_ack(%s, %s) failed", self.key, event_id)
-        return 200, "application/json; charset=utf-8", b""
+        return Response(200, "application/json; charset=utf-8", b"", tuple(event_ids))
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
 
-def _json(status: int, doc: object) -> tuple[int, str, bytes]:
-    return status, "application/json; charset=utf-8", json.dumps(doc).encode()
+def _json(status: int, doc: object) -> Response:
+    return Response(status, "application/json; charset=utf-8", json.dumps(doc).encode())
 
 
-def _error(status: int, message: str) -> tuple[int, str, bytes]:
+def _error(status: int, message: str) -> Response:
     return _json(status, {"error": message})
 
 
-def _missing_api_version() -> tuple[int, str, bytes]:
+def _missing_api_version() -> Response:
     return _json(400, {
         "error": "Bad request. api-version was not specified in the request. "
                  "For more information refer to aka.ms/azureimds",

@@ -251,7 +251,7 @@ def test_scheduled_events_post_clear_and_acknowledge(host, boot, acks):
     assert during["DocumentIncarnation"] > before["DocumentIncarnation"]
     ack = json.dumps({"StartRequests": [{"EventId": event["EventId"]}]})
     vm.check(f"curl -sf -X POST -H Metadata:true -d '{ack}' '{events_url}'")
-    assert (vm.spec.key, event["EventId"]) in acks
+    _wait_for(lambda: (vm.spec.key, event["EventId"]) in acks, 10, "the approval to reach the host")
     bogus = json.dumps({"StartRequests": [{"EventId": "not-an-event"}]})
     assert vm.check(f"curl -s -o /dev/null -w '%{{http_code}}' -X POST -H Metadata:true "
                     f"-d '{bogus}' '{events_url}'") == "400"

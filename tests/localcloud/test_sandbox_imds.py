@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -22,8 +23,8 @@ def imds():
 
 
 def call(server, method, target, headers=H, body=b""):
-    status, content_type, payload = server.route(method, target, headers, body)
-    return status, (json.loads(payload) if payload and "json" in content_type else payload.decode())
+    r = server.route(method, target, headers, body)
+    return r.status, (json.loads(r.body) if r.body and "json" in r.content_type else r.body.decode())
 
 
 def test_instance_document_and_leaves(imds):
@@ -58,9 +59,36 @@ def test_scheduled_events_incarnation_and_acknowledgement(imds):
     second = call(imds, "GET", url)[1]
     assert second["Events"] == [{**event, "EventStatus": "Started"}]
     assert second["DocumentIncarnation"] > first["DocumentIncarnation"]
-    assert call(imds, "POST", url, body=b'{"StartRequests": [{"EventId": "E1"}]}')[0] == 200
-    assert imds.acks == [("v", "E1")]
+    approval = imds.route("POST", url, H, b'{"StartRequests": [{"EventId": "E1"}]}')
+    assert (approval.status, approval.acknowledged) == (200, ("E1",))
     assert call(imds, "POST", url, body=b'{"StartRequests": [{"EventId": "E2"}]}')[0] == 400
     assert call(imds, "POST", url, body=b"not json")[0] == 400
     assert call(imds, "DELETE", url)[0] == 405
-    assert imds.acks == [("v", "E1")]
+    assert imds.route("GET", url, H, b"").acknowledged == ()
+    assert imds.acks == []  # the host hears of approvals only once the answer is sent
+
+
+def test_approval_reaches_the_host_after_the_answer(imds):
+    """Over a real socket: on_event_ack runs once the instance has its 200."""
+    imds.metadata.post_event({"EventId": "E1", "EventType": "Preempt"})
+    asyncio.run(_approve_over_a_socket(imds))
+
+
+async def _approve_over_a_socket(imds):
+    server = await asyncio.start_server(imds._handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"StartRequests": [{"EventId": "E1"}]}'
+        writer.write(b"POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\n"
+                     b"Metadata: true\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        for _ in range(100):
+            if imds.acks:
+                break
+            await asyncio.sleep(0.01)
+        assert imds.acks == [("v", "E1")]
+    finally:
+        server.close()
