@@ -39,7 +39,7 @@ from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
 DEFAULT_MPI_FLAGS = "--bind-to none --oversubscribe"
 FOLLOWER_ATTRIBUTE = "__azm_mpi_follower__"
 
-_RUN, _OUTCOME, _ACK = 1, 2, 3
+_RUN, _OUTCOME, _ACK, _PEER_FAILED = 1, 2, 3, 4
 # After one rank failed, how long the others may take to finish the call before the worker is
 # considered stuck (e.g. in a collective the failed rank never joins) and restarted.
 FAILURE_GRACE_SECONDS = 2.0
@@ -258,9 +258,15 @@ def follow() -> None:
         sys.stderr.flush()
         control.send(outcome, dest=0, tag=_OUTCOME)
         backoff.active()
-        if outcome and _wait_for(control, _ACK, backoff, FAILURE_GRACE_SECONDS) is _TIMED_OUT:
-            _report_and_abort(protocol, task_id, MPIRankError(
-                rank, control.Get_size(), outcome["type"], outcome["message"], outcome["traceback"]))
+        if outcome is None:
+            continue
+        peers = [control.isend(task_id, dest=p, tag=_PEER_FAILED)
+                 for p in range(1, control.Get_size()) if p != rank]
+        if _wait_for(control, _ACK, backoff, FAILURE_GRACE_SECONDS) is _TIMED_OUT:
+            # one report per call: the lowest failed rank sends it, the others only end the job
+            report = not _lower_rank_failed(control, rank, task_id)
+            _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
+        MPI.Request.waitall(peers)
     MPI.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -272,6 +278,7 @@ def follow() -> None:
 
 
 _TIMED_OUT = object()
+_ATOMIC_WRITE = 4096  # a pipe write up to PIPE_BUF bytes is never split or interleaved
 
 
 def _wait_for(control: Any, tag: int, backoff: _Backoff, timeout: float | None) -> Any:
@@ -285,24 +292,40 @@ def _wait_for(control: Any, tag: int, backoff: _Backoff, timeout: float | None) 
     return control.recv(source=0, tag=tag)
 
 
-def _report_and_abort(protocol: int, task_id: int, error: MPIRankError) -> None:
+def _lower_rank_failed(control: Any, rank: int, task_id: int) -> bool:
+    """Whether a rank below this one (but above 0) also failed call `task_id`; notices of
+    earlier calls are consumed and ignored."""
+    from mpi4py import MPI
+
+    found = False
+    status = MPI.Status()
+    while control.Iprobe(source=MPI.ANY_SOURCE, tag=_PEER_FAILED, status=status):
+        peer = status.Get_source()
+        found |= control.recv(source=peer, tag=_PEER_FAILED) == task_id and peer < rank
+    return found
+
+
+def _report_and_abort(protocol: int, task_id: int, report: bool, rank: int, size: int,
+                      outcome: dict[str, str]) -> None:
     """Rank 0 holds the GIL in a collective this rank will never join (mpi4py's pickle-based
     reductions do), so it cannot report: send the task's ERROR frame on the protocol stream
-    ourselves, in one write small enough to stay whole, then end the worker."""
+    ourselves (`report`), in one write small enough to stay whole, then end the worker."""
     from prefect_azmanagers.cluster.protocol import Kind, encode_json
 
-    text = str(error)
     frame = b""
-    for keep in (3000, 1500, 500):
-        body = {"type": f"{MPIRankError.__module__}.MPIRankError",
-                "message": text[:keep], "traceback": error.remote_traceback[-keep:],
-                "exception": None}
-        frame = encode_json(Kind.ERROR, body, task_id)
-        if len(frame) <= 4000:
+    for keep in (600, 300, 100, 0):
+        error = MPIRankError(rank, size, outcome["type"], outcome["message"][:keep],
+                             outcome["traceback"][-keep:])
+        frame = encode_json(Kind.ERROR, {
+            "type": f"{MPIRankError.__module__}.MPIRankError", "message": str(error),
+            "traceback": error.remote_traceback, "exception": cloudpickle.dumps(error).hex(),
+        }, task_id)
+        if len(frame) <= _ATOMIC_WRITE:
             break
-    print(f"rank 0 is stuck after this rank failed task {task_id}; reporting it and ending the "
-          "worker so it restarts clean", file=sys.stderr, flush=True)
-    os.write(protocol, frame[:4000])
+    print(f"rank 0 is stuck after this rank failed task {task_id}; ending the worker so it "
+          "restarts clean", file=sys.stderr, flush=True)
+    if report:
+        os.write(protocol, frame)
     time.sleep(1.0)  # let mpirun forward the frame before the job is torn down
     from mpi4py import MPI
 

@@ -148,15 +148,37 @@ def test_rank0_exception_keeps_its_type(agents):
     assert agent.shutdown() == 0
 
 
-def test_rank_failing_before_a_collective_fails_the_call_then_ends_the_worker(agents):
+def _ranks_fail_before_collective():
+    from prefect_azmanagers.mpi import comm
+
+    c = comm()
+    if c.Get_rank() > 0:
+        raise ValueError(f"boom on rank {c.Get_rank()}")
+    return c.allreduce(1)  # rank 0 waits here (holding the GIL) for ranks that never come
+
+
+def test_ranks_failing_before_a_collective_fail_the_call_once_then_end_the_worker(agents):
     agent = agents(3)
     started = time.monotonic()
-    frame, _ = agent.call(_fail_on_rank(1, before_collective=True))
+    frame, _ = agent.call(_ranks_fail_before_collective)
     assert frame.kind == Kind.ERROR
     assert "MPI rank 1 of 3 failed: builtins.ValueError: boom on rank 1" in frame.json()["message"]
+    error = cloudpickle.loads(bytes.fromhex(frame.json()["exception"]))
+    assert isinstance(error, MPIRankError) and error.rank == 1
+    rest = agent.proc.stdout.read()  # until the worker ends: no second report of the call
+    assert Kind.ERROR not in [f.kind for f in _frames(rest)]
     assert agent.wait() != 0  # stuck ranks cannot be recovered: the worker exits for a restart
-    assert any("ending th" in line for line in agent.stderr), agent.stderr
+    assert any("ending the worker" in line for line in agent.stderr), agent.stderr
     assert time.monotonic() - started < 60
+
+
+def _frames(data: bytes) -> list[Frame]:
+    frames = []
+    while len(data) >= HEADER.size:
+        length, kind, task_id = parse_header(data[:HEADER.size])
+        frames.append(Frame(kind, task_id, data[HEADER.size:HEADER.size + length]))
+        data = data[HEADER.size + length:]
+    return frames
 
 
 def _chatty():
