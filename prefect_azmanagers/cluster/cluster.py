@@ -100,6 +100,7 @@ class WorkerInfo:
     state: str
     preempted: bool
     tasks_run: int
+    pid: int | None  # the agent process on the instance (changes when the slot restarts)
 
 
 def log_worker_output(worker: WorkerInfo, stream: str, line: str) -> None:
@@ -185,6 +186,7 @@ class _Worker:
     state: WorkerState = WorkerState.STARTING
     agent: AgentProcess | None = None
     generation: int = 0
+    pid: int | None = None
     pgid: int | None = None
     inflight: dict[int, _WorkItem] = field(default_factory=dict)
     tasks_run: int = 0
@@ -197,7 +199,7 @@ class _Worker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.member.name, self.member.address or "", self.slot,
-                          self.state.value, self.member.preempted, self.tasks_run)
+                          self.state.value, self.member.preempted, self.tasks_run, self.pid)
 
 
 class AzureCluster:
@@ -684,7 +686,7 @@ class AzureCluster:
             on_stderr=partial(self._on_stderr, worker),
             on_exit=partial(self._on_agent_exit, worker, worker.generation))
         hello = await asyncio.wait_for(asyncio.shield(worker.hello), AGENT_HELLO_TIMEOUT)
-        worker.pgid = hello.get("pgid")
+        worker.pid, worker.pgid = hello.get("pid"), hello.get("pgid")
         worker.last_seen = time.monotonic()
         worker.free = asyncio.Semaphore(worker.concurrency)
         worker.state = WorkerState.IDLE

@@ -48,7 +48,18 @@ def ssh_connections_to(addresses: set[str]) -> list:
             if c.raddr and c.raddr.ip in addresses]
 
 
-def assert_nothing_left(admin: LocalCloudAdmin, group: str, addresses: set[str]) -> None:
+def agent_alive(pid: int) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and any(
+            "prefect_azmanagers.cluster.agent" in part for part in process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_nothing_left(admin: LocalCloudAdmin, group: str, addresses: set[str],
+                        agent_pids: set[int] = frozenset()) -> None:
+    assert not [pid for pid in agent_pids if agent_alive(pid)]
     assert instances_of(admin, group) == []
     assert scale_sets_named(admin, group) == []
     assert ssh_connections_to(addresses) == []
@@ -86,11 +97,41 @@ def chatty() -> str:
     return "done"
 
 
-def test_results_tracebacks_output_and_clean_close(localcloud, admin):
+@pytest.fixture
+def loopback_http_server():
+    """An HTTP server on the driver's 127.0.0.1 only (instances cannot reach it directly)."""
+    import http.server
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"hello through the tunnel"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(url: str) -> str:
+    import urllib.request
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_results_tracebacks_output_tunnel_and_clean_close(localcloud, admin, loopback_http_server):
     group = group_name("eng")
     lines: list[tuple[int, str, str]] = []
+    port = loopback_http_server
     cluster = AzureCluster("localcloud-small", 2, manifest="localcloud", ppi=2, group=group,
-                           progress=False, join_timeout=300, waitfor=True)
+                           progress=False, join_timeout=300, waitfor=True, forward_ports=[port])
     cluster.output_handler = lambda w, stream, line: lines.append((w.id, stream, line))
     with cluster:
         workers = cluster.workers
@@ -117,9 +158,20 @@ def test_results_tracebacks_output_and_clean_close(localcloud, admin):
             time.sleep(0.1)
         texts = [l[2] for l in lines if l[1] == "stdout"]
         assert "line one from a task" in texts and "line two from a task" in texts
-        assert sum(w.tasks_run for w in cluster.workers) == 40 + 20 + 3
+        # the driver's loopback port is reachable on every instance, through SSH only
+        url = f"http://127.0.0.1:{port}/"
+        assert {cluster.submit(lambda: fetch(url)).result(timeout=60) for _ in range(8)} == {
+            "hello through the tunnel"}
+        if localcloud["mode"] == "isolated":
+            member = next(iter(cluster._members.values()))
+            probe = cluster._call(member.conn.run(
+                f"{localcloud['python']} -c 'import socket; socket.create_connection((\"{localcloud['prefect_api_url_for_vms'].split('//')[1].split(':')[0]}\", {port}), 3)'"))
+            assert probe.exit_status != 0  # the same port on the host side is not reachable
+        assert sum(w.tasks_run for w in cluster.workers) == 40 + 20 + 3 + 8
         assert len(instances_of(admin, group)) == 2
-    assert_nothing_left(admin, group, addresses)
+        pids = {w.pid for w in cluster.workers}
+        assert all(agent_alive(pid) for pid in pids)
+    assert_nothing_left(admin, group, addresses, pids)
 
 
 def sleepy(i: int, seconds: float) -> int:
@@ -196,7 +248,18 @@ def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
         runs = [cluster.submit(lambda: open(attempts_marker).read() if os.path.exists(attempts_marker) else "")
                 for _ in range(8)]
         assert sorted(f.result(timeout=60) for f in runs)[-1] == "x"
-    assert_nothing_left(admin, group, addresses)
+
+        # an instance killed outright: its calls are re-queued, it is deleted and replaced
+        cluster.max_task_retries_on_lost_worker = 3
+        futures = [cluster.submit(lambda i=i: sleepy(i, 4)) for i in range(8)]
+        wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 4, 60, "4 busy workers")
+        admin.kill(victim.name)
+        assert [f.result(timeout=300) for f in futures] == list(range(8))
+        cluster.wait_for_workers(4, timeout=300)
+        assert victim.name not in {w.instance for w in cluster.workers}
+        addresses |= {w.ip for w in cluster.workers}
+        pids = {w.pid for w in cluster.workers}
+    assert_nothing_left(admin, group, addresses, pids)
 
 
 def test_spot_eviction_drains_and_requeues(localcloud, admin):
