@@ -60,7 +60,7 @@ def _wait_for_line(lines: list[str], text: str, timeout: float = 15.0) -> None:
     assert any(text in line for line in lines), lines
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])  # K=4: rank-side tests
 def test_allreduce_on_k_ranks_and_failing_ranks(localcloud, admin, ranks):
     group = f"mpi{ranks}-{uuid.uuid4().hex[:6]}"
     lines: list[str] = []
