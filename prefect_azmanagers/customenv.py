@@ -115,25 +115,15 @@ def capture_environment(
         no-index and trusted-host settings of the driver's pip configuration.
     """
     options = tuple(pip_args) if pip_args is not None else _driver_pip_options()
-    if use_lock_file:
-        lock = _find_lock_file(Path(project_dir or Path.cwd()))
-        if lock is not None:
-            lock_path, requirements, local = lock
-            spec = EnvironmentSpec(
-                source=f"lock file {lock_path}",
-                requirements=tuple(requirements),
-                wheels=_build_wheels(local),
-                pip_args=options,
-            )
-            logger.info("customenv: %s (%d pins)", spec.source, len(spec.requirements))
-            return spec
-    requirements, local = _installed_requirements(list(paths) if paths is not None else sys.path)
-    spec = EnvironmentSpec(
-        source=f"installed distributions of {sys.executable}",
-        requirements=tuple(requirements),
-        wheels=_build_wheels(local),
-        pip_args=options,
-    )
+    lock = _find_lock_file(Path(project_dir or Path.cwd())) if use_lock_file else None
+    if lock is not None:
+        lock_path, requirements, local = lock
+        source = f"lock file {lock_path}"
+    else:
+        requirements, local = _installed_requirements(
+            list(paths) if paths is not None else sys.path)
+        source = f"installed distributions of {sys.executable}"
+    spec = EnvironmentSpec(source, tuple(requirements), _build_wheels(local), options)
     logger.info("customenv: %s (%d pins, %d local wheels)", spec.source,
                 len(spec.requirements), len(spec.wheels))
     return spec
@@ -157,7 +147,6 @@ def customenv_hook(spec: EnvironmentSpec, *, admin_username: str, python: str) -
         env=q(env_dir),
         python=q(python),
         admin=q(admin_username),
-        status=q(f"/home/{admin_username}/.azmanagers/boot.status"),
         log=q(f"/home/{admin_username}/.azmanagers/customenv.log"),
         summary=q(f"{len(spec.requirements)} pins, {len(spec.wheels)} shipped wheels"
                   f" from {spec.source}"),
@@ -202,7 +191,7 @@ cat > "$azm_ce_dir/build.sh" <<'AZM_CUSTOMENV_SCRIPT'
 set -euo pipefail
 work=$1; env={env}; log={log}
 mkdir -p "$(dirname "$log")"
-echo "customenv: installing {summary}"
+echo customenv: installing {summary}
 {python} -c {unpack} "$work" <<'AZM_CUSTOMENV_PAYLOAD'
 {payload}AZM_CUSTOMENV_PAYLOAD
 rm -rf "$env"

@@ -204,9 +204,12 @@ def test_hook_builds_a_layered_venv_with_the_pins(tmp_path):
 
 
 def test_hook_failure_writes_the_pip_tail_to_boot_status(tmp_path):
-    spec = EnvironmentSpec("test", ("azm-no-such-package==9.9",), (), ("--no-index",))
+    hostile = f"lock file $(touch {tmp_path}/pwned) `touch {tmp_path}/pwned2` 'quoted'"
+    spec = EnvironmentSpec(hostile, ("azm-no-such-package==9.9",), (), ("--no-index",))
     proc, home = _run_hook(customenv_hook(spec, admin_username=ADMIN, python=sys.executable),
                            tmp_path)
+    assert hostile in proc.stdout  # the spec's text is data in the script, never code
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
     assert proc.returncode != 0
     status = (home / ADMIN / ".azmanagers/boot.status").read_text()
     assert status.startswith("failed: exit 1 at line")
