@@ -63,7 +63,7 @@ def start_reaper(vm: DetachedVM, job: DetachedJob, manifest: AzureManifest, *,
 def detach(fn: Callable[..., Any], /, *args: Any, vm_template: str | Any,
            nic_template: str | Any | None = None, persist: bool = True,
            manifest: str | AzureManifest = "default", name: str | None = None,
-           basename: str = "azm", **kwargs: Any) -> DetachedJob:
+           basename: str = "azm", customenv: bool = False, **kwargs: Any) -> DetachedJob:
     """Create a detached VM (`addproc`) and run `fn(*args, **kwargs)` on it (`detachat`).
 
     With `persist=False` the VM, its NIC and work pool are deleted when the job ends, also
@@ -71,7 +71,7 @@ def detach(fn: Callable[..., Any], /, *args: Any, vm_template: str | Any,
     detach's own; the others go to `fn`.
     """
     manifest_block = load_manifest(manifest)
-    vm = addproc(vm_template, nic_template, name=name, basename=basename,
+    vm = addproc(vm_template, nic_template, name=name, basename=basename, customenv=customenv,
                  manifest=manifest if isinstance(manifest, str) else manifest_block)
     try:
         job = detachat(vm, fn, *args, **kwargs)
