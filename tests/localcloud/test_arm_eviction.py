@@ -58,9 +58,11 @@ def test_preempt_is_visible_in_imds_before_the_instance_disappears(cloud: Cloud)
         ip1 = _members(cloud, name)["1"]
         cloud.compute.virtual_machine_scale_set_vms.simulate_eviction(cloud.rg, name, "1")
         event_id = json.loads(cloud.ssh(ip1, EVENTS).stdout)["Events"][0]["EventId"]
-        approve = cloud.ssh(ip1, "curl -s -X POST -H Metadata:true -d "
+        # in the background: the approval evicts at once, which may cut this very SSH session
+        approve = cloud.ssh(ip1, "nohup curl -s -X POST -H Metadata:true -d "
                                  f"'{{\"StartRequests\": [{{\"EventId\": \"{event_id}\"}}]}}' "
-                                 "'http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01'")
+                                 "'http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01' "
+                                 ">/dev/null 2>&1 &")
         assert approve.returncode == 0, approve.stderr
         _wait(lambda: not _members(cloud, name), 60, "the approved eviction")
     finally:
