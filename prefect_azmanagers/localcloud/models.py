@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from prefect_azmanagers.localcloud import exceptions as errors
 from prefect_azmanagers.localcloud.config import LocalCloudConfig, Sku
+from prefect_azmanagers.localcloud.sandbox import InstanceSpec
 from prefect_azmanagers.localcloud.store import Store
 
 logger = logging.getLogger("prefect_azmanagers.localcloud")
@@ -41,27 +42,13 @@ class InstanceSandboxes(Protocol):
     """What the backend needs from SandboxHost (see docs/architecture.md, "Local cloud")."""
 
     def allocate(self, key: str) -> str: ...
-    async def boot(self, spec: Any) -> None: ...
+    async def boot(self, spec: InstanceSpec) -> None: ...
     def post_scheduled_event(self, key: str, event: dict) -> None: ...
     def clear_scheduled_events(self, key: str) -> None: ...
     async def kill(self, key: str) -> None: ...
     async def drop_ssh(self, key: str) -> None: ...
     async def delete(self, key: str) -> None: ...
     def describe(self, key: str) -> dict: ...
-
-
-@dataclass
-class BootRequest:
-    """What an instance needs to boot; turned into the sandbox's InstanceSpec by the server."""
-
-    key: str
-    name: str
-    computer_name: str
-    admin_username: str
-    public_keys: list[str]
-    custom_data: str | None
-    metadata: dict
-    boot_delay: float = 0.0
 
 
 def compute_prefix(subscription: str, resource_group: str) -> str:
@@ -179,12 +166,10 @@ class Backend:
         config: LocalCloudConfig,
         store: Store,
         sandboxes: InstanceSandboxes,
-        boot_spec: Callable[[BootRequest], Any] = lambda r: r,
     ):
         self.config = config
         self.store = store
         self.sandboxes = sandboxes
-        self._boot_spec = boot_spec
         self.scale_sets: dict[str, ScaleSet] = {}
         self.instances: dict[str, Instance] = {}
         self.nics: dict[str, Nic] = {}
@@ -587,14 +572,14 @@ class Backend:
         if self.faults.boot_failures:
             self.faults.boot_failures -= 1
             self._boot_failed(inst, "boot failure injected by the local cloud's admin API")
-        request = BootRequest(
+        spec = InstanceSpec(
             key=inst.vm_id, name=inst.name, computer_name=inst.computer_name,
             admin_username=inst.admin_username, public_keys=inst.public_keys,
             custom_data=inst.custom_data, metadata=self.imds_compute(inst),
             boot_delay=self.config.boot_delay,
         )
         try:
-            await self.sandboxes.boot(self._boot_spec(request))
+            await self.sandboxes.boot(spec)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
 from prefect_azmanagers.localcloud.config import load_config
 from prefect_azmanagers.localcloud.exceptions import ArmError
 from prefect_azmanagers.localcloud.keys import ensure_ssh_keypair, ensure_tls
-from prefect_azmanagers.localcloud.models import Backend, BootRequest
+from prefect_azmanagers.localcloud.models import Backend
 from prefect_azmanagers.localcloud.responses import ArmRequest, ArmResponses
 from prefect_azmanagers.localcloud.store import STORE_FILE, Store
 
@@ -147,7 +146,7 @@ def _loopback_socket(port: int) -> socket.socket:
 
 
 async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> None:
-    from prefect_azmanagers.localcloud.sandbox import InstanceSpec, SandboxHost
+    from prefect_azmanagers.localcloud.sandbox import SandboxHost
 
     config = load_config(state_dir)
     tls = ensure_tls(state_dir)
@@ -165,7 +164,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> Non
     backend: Backend | None = None
     try:
         await host.start()
-        backend = Backend(config, store, host, boot_spec=lambda r: InstanceSpec(**asdict(r)))
+        backend = Backend(config, store, host)
         backend.bind_loop(loop)
         backend_ref.append(backend)
 
