@@ -535,14 +535,18 @@ class AzureCluster:
             try:
                 instances = await self._scaleset.instances()
             except AzureError as exc:
-                # A grow failed; what it made is listed now or never: claim it, then give up
-                # on the rest of that request.
+                # Either a grow failed (raised once: the next listing works) or listing itself
+                # fails. After a failed grow, what it made is listed now or never: claim it,
+                # then give up on the rest of that request.
                 try:
-                    self._reconcile(await self._scaleset.instances())
+                    instances = await self._scaleset.instances()
                 except Exception as again:
                     logger.warning("listing the instances of %s failed: %s", self.group, again)
-                self._provisioning_failed(exc)
-                instances = None
+                    instances = None
+                else:
+                    self._reconcile(instances)
+                    self._provisioning_failed(exc)
+                    instances = None
             except Exception as exc:  # network trouble listing: keep trying with backoff
                 logger.warning("listing the instances of %s failed: %s", self.group, exc)
                 instances = None
@@ -848,7 +852,7 @@ class AzureCluster:
         if worker.member.state == "joined":
             self._spawn(self._restart_slot(worker), worker.member.tasks)
 
-    def _worker_lost(self, worker: _Worker, reason: str) -> None:
+    def _worker_lost(self, worker: _Worker, reason: str, *, count_attempt: bool = True) -> None:
         """Mark a slot lost and re-queue (or fail, past the bound) what it was running."""
         worker.state = WorkerState.LOST
         worker.generation += 1  # late frames of the dead agent are ignored
@@ -861,7 +865,7 @@ class AzureCluster:
         for item in reversed(items):
             if item.future.done():
                 continue
-            item.lost_attempts += 1
+            item.lost_attempts += count_attempt
             item.worker = None
             if item.lost_attempts > self.max_task_retries_on_lost_worker:
                 _settle(item.future, exception=WorkerLost(
@@ -1037,7 +1041,8 @@ class AzureCluster:
                 continue
             worker.generation += 1  # its exit is ours: not a lost worker
             await self._kill_agent(worker)
-            self._worker_lost(worker, "cancelled")  # other calls it ran are re-queued
+            # other calls the slot ran are re-queued; a cancel is not their loss
+            self._worker_lost(worker, "cancelled", count_attempt=False)
             if worker.member.state == "joined":
                 self._spawn(self._restart_slot(worker), worker.member.tasks)
 
