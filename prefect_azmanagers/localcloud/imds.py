@@ -32,6 +32,7 @@ _CLONE_NEWNET = 0x40000000
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 64 * 1024
 _NEWEST_VERSIONS = ["2023-07-01", "2021-12-13", "2020-07-01"]
+APPROVAL_LATENCY = 1.0  # seconds from answering a StartRequests to telling the host
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class IMDSServer:
         self.key, self.metadata, self.on_event_ack = key, metadata, on_event_ack
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._pending: set[asyncio.TimerHandle] = set()
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._handle, sock=sock)
@@ -126,6 +128,8 @@ class IMDSServer:
         namespace alive after `ip netns del`)."""
         if self._server is not None:
             self._server.close()
+        for handle in self._pending:  # an instance that is gone approves nothing
+            handle.cancel()
         for writer in list(self._connections):
             writer.transport.abort()
         if self._server is not None:
@@ -148,9 +152,13 @@ class IMDSServer:
         finally:
             self._connections.discard(writer)
             writer.close()
-        if response is not None:
-            # only once the instance has its answer: an approval may end the instance at once
-            self._notify(response.acknowledged)
+        if response is not None and response.acknowledged:
+            # The platform hears of an approval after the instance has its answer, and a moment
+            # later, as on Azure: the approval may end the instance, and the instance must be
+            # able to finish the request (e.g. an SSH session running curl) first.
+            loop = asyncio.get_running_loop()
+            self._pending = {h for h in self._pending if h.when() > loop.time()}  # not yet run
+            self._pending.add(loop.call_later(APPROVAL_LATENCY, self._notify, response.acknowledged))
 
     def _notify(self, event_ids: tuple[str, ...]) -> None:
         for event_id in event_ids:

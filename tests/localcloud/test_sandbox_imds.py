@@ -85,7 +85,7 @@ async def _approve_over_a_socket(imds):
         answer = await reader.read()
         assert answer.startswith(b"HTTP/1.1 200 ")
         writer.close()
-        for _ in range(100):
+        for _ in range(500):
             if imds.acks:
                 break
             await asyncio.sleep(0.01)
