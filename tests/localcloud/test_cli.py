@@ -3,7 +3,10 @@ at a working local cloud; admin verbs and status through the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -95,3 +98,32 @@ def test_start_without_a_prefect_api_says_the_blocks_were_not_saved(tmp_path):
         stopped = subprocess.run(CLI + ["stop", *state], capture_output=True, text=True, timeout=180, env=env)
     assert stopped.returncode == 0 and "Stopped the local cloud" in stopped.stdout
     assert not (tmp_path / "lc" / "localcloud.json").exists()
+
+
+def test_foreground_start_runs_until_ctrl_c_and_cleans_up(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state_dir = tmp_path / "fg"
+    env = dict(os.environ, PREFECT_API_URL="http://127.0.0.1:9/api")
+    proc = subprocess.Popen(CLI + ["start", "--state-dir", str(state_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        info = json.loads((state_dir / "localcloud.json").read_text())
+        assert info["arm_endpoint"] == f"https://127.0.0.1:{port}", "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "Stopped." in rest
+        assert not (state_dir / "localcloud.json").exists()
+        with socket.socket() as s:  # nothing listens on the port any more
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(CLI + ["stop", "--state-dir", str(state_dir)], capture_output=True, timeout=120, env=env)
