@@ -856,7 +856,7 @@ class Backend:
             "publisher": image.get("publisher", ""),
             "sku": image.get("sku", ""),
             "version": image.get("version", ""),
-            "priority": inst.priority if inst.is_spot else "",
+            "priority": inst.priority,
             "provider": "Microsoft.Compute",
             "resourceGroupName": inst.resource_group,
             "resourceId": inst.id,
