@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import logging
 import socket
+import threading
 import traceback
 import uuid
 from typing import Any
@@ -53,9 +54,11 @@ class RemoteTaskRun:
         from prefect_azmanagers.mpi import checking_other_ranks
 
         _drain_at_agent_exit()
+        context = dict(self.context)
         token = ON_WORKER.set(True)
         try:
-            with hydrated_context(self.context):
+            with _settings_context(context.pop("settings_context")), \
+                    hydrated_context(context, client=_thread_client()):
                 _keep_api_records_off_stderr()
                 kwargs = dict(
                     task=checking_other_ranks(self.task),  # MPI seam: rank 0 waits for the others
@@ -88,6 +91,45 @@ class RemoteTaskRun:
             run_task_function(self.task, self.parameters, self.context)
         finally:
             ON_WORKER.reset(token)
+
+
+_settings_lock = threading.Lock()
+_settings_cache: tuple[dict[str, Any], Any, Any] | None = None
+
+
+def _settings_context(serialized: dict[str, Any]) -> Any:
+    """The driver's settings as a SettingsContext, built once per distinct settings.
+
+    Building Prefect's Settings from the serialized dict costs ~0.5 s (pydantic-settings
+    re-reads every source); the driver sends the same settings with every task of a flow.
+    """
+    global _settings_cache
+    from prefect.context import SettingsContext
+
+    with _settings_lock:
+        if _settings_cache is None or _settings_cache[0] != serialized:
+            built = SettingsContext(**serialized)
+            _settings_cache = (serialized, built.profile, built.settings)
+        _, profile, settings = _settings_cache
+    return SettingsContext(profile=profile, settings=settings)
+
+
+def _thread_client() -> Any:
+    """This worker thread's Prefect API client, kept open across its task runs.
+
+    Prefect makes a new client (and TLS context, ~0.1 s) per task run otherwise. The client
+    context stays entered in the thread (the agent's pool threads live as long as the agent)
+    so the task engine's own `SyncClientContext.get_or_create()` finds it too.
+    """
+    from prefect.context import SyncClientContext
+    from prefect.settings import get_current_settings
+
+    api_url = get_current_settings().api.url
+    current = SyncClientContext.get()
+    if current is None or str(current.client.api_url).rstrip("/") != str(api_url).rstrip("/"):
+        current = SyncClientContext()
+        current.__enter__()  # left open on purpose: one client per agent thread
+    return current.client
 
 
 def flush_events() -> None:

@@ -1,0 +1,74 @@
+"""The services a benchmark needs, started the way the tests start them and always stopped:
+a `prefect server` on a free loopback port (SQLite in a temp dir) and the local cloud."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path) -> Iterator[str]:
+    """A Prefect server on loopback; yields its API URL (also set as PREFECT_API_URL)."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(root / "server-home"),
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+               PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+               PREFECT_UI_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    log = root / "prefect-server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        os.environ["PREFECT_API_URL"] = api_url
+        yield api_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def local_cloud(root: Path, api_url: str) -> Iterator[dict]:
+    """The local cloud (saves the `localcloud` blocks in the server); yields localcloud.json."""
+    state_dir = root / "localcloud"
+    cli = [sys.executable, "-m", "prefect_azmanagers.cli", "localcloud"]
+    subprocess.run(cli + ["start", "--background", "--state-dir", str(state_dir),
+                          "--prefect-api-url", api_url],
+                   check=True, env=dict(os.environ, PREFECT_API_URL=api_url), timeout=180,
+                   stdout=subprocess.DEVNULL)
+    try:
+        yield json.loads((state_dir / "localcloud.json").read_text())
+    finally:
+        subprocess.run(cli + ["stop", "--state-dir", str(state_dir)], timeout=180,
+                       stdout=subprocess.DEVNULL)

@@ -1,0 +1,276 @@
+"""Task throughput, latency, argument bandwidth and driver memory of AzureScaleSetTaskRunner,
+side by side with Prefect's ThreadPoolTaskRunner (the in-process bound), ProcessPoolTaskRunner
+and prefect-dask's DaskTaskRunner (remote peers, same worker count), and raw asyncssh round
+trips over one connection (the transport bound). One process tree, one run:
+
+    python -m bench.throughput [--tasks 500] [--workers 4] [--no-scale]
+
+It starts a Prefect server and the local cloud itself and stops them. Every runner runs the
+same flow: N trivial tasks submitted at once, each returning how long after its submit it
+started. Workers are warmed up (Prefect imported) before timing; cluster start-up is not timed.
+Results: a table on stdout and JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="azm-bench-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import asyncssh  # noqa: E402
+import psutil  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
+
+from bench.services import local_cloud, prefect_server  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MB = 1 << 20
+ECHO_SERVER = r"""
+import sys
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    head = inp.read(8)
+    if len(head) < 8:
+        break
+    size, reply = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+    data = inp.read(size)
+    out.write(len(data).to_bytes(4, "big") + data[:reply])
+    out.flush()
+"""
+
+
+@task
+def trivial(submitted_at: float) -> float:
+    return time.time() - submitted_at
+
+
+@task
+def size_of(blob: bytes) -> int:
+    return len(blob)
+
+
+def run_trivial(task_runner, n: int) -> dict:
+    """Runs the trivial flow; tasks/s from first submit to last result, latency percentiles."""
+    @flow(task_runner=task_runner, name="bench-trivial")
+    def trivial_flow(count: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        futures = [trivial.submit(time.time()) for _ in range(count)]
+        latencies = [f.result() for f in futures]
+        return time.perf_counter() - t0, latencies
+
+    seconds, latencies = trivial_flow(n)
+    latencies.sort()
+    return {"tasks": n, "seconds": round(seconds, 3), "tasks_per_s": round(n / seconds, 1),
+            "start_latency_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "start_latency_p95_ms": round(1000 * latencies[int(len(latencies) * 0.95)], 1)}
+
+
+def run_bandwidth(task_runner, sizes_mb: list[int]) -> dict:
+    @flow(task_runner=task_runner, name="bench-bandwidth")
+    def bandwidth_flow() -> dict:
+        out = {}
+        for size in sizes_mb:
+            blob = os.urandom(size * MB)
+            t0 = time.perf_counter()
+            assert size_of.submit(blob).result() == len(blob)
+            out[f"{size}MB"] = round(size / (time.perf_counter() - t0), 1)
+        return out
+
+    return bandwidth_flow()
+
+
+async def raw_asyncssh(address: str, port: int, user: str, client_key, host_key, python: str,
+                       round_trips: int, sizes_mb: list[int]) -> dict:
+    """Round trips and bulk transfers over one SSH connection to an echo process."""
+    async with asyncssh.connect(address, port=port, username=user, client_keys=[client_key],
+                                known_hosts=([host_key], [], [])) as conn:
+        proc = await conn.create_process(f"{python} -u -c {_quote(ECHO_SERVER)}", encoding=None)
+
+        async def call(payload: bytes, reply: int) -> None:
+            proc.stdin.write(len(payload).to_bytes(4, "big") + reply.to_bytes(4, "big") + payload)
+            size = int.from_bytes(await proc.stdout.readexactly(4), "big")
+            await proc.stdout.readexactly(min(size, reply))
+
+        small = b"x" * 200
+        for _ in range(50):
+            await call(small, 200)
+        t0 = time.perf_counter()
+        for _ in range(round_trips):
+            await call(small, 200)
+        rate = round_trips / (time.perf_counter() - t0)
+        bandwidth = {}
+        for size in sizes_mb:
+            blob = os.urandom(size * MB)
+            t0 = time.perf_counter()
+            await call(blob, 0)
+            bandwidth[f"{size}MB"] = round(size / (time.perf_counter() - t0), 1)
+        proc.stdin.write_eof()
+        proc.close()
+        return {"round_trips_per_s": round(rate, 1), "bandwidth_MB_s": bandwidth}
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def start_cluster(api_port: int, instances: int, ppi: int, group: str):
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+
+    cluster = AzureCluster("localcloud-small", instances, manifest="localcloud", ppi=ppi,
+                           group=group, forward_ports=[api_port], progress=False,
+                           waitfor=True, join_timeout=600)
+    return cluster.start()
+
+
+def driver_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def measure_runner(name: str, make_runner: Callable, n: int, warmup: int) -> dict:
+    run_trivial(make_runner(), warmup)
+    result = run_trivial(make_runner(), n)
+    print(f"  {name:<28} {result['tasks_per_s']:>8} tasks/s  "
+          f"p50 {result['start_latency_p50_ms']} ms  p95 {result['start_latency_p95_ms']} ms",
+          flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--sizes-mb", default="10,50,100")
+    parser.add_argument("--no-scale", action="store_true",
+                        help="skip the 8 instances x ppi 4 = 32 workers, 2,000 tasks run")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes_mb.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="azm-bench-"))
+    report: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1)},
+                    "tasks": args.tasks, "workers": args.workers}
+    with prefect_server(root) as api_url, temporary_settings({PREFECT_API_URL: api_url}), \
+            local_cloud(root, api_url):
+        from prefect_dask import DaskTaskRunner
+
+        from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
+        from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+        from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+        from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+        api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+        n, w = args.tasks, args.workers
+        runners = report["runners"] = {}
+        print(f"{n} trivial tasks, {w} workers, {os.cpu_count()} CPUs", flush=True)
+
+        base = driver_rss()
+        cluster = start_cluster(api_port, w, 1, "bench-tp")
+        try:
+            report["driver_rss_per_worker_MB"] = round((driver_rss() - base) / w / MB, 2)
+            runners["AzureScaleSetTaskRunner"] = measure_runner(
+                "AzureScaleSetTaskRunner", lambda: AzureScaleSetTaskRunner(cluster=cluster),
+                n, 4 * w)
+            report["azure_bandwidth_MB_s"] = run_bandwidth(
+                AzureScaleSetTaskRunner(cluster=cluster), sizes)
+
+            manifest = load_manifest("localcloud")
+            template = load_scaleset_template("localcloud-small")
+            user = manifest.ssh_user or \
+                template.value["properties"]["virtualMachineProfile"]["osProfile"]["adminUsername"]
+            worker = cluster.workers[0]
+            with LocalCloudAdmin.from_state_dir(root / "localcloud") as admin:
+                vm_id = next(i["vm_id"] for i in admin.status()["instances"]
+                             if i["name"] == worker.instance)
+            host_key = PinnedHostKeys(manifest.known_hosts_path()).get(vm_id)
+            report["raw_asyncssh"] = asyncio.run(raw_asyncssh(
+                worker.ip, manifest.ssh_port, user,
+                asyncssh.import_private_key(manifest.read_private_key()), host_key,
+                manifest.python, 2000, sizes))
+        finally:
+            cluster.close()
+
+        runners["ThreadPoolTaskRunner"] = measure_runner(
+            "ThreadPoolTaskRunner", lambda: ThreadPoolTaskRunner(), n, 4 * w)
+        runners[f"ProcessPoolTaskRunner({w})"] = measure_runner(
+            f"ProcessPoolTaskRunner({w})", lambda: ProcessPoolTaskRunner(max_workers=w),
+            max(n // 10, 4 * w), 4 * w)
+        runners[f"DaskTaskRunner({w})"] = measure_runner(
+            f"DaskTaskRunner({w})", lambda: DaskTaskRunner(
+                cluster_kwargs={"n_workers": w, "threads_per_worker": 1, "processes": True,
+                                "dashboard_address": None}),
+            max(n // 10, 4 * w), 4 * w)
+
+        if not args.no_scale:
+            base = driver_rss()
+            t0 = time.perf_counter()
+            big = start_cluster(api_port, 8, 4, "bench-scale")
+            try:
+                joined = time.perf_counter() - t0
+                rss = (driver_rss() - base) / len(big.workers) / MB
+                result = measure_runner("AzureScaleSetTaskRunner 8x4", lambda: AzureScaleSetTaskRunner(
+                    cluster=big), 2000, 64)
+                report["scale_32_workers"] = dict(result, workers=len(big.workers),
+                                                  join_seconds=round(joined, 1),
+                                                  driver_rss_per_worker_MB=round(rss, 2))
+            finally:
+                big.close()
+
+    summarize(report)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"throughput-{report['when'].replace(':', '')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return report
+
+
+def summarize(report: dict) -> None:
+    runners = report["runners"]
+    ours = runners["AzureScaleSetTaskRunner"]["tasks_per_s"]
+    w = report["workers"]
+    threads = runners["ThreadPoolTaskRunner"]["tasks_per_s"]
+    dask = runners[f"DaskTaskRunner({w})"]["tasks_per_s"]
+    raw = report["raw_asyncssh"]
+    report["ratios"] = {
+        "azure_vs_dask": round(ours / dask, 2), "azure_vs_threadpool": round(ours / threads, 2),
+        "azure_vs_processpool": round(ours / runners[f"ProcessPoolTaskRunner({w})"]["tasks_per_s"], 2),
+        "bandwidth_vs_raw_asyncssh": {k: round(v / raw["bandwidth_MB_s"][k], 2)
+                                      for k, v in report["azure_bandwidth_MB_s"].items()},
+    }
+    print(f"\n{'runner':<30}{'tasks/s':>10}{'p50 ms':>10}{'p95 ms':>10}")
+    for name, r in runners.items():
+        print(f"{name:<30}{r['tasks_per_s']:>10}{r['start_latency_p50_ms']:>10}"
+              f"{r['start_latency_p95_ms']:>10}")
+    print(f"{'raw asyncssh round trips':<30}{raw['round_trips_per_s']:>10}")
+    print(f"\nAzure vs Dask: {report['ratios']['azure_vs_dask']}x (goal >= 10x); "
+          f"vs ThreadPool: {report['ratios']['azure_vs_threadpool']}x (goal >= 0.7x)")
+    print(f"{'argument':<12}{'runner MB/s':>14}{'raw MB/s':>12}{'ratio':>8}   (goal >= 0.5)")
+    for size, rate in report["azure_bandwidth_MB_s"].items():
+        print(f"{size:<12}{rate:>14}{raw['bandwidth_MB_s'][size]:>12}"
+              f"{report['ratios']['bandwidth_vs_raw_asyncssh'][size]:>8}")
+    print(f"driver memory per worker: {report['driver_rss_per_worker_MB']} MB RSS")
+    if "scale_32_workers" in report:
+        s = report["scale_32_workers"]
+        print(f"32 workers (8 x ppi 4): {s['tasks']} tasks in {s['seconds']} s "
+              f"({s['tasks_per_s']} tasks/s), joined in {s['join_seconds']} s, "
+              f"{s['driver_rss_per_worker_MB']} MB driver RSS per worker")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
