@@ -94,6 +94,11 @@ def classify(exc: SdkError, action: str) -> AzureError:
         return SkuNotAvailable(
             f"{where}\nThis VM size is not offered here to this subscription. Pick another size "
             "(`az vm list-skus --location <region>`) or region in the template.", code=c, status=status)
+    if status == 429:
+        return AzureError(
+            f"{where}\nAzure Resource Manager is throttling this subscription and the retries "
+            "(honouring Retry-After) ran out. Wait a few minutes, and look for other clients "
+            "polling the same subscription.", code=code, status=status)
     quota = first(QUOTA_CODES)
     if quota and ("quota" in message.lower() or quota.lower() == "quotaexceeded"):
         return QuotaExceeded(

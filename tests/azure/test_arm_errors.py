@@ -67,6 +67,13 @@ def test_classification(exc, expected, words):
         assert word in text
 
 
+def test_throttling_that_outlasts_the_retries_says_so():
+    exc = arm_error(HttpResponseError, "OperationNotAllowed", "too many requests", [("TooManyRequests", "x")])
+    exc.status_code = 429
+    err = classify(exc, "list VMs")
+    assert type(err) is AzureError and err.status == 429 and "throttling" in str(err)
+
+
 def test_code_is_kept():
     err = classify(arm_error(HttpResponseError, "AllocationFailed", "x"), "grow")
     assert err.code == "AllocationFailed"
