@@ -4,8 +4,8 @@
 
 - time from the create request to every instance SSH-reachable with the stock OpenSSH client
   (boot delay 0), split into the ARM LRO (Succeeded = every sshd accepts) and the SSH check;
-- the endpoint's requests per second on a list call (VirtualMachineScaleSetVMs_List through the
-  real SDK, one client, sequential);
+- the endpoint's requests per second on a list call (VirtualMachineScaleSetVMs_List, one client,
+  sequential, keep-alive), through the real SDK and as raw HTTPS requests;
 - resident memory per idle instance (every process in the instance's namespaces) and the local
   cloud process's growth per instance.
 Prints a table and the JSON document.
@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import ssl
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
@@ -72,12 +74,22 @@ def measure(instances: int, seconds: float) -> dict:
             list(cloud.compute.virtual_machine_scale_set_vms.list(cloud.rg, "figures"))
             n += 1
         rps = n / (time.monotonic() - t1)
+        url = (f"{info['arm_endpoint']}/subscriptions/{info['subscription_id']}/resourceGroups/{cloud.rg}/providers/"
+               "Microsoft.Compute/virtualMachineScaleSets/figures/virtualMachines?api-version=2026-04-01")
+        with httpx.Client(verify=ssl.create_default_context(cafile=info["ca_cert"]),
+                          headers={"Authorization": "Bearer x"}) as raw:
+            n, t1 = 0, time.monotonic()
+            while time.monotonic() - t1 < seconds:
+                raw.get(url).raise_for_status()
+                n += 1
+            raw_rps = n / (time.monotonic() - t1)
         cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, "figures").result()
         return {
             "instances": instances,
             "create_to_lro_succeeded_s": round(t_lro, 2),
             "create_to_all_ssh_reachable_s": round(t_ssh, 2),
-            "list_requests_per_s": round(rps, 1),
+            "list_requests_per_s_sdk": round(rps, 1),
+            "list_requests_per_s_raw_http": round(raw_rps, 1),
             "rss_per_idle_instance_mib": round(instance_rss / instances / 1024, 1),
             "processes_per_instance": round(len(pids) / instances, 1),
             "localcloud_rss_growth_per_instance_mib": round(server_growth / instances / 1024, 2),
