@@ -396,7 +396,7 @@ class Backend:
         custom_data = os_profile.pop("customData", None)
         profile["osProfile"] = os_profile
         props["virtualMachineProfile"] = profile
-        props.setdefault("orchestrationMode", "Uniform")
+        props["orchestrationMode"] = props.get("orchestrationMode") or "Uniform"
         spot = profile.get("priority") == "Spot"
         sku = self._checked_sku(body["sku"]["name"], spot)
         _check_max_price(profile)
