@@ -8,7 +8,7 @@ Request economy (the original PUT the whole model per grow and listed through Re
   followed in the background and its failure (e.g. AllocationFailed) is raised by the next
   `instances()` or `grow()`, after the failed instances it left were deleted.
 - `instances()`: the VMs (with instance view) and the NICs (for private IPs): two paged lists,
-  whatever the number of instances.
+  fetched concurrently, whatever the number of instances.
 - `delete_instances(ids)`: one POST for the whole batch.
 - `delete_if_empty()`: deletes the scale set only if THIS object created it (the original also
   deleted pre-existing scale sets at exit).
@@ -83,6 +83,11 @@ def _ips_by_vm(nics: list[dict]) -> dict[str, str]:
                 ips.setdefault(vm, ip)
                 break
     return ips
+
+
+async def _collect(pages: Any) -> list[dict]:
+    """Every item of a paged SDK list, as REST (camelCase) dicts."""
+    return [item.as_dict() async for item in pages]
 
 
 def _capacity(vmss: dict | None) -> int:
@@ -340,17 +345,16 @@ class ScaleSet:
             return []
         compute, network = self.clients.compute, self.clients.network
         rg = self.resource_group
+        if self._flexible:
+            vm_pages = compute.virtual_machines.list(
+                rg, filter=f"'virtualMachineScaleSet/id' eq '{self._id}'", expand="instanceView")
+            nic_pages = network.network_interfaces.list(rg)
+        else:
+            vm_pages = compute.virtual_machine_scale_set_vms.list(rg, self.name, expand="instanceView")
+            nic_pages = network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(rg, self.name)
         try:
             with arm_errors(f"list the instances of scale set {self.name}"):
-                if self._flexible:
-                    vms = [v.as_dict() async for v in compute.virtual_machines.list(
-                        rg, filter=f"'virtualMachineScaleSet/id' eq '{self._id}'", expand="instanceView")]
-                    nics = [n.as_dict() async for n in network.network_interfaces.list(rg)]
-                else:
-                    vms = [v.as_dict() async for v in compute.virtual_machine_scale_set_vms.list(
-                        rg, self.name, expand="instanceView")]
-                    nics = [n.as_dict() async for n in network.network_interfaces
-                            .list_virtual_machine_scale_set_network_interfaces(rg, self.name)]
+                vms, nics = await asyncio.gather(_collect(vm_pages), _collect(nic_pages))
         except ResourceMissing:
             return []   # the scale set is gone
         ips = _ips_by_vm(nics)
