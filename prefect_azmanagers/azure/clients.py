@@ -94,6 +94,11 @@ class RequestLogPolicy(SansIOHTTPPolicy):
                      (time.monotonic() - started) * 1000)
 
 
+async def collect(pages: Any) -> list[dict]:
+    """Every item of a paged SDK list (all pages), as REST (camelCase) dicts."""
+    return [item.as_dict() async for item in pages]
+
+
 def make_credential(manifest: Any) -> Any:
     """The async credential the manifest names; ConfigurationError if its fields are missing."""
     kind = (manifest.credential or "default").lower()

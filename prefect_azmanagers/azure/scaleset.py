@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_azmanagers.azure.bootscript import boot_log_tail
+from prefect_azmanagers.azure.clients import collect
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
 from prefect_azmanagers.exceptions import (
@@ -83,11 +84,6 @@ def _ips_by_vm(nics: list[dict]) -> dict[str, str]:
                 ips.setdefault(vm, ip)
                 break
     return ips
-
-
-async def _collect(pages: Any) -> list[dict]:
-    """Every item of a paged SDK list, as REST (camelCase) dicts."""
-    return [item.as_dict() async for item in pages]
 
 
 def _capacity(vmss: dict | None) -> int:
@@ -354,7 +350,7 @@ class ScaleSet:
             nic_pages = network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(rg, self.name)
         try:
             with arm_errors(f"list the instances of scale set {self.name}"):
-                vms, nics = await asyncio.gather(_collect(vm_pages), _collect(nic_pages))
+                vms, nics = await asyncio.gather(collect(vm_pages), collect(nic_pages))
         except ResourceMissing:
             return []   # the scale set is gone
         ips = _ips_by_vm(nics)

@@ -16,9 +16,10 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect_azmanagers.azure.clients import collect
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota
-from prefect_azmanagers.azure.scaleset import _collect, apply_image_override
+from prefect_azmanagers.azure.scaleset import apply_image_override
 from prefect_azmanagers.exceptions import ConfigurationError, ResourceMissing, TemplateError
 
 logger = logging.getLogger("prefect_azmanagers.azure")
@@ -189,8 +190,8 @@ async def list_vms(clients: Any, resource_group: str, *, tag_filter: dict[str, s
     """
     wanted = tag_filter or {}
     with arm_errors(f"list the VMs of resource group {resource_group}"):
-        vms, nics = await asyncio.gather(_collect(clients.compute.virtual_machines.list(resource_group)),
-                                         _collect(clients.network.network_interfaces.list(resource_group)))
+        vms, nics = await asyncio.gather(collect(clients.compute.virtual_machines.list(resource_group)),
+                                         collect(clients.network.network_interfaces.list(resource_group)))
     nic_by_id = {(n.get("id") or "").lower(): n for n in nics}
     found = []
     for vm in vms:
