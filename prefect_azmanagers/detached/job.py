@@ -170,7 +170,14 @@ class DetachedJob:
                 f"detached job {self.flow_run_id} ended {status!r} without storing a result "
                 f"(the flow process died?); its stderr:\n{self.read('stderr')[-3000:]}")
         data = artifacts[0].data
-        value = cloudpickle.loads(base64.b64decode(data["pickle"])) if data["pickle"] else None
+        try:
+            value = cloudpickle.loads(base64.b64decode(data["pickle"])) if data["pickle"] else None
+        except Exception as exc:
+            if data["ok"]:
+                raise DetachedJobError(
+                    f"the return value of detached job {self.flow_run_id} cannot be unpickled "
+                    f"here ({exc}): import or install what it needs in this environment") from exc
+            value = None  # the job's exception type is unknown here; its traceback says all
         if data["ok"]:
             return value
         raise DetachedJobFailed(self.flow_run_id, data["traceback"]) from value

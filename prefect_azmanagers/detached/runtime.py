@@ -156,7 +156,11 @@ def _run_job_process(job_dir: Path, flow_run_id: str) -> dict[str, Any]:
         return {"ok": False, "pickle": None,
                 "traceback": f"the job process exited with code {child.returncode} "
                              "without reporting an outcome (killed?)"}
-    return cloudpickle.loads(outcome_file.read_bytes())
+    outcome = cloudpickle.loads(outcome_file.read_bytes())
+    # The payload and outcome now live in the Prefect API; the output copies stay for debugging.
+    outcome_file.unlink()
+    (job_dir / "payload.pkl").unlink()
+    return outcome
 
 
 @flow(name=FLOW_NAME, persist_result=False, validate_parameters=False)

@@ -147,14 +147,18 @@ def test_output_order_partial_and_long_lines(detached_vm):
     assert job.read() == expected + "from a child process\nno newline at the end"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect_azmanagers.cli", *args],
-                          capture_output=True, text=True, timeout=300, env=os.environ)
+def _cli(*args: str):
+    """Run `prefect-azmanagers ARGS` in process (the root app, with its error handling)."""
+    from typer.testing import CliRunner
+
+    from prefect_azmanagers.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
 
 
 def test_cli_vm_list_and_job_commands(detached_vm):
     listed = _cli("vm", "list", "--manifest", "localcloud")
-    assert listed.returncode == 0 and detached_vm.name in listed.stdout
+    assert listed.exit_code == 0 and detached_vm.name in listed.stdout
 
     def two_streams():
         import sys
@@ -164,14 +168,14 @@ def test_cli_vm_list_and_job_commands(detached_vm):
 
     job = detachat(detached_vm, two_streams)
     waited = _cli("job", "wait", job.flow_run_id, "--timeout", "300")
-    assert (waited.returncode, waited.stdout.strip()) == (1, "failed")
+    assert (waited.exit_code, waited.stdout.strip()) == (1, "failed")
     assert _cli("job", "status", job.flow_run_id).stdout.strip() == "failed"
     assert _cli("job", "logs", job.flow_run_id).stdout == "out line\n"
     assert _cli("job", "logs", job.flow_run_id, "--stderr").stdout.startswith("err line\n")
     for bad in (("job", "status", "not-a-uuid"), ("job", "logs", str(uuid.UUID(int=0))),
                 ("vm", "rm", "no-such-vm", "--manifest", "no-such-manifest")):
         result = _cli(*bad)
-        assert result.returncode == 1 and "Error" in result.stderr, result
+        assert result.exit_code == 1 and "Error" in result.stderr, result.output
         assert "Traceback" not in result.stderr
 
 
