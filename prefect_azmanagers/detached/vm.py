@@ -19,6 +19,7 @@ the package being installed on every instance), through which `detachat` runs jo
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import shlex
 import time
@@ -55,6 +56,8 @@ from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_deta
 from prefect_azmanagers.exceptions import (
     BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
 )
+
+logger = logging.getLogger("prefect_azmanagers.detached")
 
 DETACHED_KIND = "detached"
 MANIFEST_TAG = "azmanagers-manifest"  # the manifest block's name, for rmproc from elsewhere
@@ -361,10 +364,10 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
     custom_data = encode_custom_data(script)
-    _create_pool_and_deployment(name, code_dir(admin))
-    vm = None
     try:
-        vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name, custom_data))
+        _create_pool_and_deployment(name, code_dir(admin))
+        vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name,
+                                      custom_data))
         _ship_api_key(vm, manifest)
         if code is not None:
             _ship_code(vm, manifest, code)
@@ -376,9 +379,21 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
                 f"{worker_timeout:.0f} s (its log is {WORKER_LOG} on the VM); boot log:\n{tail}")
         return vm
     except BaseException:
-        run_coro_as_sync(_delete(manifest, vm_template.resource_group, name))
-        _delete_pool_and_deployments(name)
+        try:
+            _remove(manifest, vm_template.resource_group, name)
+        except Exception as cleanup_error:  # keep the original error; say what is left
+            logger.error("Could not remove detached VM %s after a failure: %s. Remove it with "
+                         "`prefect-azmanagers vm rm %s`.", name, cleanup_error, name)
         raise
+
+
+def _remove(manifest: AzureManifest, resource_group: str, name: str) -> None:
+    # The VM first: its worker would re-create a deleted work pool at its next heartbeat.
+    try:
+        run_coro_as_sync(_delete(manifest, resource_group, name))
+    except ResourceMissing:
+        pass
+    _delete_pool_and_deployments(name)
 
 
 def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None) -> None:
@@ -391,12 +406,7 @@ def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None)
     manifest = load_manifest(manifest or (vm.manifest if isinstance(vm, DetachedVM) else None)
                              or "default")
     resource_group = vm.resource_group if isinstance(vm, DetachedVM) else manifest.resource_group
-    # The VM first: its worker would re-create a deleted work pool at its next heartbeat.
-    try:
-        run_coro_as_sync(_delete(manifest, resource_group, name))
-    except ResourceMissing:
-        pass
-    _delete_pool_and_deployments(name)
+    _remove(manifest, resource_group, name)
     if isinstance(vm, DetachedVM):
         PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
 

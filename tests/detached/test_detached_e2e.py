@@ -233,6 +233,22 @@ def test_prefect_yaml_deployment_runs_on_the_vm(detached_vm):
     assert any(message.startswith("hello DETACHED WORLD from ") for message in messages)
 
 
+def test_failed_boot_leaves_nothing(localcloud, assert_vm_gone):
+    from prefect_azmanagers.detached import addproc
+    from prefect_azmanagers.exceptions import AzManagersError
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    with LocalCloudAdmin.from_info(localcloud) as admin:
+        admin.boot_fail(1)
+        try:
+            with pytest.raises(AzManagersError, match="boot failure injected"):
+                addproc("localcloud-vm", "localcloud-nic", manifest="localcloud",
+                        name="azmbootfail-1")
+        finally:
+            admin.clear_faults()
+    assert_vm_gone("azmbootfail-1", timeout=30)
+
+
 def test_persist_false_leaves_nothing(localcloud, assert_vm_gone, tmp_path):
     starter = tmp_path / "detach_once.py"
     starter.write_text(
