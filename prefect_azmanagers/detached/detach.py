@@ -1,11 +1,10 @@
 """`detach`: a new detached VM for one job; with persist=False the VM is deleted afterwards.
 
-The deletion is done by a reaper, `python -m prefect_azmanagers.detached.detach`, started by
-`detach` in a new session (it
-outlives the Python process, notebook or terminal that called `detach`), reads the VM, the
-manifest and the job's flow-run id cloudpickled on its stdin (so no credential appears on a
-command line), waits for the job's final state through the Prefect API, then `rmproc`s the VM
-(deployment, work pool, VM, NIC). It gives up waiting after `max_wait` seconds or when the API
+The deletion is done by a reaper, `python -m prefect_azmanagers.detached.detach`, which
+`detach` starts in a new session (so it outlives the Python process, notebook or terminal that
+called `detach`; its log is `~/.azmanagers/reaper.log`). It reads the VM, the manifest and the
+job's flow-run id cloudpickled on its stdin (no credential on a command line), waits for the
+job's final state through the Prefect API, then `rmproc`s the VM (VM, NIC, deployment, pool). It gives up waiting after `max_wait` seconds or when the API
 has been unreachable for `api_patience` seconds, and deletes the VM anyway.
 
 Why not the VM deleting itself, as AzManagers intended: the VM would need an ARM credential
