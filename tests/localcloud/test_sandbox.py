@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from prefect_azmanagers.localcloud import netns
 from prefect_azmanagers.localcloud.sandbox import InstanceSpec, SandboxBootError, SandboxError, SandboxHost
 from sandbox_harness import LoopThread, make_key, pin_host_key, ssh, ssh_argv
 
@@ -374,49 +375,54 @@ def test_bad_specs_fail_the_boot_with_a_clear_error(host, loop, keys, overrides,
 
 def test_stop_leaves_nothing_and_next_start_removes_a_crashed_runs_leftovers(loop, keys, tmp_path, service):
     state = tmp_path / "state"
-    crashed = SandboxHost(state, prefect_api_url=service.url)
-    loop.run(crashed.start())
-    spec = spec_for(keys, "#!/bin/bash\nsetsid sleep 1000 > /dev/null 2>&1 < /dev/null &\n")
-    crashed.allocate(spec.key)
-    loop.run(crashed.boot(spec))
-    left = crashed.describe(spec.key)
-    with pytest.raises(SandboxError, match="another local cloud is running with the state dir"):
-        loop.run(SandboxHost(state).start())
-    # the refused start touched nothing
-    assert left["netns"] in _netns_names() and _alive(left["sshd_pid"])
-    left = crashed.describe(spec.key)
-    # a crash: the process dies without stop(); its sockets and its state dir lock die with it
-    loop.run(crashed._instances[spec.key].imds.close())
-    loop.run(crashed._forwarder.close())
-    os.close(crashed._state_dir_lock)
-
-    fresh = SandboxHost(state, prefect_api_url=service.url)
-    loop.run(fresh.start())
+    admin = f"azlc{uuid.uuid4().hex[:8]}"
     try:
-        assert left["netns"] not in _netns_names()
-        assert not any(_alive(p) for p in left["pids"])
-        assert not Path(left["sandbox"]).exists()
-        spec2 = spec_for(keys, admin_username=f"azlc{uuid.uuid4().hex[:8]}")
-        fresh.allocate(spec2.key)
-        loop.run(fresh.boot(spec2))
-        vm2 = Booted(fresh, spec2, keys)
-        assert ssh(vm2.ip, vm2.key, vm2.known_hosts, "whoami", user=spec2.admin_username).stdout.strip() \
-            == spec2.admin_username
-        pwd.getpwnam(spec2.admin_username)  # created for the instance
-        live = fresh.describe(spec2.key)
-        forwarder = urlsplit(fresh.prefect_api_url_for_vms).netloc
-        assert _listening(forwarder)
-    finally:
-        loop.run(fresh.stop())
-    prefix = f"azlc-{fresh.cloud_id}-"
-    assert not [n for n in _netns_names() if n.startswith(prefix)]
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert f"azl{fresh.cloud_id}" not in links
-    assert not any(_alive(p) for p in live["pids"])
-    assert not _listening(f"{live['ip']}:22")
-    with pytest.raises(KeyError):  # the account it created is removed with it
-        pwd.getpwnam(spec2.admin_username)
-    assert fresh.prefect_api_url_for_vms is None and not _listening(forwarder)
+        crashed = SandboxHost(state, prefect_api_url=service.url)
+        loop.run(crashed.start())
+        spec = spec_for(keys, "#!/bin/bash\nsetsid sleep 1000 > /dev/null 2>&1 < /dev/null &\n")
+        crashed.allocate(spec.key)
+        loop.run(crashed.boot(spec))
+        left = crashed.describe(spec.key)
+        with pytest.raises(SandboxError, match="another local cloud is running with the state dir"):
+            loop.run(SandboxHost(state).start())
+        # the refused start touched nothing
+        assert left["netns"] in _netns_names() and _alive(left["sshd_pid"])
+        left = crashed.describe(spec.key)
+        # a crash: the process dies without stop(); its sockets and its state dir lock die with it
+        loop.run(crashed._instances[spec.key].imds.close())
+        loop.run(crashed._forwarder.close())
+        os.close(crashed._state_dir_lock)
+
+        fresh = SandboxHost(state, prefect_api_url=service.url)
+        loop.run(fresh.start())
+        try:
+            assert left["netns"] not in _netns_names()
+            assert not any(_alive(p) for p in left["pids"])
+            assert not Path(left["sandbox"]).exists()
+            spec2 = spec_for(keys, admin_username=admin)
+            fresh.allocate(spec2.key)
+            loop.run(fresh.boot(spec2))
+            vm2 = Booted(fresh, spec2, keys)
+            assert ssh(vm2.ip, vm2.key, vm2.known_hosts, "whoami", user=spec2.admin_username).stdout.strip() \
+                == spec2.admin_username
+            pwd.getpwnam(spec2.admin_username)  # created for the instance
+            live = fresh.describe(spec2.key)
+            forwarder = urlsplit(fresh.prefect_api_url_for_vms).netloc
+            assert _listening(forwarder)
+        finally:
+            loop.run(fresh.stop())
+        prefix = f"azlc-{fresh.cloud_id}-"
+        assert not [n for n in _netns_names() if n.startswith(prefix)]
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert f"azl{fresh.cloud_id}" not in links
+        assert not any(_alive(p) for p in live["pids"])
+        assert not _listening(f"{live['ip']}:22")
+        with pytest.raises(KeyError):  # the account it created is removed with it
+            pwd.getpwnam(spec2.admin_username)
+        assert fresh.prefect_api_url_for_vms is None and not _listening(forwarder)
+    finally:  # whatever failed above, leave nothing of either run behind
+        loop.run(netns.remove_leftovers(SandboxHost(state).cloud_id))
+        subprocess.run(["userdel", admin], capture_output=True)
 
 
 def test_sixteen_instances_boot_in_parallel(host, loop, keys, capsys):
