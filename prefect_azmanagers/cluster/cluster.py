@@ -104,9 +104,11 @@ class WorkerInfo:
 
 
 def log_worker_output(worker: WorkerInfo, stream: str, line: str) -> None:
-    """The default output handler: `From worker N: line` on logger prefect_azmanagers.worker."""
-    worker_logger.log(logging.WARNING if stream == "stderr" else logging.INFO,
-                      "From worker %d: %s", worker.id, line)
+    """The default output handler: `From worker N: line` on logger prefect_azmanagers.worker.
+
+    Both streams log at INFO: libraries (Prefect included) log to stderr in normal operation.
+    """
+    worker_logger.info("From worker %d: %s", worker.id, line)
 
 
 @dataclass(eq=False)
@@ -395,6 +397,10 @@ class AzureCluster:
             self._closed = True
         _open_clusters.discard(self)
         if self._loop is None:
+            return
+        if threading.current_thread() is self._thread:  # e.g. from an output handler
+            self._loop.create_task(self._close()).add_done_callback(
+                lambda _: self._loop.call_soon(self._loop.stop))
             return
         try:
             if self._loop.is_running():

@@ -187,14 +187,19 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_elastic_start_then_scale_up_and_down(localcloud, admin):
+def test_elastic_start_then_scale_up_and_down(localcloud, admin, caplog):
     group = group_name("elastic")
+    caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
     with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
                       progress=False, join_timeout=300) as cluster:
         assert cluster.workers == []  # start() returned before any instance booted
         futures = [cluster.submit(lambda i=i: sleepy(i, 0.05)) for i in range(10)]
         assert [f.result(timeout=300) for f in futures] == list(range(10))
         assert len(cluster.workers) == 1
+        joined = [r.getMessage() for r in caplog.records if " joined (" in r.getMessage()]
+        worker = cluster.workers[0]
+        assert joined and joined[0].startswith(
+            f"worker {worker.id} joined (1/1): instance {worker.instance}, {worker.ip}, slot 1, ")
 
         cluster.scale(2)
         cluster.wait_for_workers(2, timeout=300)
@@ -328,33 +333,30 @@ def test_cancel_stops_remote_work(localcloud, admin):
 def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localcloud, admin):
     group = group_name("bootfail")
     template = load_scaleset_template("localcloud-small").model_copy(
-        update={"tempdisk": "echo preparing scratch space on purpose-fail; false"})
+        update={"tempdisk": "echo preparing scratch space on purpose-fail; exit 3"})
     cluster = AzureCluster(template, 1, manifest="localcloud", group=group, progress=False,
                            join_timeout=240, waitfor=True, max_replacements=0)
     with pytest.raises(JoinTimeout) as info:
         cluster.start()
     message = str(info.value)
     assert f"{group}_0" in message and "0 of 1 workers joined" in message
-    assert "failed: exit 1" in message and "tempdisk" in message
+    assert "failed: exit 3" in message and "tempdisk" in message
     assert "preparing scratch space on purpose-fail" in message  # the cloud-init log tail
     assert_nothing_left(admin, group, set())
 
 
 def test_join_deadline_names_the_instance_that_did_not_join(localcloud, admin):
     group = group_name("slow")
-    admin.settings(boot_delay=120)
+    admin.settings(boot_delay=60)
     try:
         cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                               progress=False, join_timeout=20, waitfor=True, max_replacements=0)
-        started = time.monotonic()
+                               progress=False, join_timeout=15, waitfor=True, max_replacements=0)
         with pytest.raises(JoinTimeout) as info:
-            cluster.start()
-        assert time.monotonic() - started < 100
+            cluster.start()  # raises after deleting what it made
     finally:
         admin.settings(boot_delay=0)
     message = str(info.value)
-    assert f"{group}_0" in message and "within 20 s" in message
-    wait_until(lambda: instances_of(admin, group) == [], 120, "the slow instance deleted")
+    assert f"{group}_0" in message and "within 15 s" in message
     assert_nothing_left(admin, group, set())
 
 
