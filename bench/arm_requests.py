@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def main(sizes: list[int]) -> None:
                 results[n] = asyncio.run(measure(info, admin, n))
     finally:
         stop(state)
+        shutil.rmtree(state, ignore_errors=True)
     print(table(results))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"page_size": PAGE_SIZE, "results": results}, indent=2) + "\n")
