@@ -524,3 +524,27 @@ def test_accounts_are_shared_between_local_clouds_and_removed_by_the_last(loop, 
             loop.run(accounts.acquire(name, "cloud-a"))
     finally:
         subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_instances_use_a_real_prefect_server_through_the_forwarder(loop, keys, tmp_path, prefect_server):
+    """What a detached VM's worker does: the Prefect client on the instance, pointed at
+    prefect_api_url_for_vms, talks to the driver's loopback Prefect server."""
+    h = SandboxHost(tmp_path / "state", prefect_api_url=prefect_server.api_url)
+    loop.run(h.start())
+    try:
+        spec = spec_for(keys)
+        h.allocate(spec.key)
+        loop.run(h.boot(spec))
+        vm = Booted(h, spec, keys)
+        assert vm.ssh(f"curl -s -m 5 {prefect_server.api_url}/health").returncode != 0  # loopback: no
+        client = ("import asyncio\n"
+                  "from prefect.client.orchestration import get_client\n"
+                  "async def main():\n"
+                  "    async with get_client() as c:\n"
+                  "        print((await c.hello()).status_code, c.api_url)\n"
+                  "asyncio.run(main())\n")
+        out = vm.check(f"PREFECT_API_URL={shlex.quote(h.prefect_api_url_for_vms)} "
+                       f"{PYTHON} -c {shlex.quote(client)}")
+        assert out.split()[0] == "200" and out.split()[1].rstrip("/") == h.prefect_api_url_for_vms.rstrip("/")
+    finally:
+        loop.run(h.stop())
