@@ -198,6 +198,8 @@ class _Worker:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     free: asyncio.Semaphore | None = None
     feeder: asyncio.Task | None = None
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    command: str = ""
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.member.name, self.member.address or "", self.slot,
@@ -691,6 +693,8 @@ class AzureCluster:
             self._python, worker_id=worker.id, concurrency=worker.concurrency, env=self.env,
             imds_url=self.imds_url if self.spot and worker.slot == 1 else None,
             launcher=self._launcher)
+        worker.command = command
+        worker.stderr_tail.clear()
         worker.agent = await member.conn.start_agent(
             command, on_frame=partial(self._on_frame, worker, worker.generation),
             on_stderr=partial(self._on_stderr, worker),
@@ -833,6 +837,7 @@ class AzureCluster:
             _settle(item.future, result=value)
 
     def _on_stderr(self, worker: _Worker, line: str) -> None:
+        worker.stderr_tail.append(line)
         self._emit_output(worker, "stderr", line)
 
     def _emit_output(self, worker: _Worker, stream: str, line: str) -> None:
@@ -851,8 +856,10 @@ class AzureCluster:
             worker.state = WorkerState.STOPPED if self._closing else worker.state
             return
         if worker.hello is not None and not worker.hello.done():
+            tail = "\n".join(worker.stderr_tail) or "(nothing on stderr)"
             worker.hello.set_exception(BootFailed(
-                f"the agent on instance {worker.member.name} exited before it started: {reason}"))
+                f"the agent on instance {worker.member.name} exited before it started: {reason}. "
+                f"Command: {worker.command}\nIts stderr:\n{tail}"))
             return
         self._worker_lost(worker, reason)
         if worker.member.state == "joined":

@@ -74,6 +74,27 @@ def raw_round_trip(cluster: AzureCluster, count: int) -> float:
     return cluster._call(measure())
 
 
+def raw_bandwidth(cluster: AzureCluster, size: int) -> float:
+    """MB/s writing `size` bytes into `cat > /dev/null` over one of the cluster's connections."""
+    member = next(iter(cluster._members.values()))
+
+    async def measure() -> float:
+        data = b"x" * size
+        started = time.perf_counter()
+        await member.conn.ssh.run("cat > /dev/null", input=data, encoding=None, check=True)
+        return size / (time.perf_counter() - started) / 1e6
+
+    return cluster._call(measure())
+
+
+def engine_bandwidth(cluster: AzureCluster, size: int) -> float:
+    """MB/s shipping a `size`-byte argument to a callable (pickling included)."""
+    data = b"x" * size
+    started = time.perf_counter()
+    assert cluster.submit(lambda: len(data)).result(timeout=600) == size
+    return size / (time.perf_counter() - started) / 1e6
+
+
 def engine_round_trip(cluster: AzureCluster, count: int) -> list[float]:
     for _ in range(5):
         cluster.submit(int).result()
@@ -137,6 +158,14 @@ def main() -> None:
             figures["engine_round_trip_us_p50"] = round(statistics.median(times) * 1e6)
             figures["engine_round_trip_us_p95"] = round(sorted(times)[int(len(times) * 0.95)] * 1e6)
             figures["engine_vs_raw_round_trip"] = round(statistics.median(times) / raw, 2)
+
+            for size_mb in (10, 100):
+                size = size_mb << 20
+                raw_mb_s = statistics.median(raw_bandwidth(cluster, size) for _ in range(3))
+                engine_mb_s = statistics.median(engine_bandwidth(cluster, size) for _ in range(3))
+                figures[f"bulk_{size_mb}MB_raw_asyncssh_MB_s"] = round(raw_mb_s)
+                figures[f"bulk_{size_mb}MB_engine_MB_s"] = round(engine_mb_s)
+                figures[f"bulk_{size_mb}MB_engine_vs_raw"] = round(engine_mb_s / raw_mb_s, 2)
 
             throughput(cluster, 200)  # warm-up
             figures[f"calls_per_second_{workers}_workers"] = round(throughput(cluster, args.calls))

@@ -382,3 +382,18 @@ def test_sigterm_closes_the_cluster(localcloud, admin, tmp_path):
         if driver.poll() is None:
             driver.kill()
     assert_nothing_left(admin, group, set())
+
+
+def test_wrong_interpreter_is_reported_with_the_agents_stderr(localcloud, admin):
+    from prefect_azmanagers.blocks import load_manifest
+
+    group = group_name("nopython")
+    manifest = load_manifest("localcloud").model_copy(update={"python": "/opt/missing/python3"})
+    cluster = AzureCluster("localcloud-small", 1, manifest=manifest, group=group, progress=False,
+                           join_timeout=240, waitfor=True, max_replacements=0)
+    with pytest.raises(JoinTimeout) as info:
+        cluster.start()
+    message = str(info.value)
+    assert "exited before it started" in message and "/opt/missing/python3" in message
+    assert "No such file or directory" in message
+    assert_nothing_left(admin, group, set())
