@@ -6,7 +6,13 @@ that IP (sshd.py) running in a mount namespace that gives it a VM's filesystem l
 (fsview.py), its customData run once by bash as root at boot (as cloud-init does) with output
 in /var/log/cloud-init-output.log, and IMDS at http://169.254.169.254 (imds.py). Every process
 started through SSH or by the boot script lives in the instance's namespaces, cannot reach the
-host's 127.0.0.1, and is ended when the instance is killed or deleted.
+host's 127.0.0.1, and is ended when the instance is killed or deleted. The Prefect API reaches
+instances through one forwarded port on the network's gateway (tcpforward.py); admin accounts
+are shared machine-wide with other local clouds (accounts.py); a running host holds its state
+dir, so a second one cannot mistake its instances for leftovers.
+
+A sandbox makes paths, network reachability and process lifetime match a VM's; it is not a
+security boundary (the boot script is root on this machine, /usr and /etc are the host's).
 
 ```python
 host = SandboxHost(state_dir, prefect_api_url="http://127.0.0.1:4200/api")
