@@ -79,7 +79,7 @@ class PrefectServer:
             env=self.env(), stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_http(f"{self.api_url}/health", 120, self.proc, self.log)
+        _wait_http(f"{self.api_url}/health", 300, self.proc, self.log)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
