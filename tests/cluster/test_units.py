@@ -194,3 +194,32 @@ def test_agent_reports_preempt_for_its_vm_and_flushes_on_shutdown(tmp_path):
         assert agent.wait(10) == 0
     finally:
         server.shutdown()
+
+
+def _meet_the_other_call():
+    import sys
+    import threading
+    barrier = sys.__dict__.setdefault("azm_test_barrier", threading.Barrier(2))
+    barrier.wait(timeout=60)  # returns only if both calls run at the same time
+    return threading.current_thread().name
+
+
+def test_agent_concurrency_runs_calls_side_by_side():
+    agent = subprocess.Popen(["bash", "-c", agent_command(sys.executable, worker_id=1, concurrency=2)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        payload = serialization.dumps(_meet_the_other_call)
+        agent.stdin.write(encode(Kind.RUN, 1, payload) + encode(Kind.RUN, 2, payload))
+        agent.stdin.flush()
+        reader = _FrameReader(agent.stdout)
+        frames = reader.until(lambda f: f.kind == Kind.HELLO)
+        done = (Kind.RESULT, Kind.ERROR)
+        results = [f for f in frames if f.kind in done]
+        while len(results) < 2:
+            results += [f for f in reader.until(lambda f: f.kind in done) if f.kind in done]
+        assert [f.kind for f in results] == [Kind.RESULT, Kind.RESULT], [f.body[:200] for f in results]
+        assert sorted(f.task_id for f in results) == [1, 2]
+        assert len({cloudpickle.loads(f.body) for f in results}) == 2  # two threads
+    finally:
+        agent.kill()
+        agent.wait()
