@@ -21,8 +21,15 @@ from prefect_azmanagers.localcloud.config import LocalCloudConfig
 CLI = [sys.executable, "-m", "prefect_azmanagers.cli", "localcloud"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120, env=dict(os.environ))
+def _cli(*args: str):
+    """Run `prefect-azmanagers localcloud ARGS` in-process (typer's runner: the real commands)."""
+    from typer.testing import CliRunner
+
+    from prefect_azmanagers.cli import app
+
+    result = CliRunner().invoke(app, ["localcloud", *args])
+    result.returncode = result.exit_code  # same reading as subprocess results below
+    return result
 
 
 def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
@@ -50,15 +57,15 @@ def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
         [nic] = network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(rg, "clismall")
         ip = nic.ip_configurations[0].private_ip_address
         status = _cli("status", "--state-dir", localcloud["state_dir"])
-        assert status.returncode == 0, status.stderr
+        assert status.returncode == 0, status.output
         assert "isolated" in status.stdout and "clismall_0" in status.stdout and ip in status.stdout
 
         kill = _cli("kill", "clismall_0", "--state-dir", localcloud["state_dir"])
-        assert kill.returncode == 0, kill.stderr
+        assert kill.returncode == 0, kill.output
         view = compute.virtual_machine_scale_set_vms.get_instance_view(rg, "clismall", "0")
         assert view.statuses[-1].code == "PowerState/stopped"
         unknown = _cli("kill", "no-such-vm", "--state-dir", localcloud["state_dir"])
-        assert unknown.returncode == 1 and "no instance named 'no-such-vm'" in unknown.stderr
+        assert unknown.returncode == 1 and "no instance named 'no-such-vm'" in unknown.output
     finally:
         compute.virtual_machine_scale_sets.begin_delete(rg, "clismall").result()
 
