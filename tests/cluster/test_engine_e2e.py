@@ -397,3 +397,27 @@ def test_wrong_interpreter_is_reported_with_the_agents_stderr(localcloud, admin)
     assert "exited before it started" in message and "/opt/missing/python3" in message
     assert "No such file or directory" in message
     assert_nothing_left(admin, group, set())
+
+
+def test_ctrl_c_during_provisioning_deletes_what_was_made(localcloud, admin, tmp_path):
+    group = group_name("sigint")
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        from prefect_azmanagers.cluster.cluster import AzureCluster
+        with AzureCluster("localcloud-small", 2, manifest="localcloud", group="{group}",
+                          progress=False, join_timeout=600, waitfor=True) as cluster:
+            print("joined", flush=True)
+    """))
+    admin.settings(boot_delay=30)
+    try:
+        driver = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ))
+        try:
+            wait_until(lambda: len(instances_of(admin, group)) == 2, 120, "instances requested")
+            driver.send_signal(signal.SIGINT)  # while they boot: waitfor is still blocking
+            assert driver.wait(240) != 0
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    finally:
+        admin.settings(boot_delay=0)
+    assert_nothing_left(admin, group, set())
