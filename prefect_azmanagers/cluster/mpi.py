@@ -39,10 +39,14 @@ from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
 DEFAULT_MPI_FLAGS = "--bind-to none --oversubscribe"
 FOLLOWER_ATTRIBUTE = "__azm_mpi_follower__"
 
-_RUN, _OUTCOME, _ACK, _PEER_FAILED = 1, 2, 3, 4
+_RUN, _OUTCOME, _SETTLED, _PEER_FAILED = 1, 2, 3, 4
 # After one rank failed, how long the others may take to finish the call before the worker is
 # considered stuck (e.g. in a collective the failed rank never joins) and restarted.
 FAILURE_GRACE_SECONDS = 2.0
+# A failed rank whose failure rank 0 has not settled by then concludes that rank 0 cannot run
+# (C code holding its GIL) and reports the call itself. Rank 0 settles a failure, or ends the
+# worker, within about FAILURE_GRACE_SECONDS when it can run at all.
+UNSETTLED_SECONDS = 5 * FAILURE_GRACE_SECONDS
 _MIN_SLEEP, _MAX_IDLE_SLEEP = 0.0002, 0.01
 _HOT_SECONDS = 0.1  # after activity, keep polling fast this long: calls come back to back
 
@@ -125,6 +129,18 @@ def _tag_lines(fd: int, prefix: bytes) -> threading.Thread:
     return thread
 
 
+def _finish_tagged_output(taggers: list[threading.Thread]) -> None:
+    """Before exiting: end the tagged streams and let their last lines through."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    for tagger in taggers:
+        tagger.join(timeout=2.0)
+
+
 class Leader:
     """Rank 0's side: runs each call on every rank and combines the outcomes."""
 
@@ -140,20 +156,23 @@ class Leader:
         self._changed = threading.Condition()
         self._outcomes: dict[int, dict[str, str] | None] = {}
         self._surfaced = False
+        self._taggers: list[threading.Thread] = []
         _leader = self
 
     def tag_output(self) -> None:
         """Prefix rank 0's stdout and stderr lines with `[rank 0]` (after the agent took stdio)."""
-        for fd in (1, 2):
-            _tag_lines(fd, b"[rank 0] ")
+        self._taggers = [_tag_lines(fd, b"[rank 0] ") for fd in (1, 2)]
 
     def execute(self, task_id: int, payload: bytes) -> Any:
         """Run the call on all ranks; rank 0's value, or the first failing rank's error."""
         self._busy = True
         with self._changed:
             self._outcomes, self._surfaced = {}, False
-        requests = [self.control.isend((task_id, payload), dest=r, tag=_RUN)
-                    for r in range(1, self.size)]
+        # Delivered before the call starts: a large payload needs rank 0 to drive MPI progress,
+        # which it cannot do while the call's C code holds the GIL.
+        self._mpi.Request.waitall([self.control.isend((task_id, payload), dest=r, tag=_RUN)
+                                   for r in range(1, self.size)])
+        requests: list[Any] = []
         local: dict[str, Any] = {}
 
         def run() -> None:
@@ -171,8 +190,6 @@ class Leader:
             while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
                 source = status.Get_source()
                 outcome = self.control.recv(source=source, tag=_OUTCOME)
-                if outcome:  # tell the failed rank we will report it (see follow)
-                    requests.append(self.control.isend(None, dest=source, tag=_ACK))
                 with self._changed:
                     self._outcomes[source] = outcome
                     self._changed.notify_all()
@@ -183,7 +200,9 @@ class Leader:
                 self.poisoned = True
                 break
             thread.join(timeout=backoff.interval())
-        if not self.poisoned:
+        if not self.poisoned:  # tell failed ranks their failure is settled (see follow)
+            requests += [self.control.isend(None, dest=rank, tag=_SETTLED)
+                         for rank, outcome in self._outcomes.items() if outcome]
             self._mpi.Request.waitall(requests)
             self._busy = False
         if "error" in local:
@@ -220,6 +239,7 @@ class Leader:
             print("azmanagers agent: MPI ranks still inside a failed call after "
                   f"{FAILURE_GRACE_SECONDS}s; ending this worker so it restarts clean",
                   file=sys.stderr, flush=True)
+            _finish_tagged_output(self._taggers)
             os._exit(70)
 
     def stop_followers(self) -> None:
@@ -262,18 +282,13 @@ def follow() -> None:
             continue
         peers = [control.isend(task_id, dest=p, tag=_PEER_FAILED)
                  for p in range(1, control.Get_size()) if p != rank]
-        if _wait_for(control, _ACK, backoff, FAILURE_GRACE_SECONDS) is _TIMED_OUT:
+        if _wait_for(control, _SETTLED, backoff, UNSETTLED_SECONDS) is _TIMED_OUT:
             # one report per call: the lowest failed rank sends it, the others only end the job
             report = not _lower_rank_failed(control, rank, task_id)
             _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
         MPI.Request.waitall(peers)
     MPI.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for fd in (1, 2):
-        os.close(fd)
-    for tagger in taggers:
-        tagger.join(timeout=2.0)
+    _finish_tagged_output(taggers)
     os._exit(0)
 
 
@@ -307,8 +322,8 @@ def _lower_rank_failed(control: Any, rank: int, task_id: int) -> bool:
 
 def _report_and_abort(protocol: int, task_id: int, report: bool, rank: int, size: int,
                       outcome: dict[str, str]) -> None:
-    """Rank 0 holds the GIL in a collective this rank will never join (mpi4py's pickle-based
-    reductions do), so it cannot report: send the task's ERROR frame on the protocol stream
+    """Rank 0 did not acknowledge the failure: a task's C code holds its GIL (so its agent can
+    run nothing), and it may wait for this rank forever. It cannot report: send the task's ERROR frame on the protocol stream
     ourselves (`report`), in one write small enough to stay whole, then end the worker."""
     from prefect_azmanagers.cluster.protocol import Kind, encode_json
 
@@ -355,6 +370,11 @@ def leader_or_follow(concurrency: int) -> Leader | None:
     """In the agent, before it takes over stdio: None outside MPI; ranks > 0 never return."""
     if not launched_by_mpi():
         return None
+    import mpi4py
+
+    # mpi4py's default tree reduction keeps the GIL while it waits, so a rank 0 waiting in a
+    # task's allreduce could neither heartbeat nor notice a failed rank; gather+bcast does not.
+    mpi4py.rc.fast_reduce = False
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_rank() > 0:

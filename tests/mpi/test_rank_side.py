@@ -148,19 +148,30 @@ def test_rank0_exception_keeps_its_type(agents):
     assert agent.shutdown() == 0
 
 
-def _ranks_fail_before_collective():
+def _ranks_fail_while_rank0_holds_the_gil():
+    import re
+
     from prefect_azmanagers.mpi import comm
 
     c = comm()
     if c.Get_rank() > 0:
         raise ValueError(f"boom on rank {c.Get_rank()}")
-    return c.allreduce(1)  # rank 0 waits here (holding the GIL) for ranks that never come
+    re.match(r"(a+)+$", "a" * 60 + "b")  # C code keeping the GIL for far longer than the test
 
 
-def test_ranks_failing_before_a_collective_fail_the_call_once_then_end_the_worker(agents):
+def test_rank_failing_before_a_collective_fails_the_call_then_ends_the_worker(agents):
+    agent = agents(3)
+    frame, _ = agent.call(_fail_on_rank(1, before_collective=True))
+    assert frame.kind == Kind.ERROR
+    assert "MPI rank 1 of 3 failed: builtins.ValueError: boom on rank 1" in frame.json()["message"]
+    assert agent.wait() == 70  # ranks stuck in the collective: the worker exits for a restart
+    assert any("ending this worker" in line for line in agent.stderr), agent.stderr
+
+
+def test_ranks_fail_while_rank0_holds_the_gil_reported_once_then_worker_ends(agents):
     agent = agents(3)
     started = time.monotonic()
-    frame, _ = agent.call(_ranks_fail_before_collective)
+    frame, _ = agent.call(_ranks_fail_while_rank0_holds_the_gil)
     assert frame.kind == Kind.ERROR
     assert "MPI rank 1 of 3 failed: builtins.ValueError: boom on rank 1" in frame.json()["message"]
     error = cloudpickle.loads(bytes.fromhex(frame.json()["exception"]))
