@@ -583,6 +583,8 @@ class Backend:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if inst.power_state == "deleting":
+                return  # deleted while booting (e.g. a scale-in): not a failure of the operation
             self._boot_failed(inst, str(exc) or type(exc).__name__)
         if inst.power_state == "starting":
             inst.provisioning_state, inst.power_state = "Succeeded", "running"

@@ -138,3 +138,19 @@ def test_instances_reachable_by_ssh_custom_data_ran_and_never_echoed(cloud: Clou
         assert texts and all(custom_data not in t and "customData" not in t for t in texts)
     finally:
         compute.virtual_machine_scale_sets.begin_delete(cloud.rg, name).result()
+
+
+def test_scale_in_during_boot_removes_booting_instances_without_failing(cloud: Cloud):
+    name = unique("slow")
+    cloud.admin.settings(boot_delay=30)
+    grow = cloud.compute.virtual_machine_scale_sets.begin_create_or_update(cloud.rg, name, cloud.scale_set_body(2))
+    try:
+        views = [vm.instance_view.statuses[0].code for vm in
+                 cloud.compute.virtual_machine_scale_set_vms.list(cloud.rg, name, expand="instanceView")]
+        assert views == ["ProvisioningState/creating"] * 2  # sshd not up yet: not Succeeded
+        shrink = cloud.compute.virtual_machine_scale_sets.begin_update(cloud.rg, name, {"sku": {"capacity": 0}})
+        assert shrink.result().sku.capacity == 0
+        assert grow.result().provisioning_state == "Succeeded"
+        assert list(cloud.compute.virtual_machine_scale_set_vms.list(cloud.rg, name)) == []
+    finally:
+        cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, name).result()
