@@ -133,8 +133,7 @@ def status(state_dir: Path = StateDir, as_json: bool = typer.Option(False, "--js
         exit_with_error(f"no local cloud runs with state dir {state_dir}; start one with "
                         "`prefect-azmanagers localcloud start --background`")
     info = json.loads(info_path.read_text())
-    with _admin(state_dir) as admin:
-        doc = admin.status()
+    doc = _admin_call(state_dir, lambda a: a.status())
     if as_json:
         console.print_json(json.dumps({"info": info, **doc}))
         return

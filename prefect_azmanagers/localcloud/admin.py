@@ -199,7 +199,8 @@ class LocalCloudAdmin:
         try:
             response = self._http.request(method, f"{self.endpoint}{path}", json=doc)
         except httpx.HTTPError as exc:
-            raise AdminError(f"the local cloud's admin API at {self.endpoint} is unreachable: {exc}") from exc
+            raise AdminError(f"the local cloud's admin API at {self.endpoint} is unreachable ({exc}); is it "
+                             "running? After a crash, `prefect-azmanagers localcloud stop` cleans up") from exc
         if response.status_code >= 400:
             raise AdminError(response.json().get("error", response.text))
         return response.json()
