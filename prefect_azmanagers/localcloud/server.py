@@ -261,18 +261,21 @@ def prepare_state_dir(state_dir: Path | str) -> Path:
 
 
 def running_pid(state_dir: Path) -> int | None:
-    """The pid of the local cloud running with this state dir, or None."""
+    """The pid of the local cloud running with this state dir, or None.
+
+    A pid file left by a crash may name a process that reused the pid: only a process running
+    the local cloud counts (so `stop` never signals a stranger)."""
     try:
         pid = int((state_dir / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
+    if pid == os.getpid():
         return pid
-    return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"prefect_azmanagers.localcloud" in cmdline and _alive(pid) else None
 
 
 # ----- background start / stop ----------------------------------------------------------------
