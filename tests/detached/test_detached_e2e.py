@@ -249,6 +249,21 @@ def test_failed_boot_leaves_nothing(localcloud, assert_vm_gone):
     assert_vm_gone("azmbootfail-1", timeout=30)
 
 
+def test_cli_vm_add_reports_a_failed_boot_and_leaves_nothing(localcloud, assert_vm_gone):
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    with LocalCloudAdmin.from_info(localcloud) as admin:
+        admin.boot_fail(1)
+        try:
+            added = _cli("vm", "add", "localcloud-vm", "--nic", "localcloud-nic",
+                         "--manifest", "localcloud", "--name", "azmbootfail-2")
+        finally:
+            admin.clear_faults()
+    assert added.exit_code == 1 and "boot failure injected" in added.stderr, added.output
+    assert "Traceback" not in added.stderr
+    assert_vm_gone("azmbootfail-2", timeout=30)
+
+
 def test_persist_false_leaves_nothing(localcloud, assert_vm_gone, tmp_path):
     starter = tmp_path / "detach_once.py"
     starter.write_text(
