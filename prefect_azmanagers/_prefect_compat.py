@@ -9,6 +9,7 @@ them moves or changes shape in a new Prefect release.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
@@ -39,26 +40,59 @@ def serialize_settings() -> dict[str, Any]:
     return settings_context.serialize() if settings_context else {}
 
 
-def serialize_context_with_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """`prefect.context.serialize_context()` with a settings part serialized earlier.
+def flow_run_scoped_context(settings: dict[str, Any]) -> dict[str, Any]:
+    """The parts of `prefect.context.serialize_context()` fixed for a whole flow run.
 
-    Same keys and values as prefect 3.9.1's `serialize_context()` (without asset kwargs);
-    the settings do not change between the submits of one flow run, so the caller
-    serializes them once (`serialize_settings`) and passes them here on every submit.
+    Settings (serialized once by the caller, `serialize_settings`), the flow run context
+    (Prefect re-serializes its result store's JSON schema on every call) and the deployment
+    variables. With `task_scoped_context()` it makes prefect 3.9.1's `serialize_context()`.
     """
     flow_run_context = EngineContext.get()
-    task_run_context = TaskRunContext.get()
-    tags_context = TagsContext.get()
     deployment_id = _deployment_id.get()
+    serialized = flow_run_context.serialize() if flow_run_context else {}
+    if "flow" in serialized:
+        serialized["flow"] = flow_stand_in(serialized["flow"])
     return {
-        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
-        "task_run_context": task_run_context.serialize() if task_run_context else {},
-        "tags_context": tags_context.serialize() if tags_context else {},
+        "flow_run_context": serialized,
         "settings_context": settings,
-        "asset_context": {},
         "deployment_id": str(deployment_id) if deployment_id else None,
         "deployment_parameters": _deployment_parameters.get(),
     }
+
+
+def flow_stand_in(flow: Any) -> Any:
+    """A copy of `flow` without its body and hooks, for the context a task run ships with.
+
+    A worker needs the flow's name, settings and task runner, never its body (which runs on
+    the driver): pickled by value, the body would drag along every global it references,
+    picklable or not. Attribute names as in prefect 3.9.1's `Flow.__init__`.
+    """
+    stand_in = copy.copy(flow)
+    stand_in.fn = stand_in.__wrapped__ = _flow_body_left_on_driver
+    for hooks in ("on_completion_hooks", "on_failure_hooks", "on_cancellation_hooks",
+                  "on_crashed_hooks", "on_running_hooks"):
+        setattr(stand_in, hooks, [])
+    return stand_in
+
+
+def _flow_body_left_on_driver(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("A flow's body runs on the driver; workers only run its tasks.")
+
+
+def task_scoped_context() -> dict[str, Any]:
+    """The parts of `serialize_context()` that change between submits (parent task, tags)."""
+    task_run_context = TaskRunContext.get()
+    tags_context = TagsContext.get()
+    return {
+        "task_run_context": task_run_context.serialize() if task_run_context else {},
+        "tags_context": tags_context.serialize() if tags_context else {},
+        "asset_context": {},
+    }
+
+
+def current_engine_context() -> Any:
+    """The active flow run's `EngineContext` (identity tells when the flow run changed)."""
+    return EngineContext.get()
 
 
 def current_settings_context() -> Any:
@@ -68,8 +102,10 @@ def current_settings_context() -> Any:
 
 __all__ = [
     "PREFECT_VERSION_CHECKED",
+    "current_engine_context",
     "current_settings_context",
+    "flow_run_scoped_context",
     "new_task_run_id",
-    "serialize_context_with_settings",
     "serialize_settings",
+    "task_scoped_context",
 ]

@@ -12,13 +12,17 @@ where it was raised.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
+import hashlib
 import logging
 import socket
 import threading
 import traceback
 import uuid
 from typing import Any
+
+import cloudpickle
 
 ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "prefect_azmanagers_on_worker", default=False
@@ -32,19 +36,32 @@ class RemoteTaskRun:
 
     def __init__(
         self,
-        task: Any,
+        task: bytes,
         task_run_id: uuid.UUID,
         parameters: dict[str, Any],
         wait_for: list[Any] | None,
         dependencies: dict[str, set[Any]],
-        context: dict[str, Any],
+        task_context: dict[str, Any],
+        flow_run_context: bytes,
     ) -> None:
-        self.task = task
+        # `task` and `flow_run_context` arrive pickled: the driver pickles them once per flow
+        # run and the worker unpickles each distinct blob once (`_loads_once`).
+        self._task = task
         self.task_run_id = task_run_id
         self.parameters = parameters
         self.wait_for = wait_for
         self.dependencies = dependencies
-        self.context = context
+        self._task_context = task_context
+        self._flow_run_context = flow_run_context
+
+    @property
+    def task(self) -> Any:
+        return _loads_once(self._task)
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The whole serialized context, as `prefect.context.serialize_context()` makes it."""
+        return {**_loads_once(self._flow_run_context), **self._task_context}
 
     def __call__(self) -> Any:
         import httpx
@@ -54,14 +71,16 @@ class RemoteTaskRun:
         from prefect_azmanagers.mpi import checking_other_ranks
 
         _drain_at_agent_exit()
-        context = dict(self.context)
+        context = self.context
+        settings = context.pop("settings_context")
+        task = self.task
         token = ON_WORKER.set(True)
         try:
-            with _settings_context(context.pop("settings_context")), \
+            with _settings_context(settings), \
                     hydrated_context(context, client=_thread_client()):
                 _keep_api_records_off_stderr()
                 kwargs = dict(
-                    task=checking_other_ranks(self.task),  # MPI seam: rank 0 waits for the others
+                    task=checking_other_ranks(task),  # MPI seam: rank 0 waits for the others
                     task_run_id=self.task_run_id,
                     parameters=self.parameters,
                     wait_for=self.wait_for,
@@ -69,13 +88,13 @@ class RemoteTaskRun:
                     dependencies=self.dependencies,
                 )
                 try:
-                    if self.task.isasync:
+                    if task.isasync:
                         state = asyncio.run(run_task_async(**kwargs))
                     else:
                         state = run_task_sync(**kwargs)
                     flush_events()  # inside the context: its settings name the API
                 except (OSError, httpx.TransportError) as exc:
-                    raise _api_unreachable(self.context, exc) from exc
+                    raise _api_unreachable(settings, exc) from exc
         finally:
             ON_WORKER.reset(token)
         _note_remote_traceback(state)
@@ -93,6 +112,27 @@ class RemoteTaskRun:
             ON_WORKER.reset(token)
 
 
+_unpickled: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+_unpickled_lock = threading.Lock()
+_UNPICKLED_KEPT = 32
+
+
+def _loads_once(blob: bytes) -> Any:
+    """Unpickle `blob`, or return what an identical blob unpickled to before (tasks and flow
+    run contexts repeat across a flow's task runs; rebuilding them is the costly part)."""
+    key = hashlib.blake2b(blob, digest_size=16).digest()
+    with _unpickled_lock:
+        if key in _unpickled:
+            _unpickled.move_to_end(key)
+            return _unpickled[key]
+    value = cloudpickle.loads(blob)
+    with _unpickled_lock:
+        _unpickled[key] = value
+        while len(_unpickled) > _UNPICKLED_KEPT:
+            _unpickled.popitem(last=False)
+    return value
+
+
 _settings_lock = threading.Lock()
 _settings_cache: tuple[dict[str, Any], Any, Any] | None = None
 
@@ -107,7 +147,8 @@ def _settings_context(serialized: dict[str, Any]) -> Any:
     from prefect.context import SettingsContext
 
     with _settings_lock:
-        if _settings_cache is None or _settings_cache[0] != serialized:
+        if _settings_cache is None or (_settings_cache[0] is not serialized
+                                       and _settings_cache[0] != serialized):
             built = SettingsContext(**serialized)
             _settings_cache = (serialized, built.profile, built.settings)
         _, profile, settings = _settings_cache
@@ -189,11 +230,10 @@ def _note_remote_traceback(state: Any) -> None:
         exc.add_note(f"Remote traceback (on {socket.gethostname()}):\n{text}")
 
 
-def _api_unreachable(context: dict[str, Any], exc: Exception) -> Exception:
+def _api_unreachable(settings_context: dict[str, Any], exc: Exception) -> Exception:
     from prefect_azmanagers.exceptions import PrefectAPIUnreachable
 
-    settings = context.get("settings_context", {}).get("settings", {})
-    url = settings.get("api", {}).get("url")
+    url = settings_context.get("settings", {}).get("api", {}).get("url")
     return PrefectAPIUnreachable(
         f"The worker on {socket.gethostname()} could not reach the Prefect API at {url}: "
         f"{exc}. Use a loopback API URL on the driver (it is forwarded through SSH) or set "

@@ -58,6 +58,7 @@ from typing_extensions import Self
 
 from prefect_azmanagers import _prefect_compat as compat
 from prefect_azmanagers._remote_task import ON_WORKER, RemoteTaskRun
+from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.exceptions import (
     ConfigurationError,
     PayloadError,
@@ -145,8 +146,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._outstanding: set[concurrent.futures.Future[Any]] = set()
         self._engine_futures: set[concurrent.futures.Future[Any]] = set()
         self._duplicates: list[AzureScaleSetTaskRunner] = []
-        self._settings_source: Any = None
-        self._settings: dict[str, Any] = {}
+        self._shared: tuple[Any, Any, bytes] | None = None
+        self._task_blobs: dict[int, tuple[Any, bytes]] = {}
         self._api_url_for_workers: str | None = None
         self._flow_logger: Any = None
         self._flow_context = contextvars.Context()
@@ -317,7 +318,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._flow_logger = get_run_logger(flow_run_context)
             self._flow_context = contextvars.copy_context()
         task_run_id = compat.new_task_run_id()
-        context = compat.serialize_context_with_settings(self._settings_for_workers())
+        context = compat.task_scoped_context()
+        shared = self._flow_run_payload()
         upstream = {k: collect_task_run_inputs_sync(v) for k, v in parameters.items()}
         merged = {k: set(v) for k, v in upstream.items()}
         for key, inputs in (dependencies or {}).items():
@@ -328,7 +330,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         with self._lock:
             self._outstanding.add(outer)
         outer.add_done_callback(self._forget)
-        args = (outer, task, task_run_id, parameters, wait_for, merged, context)
+        args = (outer, task, task_run_id, parameters, wait_for, merged, context, shared)
         if wait_for or any(upstream.values()):
             assert self._resolver is not None
             self._resolver.submit(self._dispatch, *args)
@@ -345,6 +347,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         wait_for: list[PrefectFuture[Any]] | None,
         dependencies: dict[str, set[RunInput]],
         context: dict[str, Any],
+        shared: bytes,
     ) -> None:
         """Wait for upstream futures, then hand the task run to the engine."""
         try:
@@ -355,8 +358,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             # Futures do not pickle; their final States do, and the remote engine resolves
             # them as it would futures (a failed upstream gives Pending("NotReady")).
             parameters = _futures_to_states(parameters)
-            run = RemoteTaskRun(task, task_run_id, parameters, wait_for_states,
-                                dependencies, context)
+            run = RemoteTaskRun(self._pickled_task(task), task_run_id, parameters,
+                                wait_for_states, dependencies, context, shared)
             if outer.done():  # cancelled while waiting for upstream work
                 return
             assert self._cluster is not None
@@ -390,18 +393,37 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         with self._lock:
             self._outstanding.discard(future)
 
-    def _settings_for_workers(self) -> dict[str, Any]:
-        """The serialized settings shipped with every task, rebuilt only when they change."""
-        source = compat.current_settings_context()
-        if source is not self._settings_source:
+    def _flow_run_payload(self) -> bytes:
+        """The pickled context parts fixed for the flow run (settings, flow run, flow).
+
+        Serializing and pickling them is most of a submit's cost, and they do not change
+        between the submits of one flow run: they are pickled once (per settings and flow
+        run) and sent as bytes with every task; workers unpickle each distinct blob once.
+        """
+        settings_source = compat.current_settings_context()
+        engine_context = compat.current_engine_context()
+        cached = self._shared
+        if cached is None or cached[0] is not settings_source or cached[1] is not engine_context:
             settings = compat.serialize_settings()
             if self._api_url_for_workers and settings:
                 settings = dict(settings, settings=dict(settings["settings"]))
                 settings["settings"]["api"] = dict(
                     settings["settings"].get("api", {}), url=self._api_url_for_workers
                 )
-            self._settings, self._settings_source = settings, source
-        return self._settings
+            shared = compat.flow_run_scoped_context(settings)
+            cached = self._shared = (settings_source, engine_context,
+                                     serialization.dumps(shared, what="the flow run's context"))
+        return cached[2]
+
+    def _pickled_task(self, task: Task[Any, Any]) -> bytes:
+        """The task pickled once per runner (by value when its module is not installed)."""
+        with self._lock:
+            entry = self._task_blobs.get(id(task))
+        if entry is None or entry[0] is not task:
+            entry = (task, serialization.dumps(task, what=f"task {task.name!r}"))
+            with self._lock:
+                self._task_blobs[id(task)] = entry
+        return entry[1]
 
     # -- worker output -----------------------------------------------------------------
 

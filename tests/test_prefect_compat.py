@@ -31,31 +31,35 @@ def test_task_run_ids_are_time_ordered_uuid7():
     assert first.int >> 80 <= second.int >> 80  # 48-bit millisecond timestamp first
 
 
-def test_context_with_cached_settings_equals_serialize_context(prefect_server):
+def ours() -> dict:
+    return {**compat.flow_run_scoped_context(compat.serialize_settings()),
+            **compat.task_scoped_context()}
+
+
+def test_context_in_two_parts_equals_serialize_context(prefect_server):
     """Outside and inside a flow and a task, with tags: the same dict Prefect builds."""
-    assert compat.serialize_context_with_settings(compat.serialize_settings()) == serialize_context()
+    assert ours() == serialize_context()
 
     @task
     def inner():
         with tags("t1"):
-            return (compat.serialize_context_with_settings(compat.serialize_settings()),
-                    serialize_context())
+            return ours(), serialize_context()
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
     def outer():
         future: PrefectConcurrentFuture = inner.submit()
         return future.result()
 
-    ours, prefects = outer()
-    assert ours.keys() == prefects.keys()
+    mine, prefects = outer()
+    assert mine.keys() == prefects.keys()
     for key in prefects:
         if key == "flow_run_context":
             continue  # holds the Flow object: compared by identity-free fields below
-        assert ours[key] == prefects[key], key
-    assert ours["flow_run_context"].keys() == prefects["flow_run_context"].keys()
-    assert ours["flow_run_context"]["flow_run"] == prefects["flow_run_context"]["flow_run"]
-    assert ours["tags_context"]["current_tags"] == {"t1"}
-    assert ours["task_run_context"]["task_run"]["name"].startswith("inner")
+        assert mine[key] == prefects[key], key
+    assert mine["flow_run_context"].keys() == prefects["flow_run_context"].keys()
+    assert mine["flow_run_context"]["flow_run"] == prefects["flow_run_context"]["flow_run"]
+    assert mine["tags_context"]["current_tags"] == {"t1"}
+    assert mine["task_run_context"]["task_run"]["name"].startswith("inner")
 
 
 def test_settings_context_identity_changes_with_temporary_settings():
@@ -67,3 +71,38 @@ def test_settings_context_identity_changes_with_temporary_settings():
         assert inside is not before
         assert compat.serialize_settings()["settings"]["api"]["url"] == "http://127.0.0.1:9/api"
     assert compat.current_settings_context() is before
+
+
+def test_engine_context_is_the_flow_runs(prefect_server):
+    @flow
+    def identity():
+        return compat.current_engine_context() is compat.current_engine_context(), \
+            compat.current_engine_context().flow_run.id
+
+    same, flow_run_id = identity()
+    assert same and flow_run_id is not None
+    assert compat.current_engine_context() is None
+
+
+def test_flow_stand_in_keeps_what_workers_use_and_drops_the_body():
+    import threading
+
+    import cloudpickle
+
+    lock = threading.Lock()
+
+    def on_done(flow, flow_run, state):
+        return lock
+
+    @flow(name="original", retries=2, on_completion=[on_done])
+    def original(x: int = 1):
+        with lock:  # an unpicklable global of the body
+            return x
+
+    stand_in = compat.flow_stand_in(original)
+    assert (stand_in.name, stand_in.retries, stand_in.task_runner, stand_in.isasync) == \
+        ("original", 2, original.task_runner, False)
+    assert stand_in.on_completion_hooks == [] and original.on_completion_hooks == [on_done]
+    assert original.fn is not stand_in.fn and original.fn(3) == 3
+    copy = cloudpickle.loads(cloudpickle.dumps(stand_in))
+    assert copy.name == "original"

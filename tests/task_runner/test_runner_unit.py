@@ -53,7 +53,10 @@ def boom(x):
 
 
 def on_worker() -> bool:
-    return ON_WORKER.get()
+    # through the module: this test module travels by value, a ContextVar cannot
+    from prefect_azmanagers import _remote_task
+
+    return _remote_task.ON_WORKER.get()
 
 
 @task
