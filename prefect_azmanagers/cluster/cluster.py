@@ -303,6 +303,7 @@ class AzureCluster:
         self._clients: ArmClients | None = None
         self._progress: JoinProgress | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._removals: set[asyncio.Task] = set()
         self._t0 = time.monotonic()
 
     # -- public API (any thread) -------------------------------------------------------------
@@ -882,9 +883,10 @@ class AzureCluster:
             item.worker = None
             if item.lost_attempts > self.max_task_retries_on_lost_worker:
                 _settle(item.future, exception=WorkerLost(
-                    f"{item.label}: {where} was lost ({reason}); the call was re-queued "
-                    f"{self.max_task_retries_on_lost_worker} times and lost each time. Raise "
-                    "max_task_retries_on_lost_worker, or check what kills the workers."))
+                    f"{item.label}: {where} was lost while running it ({reason}). It had been "
+                    f"re-queued {item.lost_attempts - 1} time(s) already, the bound set by "
+                    f"max_task_retries_on_lost_worker={self.max_task_retries_on_lost_worker}. "
+                    "Raise that bound, or check what kills the workers."))
             else:
                 self._queue.put(item, front=True)
         self._fail_queue_if_hopeless()
@@ -1027,14 +1029,23 @@ class AzureCluster:
                 worker.state = WorkerState.STOPPED
             if member.conn is not None:
                 member.conn.close()
+        # The deletion is its own task: cancelling the caller (e.g. close() cancelling a join)
+        # does not abandon a request half made; close() waits for these before its own sweep.
+        deletion = asyncio.get_running_loop().create_task(self._delete_members(members))
+        self._removals.add(deletion)
+        deletion.add_done_callback(self._removals.discard)
         try:
-            await self._scaleset.delete_instances([m.instance_id for m in members])
+            await asyncio.shield(deletion)
         finally:
-            for member in members:
-                member.state = "gone"
-            self._host_keys.forget({m.vm_id for m in members})
             self._progress.update(self._joined_count())
             self._membership_changed.set()
+
+    async def _delete_members(self, members: list[_Member]) -> None:
+        await self._scaleset.delete_instances([m.instance_id for m in members])
+        # Only after success: a failed removal stays "removing", and close() retries it.
+        for member in members:
+            member.state = "gone"
+        self._host_keys.forget({m.vm_id for m in members})
 
     async def _kill_agent(self, worker: _Worker) -> None:
         conn = worker.member.conn
@@ -1098,6 +1109,7 @@ class AzureCluster:
                 task.cancel()
         await asyncio.gather(*[t for t in self._tasks if t is not asyncio.current_task()],
                              return_exceptions=True)
+        await asyncio.gather(*self._removals, return_exceptions=True)
         errors = []
         if self._scaleset is not None:
             try:

@@ -18,7 +18,6 @@ Everything it starts is stopped at the end (cluster closed, local cloud stopped)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess

@@ -3,7 +3,6 @@ namespaces, real agents. Plain callables only (the Prefect adapter is tested els
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
