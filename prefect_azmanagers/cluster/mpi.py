@@ -276,9 +276,10 @@ def follow() -> None:
                        "message": str(exc), "traceback": traceback.format_exc()}
         sys.stdout.flush()
         sys.stderr.flush()
-        control.send(outcome, dest=0, tag=_OUTCOME)
+        sent = control.isend(outcome, dest=0, tag=_OUTCOME)  # rank 0 may be unable to receive
         backoff.active()
         if outcome is None:
+            sent.wait()
             continue
         peers = [control.isend(task_id, dest=p, tag=_PEER_FAILED)
                  for p in range(1, control.Get_size()) if p != rank]
@@ -286,7 +287,7 @@ def follow() -> None:
             # one report per call: the lowest failed rank sends it, the others only end the job
             report = not _lower_rank_failed(control, rank, task_id)
             _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
-        MPI.Request.waitall(peers)
+        MPI.Request.waitall([sent, *peers])
     MPI.Finalize()
     _finish_tagged_output(taggers)
     os._exit(0)
@@ -341,7 +342,7 @@ def _report_and_abort(protocol: int, task_id: int, report: bool, rank: int, size
           "restarts clean", file=sys.stderr, flush=True)
     if report:
         os.write(protocol, frame)
-    time.sleep(1.0)  # let mpirun forward the frame before the job is torn down
+    time.sleep(3.0)  # let mpirun forward the frame before the job is torn down
     from mpi4py import MPI
 
     MPI.COMM_WORLD.Abort(70)
