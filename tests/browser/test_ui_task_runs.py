@@ -51,7 +51,9 @@ def test_ui_shows_task_runs_and_worker_log_line(prefect_server, finished_flow_ru
     expect(page.get_by_text(re.compile(r"From worker \d+: ui-check line from task \d"))
            .first).to_be_visible(timeout=60_000)
 
-    page.get_by_role("tab", name=re.compile("Task Runs")).first.click()
+    tab = page.get_by_text(re.compile(r"Task [Rr]uns")).first
+    expect(tab).to_be_visible(timeout=60_000)
+    tab.click()
     for task_run in task_runs:
         expect(page.get_by_text(task_run.name).first).to_be_visible(timeout=60_000)
 
