@@ -23,10 +23,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def prefect_server(root: Path) -> Iterator[str]:
-    """A Prefect server on loopback; yields its API URL (also set as PREFECT_API_URL)."""
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
+def prefect_server(root: Path, api_url: str) -> Iterator[str]:
+    """A Prefect server on loopback at `api_url` (http://127.0.0.1:PORT/api); yields it."""
+    port = int(api_url.rsplit(":", 1)[1].split("/")[0])
     env = dict(os.environ, PREFECT_HOME=str(root / "server-home"),
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
                PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
@@ -47,7 +46,6 @@ def prefect_server(root: Path) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        os.environ["PREFECT_API_URL"] = api_url
         yield api_url
     finally:
         proc.terminate()

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,17 +27,22 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="azm-bench-home-"))
+from bench.services import free_port, local_cloud, prefect_server  # noqa: E402  (no prefect)
+
+# Before prefect is imported: every process of the run (this one, process-pool and Dask
+# workers, which import this module too and inherit the environment) sees the same API.
+os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+if "PREFECT_HOME" not in os.environ:  # the run's own, removed at its end (children inherit it)
+    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
+else:
+    _OWN_HOME = None
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import asyncssh  # noqa: E402
 import psutil  # noqa: E402
 from prefect import flow, task  # noqa: E402
-from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
-
-from bench.services import local_cloud, prefect_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1 << 20
@@ -166,72 +172,77 @@ def main(argv: list[str] | None = None) -> dict:
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                 "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1)},
                     "tasks": args.tasks, "workers": args.workers}
-    with prefect_server(root) as api_url, temporary_settings({PREFECT_API_URL: api_url}), \
-            local_cloud(root, api_url):
-        from prefect_dask import DaskTaskRunner
+    try:
+        with prefect_server(root, os.environ["PREFECT_API_URL"]) as api_url, \
+                local_cloud(root, api_url):
+            from prefect_dask import DaskTaskRunner
 
-        from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
-        from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-        from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
-        from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+            from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
+            from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+            from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+            from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
-        api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
-        n, w = args.tasks, args.workers
-        runners = report["runners"] = {}
-        print(f"{n} trivial tasks, {w} workers, {os.cpu_count()} CPUs", flush=True)
+            api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+            n, w = args.tasks, args.workers
+            runners = report["runners"] = {}
+            print(f"{n} trivial tasks, {w} workers, {os.cpu_count()} CPUs", flush=True)
 
-        base = driver_rss()
-        cluster = start_cluster(api_port, w, 1, "bench-tp")
-        try:
-            report["driver_rss_per_worker_MB"] = round((driver_rss() - base) / w / MB, 2)
-            runners["AzureScaleSetTaskRunner"] = measure_runner(
-                "AzureScaleSetTaskRunner", lambda: AzureScaleSetTaskRunner(cluster=cluster),
-                n, 4 * w)
-            report["azure_bandwidth_MB_s"] = run_bandwidth(
-                AzureScaleSetTaskRunner(cluster=cluster), sizes)
-
-            manifest = load_manifest("localcloud")
-            template = load_scaleset_template("localcloud-small")
-            user = manifest.ssh_user or \
-                template.value["properties"]["virtualMachineProfile"]["osProfile"]["adminUsername"]
-            worker = cluster.workers[0]
-            with LocalCloudAdmin.from_state_dir(root / "localcloud") as admin:
-                vm_id = next(i["vm_id"] for i in admin.status()["instances"]
-                             if i["name"] == worker.instance)
-            host_key = PinnedHostKeys(manifest.known_hosts_path()).get(vm_id)
-            report["raw_asyncssh"] = asyncio.run(raw_asyncssh(
-                worker.ip, manifest.ssh_port, user,
-                asyncssh.import_private_key(manifest.read_private_key()), host_key,
-                manifest.python, 2000, sizes))
-        finally:
-            cluster.close()
-
-        runners["ThreadPoolTaskRunner"] = measure_runner(
-            "ThreadPoolTaskRunner", lambda: ThreadPoolTaskRunner(), n, 4 * w)
-        runners[f"ProcessPoolTaskRunner({w})"] = measure_runner(
-            f"ProcessPoolTaskRunner({w})", lambda: ProcessPoolTaskRunner(max_workers=w),
-            max(n // 10, 4 * w), 4 * w)
-        runners[f"DaskTaskRunner({w})"] = measure_runner(
-            f"DaskTaskRunner({w})", lambda: DaskTaskRunner(
-                cluster_kwargs={"n_workers": w, "threads_per_worker": 1, "processes": True,
-                                "dashboard_address": None}),
-            max(n // 10, 4 * w), 4 * w)
-
-        if not args.no_scale:
             base = driver_rss()
-            t0 = time.perf_counter()
-            big = start_cluster(api_port, 8, 4, "bench-scale")
+            cluster = start_cluster(api_port, w, 1, "bench-tp")
             try:
-                joined = time.perf_counter() - t0
-                rss = (driver_rss() - base) / len(big.workers) / MB
-                result = measure_runner("AzureScaleSetTaskRunner 8x4", lambda: AzureScaleSetTaskRunner(
-                    cluster=big), 2000, 64)
-                report["scale_32_workers"] = dict(result, workers=len(big.workers),
-                                                  join_seconds=round(joined, 1),
-                                                  driver_rss_per_worker_MB=round(rss, 2))
-            finally:
-                big.close()
+                report["driver_rss_per_worker_MB"] = round((driver_rss() - base) / w / MB, 2)
+                runners["AzureScaleSetTaskRunner"] = measure_runner(
+                    "AzureScaleSetTaskRunner", lambda: AzureScaleSetTaskRunner(cluster=cluster),
+                    n, 4 * w)
+                report["azure_bandwidth_MB_s"] = run_bandwidth(
+                    AzureScaleSetTaskRunner(cluster=cluster), sizes)
 
+                manifest = load_manifest("localcloud")
+                template = load_scaleset_template("localcloud-small")
+                user = manifest.ssh_user or \
+                    template.value["properties"]["virtualMachineProfile"]["osProfile"]["adminUsername"]
+                worker = cluster.workers[0]
+                with LocalCloudAdmin.from_state_dir(root / "localcloud") as admin:
+                    vm_id = next(i["vm_id"] for i in admin.status()["instances"]
+                                 if i["name"] == worker.instance)
+                host_key = PinnedHostKeys(manifest.known_hosts_path()).get(vm_id)
+                report["raw_asyncssh"] = asyncio.run(raw_asyncssh(
+                    worker.ip, manifest.ssh_port, user,
+                    asyncssh.import_private_key(manifest.read_private_key()), host_key,
+                    manifest.python, 2000, sizes))
+            finally:
+                cluster.close()
+
+            runners["ThreadPoolTaskRunner"] = measure_runner(
+                "ThreadPoolTaskRunner", lambda: ThreadPoolTaskRunner(), n, 4 * w)
+            runners[f"ProcessPoolTaskRunner({w})"] = measure_runner(
+                f"ProcessPoolTaskRunner({w})", lambda: ProcessPoolTaskRunner(max_workers=w),
+                max(n // 10, 4 * w), 4 * w)
+            runners[f"DaskTaskRunner({w})"] = measure_runner(
+                f"DaskTaskRunner({w})", lambda: DaskTaskRunner(
+                    cluster_kwargs={"n_workers": w, "threads_per_worker": 1, "processes": True,
+                                    "dashboard_address": None}),
+                max(n // 10, 4 * w), 4 * w)
+
+            if not args.no_scale:
+                base = driver_rss()
+                t0 = time.perf_counter()
+                big = start_cluster(api_port, 8, 4, "bench-scale")
+                try:
+                    joined = time.perf_counter() - t0
+                    rss = (driver_rss() - base) / len(big.workers) / MB
+                    result = measure_runner("AzureScaleSetTaskRunner 8x4", lambda: AzureScaleSetTaskRunner(
+                        cluster=big), 2000, 64)
+                    report["scale_32_workers"] = dict(result, workers=len(big.workers),
+                                                      join_seconds=round(joined, 1),
+                                                      driver_rss_per_worker_MB=round(rss, 2))
+                finally:
+                    big.close()
+
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if _OWN_HOME:
+            shutil.rmtree(_OWN_HOME, ignore_errors=True)
     summarize(report)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"throughput-{report['when'].replace(':', '')}.json"
