@@ -14,7 +14,8 @@ Control messages travel on a duplicate of COMM_WORLD, so a task's own messages o
 `prefect_azmanagers.mpi.comm()` (COMM_WORLD) never mix with them. A rank that fails while others
 are still inside the call (possibly blocked in a collective that can never complete) poisons the
 worker: the failure is reported, then the whole worker exits and the engine restarts the slot.
-A callable may define `__azm_mpi_follower__()`: ranks > 0 then call that instead of the callable
+If rank 0 cannot run at all (a task's C code holding its GIL), the lowest failed rank reports
+the call on the protocol stream itself and aborts the job. A callable may define `__azm_mpi_follower__()`: ranks > 0 then call that instead of the callable
 itself (the task runner uses it to run the bare task function there, while rank 0 runs
 Prefect's engine, which reports the task's states once).
 """
@@ -27,7 +28,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
