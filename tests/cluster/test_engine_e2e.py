@@ -326,7 +326,17 @@ def test_cancel_stops_remote_work(localcloud, admin):
         wait_until(lambda: remote_alive(pidfiles[1]) == "gone", 10, "every call to stop")
         wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 2, 120, "slots back")
         assert cluster.submit(lambda: 7).result(timeout=60) == 7
-    assert_nothing_left(admin, group, addresses)
+
+        # a hung agent (SIGSTOP: no heartbeat) is killed after heartbeat_timeout, its call re-queued
+        cluster.heartbeat_timeout = 15
+        future = cluster.submit(lambda: sleepy("survived", 2))
+        wait_until(lambda: any(w.state == "busy" for w in cluster.workers), 60, "a busy worker")
+        hung = next(w for w in cluster.workers if w.state == "busy")
+        cluster._call(member.conn.run(f"kill -STOP {hung.pid}"))
+        assert future.result(timeout=120) == "survived"
+        wait_until(lambda: not agent_alive(hung.pid), 30, "the hung agent killed")
+        pids = {w.pid for w in cluster.workers}
+    assert_nothing_left(admin, group, addresses, pids)
 
 
 def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localcloud, admin):
