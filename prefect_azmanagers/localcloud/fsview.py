@@ -65,24 +65,31 @@ def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, t
         "mount -t tmpfs -o mode=700,size=64k azlc-stage /mnt",
         f"mkdir /mnt/sandbox && mount --bind {q(str(sandbox))} /mnt/sandbox",
     ]
-    hidden_trees = [t for t in trees.expose if any(t.is_relative_to(h) for h in trees.hide)]
-    for i, tree in enumerate(hidden_trees):
+    # trees under a hidden path, or under a path the instance gets privately (/tmp, /home, ...:
+    # a checkout in /tmp is common), are staged on /mnt and moved back once those are in place
+    private = [Path(p) for p in (*SANDBOX_BINDS.values(), "/home", "/mnt", "/dev/shm")]
+    staged = [t for t in trees.expose
+              if any(t.is_relative_to(h) for h in (*trees.hide, *private))]
+    for i, tree in enumerate(staged):
         lines.append(f"mkdir /mnt/t{i} && mount --bind {q(str(tree))} /mnt/t{i}")
     for path in trees.hide:
         mode = "711" if path == Path("/root") else "755"
         lines.append(f"mount -t tmpfs -o mode={mode},size=64k azlc-hide {q(str(path))}")
-    for i, tree in enumerate(hidden_trees):
-        lines.append(f"mkdir -p {q(str(tree))} && mount --move /mnt/t{i} {q(str(tree))}")
     for tree in trees.expose:
-        if tree not in hidden_trees:
+        if tree not in staged:
             lines.append(f"mount --bind {q(str(tree))} {q(str(tree))}")
-        lines.append(f"mount -o remount,bind,ro {q(str(tree))}")
+            lines.append(f"mount -o remount,bind,ro {q(str(tree))}")
     home = f"/home/{admin}"
     lines += [
         "mount -t tmpfs -o mode=755,size=64k azlc-home /home",
         f"mkdir {q(home)} && mount --bind /mnt/sandbox/home {q(home)}",
         *(f"mount --bind /mnt/sandbox/{src} {dst}" for src, dst in SANDBOX_BINDS.items()),
         "mount -t tmpfs -o mode=1777 azlc-shm /dev/shm",
+    ]
+    for i, tree in enumerate(staged):
+        lines += [f"mkdir -p {q(str(tree))} && mount --move /mnt/t{i} {q(str(tree))}",
+                  f"mount -o remount,bind,ro {q(str(tree))}"]
+    lines += [
         "mount --bind /mnt/sandbox/mnt /mnt",
         "cd /",
         "exec " + " ".join(q(a) for a in then),
