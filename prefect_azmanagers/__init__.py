@@ -24,10 +24,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Prefect loads this package through its `prefect.collections` entry point; importing the block
-# classes here is what registers them with Prefect (server auto-registration, `Block.load` by
-# slug, `prefect block register -m prefect_azmanagers`). Everything else stays lazy.
-from prefect_azmanagers.blocks import AzureManifest, NICTemplate, ScaleSetTemplate, VMTemplate  # noqa: E402
+# Prefect finds the block classes through the `prefect.collections` entry point, which names
+# `prefect_azmanagers.blocks` (not this package): the agent on each instance imports this package
+# and must not pay for importing prefect unless the work it runs needs it.
 
 _EXPORTS = {
     "AzureManifest": "blocks",
