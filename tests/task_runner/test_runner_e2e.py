@@ -117,6 +117,7 @@ def where(x):
     import socket
 
     print(f"task {x} on {socket.gethostname()} says hello")
+    time.sleep(1)  # 8 of these on 4 slots (2 instances x ppi 2) keep every slot busy at once
     return socket.gethostname(), os.environ.get("AZM_WORKER_ID")
 
 
@@ -136,7 +137,9 @@ def children(n):
 def test_flow_results_api_records_logs_edges_and_clean_teardown(localcloud, admin):
     group, tag = new_group("tr"), uuid.uuid4().hex
 
-    @flow(task_runner=runner(group, 2, ppi=2, env={"AZM_TEST_TAG": tag}))
+    # waitfor: both instances have joined before the first task, so the placements below must
+    # use both (elastically, the first instance to join could otherwise run everything)
+    @flow(task_runner=runner(group, 2, ppi=2, waitfor=True, env={"AZM_TEST_TAG": tag}))
     def pipeline():
         squares = square.map(range(12))
         doubled = async_double.submit(21)
