@@ -19,8 +19,7 @@ instance imports only what it uses).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prefect_azmanagers._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -49,16 +48,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'prefect_azmanagers' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"prefect_azmanagers.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

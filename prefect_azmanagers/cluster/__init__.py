@@ -7,8 +7,7 @@ format, SSH layer and worker process. Names are loaded lazily so that the agent,
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prefect_azmanagers._lazy import lazy_exports
 
 _EXPORTS = {
     "AzureCluster": "cluster",
@@ -21,12 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'prefect_azmanagers.cluster' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"prefect_azmanagers.cluster.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

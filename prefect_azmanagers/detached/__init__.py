@@ -15,7 +15,7 @@ j = detachat(vm, job, 14)                          # returns at once; the laptop
 j.wait(); print(j.read(), j.status(), j.result())  # "hello from the VM\n" done 42
 rmproc(vm)                                         # VM, NIC, work pool and deployment gone
 
-detach(job, 1, vm_template="localcloud-vm", persist=False)   # the VM deletes itself afterwards
+detach(job, 1, vm_template="localcloud-vm", persist=False)   # the VM is deleted when the job ends
 ```
 
 Names are resolved lazily, so the job process on the VM (`jobprocess`) imports nothing heavy.
@@ -23,8 +23,7 @@ Names are resolved lazily, so the job process on the VM (`jobprocess`) imports n
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prefect_azmanagers._lazy import lazy_exports
 
 _EXPORTS = {
     "variablebundle": "bundle",
@@ -41,12 +40,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
