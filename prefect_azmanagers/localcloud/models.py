@@ -935,11 +935,11 @@ def check_custom_data(value: str, path: str) -> None:
         base64.b64decode(value, validate=True)
     except ValueError:
         raise errors.invalid_parameter(
-            f"Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 "
+            "Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 "
             "characters.", path) from None
     if len(value) > 87380:
         raise errors.invalid_parameter(
-            f"Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 "
+            "Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 "
             f"characters (got {len(value)}).", path)
 
 

@@ -14,10 +14,6 @@ from prefect_azmanagers.detached import addproc, detachat, rmproc
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 def ui_check_job():
     print("visible in the Prefect UI: line one")
     print("visible in the Prefect UI: line two")
@@ -33,23 +29,6 @@ def finished_job(localcloud):
         yield job
     finally:
         rmproc(vm)
-
-
-@pytest.fixture
-def page(prefect_server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                             args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            # The UI bundle calls an analytics host: only the server's own address may be reached.
-            page.route("**/*", lambda route: route.continue_()
-                       if route.request.url.startswith(prefect_server.ui_url) else route.abort())
-            yield page
-        finally:
-            browser.close()
 
 
 def test_ui_lists_the_detached_flow_run_with_its_logs(prefect_server, finished_job, page):

@@ -13,8 +13,6 @@ from prefect.context import FlowRunContext
 
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
-from .test_ui_detached import page  # noqa: F401  (the shared Chromium page fixture)
-
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 
@@ -35,7 +33,7 @@ def finished_flow_run(localcloud):
     return ui_check()
 
 
-def test_ui_shows_task_runs_and_worker_log_line(prefect_server, finished_flow_run, page):  # noqa: F811
+def test_ui_shows_task_runs_and_worker_log_line(prefect_server, finished_flow_run, page):
     from playwright.sync_api import expect
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 import threading
 
@@ -24,27 +23,13 @@ from prefect_azmanagers.exceptions import (
 )
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
+from .tasks import add, async_double, square
+
 
 
 @pytest.fixture
 def cluster(prefect_server, fake_cluster):
     return fake_cluster(forward_ports=(prefect_server.port,))
-
-
-@task
-def square(x):
-    return x * x
-
-
-@task
-async def async_double(x):
-    await asyncio.sleep(0.01)
-    return 2 * x
-
-
-@task
-def add(a, b):
-    return a + b
 
 
 @task
@@ -71,8 +56,6 @@ def parent(n):
 
 
 def _read_task_runs(flow_run_id):
-    from prefect.client.schemas.filters import TaskRunFilter
-
     with get_client(sync_client=True) as client:
         return client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
@@ -213,7 +196,7 @@ def test_owned_cluster_is_closed_and_cancelled_through_the_template(
     monkeypatch.setattr(AzureScaleSetTaskRunner, "_create_cluster", fake_create)
     monkeypatch.setattr(AzureScaleSetTaskRunner, "_manifest_api_url_for_vms", lambda self: None)
     template = AzureScaleSetTaskRunner("localcloud-small", 2)
-    with template.duplicate() as runner:
+    with template.duplicate():
         assert made[0].forward_ports == (prefect_server.port,)
         template.cancel_all()  # what the flow engine calls on cancellation
         assert made[0].cancelled_all == 1
