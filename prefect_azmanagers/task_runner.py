@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import logging
 import sys
 import threading
 import uuid
@@ -152,6 +153,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._flow_logger: Any = None
         self._flow_context = contextvars.Context()
         self._previous_output_handler: Any = None
+        self._membership_log: _MembershipLogRelay | None = None
 
     def duplicate(self) -> Self:
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
@@ -195,6 +197,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._local = ThreadPoolTaskRunner(max_workers=sys.maxsize).__enter__()
             return self
         try:
+            self._membership_log = _MembershipLogRelay.install()  # before waitfor's joins
             forward_port = self._plan_api_access()
             self._cluster = self._given_cluster or self._create_cluster(forward_port)
             if self._given_cluster is not None and forward_port is not None:
@@ -217,6 +220,14 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
 
     def _close(self, *, cancel: bool) -> None:
         """Finish (or, after an error, cancel) this runner's work, then stop what it made."""
+        try:
+            self._close_work(cancel=cancel)
+        finally:
+            if self._membership_log is not None:
+                self._membership_log.uninstall()
+                self._membership_log = None
+
+    def _close_work(self, *, cancel: bool) -> None:
         if self._local is not None:
             self._local.__exit__(None, None, None)
             self._local = None
@@ -317,6 +328,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if self._flow_logger is None and (flow_run_context := FlowRunContext.get()):
             self._flow_logger = get_run_logger(flow_run_context)
             self._flow_context = contextvars.copy_context()
+            if self._membership_log is not None:
+                self._membership_log.attach(self._flow_logger, self._flow_context)
         task_run_id = compat.new_task_run_id()
         context = compat.task_scoped_context()
         shared = self._flow_run_payload()
@@ -436,6 +449,58 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._flow_context.copy().run(
             self._flow_logger.info, "From worker %s: %s", getattr(worker, "id", worker), line
         )
+
+
+class _MembershipLogRelay(logging.Handler):
+    """Puts the cluster's membership lines (joins, lost and replaced workers) in the flow
+    run's log, and so in the UI; lines logged before the flow run is known are kept until then.
+    """
+
+    _LOGGER = "prefect_azmanagers.cluster"
+    _MAX_PENDING = 1000
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._lock_pending = threading.Lock()
+        self._pending: list[logging.LogRecord] = []
+        self._target: tuple[Any, contextvars.Context] | None = None
+        self._raised_level = False
+
+    @classmethod
+    def install(cls) -> _MembershipLogRelay:
+        relay = cls()
+        logger = logging.getLogger(cls._LOGGER)
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
+            relay._raised_level = True
+        logger.addHandler(relay)
+        return relay
+
+    def uninstall(self) -> None:
+        logger = logging.getLogger(self._LOGGER)
+        logger.removeHandler(self)
+        if self._raised_level:
+            logger.setLevel(logging.NOTSET)
+
+    def attach(self, flow_logger: Any, context: contextvars.Context) -> None:
+        with self._lock_pending:
+            self._target = (flow_logger, context)
+            pending, self._pending = self._pending, []
+        for record in pending:
+            self._forward(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock_pending:
+            if self._target is None:
+                if len(self._pending) < self._MAX_PENDING:
+                    self._pending.append(record)
+                return
+        self._forward(record)
+
+    def _forward(self, record: logging.LogRecord) -> None:
+        assert self._target is not None
+        flow_logger, context = self._target
+        context.copy().run(flow_logger.log, record.levelno, "%s", record.getMessage())
 
 
 _CONFIGURATION = ("template", "n", "cluster_options", "_given_cluster", "logger", "_started")

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import psutil
 import pytest
@@ -33,6 +32,8 @@ from prefect.context import FlowRunContext
 
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+from .tasks import add, async_double, square
 
 pytestmark = pytest.mark.e2e
 
@@ -96,22 +97,6 @@ def logs_of(flow_run_id, *, wait_for: str, timeout: float = 30) -> list:
         time.sleep(0.5)
 
 
-@task
-def square(x):
-    return x * x
-
-
-@task
-async def async_double(x):
-    await asyncio.sleep(0.01)
-    return 2 * x
-
-
-@task
-def add(a, b):
-    return a + b
-
-
 @task(log_prints=True)
 def where(x):
     import socket
@@ -169,6 +154,9 @@ def test_flow_results_api_records_logs_edges_and_clean_teardown(localcloud, admi
     task_logs = [log for log in logs if log.task_run_id is not None]
     assert any("says hello" in log.message for log in task_logs)  # print() in a remote task
     assert any("Finished in state Completed" in log.message for log in task_logs)
+    # the joins (all before the first submit, with waitfor) are in the flow run's own log
+    flow_lines = [log.message for log in logs if log.task_run_id is None]
+    assert sum("joined (" in line for line in flow_lines) >= 4, flow_lines
     assert_nothing_left(admin, group, tag)
 
 
