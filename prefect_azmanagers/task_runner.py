@@ -471,7 +471,10 @@ class _MembershipLogRelay(logging.Handler):
         relay = cls()
         logger = logging.getLogger(cls._LOGGER)
         if not logger.isEnabledFor(logging.INFO):
+            # Raised for the relay only: the lines must not also reach the root's handlers,
+            # which were not asking for them (they would print twice on the console).
             logger.setLevel(logging.INFO)
+            logger.propagate = False
             relay._raised_level = True
         logger.addHandler(relay)
         return relay
@@ -481,6 +484,7 @@ class _MembershipLogRelay(logging.Handler):
         logger.removeHandler(self)
         if self._raised_level:
             logger.setLevel(logging.NOTSET)
+            logger.propagate = True
 
     def attach(self, flow_logger: Any, context: contextvars.Context) -> None:
         with self._lock_pending:
