@@ -97,10 +97,10 @@ def start(
                       "and run `prefect-azmanagers localcloud start` again after `stop`.")
     if background:
         return
-    console.print("Running in the foreground; Ctrl-C stops it and removes every instance.")
     stop_requested = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before saying so: a Ctrl-C right after is a stop
         signal.signal(sig, lambda *_: stop_requested.append(True))
+    console.print("Running in the foreground; Ctrl-C stops it and removes every instance.")
     try:
         while not stop_requested and localcloud_server.running_pid(Path(info["state_dir"])) == info["pid"]:
             time.sleep(0.5)
