@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from prefect.blocks.core import Block
 
 from prefect_azmanagers.blocks import (
     DEFAULT_TEMPDISK,
@@ -56,12 +58,22 @@ __all__ = [
 
 DEFAULT_AZMANAGERS_DIR = Path("~/.azmanagers")
 MANIFEST_FILE = "manifest.json"
-TEMPLATE_FILES = {
-    "scaleset": ("templates_scaleset.json", ScaleSetTemplate),
-    "vm": ("templates_vm.json", VMTemplate),
-    "nic": ("templates_nic.json", NICTemplate),
+
+
+class TemplateKind(NamedTuple):
+    """One kind of template: AzManagers' file for it, its block type and that type's loader."""
+
+    filename: str
+    block_type: type[Block]
+    load: Callable[[str], Block]
+
+
+TEMPLATE_KINDS = {
+    "scaleset": TemplateKind("templates_scaleset.json", ScaleSetTemplate, load_scaleset_template),
+    "vm": TemplateKind("templates_vm.json", VMTemplate, load_vm_template),
+    "nic": TemplateKind("templates_nic.json", NICTemplate, load_nic_template),
 }
-_LOADERS = {"scaleset": load_scaleset_template, "vm": load_vm_template, "nic": load_nic_template}
+
 # manifest.json key -> AzureManifest field (AzManagers.jl's write_manifest writes these five).
 MANIFEST_KEYS = {
     "resourcegroup": "resource_group",
@@ -133,11 +145,34 @@ def _os_disk(builder: str, os_disk_size: int) -> dict[str, Any]:
     }
 
 
-def _linux_os_profile(admin_username: str) -> dict[str, Any]:
-    return {
-        "adminUsername": admin_username,
-        "linuxConfiguration": {"ssh": {"publicKeys": []}, "disablePasswordAuthentication": True},
+def _machine_profiles(
+    builder: str,
+    computer_name: dict[str, str],
+    *,
+    admin_username: str,
+    image_id: str,
+    os_disk_size: int,
+    data_disks: Iterable[Mapping[str, Any]],
+    name_data_disks: bool,
+    encryption_at_host: bool,
+) -> tuple[dict[str, Any], bool]:
+    """The storage, OS and security profiles a VM and a scale-set model share, and whether the
+    data disks need UltraSSD (`additionalCapabilities.ultraSSDEnabled`)."""
+    disks, ultra = _data_disks(builder, data_disks, named=name_data_disks)
+    profiles = {
+        "storageProfile": {
+            "imageReference": {"id": image_id},
+            "osDisk": _os_disk(builder, os_disk_size),
+            "dataDisks": disks,
+        },
+        "osProfile": {
+            **computer_name,
+            "adminUsername": admin_username,
+            "linuxConfiguration": {"ssh": {"publicKeys": []}, "disablePasswordAuthentication": True},
+        },
+        "securityProfile": {"encryptionAtHost": encryption_at_host},
     }
+    return profiles, ultra
 
 
 def _with_tags(builder: str, value: dict[str, Any], tags: Mapping[str, str]) -> dict[str, Any]:
@@ -185,7 +220,17 @@ def build_sstemplate(
         image_gallery=image_gallery, image_name=image_name, sku_name=sku_name,
     )
     computer_name = name.split("/")[-1].replace("+", "plus")
-    disks, ultra = _data_disks(builder, data_disks, named=False)
+    profiles, ultra = _machine_profiles(
+        builder, {"computerNamePrefix": computer_name}, admin_username=admin_username,
+        image_id=_gallery_image_id(
+            subscription_id_image or subscription_id, resource_group_image or resource_group,
+            image_gallery, image_name,
+        ),
+        os_disk_size=os_disk_size, data_disks=data_disks, name_data_disks=False,
+        encryption_at_host=encryption_at_host,
+    )
+    subnet_id = _subnet_id(subscription_id, resource_group_vnet or resource_group, vnet, subnet)
+    ip_configuration = {"name": computer_name, "properties": {"subnet": {"id": subnet_id}}}
     value = {
         "sku": {"tier": sku_tier, "capacity": 2, "name": sku_name},
         "location": location,
@@ -194,38 +239,12 @@ def build_sstemplate(
             "singlePlacementGroup": False,
             "additionalCapabilities": {"ultraSSDEnabled": ultra},
             "virtualMachineProfile": {
-                "storageProfile": {
-                    "imageReference": {
-                        "id": _gallery_image_id(
-                            subscription_id_image or subscription_id,
-                            resource_group_image or resource_group, image_gallery, image_name,
-                        )
-                    },
-                    "osDisk": _os_disk(builder, os_disk_size),
-                    "dataDisks": disks,
-                },
-                "osProfile": {"computerNamePrefix": computer_name, **_linux_os_profile(admin_username)},
-                "securityProfile": {"encryptionAtHost": encryption_at_host},
+                **profiles,
                 "networkProfile": {
                     "networkInterfaceConfigurations": [
                         {
                             "name": computer_name,
-                            "properties": {
-                                "primary": True,
-                                "ipConfigurations": [
-                                    {
-                                        "name": computer_name,
-                                        "properties": {
-                                            "subnet": {
-                                                "id": _subnet_id(
-                                                    subscription_id,
-                                                    resource_group_vnet or resource_group, vnet, subnet,
-                                                )
-                                            }
-                                        },
-                                    }
-                                ],
-                            },
+                            "properties": {"primary": True, "ipConfigurations": [ip_configuration]},
                         }
                     ]
                 },
@@ -234,9 +253,7 @@ def build_sstemplate(
         },
     }
     return ScaleSetTemplate(
-        subscription_id=subscription_id,
-        resource_group=resource_group,
-        tempdisk=tempdisk,
+        subscription_id=subscription_id, resource_group=resource_group, tempdisk=tempdisk,
         value=_with_tags(builder, value, tags or {}),
     )
 
@@ -273,7 +290,15 @@ def build_vmtemplate(
         location=location, resource_group=resource_group, image_gallery=image_gallery,
         image_name=image_name, vm_size=vm_size, nic_name=nic_name,
     )
-    disks, ultra = _data_disks(builder, data_disks, named=True)
+    profiles, ultra = _machine_profiles(
+        builder, {"computerName": name}, admin_username=admin_username,
+        image_id=_gallery_image_id(
+            subscription_id_image or subscription_id, resource_group_image or resource_group,
+            image_gallery, image_name,
+        ),
+        os_disk_size=os_disk_size, data_disks=data_disks, name_data_disks=True,
+        encryption_at_host=encryption_at_host,
+    )
     nic_id = (
         f"/subscriptions/{subscription_id}/resourceGroups/{resource_group_vnet or resource_group}"
         f"/providers/Microsoft.Network/networkInterfaces/{nic_name}"
@@ -283,25 +308,12 @@ def build_vmtemplate(
         "properties": {
             "additionalCapabilities": {"ultraSSDEnabled": ultra},
             "hardwareProfile": {"vmSize": vm_size},
-            "storageProfile": {
-                "imageReference": {
-                    "id": _gallery_image_id(
-                        subscription_id_image or subscription_id,
-                        resource_group_image or resource_group, image_gallery, image_name,
-                    )
-                },
-                "osDisk": _os_disk(builder, os_disk_size),
-                "dataDisks": disks,
-            },
-            "osProfile": {"computerName": name, **_linux_os_profile(admin_username)},
-            "securityProfile": {"encryptionAtHost": encryption_at_host},
+            **profiles,
             "networkProfile": {"networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]},
         },
     }
     return VMTemplate(
-        subscription_id=subscription_id,
-        resource_group=resource_group,
-        tempdisk=tempdisk,
+        subscription_id=subscription_id, resource_group=resource_group, tempdisk=tempdisk,
         value=_with_tags(builder, value, tags or {}),
     )
 
@@ -384,7 +396,7 @@ def read_azmanagers(directory: str | os.PathLike[str] = DEFAULT_AZMANAGERS_DIR) 
     manifest_path = root / MANIFEST_FILE
     if manifest_path.exists():
         config.manifest = _manifest_from_json(manifest_path, _read_json(manifest_path))
-    for kind, (filename, block_type) in TEMPLATE_FILES.items():
+    for kind, (filename, block_type, _) in TEMPLATE_KINDS.items():
         path = root / filename
         if not path.exists():
             continue
@@ -435,7 +447,7 @@ def write_azmanagers(config: AzManagersConfig, directory: str | os.PathLike[str]
         document = {key: getattr(manifest, attr) for key, attr in MANIFEST_KEYS.items()}
         _write_json(root / MANIFEST_FILE, document, 0o600)
         written.append(root / MANIFEST_FILE)
-    for kind, (filename, _) in TEMPLATE_FILES.items():
+    for kind, (filename, _, _) in TEMPLATE_KINDS.items():
         templates = config.templates(kind)
         if templates:
             _write_json(root / filename, {n: t.to_azmanagers() for n, t in templates.items()}, 0o644)
@@ -457,10 +469,10 @@ def import_azmanagers(
     anything is saved; an existing block is an error unless `overwrite`.
     """
     config = read_azmanagers(directory)
-    if config.manifest is None and not any(config.templates(kind) for kind in TEMPLATE_FILES):
+    if config.manifest is None and not any(config.templates(kind) for kind in TEMPLATE_KINDS):
         raise ConfigurationError(
             f"{directory} holds none of {MANIFEST_FILE}, "
-            f"{', '.join(f for f, _ in TEMPLATE_FILES.values())}: nothing to import."
+            f"{', '.join(k.filename for k in TEMPLATE_KINDS.values())}: nothing to import."
         )
     with _prefect_api(api_url), prefect_api_errors(f"import {directory}"):
         existing = _existing_block_names(config, manifest_name) if not overwrite else []
@@ -471,7 +483,7 @@ def import_azmanagers(
             )
         if config.manifest is not None:
             config.manifest.save(template_block_name(manifest_name), overwrite=True, _sync=True)
-        for kind in TEMPLATE_FILES:
+        for kind in TEMPLATE_KINDS:
             for name, template in config.templates(kind).items():
                 template.save(template_block_name(name), overwrite=True, _sync=True)
     return config
@@ -491,9 +503,9 @@ def export_azmanagers(
         config = AzManagersConfig()
         if manifest_name in saved_names(AzureManifest):
             config.manifest = load_manifest(manifest_name)
-        for kind, (_, block_type) in TEMPLATE_FILES.items():
+        for kind, (_, block_type, load) in TEMPLATE_KINDS.items():
             for name in saved_names(block_type):
-                config.templates(kind)[name] = _LOADERS[kind](name)
+                config.templates(kind)[name] = load(name)
     return write_azmanagers(config, directory)
 
 
@@ -501,7 +513,7 @@ def _existing_block_names(config: AzManagersConfig, manifest_name: str) -> list[
     existing = []
     if config.manifest is not None and manifest_name in saved_names(AzureManifest):
         existing.append(f"manifest {manifest_name!r}")
-    for kind, (_, block_type) in TEMPLATE_FILES.items():
+    for kind, (_, block_type, _) in TEMPLATE_KINDS.items():
         known = saved_names(block_type)
         existing += [f"{kind} template {n!r}" for n in config.templates(kind) if n in known]
     return existing

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from pydantic import SecretStr, ValidationError
@@ -21,14 +21,8 @@ from prefect_azmanagers import templates
 from prefect_azmanagers.blocks import (
     DEFAULT_TEMPDISK,
     AzureManifest,
-    NICTemplate,
-    ScaleSetTemplate,
-    VMTemplate,
     describe_validation_error,
     load_manifest,
-    load_nic_template,
-    load_scaleset_template,
-    load_vm_template,
     prefect_api_errors,
     saved_names,
     template_block_name,
@@ -38,6 +32,7 @@ from prefect_azmanagers.cli import exit_with_error
 from prefect_azmanagers.exceptions import KeyFileError
 from prefect_azmanagers.templates import (
     DEFAULT_AZMANAGERS_DIR,
+    TEMPLATE_KINDS,
     build_nictemplate,
     build_sstemplate,
     build_vmtemplate,
@@ -47,12 +42,6 @@ console = Console()
 
 manifest_app = typer.Typer(no_args_is_help=True, help="The manifest: subscription, resource group, SSH keys.")
 template_app = typer.Typer(no_args_is_help=True, help="Scale-set, VM and NIC templates.")
-
-_KINDS = {
-    "scaleset": (ScaleSetTemplate, load_scaleset_template),
-    "vm": (VMTemplate, load_vm_template),
-    "nic": (NICTemplate, load_nic_template),
-}
 
 
 @manifest_app.command("write")
@@ -124,7 +113,7 @@ def template_list(
     """
     table = Table("kind", "name", "block name")
     for kind_name in _selected_kinds(kind):
-        for template_name, block_name in saved_names(_KINDS[kind_name][0]).items():
+        for template_name, block_name in saved_names(TEMPLATE_KINDS[kind_name].block_type).items():
             table.add_row(kind_name, template_name, block_name)
     console.print(table)
 
@@ -139,15 +128,15 @@ def template_show(
     Example: prefect-azmanagers template show ussc/cbox08 --kind scaleset
     """
     (kind_name,) = _selected_kinds(kind)
-    template = _KINDS[kind_name][1](name)
+    template = TEMPLATE_KINDS[kind_name].load(name)
     console.print_json(json.dumps(template.to_azmanagers()))
 
 
 def _selected_kinds(kind: str | None) -> list[str]:
     if kind is None:
-        return list(_KINDS)
-    if kind not in _KINDS:
-        exit_with_error(f"Unknown template kind {kind!r}: use one of {', '.join(_KINDS)}.")
+        return list(TEMPLATE_KINDS)
+    if kind not in TEMPLATE_KINDS:
+        exit_with_error(f"Unknown template kind {kind!r}: use one of {', '.join(TEMPLATE_KINDS)}.")
     return [kind]
 
 
@@ -186,32 +175,50 @@ def _parse_disks(disks: list[str]) -> list[dict]:
     return parsed
 
 
-_SAVE_HELP = "Save the template as a block (otherwise only print it)."
+# The builders' options, each defined once (the keywords of AzManagers' build_*template).
+SubscriptionId = Annotated[str, typer.Option(help="Subscription the resources are created in.")]
+AdminUsername = Annotated[str, typer.Option(help="Admin user on the instances.")]
+Location = Annotated[str, typer.Option(help="Azure region, e.g. southcentralus.")]
+ResourceGroup = Annotated[str, typer.Option(help="Resource group the resources are created in.")]
+Vnet = Annotated[str, typer.Option(help="Virtual network the instances are attached to.")]
+Subnet = Annotated[str, typer.Option(help="Subnet of --vnet.")]
+ImageGallery = Annotated[str, typer.Option(help="Compute gallery holding the image.")]
+ImageName = Annotated[str, typer.Option(help="Image definition in the gallery.")]
+VmSize = Annotated[str, typer.Option(help="VM size, e.g. Standard_D8s_v3.")]
+SubscriptionIdImage = Annotated[str, typer.Option(help="Defaults to --subscription-id.")]
+DefaultsToResourceGroup = Annotated[str, typer.Option(help="Defaults to --resource-group.")]
+OsDiskSize = Annotated[int, typer.Option(help="OS disk size in GB.")]
+DataDisk = Annotated[list[str], typer.Option(help='Data disk as JSON, repeatable: \'{"diskSizeGB": 1023}\'.')]
+TempDisk = Annotated[str, typer.Option(help="Boot-script lines preparing the temp disk.")]
+Tag = Annotated[list[str], typer.Option(help="Resource tag key=value, repeatable.")]
+EncryptionAtHost = Annotated[bool, typer.Option(help="Encrypt the VM's disks and caches at the host.")]
+Save = Annotated[bool, typer.Option(help="Save the template as a block (otherwise only print it).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing template.")]
 
 
 @template_app.command("build-scaleset")
 def template_build_scaleset(
-    name: str = typer.Argument(..., help="Template name, e.g. ussc/cbox08."),
-    subscription_id: str = typer.Option(...),
-    admin_username: str = typer.Option(...),
-    location: str = typer.Option(...),
-    resource_group: str = typer.Option(...),
-    vnet: str = typer.Option(...),
-    subnet: str = typer.Option(...),
-    image_gallery: str = typer.Option(...),
-    image_name: str = typer.Option(...),
-    sku_name: str = typer.Option(..., help="VM size, e.g. Standard_D8s_v3."),
-    subscription_id_image: str = typer.Option("", help="Defaults to --subscription-id."),
-    resource_group_vnet: str = typer.Option("", help="Defaults to --resource-group."),
-    resource_group_image: str = typer.Option("", help="Defaults to --resource-group."),
-    sku_tier: str = typer.Option("Standard"),
-    os_disk_size: int = typer.Option(60, help="OS disk size in GB."),
-    data_disk: list[str] = typer.Option([], help='Data disk as JSON, repeatable: \'{"diskSizeGB": 1023}\'.'),
-    tempdisk: str = typer.Option(DEFAULT_TEMPDISK, help="Boot-script lines preparing the temp disk."),
-    tag: list[str] = typer.Option([], help="Resource tag key=value, repeatable."),
-    encryption_at_host: bool = typer.Option(False),
-    save: bool = typer.Option(True, help=_SAVE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+    name: Annotated[str, typer.Argument(help="Template name, e.g. ussc/cbox08.")],
+    subscription_id: SubscriptionId,
+    admin_username: AdminUsername,
+    location: Location,
+    resource_group: ResourceGroup,
+    vnet: Vnet,
+    subnet: Subnet,
+    image_gallery: ImageGallery,
+    image_name: ImageName,
+    sku_name: VmSize,
+    subscription_id_image: SubscriptionIdImage = "",
+    resource_group_vnet: DefaultsToResourceGroup = "",
+    resource_group_image: DefaultsToResourceGroup = "",
+    sku_tier: Annotated[str, typer.Option(help="Scale-set SKU tier.")] = "Standard",
+    os_disk_size: OsDiskSize = 60,
+    data_disk: DataDisk = [],
+    tempdisk: TempDisk = DEFAULT_TEMPDISK,
+    tag: Tag = [],
+    encryption_at_host: EncryptionAtHost = False,
+    save: Save = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build a scale-set template (AzManagers' build_sstemplate) and save it.
 
@@ -232,25 +239,25 @@ def template_build_scaleset(
 
 @template_app.command("build-vm")
 def template_build_vm(
-    name: str = typer.Argument(..., help="Template name, e.g. cbox."),
-    subscription_id: str = typer.Option(...),
-    admin_username: str = typer.Option(...),
-    location: str = typer.Option(...),
-    resource_group: str = typer.Option(...),
-    image_gallery: str = typer.Option(...),
-    image_name: str = typer.Option(...),
-    vm_size: str = typer.Option(..., help="VM size, e.g. Standard_D8s_v3."),
-    subscription_id_image: str = typer.Option("", help="Defaults to --subscription-id."),
-    resource_group_vnet: str = typer.Option("", help="Defaults to --resource-group."),
-    resource_group_image: str = typer.Option("", help="Defaults to --resource-group."),
-    nic_name: str = typer.Option("cbox-nic"),
-    os_disk_size: int = typer.Option(60, help="OS disk size in GB."),
-    data_disk: list[str] = typer.Option([], help='Data disk as JSON, repeatable: \'{"diskSizeGB": 1023}\'.'),
-    tempdisk: str = typer.Option(DEFAULT_TEMPDISK, help="Boot-script lines preparing the temp disk."),
-    tag: list[str] = typer.Option([], help="Resource tag key=value, repeatable."),
-    encryption_at_host: bool = typer.Option(False),
-    save: bool = typer.Option(True, help=_SAVE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+    name: Annotated[str, typer.Argument(help="Template name, e.g. cbox.")],
+    subscription_id: SubscriptionId,
+    admin_username: AdminUsername,
+    location: Location,
+    resource_group: ResourceGroup,
+    image_gallery: ImageGallery,
+    image_name: ImageName,
+    vm_size: VmSize,
+    subscription_id_image: SubscriptionIdImage = "",
+    resource_group_vnet: DefaultsToResourceGroup = "",
+    resource_group_image: DefaultsToResourceGroup = "",
+    nic_name: Annotated[str, typer.Option(help="NIC the VM is attached through.")] = "cbox-nic",
+    os_disk_size: OsDiskSize = 60,
+    data_disk: DataDisk = [],
+    tempdisk: TempDisk = DEFAULT_TEMPDISK,
+    tag: Tag = [],
+    encryption_at_host: EncryptionAtHost = False,
+    save: Save = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build a VM template (AzManagers' build_vmtemplate) and save it.
 
@@ -271,15 +278,15 @@ def template_build_vm(
 
 @template_app.command("build-nic")
 def template_build_nic(
-    name: str = typer.Argument(..., help="Template name, e.g. cbox-nic."),
-    subscription_id: str = typer.Option(...),
-    resource_group_vnet: str = typer.Option(...),
-    vnet: str = typer.Option(...),
-    subnet: str = typer.Option(...),
-    location: str = typer.Option(...),
-    accelerated: bool = typer.Option(True, help="Accelerated networking."),
-    save: bool = typer.Option(True, help=_SAVE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing template."),
+    name: Annotated[str, typer.Argument(help="Template name, e.g. cbox-nic.")],
+    subscription_id: SubscriptionId,
+    resource_group_vnet: Annotated[str, typer.Option(help="Resource group of --vnet.")],
+    vnet: Vnet,
+    subnet: Subnet,
+    location: Location,
+    accelerated: Annotated[bool, typer.Option(help="Accelerated networking.")] = True,
+    save: Save = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build a NIC template (AzManagers' build_nictemplate) and save it.
 
@@ -313,7 +320,7 @@ def import_azmanagers(
     table = Table("kind", "name", "block name", title=f"imported from {directory}")
     if config.manifest is not None:
         table.add_row("manifest", manifest_name, template_block_name(manifest_name))
-    for kind in templates.TEMPLATE_FILES:
+    for kind in TEMPLATE_KINDS:
         for name in config.templates(kind):
             table.add_row(kind, name, template_block_name(name))
     console.print(table)
