@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+from enum import Enum
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,14 @@ console = Console()
 MANIFEST_BLOCK = "localcloud"
 LOCALCLOUD_TEMPDISK = "mkdir -m 777 -p /mnt/scratch"  # a sandbox's /mnt is its own; / is not
 
+
+class Network(str, Enum):
+    """The local cloud's network modes (see localcloud/sandbox.py)."""
+
+    isolated = "isolated"
+    loopback = "loopback"
+
+
 StateDir = typer.Option(localcloud_server.DEFAULT_STATE_DIR, "--state-dir", help="The local cloud's state directory.")
 
 
@@ -41,22 +50,25 @@ def _admin(state_dir: Path) -> LocalCloudAdmin:
         exit_with_error(str(exc))
 
 
-def save_blocks(info: dict[str, Any]) -> list[str]:
-    """Save the `localcloud` manifest and the example templates in the current Prefect API."""
-    from prefect_azmanagers.blocks import AzureManifest, template_block_name
+def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
+    """The `localcloud` manifest and the example templates for a local cloud's localcloud.json
+    (name -> block, not saved): its endpoint, CA, key pair, SSH user and port."""
+    from prefect_azmanagers.blocks import AzureManifest
     from prefect_azmanagers.templates import build_nictemplate, build_sstemplate, build_vmtemplate
 
     sub, rg, location = info["subscription_id"], info["resource_group"], info["location"]
     manifest = AzureManifest(
         subscription_id=sub, resource_group=rg, location=location, ssh_user=info["ssh_user"],
-        ssh_private_key_file=info["ssh_private_key_file"], ssh_public_key_file=info["ssh_public_key_file"],
+        ssh_port=info.get("ssh_port", 22), ssh_private_key_file=info["ssh_private_key_file"],
+        ssh_public_key_file=info["ssh_public_key_file"],
         arm_endpoint=info["arm_endpoint"], ca_bundle=info["ca_cert"], credential="static",
         static_token=info["static_token"], prefect_api_url_for_vms=info.get("prefect_api_url_for_vms"),
         known_hosts_file=info["known_hosts_file"], python=info["python"],
     )
     common = dict(subscription_id=sub, admin_username=info["ssh_user"], location=location, resource_group=rg,
                   image_gallery="localcloud-gallery", image_name="ubuntu", tempdisk=LOCALCLOUD_TEMPDISK)
-    templates = {
+    return {
+        MANIFEST_BLOCK: manifest,
         "localcloud-small": build_sstemplate("localcloud-small", vnet="localcloud-vnet", subnet="default",
                                              sku_name="Standard_D2s_v3", **common),
         "localcloud-vm": build_vmtemplate("localcloud-vm", vm_size="Standard_D2s_v3", nic_name="localcloud-nic",
@@ -65,10 +77,16 @@ def save_blocks(info: dict[str, Any]) -> list[str]:
                                             vnet="localcloud-vnet", subnet="default", location=location,
                                             accelerated=False),
     }
-    manifest.save(MANIFEST_BLOCK, overwrite=True)
-    for name, template in templates.items():
-        template.save(template_block_name(name), overwrite=True)
-    return [MANIFEST_BLOCK, *templates]
+
+
+def save_blocks(info: dict[str, Any]) -> list[str]:
+    """Save the `localcloud` manifest and the example templates in the current Prefect API."""
+    from prefect_azmanagers.blocks import template_block_name
+
+    blocks = localcloud_blocks(info)
+    for name, block in blocks.items():
+        block.save(MANIFEST_BLOCK if name == MANIFEST_BLOCK else template_block_name(name), overwrite=True)
+    return list(blocks)
 
 
 @app.command()
@@ -78,13 +96,17 @@ def start(
     port: int = typer.Option(0, "--port", help="Loopback port of the ARM endpoint (0 = a free one)."),
     prefect_api_url: Optional[str] = typer.Option(
         None, "--prefect-api-url", help="A loopback Prefect API the VMs should reach (detached VMs)."),
+    network: Optional[Network] = typer.Option(
+        None, "--network", case_sensitive=False,
+        help="isolated: a network namespace per instance (root); loopback: 127.x.y.z addresses, "
+             "no root needed. Default: config.json's `network`, else isolated as root."),
 ) -> None:
     """Start the local cloud and save the `localcloud` manifest and templates in Prefect.
 
     Example: prefect-azmanagers localcloud start --background --prefect-api-url http://127.0.0.1:4200/api
     """
     try:
-        info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url)
+        info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url, network=network.value if network else None)
     except LocalCloudError as exc:
         exit_with_error(str(exc))
     console.print_json(json.dumps(info))
@@ -138,8 +160,10 @@ def status(state_dir: Path = StateDir, as_json: bool = typer.Option(False, "--js
         console.print_json(json.dumps({"info": info, **doc}))
         return
     mode = doc["host"]["mode"]
-    console.print(f"[bold]Local cloud[/bold] pid {info['pid']}  mode [bold]{mode}[/bold]"
-                  f"{' (instances in their own network namespaces)' if mode == 'isolated' else ' (shared loopback)'}")
+    console.print(f"[bold]Local cloud[/bold] pid {info['pid']}  mode [bold]{mode}[/bold] "
+                  + ("(instances in their own network namespaces, SSH on port 22)" if mode == "isolated" else
+                     f"(shared loopback: instances on 127.x.y.z addresses, SSH on port {info.get('ssh_port')}; "
+                     "they can reach the host's 127.0.0.1, and the boot script runs without root)"))
     console.print(f"ARM endpoint {info['arm_endpoint']}  CA {info['ca_cert']}")
     console.print(f"subscription {info['subscription_id']}  resource group {info['resource_group']}  "
                   f"location {info['location']}  Prefect API for VMs {info.get('prefect_api_url_for_vms')}")

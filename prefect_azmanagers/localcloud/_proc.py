@@ -45,10 +45,12 @@ CLEAN_ENV = {
 }
 
 
-def pids_in_netns(netns_file: Path) -> list[int]:
-    """Every live process whose network namespace is the one bound at `netns_file`."""
+def pids_in_namespace(ns_file: Path | str, kind: str = "net") -> list[int]:
+    """Every live process whose `kind` namespace ("net", "mnt", ...) is the one `ns_file` names
+    (a file bound by `ip netns`, or /proc/PID/ns/KIND of a process or an open fd). Processes
+    of other users that we may not inspect are skipped."""
     try:
-        target = os.stat(netns_file)
+        target = os.stat(ns_file)
     except FileNotFoundError:
         return []
     pids = []
@@ -56,8 +58,8 @@ def pids_in_netns(netns_file: Path) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            st = os.stat(f"/proc/{entry.name}/ns/net")
-        except OSError:  # gone, a zombie, or a kernel thread
+            st = os.stat(f"/proc/{entry.name}/ns/{kind}")
+        except OSError:  # gone, a zombie, a kernel thread, or not ours
             continue
         if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
             pids.append(int(entry.name))
@@ -89,18 +91,18 @@ def signal_all(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-async def end_netns_processes(netns_file: Path, grace: float) -> None:
+async def end_namespace_processes(ns_file: Path | str, grace: float, kind: str = "net") -> None:
     """SIGTERM every process of the namespace, SIGKILL what is left after `grace` seconds, and
     repeat until none is left (processes may fork while we kill)."""
     if grace > 0:
-        signal_all(pids_in_netns(netns_file), signal.SIGTERM)
+        signal_all(pids_in_namespace(ns_file, kind), signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
-        while pids_in_netns(netns_file) and asyncio.get_running_loop().time() < deadline:
+        while pids_in_namespace(ns_file, kind) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
     for _ in range(100):
-        pids = pids_in_netns(netns_file)
+        pids = pids_in_namespace(ns_file, kind)
         if not pids:
             return
         signal_all(pids, signal.SIGKILL)
         await asyncio.sleep(0.02)
-    raise RuntimeError(f"processes {pids_in_netns(netns_file)} in {netns_file} survive SIGKILL")
+    raise RuntimeError(f"processes {pids_in_namespace(ns_file, kind)} in {ns_file} survive SIGKILL")

@@ -1,9 +1,14 @@
 """Local accounts for instances' adminUsername (OpenSSH only logs in local accounts).
 
+Isolated mode (root):
 A missing account is created (no password, bash) and removed again when the last local cloud
 using it stops. Several local clouds may share one account (parallel test sessions all use
 "azureuser"), so usage is recorded machine-wide: HOST_STATE_DIR/users/<name>/ holds `created`
 when a local cloud created the account, and one file per local cloud using it.
+
+Loopback mode (no root): no account is created; each instance sees its own /etc/passwd in
+which adminUsername is the local cloud's own user (`loopback_identity`), so its sshd, running
+as that user, logs in adminUsername.
 """
 
 from __future__ import annotations
@@ -29,13 +34,39 @@ class AccountError(ValueError):
     """The adminUsername cannot be used as a local account."""
 
 
-async def acquire(name: str, cloud_id: str) -> pwd.struct_passwd:
-    """The account `name` (created if missing), recorded as used by `cloud_id`."""
+def check_name(name: str) -> None:
+    """AccountError unless `name` is a valid Linux user name."""
     if not _VALID_NAME.match(name):
         raise AccountError(
             f"adminUsername {name!r} is not a valid Linux user name: use lowercase letters, "
             "digits, '_' or '-', starting with a letter or '_', at most 32 characters"
         )
+
+
+def loopback_identity(name: str, uid: int, gid: int) -> tuple[str, str]:
+    """/etc/passwd and /etc/group of a loopback-mode instance, where no account is created: the
+    host's files with `name` (home /home/<name>, bash) as the only entry of `uid` and `gid`,
+    the ids the local cloud's own user has inside the instance's user namespace."""
+    check_name(name)
+
+    def others(path: str, id_field: int, own_id: int) -> list[str]:
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        keep = []
+        for line in lines:
+            fields = line.split(":")
+            if len(fields) > id_field and (fields[0] == name or fields[id_field] == str(own_id)):
+                continue
+            keep.append(line)
+        return keep
+
+    passwd = [f"{name}:x:{uid}:{gid}::/home/{name}:/bin/bash", *others("/etc/passwd", 2, uid)]
+    group = [f"{name}:x:{gid}:", *others("/etc/group", 2, gid)]
+    return "\n".join(passwd) + "\n", "\n".join(group) + "\n"
+
+
+async def acquire(name: str, cloud_id: str) -> pwd.struct_passwd:
+    """The account `name` (created if missing), recorded as used by `cloud_id`."""
+    check_name(name)
     async with host_lock():
         usage = _USERS_DIR / name
         try:

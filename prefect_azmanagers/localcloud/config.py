@@ -61,7 +61,11 @@ class LocalCloudConfig:
     subscription_id: str = "5eb1c0ad-0000-4000-8000-10ca1c10d000"
     resource_group: str = "localcloud-rg"
     location: str = "southcentralus"
-    address_block: str = "10.213.0.0/16"
+    network: str | None = None        # "isolated" (root) | "loopback"; None: isolated as root
+    address_block: str = "10.213.0.0/16"     # isolated mode: instances' private addresses
+    loopback_block: str = "127.213.0.0/16"   # loopback mode: instances' 127.x.y.z addresses
+    loopback_ssh_port: int = 2222            # loopback mode: every instance's SSH port
+    loopback_imds_port: int = 8254           # loopback mode: every instance's IMDS port
     skus: list[Sku] = field(default_factory=_default_skus)
     quotas: dict[str, int] = field(default_factory=_default_quotas)
     page_size: int = 100              # items per page of every list operation

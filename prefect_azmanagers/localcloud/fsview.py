@@ -8,7 +8,9 @@ The instance's sshd starts in a mount namespace of its own, prepared by a shell 
   driver's repository must not be importable on an instance) behind empty tmpfs mounts, then
   binds back, read-only, exactly the Python trees an instance needs to run the local cloud's
   interpreter (`sys.executable`, same path) with `prefect_azmanagers` importable.
-Everything else (/usr, /etc, ...) is the host's, as the image of a VM would be.
+Everything else (/usr, /etc, ...) is the host's, as the image of a VM would be. In loopback mode
+(no root; a user namespace) /etc/passwd and /etc/group are the sandbox's too, naming the local
+cloud's own user adminUsername, and /usr/sbin/runuser is `runuser_shim`.
 """
 
 from __future__ import annotations
@@ -54,15 +56,19 @@ def _outermost(paths: set[Path]) -> tuple[Path, ...]:
     return tuple(sorted(p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)))
 
 
-def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, then: list[str]) -> str:
-    """The shell script run in the new mount and UTS namespaces; it ends by exec'ing `then`."""
+def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, then: list[str], *,
+                 marker: str, extra_binds: dict[str, str] | None = None) -> str:
+    """The shell script run in the new mount and UTS namespaces; it ends by exec'ing `then`.
+
+    `marker` names the scratch tmpfs (the namespace's processes are found by it after a crash);
+    `extra_binds` maps more sandbox files to paths inside (e.g. /etc/passwd in loopback mode)."""
     q = shlex.quote
     lines = [
         "set -e",
         f"hostname {q(hostname)}",
         # a scratch tmpfs on /mnt holds the sandbox and the Python trees while /root etc. are
         # covered (the sandbox itself may live under /root or /tmp)
-        "mount -t tmpfs -o mode=700,size=64k azlc-stage /mnt",
+        f"mount -t tmpfs -o mode=700,size=64k {q(marker)} /mnt",
         f"mkdir /mnt/sandbox && mount --bind {q(str(sandbox))} /mnt/sandbox",
     ]
     # trees under a hidden path, or under a path the instance gets privately (/tmp, /home, ...:
@@ -83,7 +89,8 @@ def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, t
     lines += [
         "mount -t tmpfs -o mode=755,size=64k azlc-home /home",
         f"mkdir {q(home)} && mount --bind /mnt/sandbox/home {q(home)}",
-        *(f"mount --bind /mnt/sandbox/{src} {dst}" for src, dst in SANDBOX_BINDS.items()),
+        *(f"mount --bind /mnt/sandbox/{q(src)} {q(dst)}"
+          for src, dst in {**SANDBOX_BINDS, **(extra_binds or {})}.items()),
         "mount -t tmpfs -o mode=1777 azlc-shm /dev/shm",
     ]
     for i, tree in enumerate(staged):
@@ -95,3 +102,23 @@ def setup_script(sandbox: Path, admin: str, hostname: str, trees: PythonTrees, t
         "exec " + " ".join(q(a) for a in then),
     ]
     return "\n".join(lines) + "\n"
+
+
+def runuser_shim(admin: str) -> str:
+    """A loopback-mode instance's /usr/sbin/runuser: there is no root there, and its one
+    account is `admin`, so `runuser -u <admin> [--] CMD...` runs CMD as is (what runuser to
+    oneself does); anything else fails, saying why."""
+    q = shlex.quote
+    return "\n".join([
+        "#!/bin/sh",
+        "# the local cloud (loopback mode): no root on this instance; one account, " + admin,
+        f'if [ "$1" = -u ] && [ "$2" = {q(admin)} ]; then',
+        "  shift 2",
+        '  [ "$1" = -- ] && shift',
+        '  exec "$@"',
+        "fi",
+        f"echo 'runuser: this local-cloud instance runs without root (loopback mode): only "
+        f"runuser -u '{q(admin)}' -- COMMAND is possible' >&2",
+        "exit 1",
+        "",
+    ])

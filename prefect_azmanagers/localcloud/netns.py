@@ -21,7 +21,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from prefect_azmanagers.localcloud._proc import CommandError, end_netns_processes, run
+from prefect_azmanagers.localcloud._proc import CommandError, end_namespace_processes, run
 
 NETNS_DIR = Path("/run/netns")
 IMDS_ADDRESS = "169.254.169.254"
@@ -97,7 +97,7 @@ async def remove_namespace(name: str, grace: float) -> None:
     netns_file = NETNS_DIR / name
     if not netns_file.exists():
         return
-    await end_netns_processes(netns_file, grace)
+    await end_namespace_processes(netns_file, grace)
     try:
         await run("ip", "netns", "del", name)
     except CommandError:

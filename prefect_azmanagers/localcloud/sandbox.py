@@ -1,5 +1,7 @@
 """VM sandboxes: what an instance of the local cloud is, from outside and from inside.
 
+Two network modes (`network=`; by default isolated as root, loopback otherwise).
+
 Isolated mode (root; CI and the development machine): each instance is a network namespace
 with its own private IP on the local cloud's virtual network (netns.py), an OpenSSH sshd on
 that IP (sshd.py) running in a mount namespace that gives it a VM's filesystem layout
@@ -10,6 +12,16 @@ host's 127.0.0.1, and is ended when the instance is killed or deleted. The Prefe
 instances through one forwarded port on the network's gateway (tcpforward.py); admin accounts
 are shared machine-wide with other local clouds (accounts.py); a running host holds its state
 dir, so a second one cannot mistake its instances for leftovers.
+
+Loopback mode (no root needed): each instance has its own address in 127.x.y.z (loopback.py)
+on the host's network, an OpenSSH sshd run as the local cloud's own user on an unprivileged
+port (`ssh_port`, the same for every instance), in a user + mount + UTS namespace giving the
+same filesystem layout (the instance's /etc/passwd names that user adminUsername); its
+customData runs once by bash as that user (there is no root on such an instance); IMDS listens
+on the instance's address at `LOOPBACK_IMDS_PORT`. Instances share the host's network: they can
+reach the driver's 127.0.0.1 (the Prefect API URL is passed through unchanged) and each other.
+Every SSH session, and the boot script, has the instance's IMDS URL in AZMANAGERS_IMDS_URL
+(sshd.IMDS_URL_VARIABLE), in both modes. It needs unprivileged user namespaces.
 
 A sandbox makes paths, network reachability and process lifetime match a VM's; it is not a
 security boundary (the boot script is root on this machine, /usr and /etc are the host's).
@@ -41,15 +53,17 @@ import logging
 import os
 import shutil
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from prefect_azmanagers.localcloud import accounts, netns, sshd
+from prefect_azmanagers.localcloud import accounts, loopback, netns, sshd
 from prefect_azmanagers.localcloud._hoststate import host_lock
-from prefect_azmanagers.localcloud._proc import CLEAN_ENV, children_of, pids_in_netns, run
-from prefect_azmanagers.localcloud.fsview import PythonTrees, setup_script
+from prefect_azmanagers.localcloud._proc import (CLEAN_ENV, CommandError, children_of,
+                                                 end_namespace_processes, pids_in_namespace, run)
+from prefect_azmanagers.localcloud.fsview import PythonTrees, runuser_shim, setup_script
 from prefect_azmanagers.localcloud.imds import IMDSServer, InstanceMetadata, NetnsBinder, network_document
 from prefect_azmanagers.localcloud.tcpforward import TCPForwarder
 
@@ -57,9 +71,15 @@ logger = logging.getLogger(__name__)
 
 SSH_READY_TIMEOUT = 60.0  # seconds from sshd start to its banner (16 boots share 2 cores)
 DELETE_GRACE = 2.0  # seconds between SIGTERM and SIGKILL on an orderly delete
-_REQUIRED_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux",
-                   sshd.SSHD: "openssh-server", "ssh-keygen": "openssh-client",
-                   "useradd": "passwd", "userdel": "passwd"}
+MODES = ("isolated", "loopback")
+ISOLATED_IMDS_URL = f"http://{netns.IMDS_ADDRESS}"
+LOOPBACK_UID = 1000  # who a root-run loopback instance's user is inside (never 0: sshd must not be root)
+_COMMON_TOOLS = {"unshare": "util-linux", "nsenter": "util-linux", sshd.SSHD: "openssh-server",
+                 "ssh-keygen": "openssh-client"}
+_REQUIRED_TOOLS = {
+    "isolated": {**_COMMON_TOOLS, "ip": "iproute2", "useradd": "passwd", "userdel": "passwd"},
+    "loopback": {**_COMMON_TOOLS, "setpriv": "util-linux"},
+}
 
 
 class SandboxError(RuntimeError):
@@ -97,6 +117,7 @@ class _Instance:
     boot_script: asyncio.subprocess.Process | None = None
     imds: IMDSServer | None = None
     host_key: str | None = None
+    mount_ns: int | None = None  # loopback mode: an fd on the instance's mount namespace
     boot_task: asyncio.Task | None = None
     reaper: asyncio.Task | None = None
     logs: list = field(default_factory=list)  # open log files handed to the processes
@@ -105,21 +126,38 @@ class _Instance:
 class SandboxHost:
     """Creates, boots, faults and removes the local cloud's VM sandboxes (see module doc)."""
 
-    def __init__(self, state_dir: Path, *, address_block: str = "10.213.0.0/16",
+    def __init__(self, state_dir: Path, *, network: str | None = None,
+                 address_block: str = "10.213.0.0/16", loopback_block: str = "127.213.0.0/16",
+                 loopback_ssh_port: int = 2222, loopback_imds_port: int = 8254,
                  prefect_api_url: str | None = None,
                  on_event_ack: Callable[[str, str], None] | None = None):
         self.state_dir = Path(state_dir).resolve()
         self.address_block = ipaddress.ip_network(address_block)
+        self.loopback_block = ipaddress.ip_network(loopback_block)
         self.prefect_api_url = prefect_api_url
         self.on_event_ack = on_event_ack
-        self.mode = "isolated" if os.geteuid() == 0 else "loopback"
+        self.mode = network or ("isolated" if os.geteuid() == 0 else "loopback")
+        if self.mode not in MODES:
+            raise SandboxError(f"unknown network mode {network!r}: use 'isolated' (root) or 'loopback'")
+        if self.mode == "isolated" and os.geteuid() != 0:
+            raise SandboxError(
+                "the isolated network mode needs root (a network namespace, veth link and local "
+                "account per instance); run the local cloud as root, or use --network loopback")
+        for name, port in (("loopback_ssh_port", loopback_ssh_port), ("loopback_imds_port", loopback_imds_port)):
+            if not 1024 <= port <= 65535:
+                raise SandboxError(f"{name} {port} is not an unprivileged port (1024-65535)")
+        # SSH port of every instance (what the manifest's ssh_port must be)
+        self.ssh_port = 22 if self.mode == "isolated" else loopback_ssh_port
+        self._imds_port = loopback_imds_port
+        # loopback mode: the ids of the local cloud's user inside instances (see accounts.py)
+        self._inner_ids = (os.geteuid() or LOOPBACK_UID, os.getegid() or LOOPBACK_UID)
         self.prefect_api_url_for_vms: str | None = None
         # one id per state dir: names this cloud's namespaces, links and account usage
         self.cloud_id = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:8]
         self._sandboxes = self.state_dir / "sandboxes"
         self._record = self.state_dir / "sandbox-host.json"
         self._instances: dict[str, _Instance] = {}
-        self._network: netns.VirtualNetwork | None = None
+        self._network: netns.VirtualNetwork | loopback.LoopbackNetwork | None = None
         self._last_index = 0
         self._state_dir_lock: int | None = None
         self._binder: NetnsBinder | None = None
@@ -130,37 +168,58 @@ class SandboxHost:
 
     async def start(self) -> None:
         """Remove what an earlier run with this state dir left (namespaces, links, processes,
-        sandboxes), then create the virtual network and the Prefect API forwarder."""
-        if self.mode != "isolated":
-            raise SandboxError(
-                "the local cloud's VM sandboxes need root (network and mount namespaces, one "
-                "sshd per instance); loopback mode without root is not implemented: run the "
-                "local cloud as root (e.g. in a container or CI job)"
-            )
-        missing = [f"{tool} (Debian package {pkg})" for tool, pkg in _REQUIRED_TOOLS.items()
+        sandboxes), then create the network (isolated: namespaces and the Prefect API
+        forwarder; loopback: reserve addresses)."""
+        missing = [f"{tool} (Debian package {pkg})" for tool, pkg in _REQUIRED_TOOLS[self.mode].items()
                    if shutil.which(tool) is None]
         if missing:
-            raise SandboxError(f"the local cloud's sandboxes need: {', '.join(missing)}")
+            raise SandboxError(f"the local cloud's sandboxes ({self.mode} mode) need: {', '.join(missing)}")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         try:
-            removed = await netns.remove_leftovers(self.cloud_id)
-            if removed:
-                logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
-            await accounts.release_all(self.cloud_id, netns.is_running)
-            await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
+            await self._remove_leftovers()
             self._sandboxes.mkdir(mode=0o700)
-            async with host_lock():
-                subnet = await netns.choose_subnet(self.address_block, self._previous_subnet())
-                self._network = netns.VirtualNetwork(self.cloud_id, subnet)
-                await self._network.create()
-            self._record.write_text(json.dumps({"subnet": str(subnet)}))
-            self._binder = NetnsBinder()
-            if self.prefect_api_url:
-                await self._start_forwarder(self.prefect_api_url)
+            if self.mode == "isolated":
+                async with host_lock():
+                    subnet = await netns.choose_subnet(self.address_block, self._previous_subnet())
+                    self._network = netns.VirtualNetwork(self.cloud_id, subnet)
+                    await self._network.create()
+                self._binder = NetnsBinder()
+                if self.prefect_api_url:
+                    await self._start_forwarder(self.prefect_api_url)
+            else:
+                await _check_user_namespaces()
+                try:
+                    self._network = loopback.reserve(self.loopback_block, self._previous_subnet())
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise SandboxError(str(exc)) from None
+                self.prefect_api_url_for_vms = self.prefect_api_url  # the host's loopback is shared
+            self._record.write_text(json.dumps({"subnet": str(self._network.subnet), "mode": self.mode}))
         except BaseException:
             await self.stop()
             raise
+
+    async def remove_leftovers(self) -> None:
+        """Remove what a crashed run with this state dir left (its processes, namespaces,
+        links, sandboxes), without starting anything."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_state_dir()
+        try:
+            await self._remove_leftovers()
+        finally:
+            os.close(self._state_dir_lock)
+            self._state_dir_lock = None
+
+    async def _remove_leftovers(self) -> None:
+        """Both modes' leftovers (a state dir may have been used in either); call holding the
+        state dir."""
+        removed = [f"process {pid}" for pid in await loopback.kill_leftovers(self.cloud_id)]
+        if os.geteuid() == 0:
+            removed += await netns.remove_leftovers(self.cloud_id)
+            await accounts.release_all(self.cloud_id, netns.is_running)
+        if removed:
+            logger.info("removed leftovers of an earlier run: %s", ", ".join(removed))
+        await asyncio.to_thread(shutil.rmtree, self._sandboxes, True)
 
     def _hold_state_dir(self) -> None:
         """Lock the state dir for this host's lifetime (released by stop() or the process's
@@ -185,10 +244,13 @@ class SandboxHost:
             await self._forwarder.close()
             self._forwarder = None
         self.prefect_api_url_for_vms = None
-        if self._network is not None:
+        if isinstance(self._network, netns.VirtualNetwork):
             await self._network.destroy()
-            self._network = None
-        await accounts.release_all(self.cloud_id, netns.is_running)
+        elif isinstance(self._network, loopback.LoopbackNetwork):
+            self._network.release()
+        self._network = None
+        if self.mode == "isolated":
+            await accounts.release_all(self.cloud_id, netns.is_running)
         if self._binder is not None:
             self._binder.close()
             self._binder = None
@@ -204,6 +266,11 @@ class SandboxHost:
             return ipaddress.ip_network(json.loads(self._record.read_text())["subnet"])
         except (OSError, ValueError, KeyError):
             return None
+
+    def imds_url(self, key: str) -> str:
+        """Where the instance reaches its IMDS (what AZMANAGERS_IMDS_URL says inside it)."""
+        inst = self._instance(key)
+        return ISOLATED_IMDS_URL if self.mode == "isolated" else f"http://{inst.ip}:{self._imds_port}"
 
     async def _start_forwarder(self, url: str) -> None:
         parts = urlsplit(url)
@@ -269,38 +336,75 @@ class SandboxHost:
 
     async def _boot(self, inst: _Instance, spec: InstanceSpec) -> None:
         script = _decode_custom_data(spec)
-        account = await accounts.acquire(spec.admin_username, self.cloud_id)
-        layout = _make_sandbox_dirs(inst.sandbox, account.pw_uid, account.pw_gid)
+        admin = spec.admin_username
+        if self.mode == "isolated":
+            account = await accounts.acquire(admin, self.cloud_id)
+            uid, gid = account.pw_uid, account.pw_gid
+        else:
+            accounts.check_name(admin)
+            uid, gid = os.geteuid(), os.getegid()
+        layout = _make_sandbox_dirs(inst.sandbox, uid, gid)
         (inst.sandbox / "hosts").write_text(
             f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
             f"{inst.ip}\t{spec.computer_name}\n")
         try:
             inst.host_key = await sshd.prepare(
-                layout["ssh"], layout["home"], inst.ip, spec.admin_username, account.pw_uid,
-                account.pw_gid, spec.public_keys, comment=f"root@{spec.computer_name}")
+                layout["ssh"], layout["home"], inst.ip, self.ssh_port, admin, uid, gid,
+                spec.public_keys, comment=f"root@{spec.computer_name}", imds_url=self.imds_url(inst.key))
         except ValueError as exc:
             raise SandboxBootError(f"instance {spec.name}: {exc}") from None
-        inst.netns_file = await self._network.add_instance(inst.index)
+        if self.mode == "isolated":
+            inst.netns_file = await self._network.add_instance(inst.index)
+            mac = await self._mac_of(inst)
+            imds_socket = await self._binder.bind(inst.netns_file, netns.IMDS_ADDRESS, 80)
+        else:
+            mac = _loopback_mac(inst.key)
+            try:
+                imds_socket = socket.create_server((inst.ip, self._imds_port))
+            except OSError as exc:
+                raise SandboxBootError(
+                    f"instance {spec.name}: cannot serve IMDS on {inst.ip}:{self._imds_port} "
+                    f"({exc}); set another loopback_imds_port in config.json") from None
         inst.metadata.compute = dict(spec.metadata)
         inst.metadata.network = network_document(
-            inst.ip, str(self._network.subnet.network_address), self._network.subnet.prefixlen,
-            await self._mac_of(inst))
+            inst.ip, str(self._network.subnet.network_address), self._network.subnet.prefixlen, mac)
         inst.imds = IMDSServer(inst.key, inst.metadata, self.on_event_ack)
-        await inst.imds.start(await self._binder.bind(inst.netns_file, netns.IMDS_ADDRESS, 80))
+        await inst.imds.start(imds_socket)
         if spec.boot_delay > 0:
             await asyncio.sleep(spec.boot_delay)
         auth_log = (layout["log"] / "auth.log").open("ab")
         inst.logs.append(auth_log)
-        setup = setup_script(inst.sandbox, spec.admin_username, spec.computer_name, self._trees,
-                             [sshd.SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"])
+        sshd_argv = [sshd.SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"]
+        marker = loopback.instance_marker(self.cloud_id, inst.index)
+        if self.mode == "isolated":
+            setup = setup_script(inst.sandbox, admin, spec.computer_name, self._trees, sshd_argv,
+                                 marker=marker)
+            argv = ["ip", "netns", "exec", self._network.instance_ns(inst.index),
+                    "unshare", "--mount", "--uts", "--propagation", "private"]
+        else:
+            passwd, group = accounts.loopback_identity(admin, *self._inner_ids)
+            (inst.sandbox / "passwd").write_text(passwd)
+            (inst.sandbox / "group").write_text(group)
+            (inst.sandbox / "runuser").write_text(runuser_shim(admin))
+            (inst.sandbox / "runuser").chmod(0o755)
+            # the setup script keeps the user namespace's capabilities (to mount); sshd and
+            # everything it starts has none
+            setup = setup_script(
+                inst.sandbox, admin, spec.computer_name, self._trees,
+                ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--", *sshd_argv], marker=marker,
+                extra_binds={"passwd": "/etc/passwd", "group": "/etc/group", "runuser": "/usr/sbin/runuser"})
+            uid_inside, gid_inside = self._inner_ids
+            argv = ["unshare", "--user", f"--map-user={uid_inside}", f"--map-group={gid_inside}",
+                    "--keep-caps", "--mount", "--uts", "--propagation", "private"]
         inst.sshd = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self._network.instance_ns(inst.index),
-            "unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c", setup,
+            *argv, "--", "/bin/sh", "-c", setup,
             stdin=asyncio.subprocess.DEVNULL, stdout=auth_log, stderr=auth_log,
             env=CLEAN_ENV, cwd="/")
         await self._wait_for_ssh(inst, spec)
+        if self.mode == "loopback":  # sshd (same pid as the setup script) is in it now
+            inst.mount_ns = os.open(f"/proc/{inst.sshd.pid}/ns/mnt", os.O_RDONLY)
         if script is not None:
-            await self._run_boot_script(inst, layout, script)
+            await self._run_boot_script(inst, layout, script, admin)
 
     async def _mac_of(self, inst: _Instance) -> str:
         out = await run("ip", "-n", self._network.instance_ns(inst.index), "-j", "link", "show", "eth0")
@@ -317,7 +421,7 @@ class SandboxHost:
                     f"its log ({inst.sandbox / 'log' / 'auth.log'}) ends with:\n"
                     + _tail(inst.sandbox / "log" / "auth.log"))
             with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(inst.ip, 22), 2)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(inst.ip, self.ssh_port), 2)
                 try:
                     banner = await asyncio.wait_for(reader.readexactly(8), 5)
                 finally:
@@ -326,24 +430,32 @@ class SandboxHost:
                     return
             if loop.time() > deadline:
                 raise SandboxBootError(
-                    f"instance {spec.name}: sshd did not accept connections on {inst.ip}:22 "
+                    f"instance {spec.name}: sshd did not accept connections on {inst.ip}:{self.ssh_port} "
                     f"within {SSH_READY_TIMEOUT:.0f} s; its log ends with:\n"
                     + _tail(inst.sandbox / "log" / "auth.log"))
             await asyncio.sleep(0.02)
 
-    async def _run_boot_script(self, inst: _Instance, layout: dict[str, Path], script: bytes) -> None:
-        """Start customData as cloud-init does: once, as root, by bash, in the instance's
-        namespaces, output appended to /var/log/cloud-init-output.log. Not awaited."""
+    async def _run_boot_script(self, inst: _Instance, layout: dict[str, Path], script: bytes,
+                               admin: str) -> None:
+        """Start customData as cloud-init does: once, by bash, in the instance's namespaces,
+        output appended to /var/log/cloud-init-output.log; as root (isolated mode) or as the
+        admin user (loopback mode: no root there). Not awaited."""
         user_data = layout["run"] / "cloud-init" / "user-data"
         user_data.parent.mkdir(mode=0o700, exist_ok=True)
         user_data.write_bytes(script)
         user_data.chmod(0o700)
         output = (layout["log"] / "cloud-init-output.log").open("ab")
         inst.logs.append(output)
+        env = {**CLEAN_ENV, sshd.IMDS_URL_VARIABLE: self.imds_url(inst.key)}
+        if self.mode == "isolated":
+            namespaces = ["-m", "-u", "-n"]
+        else:
+            namespaces = ["-U", "-m", "-u", "--preserve-credentials"]
+            env.update(HOME=f"/home/{admin}", USER=admin, LOGNAME=admin)
         inst.boot_script = await asyncio.create_subprocess_exec(
-            "nsenter", "-t", str(inst.sshd.pid), "-m", "-u", "-n", "--wd=/", "--",
+            "nsenter", "-t", str(inst.sshd.pid), *namespaces, "--wd=/", "--",
             "/bin/bash", "/run/cloud-init/user-data",
-            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=CLEAN_ENV, cwd="/")
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=env, cwd="/")
         inst.reaper = asyncio.create_task(_note_boot_script_exit(inst.boot_script, output))
 
     # -- scheduled events ------------------------------------------------------------------
@@ -395,11 +507,21 @@ class SandboxHost:
             "ip": inst.ip,
             "state": inst.state,
             "sandbox": str(inst.sandbox),
-            "netns": self._network.instance_ns(inst.index) if self._network else None,
-            "pids": pids_in_netns(inst.netns_file) if inst.netns_file else [],
+            "netns": (self._network.instance_ns(inst.index)
+                      if isinstance(self._network, netns.VirtualNetwork) else None),
+            "ssh_port": self.ssh_port,
+            "imds_url": self.imds_url(inst.key),
+            "pids": self._pids(inst),
             "sshd_pid": inst.sshd.pid if inst.sshd and inst.sshd.returncode is None else None,
             "host_key": inst.host_key,
         }
+
+    def _pids(self, inst: _Instance) -> list[int]:
+        if inst.netns_file is not None:
+            return pids_in_namespace(inst.netns_file, "net")
+        if inst.mount_ns is not None:
+            return pids_in_namespace(f"/proc/self/fd/{inst.mount_ns}", "mnt")
+        return []
 
     def _instance(self, key: str) -> _Instance:
         try:
@@ -419,9 +541,13 @@ class SandboxHost:
         if inst.imds is not None:  # its socket would keep the namespace alive
             await inst.imds.close()
             inst.imds = None
-        if self._network is not None:
+        if isinstance(self._network, netns.VirtualNetwork):
             await self._network.remove_instance(inst.index, grace)
         inst.netns_file = None
+        if inst.mount_ns is not None:
+            await end_namespace_processes(f"/proc/self/fd/{inst.mount_ns}", grace, "mnt")
+            os.close(inst.mount_ns)
+            inst.mount_ns = None
         for proc in (inst.sshd, inst.boot_script):
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -444,6 +570,25 @@ def _decode_custom_data(spec: InstanceSpec) -> bytes | None:
         raise SandboxBootError(
             f"instance {spec.name}: customData is not valid base64 (ARM expects the boot "
             "script base64-encoded in osProfile.customData)") from None
+
+
+def _loopback_mac(key: str) -> str:
+    """A stable MAC for an instance without a link of its own (Azure's OUI 00:0d:3a)."""
+    tail = hashlib.sha1(key.encode()).hexdigest()[:6]
+    return "00:0d:3a:" + ":".join(tail[i:i + 2] for i in range(0, 6, 2))
+
+
+async def _check_user_namespaces() -> None:
+    """SandboxError naming the limitation when this kernel refuses us user namespaces."""
+    try:
+        await run("unshare", "--user", "--map-current-user", "--mount", "--", "true")
+    except CommandError as exc:
+        raise SandboxError(
+            "the loopback mode needs unprivileged user namespaces (each instance gets its own "
+            "filesystem view: /home/<admin>, /tmp, /var/log, /etc/ssh), and this system refuses "
+            f"them ({exc.stderr.strip()}); allow them (sysctl user.max_user_namespaces > 0, "
+            "kernel.unprivileged_userns_clone=1 on Debian kernels, "
+            "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu) or run as root") from None
 
 
 def _make_sandbox_dirs(sandbox: Path, uid: int, gid: int) -> dict[str, Path]:

@@ -147,7 +147,7 @@ def _loopback_socket(port: int) -> socket.socket:
     return sock
 
 
-async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> None:
+async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, network: str | None) -> None:
     from prefect_azmanagers.localcloud.sandbox import SandboxHost
 
     config = load_config(state_dir)
@@ -155,7 +155,9 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> Non
     ssh = ensure_ssh_keypair(state_dir)
     store = Store(state_dir / STORE_FILE)
     backend_ref: list[Backend] = []
-    host = SandboxHost(state_dir, address_block=config.address_block, prefect_api_url=prefect_api_url,
+    host = SandboxHost(state_dir, network=network or config.network, address_block=config.address_block,
+                       loopback_block=config.loopback_block, loopback_ssh_port=config.loopback_ssh_port,
+                       loopback_imds_port=config.loopback_imds_port, prefect_api_url=prefect_api_url,
                        on_event_ack=lambda key, event_id: backend_ref[0].event_acknowledged(key, event_id))
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -172,7 +174,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> Non
 
         def describe_host() -> dict[str, Any]:
             return {"mode": host.mode, "prefect_api_url_for_vms": host.prefect_api_url_for_vms,
-                    "state_dir": str(state_dir)}
+                    "state_dir": str(state_dir), "ssh_port": host.ssh_port}
 
         sock = _loopback_socket(port)
         bound = sock.getsockname()[1]
@@ -200,6 +202,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None) -> Non
             "prefect_api_url_for_vms": host.prefect_api_url_for_vms,
             "static_token": STATIC_TOKEN,
             "ssh_user": "azureuser",
+            "ssh_port": host.ssh_port,
             "ssh_private_key_file": str(ssh.private_key),
             "ssh_public_key_file": str(ssh.public_key),
             "known_hosts_file": str(state_dir / "known_hosts"),
@@ -241,12 +244,14 @@ def _claim_pid_file(state_dir: Path) -> Path:
     return pid_file
 
 
-def run(state_dir: Path, *, port: int = 0, prefect_api_url: str | None = None) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM, then remove every instance and process."""
+def run(state_dir: Path, *, port: int = 0, prefect_api_url: str | None = None,
+        network: str | None = None) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM, then remove every instance and process.
+    `network`: "isolated" | "loopback" (default: config.json's, else isolated as root)."""
     state_dir = prepare_state_dir(state_dir)
     pid_file = _claim_pid_file(state_dir)
     try:
-        asyncio.run(_serve(state_dir, port, prefect_api_url))
+        asyncio.run(_serve(state_dir, port, prefect_api_url, network))
     finally:
         with contextlib.suppress(FileNotFoundError):
             if pid_file.read_text().strip() == str(os.getpid()):
@@ -280,8 +285,9 @@ def running_pid(state_dir: Path) -> int | None:
 
 # ----- background start / stop ----------------------------------------------------------------
 def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_api_url: str | None = None,
-          timeout: float = 120) -> dict[str, Any]:
-    """Start the local cloud as a background process; return its localcloud.json document."""
+          network: str | None = None, timeout: float = 120) -> dict[str, Any]:
+    """Start the local cloud as a background process; return its localcloud.json document.
+    `network`: "isolated" | "loopback" (default: config.json's, else isolated as root)."""
     state_dir = prepare_state_dir(state_dir)
     running = running_pid(state_dir)
     if running is not None:
@@ -295,6 +301,8 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_a
             "--port", str(port)]
     if prefect_api_url:
         argv += ["--prefect-api-url", prefect_api_url]
+    if network:
+        argv += ["--network", network]
     log_path = state_dir / LOG_FILE
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -354,11 +362,7 @@ def _alive(pid: int) -> bool:
 async def _remove_leftovers(state_dir: Path) -> None:
     from prefect_azmanagers.localcloud.sandbox import SandboxHost
 
-    if os.geteuid() != 0:
-        return
-    host = SandboxHost(state_dir)
-    await host.start()
-    await host.stop()
+    await SandboxHost(state_dir).remove_leftovers()
 
 
 def _check_loopback_url(url: str) -> None:
@@ -385,11 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--prefect-api-url", default=None)
+    parser.add_argument("--network", choices=["isolated", "loopback"], default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from prefect_azmanagers.localcloud.sandbox import SandboxError
+
     try:
-        run(Path(args.state_dir), port=args.port, prefect_api_url=args.prefect_api_url)
-    except LocalCloudError as exc:
+        run(Path(args.state_dir), port=args.port, prefect_api_url=args.prefect_api_url, network=args.network)
+    except (LocalCloudError, SandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -13,12 +13,16 @@ SSHD = "/usr/sbin/sshd"
 _SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
-def config(listen_ip: str, admin: str) -> str:
+IMDS_URL_VARIABLE = "AZMANAGERS_IMDS_URL"  # set in every SSH session: where this instance's IMDS is
+
+
+def config(listen_ip: str, port: int, admin: str, imds_url: str) -> str:
     """sshd_config: OpenSSH's defaults (AcceptEnv only LANG LC_*, remote forwarding on,
-    GatewayPorts off, MaxSessions 10) plus key-only login for the admin user."""
+    GatewayPorts off, MaxSessions 10) plus key-only login for the admin user, and the
+    instance's IMDS URL in every session's environment."""
     lines = [
         "# written by the local cloud; paths are as seen inside the instance",
-        f"ListenAddress {listen_ip}:22",
+        f"ListenAddress {listen_ip}:{port}",
         "HostKey /etc/ssh/ssh_host_ed25519_key",
         "PidFile /run/sshd.pid",
         "AuthorizedKeysFile .ssh/authorized_keys",
@@ -33,14 +37,15 @@ def config(listen_ip: str, admin: str) -> str:
         "GatewayPorts no",
         "X11Forwarding no",
         "PrintMotd no",
+        f"SetEnv {IMDS_URL_VARIABLE}={imds_url}",
     ]
     if Path(_SFTP_SERVER).exists():
         lines.append(f"Subsystem sftp {_SFTP_SERVER}")
     return "\n".join(lines) + "\n"
 
 
-async def prepare(ssh_dir: Path, home: Path, listen_ip: str, admin: str, uid: int, gid: int,
-                  public_keys: list[str], comment: str) -> str:
+async def prepare(ssh_dir: Path, home: Path, listen_ip: str, port: int, admin: str, uid: int, gid: int,
+                  public_keys: list[str], comment: str, imds_url: str) -> str:
     """Write /etc/ssh (config, a fresh ed25519 host key, the client config) and the admin's
     ~/.ssh/authorized_keys with exactly `public_keys`. Returns the host public key line."""
     keys = [k.strip() for k in public_keys]
@@ -48,7 +53,7 @@ async def prepare(ssh_dir: Path, home: Path, listen_ip: str, admin: str, uid: in
         raise ValueError("osProfile.linuxConfiguration.ssh.publicKeys must hold at least one key, "
                          "each one OpenSSH public key line (e.g. 'ssh-ed25519 AAAA... comment')")
     ssh_dir.mkdir(mode=0o755, exist_ok=True)
-    (ssh_dir / "sshd_config").write_text(config(listen_ip, admin))
+    (ssh_dir / "sshd_config").write_text(config(listen_ip, port, admin, imds_url))
     if Path("/etc/ssh/ssh_config").exists():
         shutil.copyfile("/etc/ssh/ssh_config", ssh_dir / "ssh_config")
     key = ssh_dir / "ssh_host_ed25519_key"
