@@ -4,6 +4,7 @@ and prefect-dask's DaskTaskRunner (remote peers, same worker count), and raw asy
 trips over one connection (the transport bound). One process tree, one run:
 
     python -m bench.throughput [--tasks 500] [--workers 4] [--no-scale]
+    python -m bench.throughput --only bandwidth [--workers 1] [--repeat 3]
 
 It starts a Prefect server and the local cloud itself and stops them. Every runner runs the
 same flow: N trivial tasks submitted at once, each returning how long after its submit it
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -101,7 +103,8 @@ def run_bandwidth(task_runner, sizes_mb: list[int]) -> dict:
 
 async def raw_asyncssh(address: str, port: int, user: str, client_key, host_key, python: str,
                        round_trips: int, sizes_mb: list[int]) -> dict:
-    """Round trips and bulk transfers over one SSH connection to an echo process."""
+    """Round trips (none if `round_trips` is 0) and bulk transfers over one SSH connection to
+    an echo process, with asyncssh's default settings."""
     async with asyncssh.connect(address, port=port, username=user, client_keys=[client_key],
                                 known_hosts=([host_key], [], [])) as conn:
         proc = await conn.create_process(f"{python} -u -c {_quote(ECHO_SERVER)}", encoding=None)
@@ -117,7 +120,7 @@ async def raw_asyncssh(address: str, port: int, user: str, client_key, host_key,
         t0 = time.perf_counter()
         for _ in range(round_trips):
             await call(small, 200)
-        rate = round_trips / (time.perf_counter() - t0)
+        rate = round_trips / (time.perf_counter() - t0) if round_trips else None
         bandwidth = {}
         for size in sizes_mb:
             blob = os.urandom(size * MB)
@@ -126,13 +129,55 @@ async def raw_asyncssh(address: str, port: int, user: str, client_key, host_key,
             bandwidth[f"{size}MB"] = round(size / (time.perf_counter() - t0), 1)
         proc.stdin.write_eof()
         proc.close()
-        return {"round_trips_per_s": round(rate, 1), "bandwidth_MB_s": bandwidth}
+        return {"round_trips_per_s": rate and round(rate, 1), "bandwidth_MB_s": bandwidth}
 
 
 def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def raw_endpoint(cluster, state_dir: Path) -> dict:
+    """How raw asyncssh reaches the instance of the cluster's first worker (its pinned key)."""
+    from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
+    from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    manifest = load_manifest("localcloud")
+    template = load_scaleset_template("localcloud-small")
+    user = manifest.ssh_user or \
+        template.value["properties"]["virtualMachineProfile"]["osProfile"]["adminUsername"]
+    worker = cluster.workers[0]
+    with LocalCloudAdmin.from_state_dir(state_dir) as admin:
+        vm_id = next(i["vm_id"] for i in admin.status()["instances"] if i["name"] == worker.instance)
+    return {"address": worker.ip, "port": manifest.ssh_port, "user": user,
+            "client_key": asyncssh.import_private_key(manifest.read_private_key()),
+            "host_key": PinnedHostKeys(manifest.known_hosts_path()).get(vm_id),
+            "python": manifest.python}
+
+
+def measure_bandwidth(cluster, endpoint: dict, sizes_mb: list[int], repeat: int) -> dict:
+    """Bulk-argument bandwidth of the runner and of raw asyncssh, sampled in turns (so machine
+    load weighs on both alike); medians, every sample, and raw asyncssh's round trips/s."""
+    from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+    samples: dict[str, dict[str, list[float]]] = {"azure": {}, "raw_asyncssh": {}}
+    round_trips = None
+    for turn in range(repeat):
+        azure = run_bandwidth(AzureScaleSetTaskRunner(cluster=cluster), sizes_mb)
+        raw = asyncio.run(raw_asyncssh(**endpoint, round_trips=2000 if turn == 0 else 0,
+                                       sizes_mb=sizes_mb))
+        round_trips = round_trips or raw["round_trips_per_s"]
+        for name, rates in (("azure", azure), ("raw_asyncssh", raw["bandwidth_MB_s"])):
+            for size, rate in rates.items():
+                samples[name].setdefault(size, []).append(rate)
+        print(f"  bandwidth turn {turn + 1}/{repeat}: runner {azure}  raw asyncssh "
+              f"{raw['bandwidth_MB_s']}", flush=True)
+    return {"azure_bandwidth_MB_s": {k: statistics.median(v) for k, v in samples["azure"].items()},
+            "raw_asyncssh": {"round_trips_per_s": round_trips, "bandwidth_MB_s": {
+                k: statistics.median(v) for k, v in samples["raw_asyncssh"].items()}},
+            "bandwidth_samples_MB_s": samples}
 
 
 def start_cluster(api_port: int, instances: int, ppi: int, group: str):
@@ -164,7 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes-mb", default="10,50,100")
     parser.add_argument("--no-scale", action="store_true",
                         help="skip the 8 instances x ppi 4 = 32 workers, 2,000 tasks run")
+    parser.add_argument("--only", choices=("all", "bandwidth"), default="all",
+                        help="bandwidth: only the bulk-argument bandwidth against raw asyncssh")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="bandwidth samples per size (runner and raw asyncssh in turns); "
+                             "medians are reported")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     root = Path(tempfile.mkdtemp(prefix="azm-bench-"))
     report: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -174,11 +226,6 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with prefect_server(root, os.environ["PREFECT_API_URL"]) as api_url, \
                 local_cloud(root, api_url):
-            from prefect_dask import DaskTaskRunner
-
-            from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
-            from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-            from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
             from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
             api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
@@ -190,53 +237,17 @@ def main(argv: list[str] | None = None) -> dict:
             cluster = start_cluster(api_port, w, 1, "bench-tp")
             try:
                 report["driver_rss_per_worker_MB"] = round((driver_rss() - base) / w / MB, 2)
-                runners["AzureScaleSetTaskRunner"] = measure_runner(
-                    "AzureScaleSetTaskRunner", lambda: AzureScaleSetTaskRunner(cluster=cluster),
-                    n, 4 * w)
-                report["azure_bandwidth_MB_s"] = run_bandwidth(
-                    AzureScaleSetTaskRunner(cluster=cluster), sizes)
-
-                manifest = load_manifest("localcloud")
-                template = load_scaleset_template("localcloud-small")
-                user = manifest.ssh_user or \
-                    template.value["properties"]["virtualMachineProfile"]["osProfile"]["adminUsername"]
-                worker = cluster.workers[0]
-                with LocalCloudAdmin.from_state_dir(root / "localcloud") as admin:
-                    vm_id = next(i["vm_id"] for i in admin.status()["instances"]
-                                 if i["name"] == worker.instance)
-                host_key = PinnedHostKeys(manifest.known_hosts_path()).get(vm_id)
-                report["raw_asyncssh"] = asyncio.run(raw_asyncssh(
-                    worker.ip, manifest.ssh_port, user,
-                    asyncssh.import_private_key(manifest.read_private_key()), host_key,
-                    manifest.python, 2000, sizes))
+                if args.only == "all":
+                    runners["AzureScaleSetTaskRunner"] = measure_runner(
+                        "AzureScaleSetTaskRunner", lambda: AzureScaleSetTaskRunner(cluster=cluster),
+                        n, 4 * w)
+                run_bandwidth(AzureScaleSetTaskRunner(cluster=cluster), [1])  # warm-up
+                report.update(measure_bandwidth(cluster, raw_endpoint(cluster, root / "localcloud"),
+                                                sizes, args.repeat))
             finally:
                 cluster.close()
-
-            runners["ThreadPoolTaskRunner"] = measure_runner(
-                "ThreadPoolTaskRunner", lambda: ThreadPoolTaskRunner(), n, 4 * w)
-            runners[f"ProcessPoolTaskRunner({w})"] = measure_runner(
-                f"ProcessPoolTaskRunner({w})", lambda: ProcessPoolTaskRunner(max_workers=w),
-                max(n // 10, 4 * w), 4 * w)
-            runners[f"DaskTaskRunner({w})"] = measure_runner(
-                f"DaskTaskRunner({w})", lambda: DaskTaskRunner(
-                    cluster_kwargs={"n_workers": w, "threads_per_worker": 1, "processes": True,
-                                    "dashboard_address": None}),
-                max(n // 10, 4 * w), 4 * w)
-
-            if not args.no_scale:
-                base = driver_rss()
-                t0 = time.perf_counter()
-                big = start_cluster(api_port, 8, 4, "bench-scale")
-                try:
-                    joined = time.perf_counter() - t0
-                    rss = (driver_rss() - base) / len(big.workers) / MB
-                    result = measure_runner("AzureScaleSetTaskRunner 8x4", lambda: AzureScaleSetTaskRunner(
-                        cluster=big), 2000, 64)
-                    report["scale_32_workers"] = dict(result, workers=len(big.workers),
-                                                      join_seconds=round(joined, 1),
-                                                      driver_rss_per_worker_MB=round(rss, 2))
-                finally:
-                    big.close()
+            if args.only == "all":
+                measure_peers(report, n, w, api_port, scale=not args.no_scale)
 
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -250,37 +261,71 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def measure_peers(report: dict, n: int, w: int, api_port: int, *, scale: bool) -> None:
+    """Prefect's own runners on the same flow, then (`scale`) 32 workers running 2,000 tasks."""
+    from prefect_dask import DaskTaskRunner
+
+    from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+    runners = report["runners"]
+    runners["ThreadPoolTaskRunner"] = measure_runner(
+        "ThreadPoolTaskRunner", lambda: ThreadPoolTaskRunner(), n, 4 * w)
+    runners[f"ProcessPoolTaskRunner({w})"] = measure_runner(
+        f"ProcessPoolTaskRunner({w})", lambda: ProcessPoolTaskRunner(max_workers=w),
+        max(n // 10, 4 * w), 4 * w)
+    runners[f"DaskTaskRunner({w})"] = measure_runner(
+        f"DaskTaskRunner({w})", lambda: DaskTaskRunner(
+            cluster_kwargs={"n_workers": w, "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": None}),
+        max(n // 10, 4 * w), 4 * w)
+
+    if scale:
+        base = driver_rss()
+        t0 = time.perf_counter()
+        big = start_cluster(api_port, 8, 4, "bench-scale")
+        try:
+            joined = time.perf_counter() - t0
+            rss = (driver_rss() - base) / len(big.workers) / MB
+            result = measure_runner("AzureScaleSetTaskRunner 8x4", lambda: AzureScaleSetTaskRunner(
+                cluster=big), 2000, 64)
+            report["scale_32_workers"] = dict(result, workers=len(big.workers),
+                                              join_seconds=round(joined, 1),
+                                              driver_rss_per_worker_MB=round(rss, 2))
+        finally:
+            big.close()
+
+
 def summarize(report: dict) -> None:
     runners = report["runners"]
-    ours = runners["AzureScaleSetTaskRunner"]["tasks_per_s"]
-    w = report["workers"]
-    threads = runners["ThreadPoolTaskRunner"]["tasks_per_s"]
-    dask = runners[f"DaskTaskRunner({w})"]["tasks_per_s"]
     raw = report["raw_asyncssh"]
-    report["ratios"] = {
-        "azure_vs_dask": round(ours / dask, 2), "azure_vs_threadpool": round(ours / threads, 2),
-        "azure_vs_processpool": round(ours / runners[f"ProcessPoolTaskRunner({w})"]["tasks_per_s"], 2),
-        "bandwidth_vs_raw_asyncssh": {k: round(v / raw["bandwidth_MB_s"][k], 2)
-                                      for k, v in report["azure_bandwidth_MB_s"].items()},
-    }
-    print(f"\n{'runner':<30}{'tasks/s':>10}{'p50 ms':>10}{'p95 ms':>10}")
-    for name, r in runners.items():
-        print(f"{name:<30}{r['tasks_per_s']:>10}{r['start_latency_p50_ms']:>10}"
-              f"{r['start_latency_p95_ms']:>10}")
+    ratios = report["ratios"] = {"bandwidth_vs_raw_asyncssh": {
+        k: round(v / raw["bandwidth_MB_s"][k], 2) for k, v in report["azure_bandwidth_MB_s"].items()}}
+    if runners:
+        w = report["workers"]
+        ours = runners["AzureScaleSetTaskRunner"]["tasks_per_s"]
+        ratios.update(
+            azure_vs_dask=round(ours / runners[f"DaskTaskRunner({w})"]["tasks_per_s"], 2),
+            azure_vs_threadpool=round(ours / runners["ThreadPoolTaskRunner"]["tasks_per_s"], 2),
+            azure_vs_processpool=round(
+                ours / runners[f"ProcessPoolTaskRunner({w})"]["tasks_per_s"], 2))
+        print(f"\n{'runner':<30}{'tasks/s':>10}{'p50 ms':>10}{'p95 ms':>10}")
+        for name, r in runners.items():
+            print(f"{name:<30}{r['tasks_per_s']:>10}{r['start_latency_p50_ms']:>10}"
+                  f"{r['start_latency_p95_ms']:>10}")
+        print(f"\nAzure vs Dask: {ratios['azure_vs_dask']}x (goal >= 10x); "
+              f"vs ThreadPool: {ratios['azure_vs_threadpool']}x (goal >= 0.7x)")
     print(f"{'raw asyncssh round trips':<30}{raw['round_trips_per_s']:>10}")
-    print(f"\nAzure vs Dask: {report['ratios']['azure_vs_dask']}x (goal >= 10x); "
-          f"vs ThreadPool: {report['ratios']['azure_vs_threadpool']}x (goal >= 0.7x)")
-    print(f"{'argument':<12}{'runner MB/s':>14}{'raw MB/s':>12}{'ratio':>8}   (goal >= 0.5)")
+    print(f"{'argument':<12}{'runner MB/s':>14}{'raw MB/s':>12}{'ratio':>8}   (goal >= 0.5; "
+          f"medians of {len(next(iter(report['bandwidth_samples_MB_s']['azure'].values())))})")
     for size, rate in report["azure_bandwidth_MB_s"].items():
         print(f"{size:<12}{rate:>14}{raw['bandwidth_MB_s'][size]:>12}"
-              f"{report['ratios']['bandwidth_vs_raw_asyncssh'][size]:>8}")
+              f"{ratios['bandwidth_vs_raw_asyncssh'][size]:>8}")
     print(f"driver memory per worker: {report['driver_rss_per_worker_MB']} MB RSS")
     if "scale_32_workers" in report:
         s = report["scale_32_workers"]
         print(f"32 workers (8 x ppi 4): {s['tasks']} tasks in {s['seconds']} s "
               f"({s['tasks_per_s']} tasks/s), joined in {s['join_seconds']} s, "
               f"{s['driver_rss_per_worker_MB']} MB driver RSS per worker")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
