@@ -684,11 +684,18 @@ class AzureCluster:
                 await asyncio.sleep(1.0)
 
     async def _start_agent(self, worker: _Worker) -> None:
+        """Start the slot's agent; a start overtaken by another one (a reconnect racing a
+        restart) closes the agent it made and leaves the slot to the newer start."""
         member = worker.member
         assert member.conn is not None
+        if worker.feeder is not None and worker.feeder is not asyncio.current_task():
+            worker.feeder.cancel()  # at most one feeder per slot, bound to the current agent
+        if worker.hello is not None and not worker.hello.done():
+            worker.hello.set_result(None)  # wakes an older start: it sees it was overtaken
         worker.generation += 1
+        generation = worker.generation
         worker.state = WorkerState.STARTING
-        worker.hello = asyncio.get_running_loop().create_future()
+        hello = worker.hello = asyncio.get_running_loop().create_future()
         worker.exited = asyncio.Event()
         command = agent_command(
             self._python, worker_id=worker.id, concurrency=worker.concurrency, env=self.env,
@@ -696,12 +703,17 @@ class AzureCluster:
             launcher=self._launcher)
         worker.command = command
         worker.stderr_tail.clear()
-        worker.agent = await member.conn.start_agent(
-            command, on_frame=partial(self._on_frame, worker, worker.generation),
+        agent = await member.conn.start_agent(
+            command, on_frame=partial(self._on_frame, worker, generation),
             on_stderr=partial(self._on_stderr, worker),
-            on_exit=partial(self._on_agent_exit, worker, worker.generation))
-        hello = await asyncio.wait_for(asyncio.shield(worker.hello), AGENT_HELLO_TIMEOUT)
-        worker.pid, worker.pgid = hello.get("pid"), hello.get("pgid")
+            on_exit=partial(self._on_agent_exit, worker, generation))
+        if generation == worker.generation:
+            worker.agent = agent
+            started = await asyncio.wait_for(asyncio.shield(hello), AGENT_HELLO_TIMEOUT)
+        if generation != worker.generation:
+            agent.close()  # its exit callback carries a stale generation: ignored
+            return
+        worker.pid, worker.pgid = started.get("pid"), started.get("pgid")
         worker.last_seen = time.monotonic()
         worker.free = asyncio.Semaphore(worker.concurrency)
         worker.state = WorkerState.IDLE
@@ -806,13 +818,17 @@ class AzureCluster:
         kind = frame.kind
         if kind in (Kind.RESULT, Kind.ERROR):
             item = worker.inflight.pop(frame.task_id, None)
+            if item is None:
+                logger.warning("worker %d answered call %d, which it was not running: ignored",
+                               worker.id, frame.task_id)
+                return  # the slot's free threads count only calls it runs
             if worker.free is not None:
                 worker.free.release()
             if not worker.inflight and worker.state == WorkerState.BUSY:
                 worker.state = WorkerState.IDLE
             worker.tasks_run += 1
             worker.restarts = 0
-            if item is None or item.future.done():
+            if item.future.done():
                 return
             if kind == Kind.ERROR:
                 _settle(item.future, exception=exception_from_error(
@@ -863,8 +879,7 @@ class AzureCluster:
                 f"Command: {worker.command}\nIts stderr:\n{tail}"))
             return
         self._worker_lost(worker, reason)
-        if worker.member.state == "joined":
-            self._spawn(self._restart_slot(worker), worker.member.tasks)
+        self._schedule_restart(worker)
 
     def _worker_lost(self, worker: _Worker, reason: str, *, count_attempt: bool = True) -> None:
         """Mark a slot lost and re-queue (or fail, past the bound) what it was running."""
@@ -891,8 +906,13 @@ class AzureCluster:
                 self._queue.put(item, front=True)
         self._fail_queue_if_hopeless()
 
-    async def _restart_slot(self, worker: _Worker) -> None:
-        """Start a new agent in a slot whose agent died, on the same connection if it lives."""
+    def _schedule_restart(self, worker: _Worker) -> None:
+        if worker.member.state == "joined":
+            self._spawn(self._restart_slot(worker, worker.generation), worker.member.tasks)
+
+    async def _restart_slot(self, worker: _Worker, lost_generation: int) -> None:
+        """Start a new agent in a slot whose agent died, on the same connection if it lives,
+        unless something else (a reconnect) has restarted the slot since it was lost."""
         worker.restarts += 1
         if worker.restarts > MAX_AGENT_RESTARTS:
             logger.error("worker %d: agent died %d times in a row; the slot is given up",
@@ -900,7 +920,8 @@ class AzureCluster:
             self._progress.update(self._joined_count())
             return
         await asyncio.sleep(0.2)  # a dropped connection is noticed before reusing it
-        if worker.member.state != "joined" or worker.member.conn is None:
+        if (worker.generation != lost_generation or worker.member.state != "joined"
+                or worker.member.conn is None):
             return
         try:
             await self._start_agent(worker)
@@ -947,7 +968,13 @@ class AzureCluster:
             await member.conn.forward_ports(self.forward_ports)
         for worker in member.workers:
             worker.restarts = 0
-        await asyncio.gather(*(self._start_agent(w) for w in member.workers))
+        starts = await asyncio.gather(*(self._start_agent(w) for w in member.workers),
+                                      return_exceptions=True)
+        for worker, outcome in zip(member.workers, starts):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                logger.warning("worker %d: agent start after the reconnect failed (%s)", worker.id, outcome)
         member.state = "joined"
         self._announce_joined(member)
 
@@ -996,7 +1023,7 @@ class AzureCluster:
                     reason = f"no message from its agent for {self.heartbeat_timeout:.0f} s"
                     self._spawn(self._kill_agent(worker))
                     self._worker_lost(worker, reason)
-                    self._spawn(self._restart_slot(worker), member.tasks)
+                    self._schedule_restart(worker)
 
     async def _replace(self, count: int, why: str) -> None:
         if not self.replace_lost_workers or self._closing:
@@ -1067,8 +1094,7 @@ class AzureCluster:
             await self._kill_agent(worker)
             # other calls the slot ran are re-queued; a cancel is not their loss
             self._worker_lost(worker, "cancelled", count_attempt=False)
-            if worker.member.state == "joined":
-                self._spawn(self._restart_slot(worker), worker.member.tasks)
+            self._schedule_restart(worker)
 
     async def _scale(self, n: int) -> None:
         live = [m for m in self._members.values() if m.state in ("joining", "joined", "draining")]

@@ -214,9 +214,6 @@ def test_elastic_start_then_scale_up_and_down(localcloud, admin, caplog):
     assert_nothing_left(admin, group, addresses)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known intermittent engine bug (issue #5 note): once in 4 clean CI runs a call in flight "
-    "during kill -9 + SSH drop was never re-queued and its result timed out after 180 s"))
 def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
     group = group_name("faults")
     with AzureCluster("localcloud-small", 2, manifest="localcloud", ppi=2, group=group,
