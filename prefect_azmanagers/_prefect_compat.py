@@ -1,8 +1,9 @@
 """Every use of a private Prefect name in the project, in one place (checked against prefect 3.9.1).
 
 Prefect has no public API for a few things a remote task runner needs: the uuid7 it gives
-task runs, the deployment context variables that `serialize_context` carries, and a way to
-serialize the context without re-serializing the (unchanging, expensive) settings each time.
+task runs, the deployment context variables that `serialize_context` carries, a way to
+serialize the context without re-serializing the (unchanging, expensive) settings each time,
+and the name and dynamic key its task engine gives a task run it creates.
 Each name below says what it is used for; `tests/test_prefect_compat.py` fails when one of
 them moves or changes shape in a new Prefect release.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from uuid import uuid4
 from typing import Any
 
 from prefect.context import (
@@ -26,12 +28,34 @@ from prefect._internal.uuid7 import uuid7 as _uuid7
 # prefect 3.9.1: prefect/context.py module-level ContextVars read by `serialize_context`.
 from prefect.context import _deployment_id, _deployment_parameters
 
+# prefect 3.9.1: prefect/_internal/engine.py; the task engine names a task run with a
+# `task_run_name` from it.
+from prefect._internal.engine import resolve_custom_task_run_name
+
 PREFECT_VERSION_CHECKED = "3.9.1"
 
 
 def new_task_run_id() -> uuid.UUID:
     """A task run id as Prefect's own task runners make them (uuid7: time-ordered)."""
     return _uuid7()
+
+
+def task_run_identity(task: Any, parameters: dict[str, Any]) -> dict[str, str]:
+    """`name` and `dynamic_key` for a task run the runner creates in the API itself.
+
+    As prefect 3.9.1's task engine makes them for a run off the flow's process
+    (`_create_task_run_locally` with `dynamic_key_for_task_run(stable=False)`, then
+    `_set_custom_task_run_name`): a uuid4 key, the name `<task>-<key[:3]>` unless the task
+    has a `task_run_name`, rendered with the parameters (kept when rendering fails there).
+    """
+    dynamic_key = str(uuid4())
+    name = f"{task.name}-{dynamic_key[:3]}"
+    if task.task_run_name:
+        try:
+            name = resolve_custom_task_run_name(task, parameters)
+        except Exception:  # noqa: BLE001 - a name template must not hide the state
+            pass
+    return {"name": name, "dynamic_key": dynamic_key}
 
 
 def serialize_settings() -> dict[str, Any]:
@@ -107,5 +131,6 @@ __all__ = [
     "flow_run_scoped_context",
     "new_task_run_id",
     "serialize_settings",
+    "task_run_identity",
     "task_scoped_context",
 ]

@@ -6,7 +6,9 @@ driver's settings, so the remote engine reports to the driver's Prefect API thro
 tunnel), runs Prefect's task engine with `return_type="state"`, waits until the task's events
 have left the process, and returns the State. A task's own exception stays inside the Failed
 State, with the worker's traceback added as a note so the driver (and the flow's log) show
-where it was raised.
+where it was raised. What cannot be rebuilt on the worker (an argument, the task, the flow
+run's context) raises `RunNotStarted` before the engine starts: the task run then has no
+state in the API, and the driver records one.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from typing import Any
 
 import cloudpickle
 
+from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.exceptions import PayloadError
+
 ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "prefect_azmanagers_on_worker", default=False
 )
 """True while a task run executes on a worker: the flow's task runner, re-entered there by
 `hydrated_context`, then runs nested submits locally instead of provisioning a cluster."""
+
+
+class RunNotStarted(PayloadError):
+    """What the driver sent for a task run cannot be rebuilt on the worker (an argument, the
+    task, the flow run's context), so Prefect's task engine never started there."""
 
 
 class RemoteTaskRun:
@@ -37,18 +47,22 @@ class RemoteTaskRun:
     def __init__(
         self,
         task: bytes,
+        task_name: str,
         task_run_id: uuid.UUID,
-        parameters: dict[str, Any],
+        parameters: dict[str, bytes],
         wait_for: list[Any] | None,
         dependencies: dict[str, set[Any]],
         task_context: dict[str, Any],
         flow_run_context: bytes,
     ) -> None:
-        # `task` and `flow_run_context` arrive pickled: the driver pickles them once per flow
-        # run and the worker unpickles each distinct blob once (`_loads_once`).
+        # Everything that may fail to unpickle on the worker arrives pickled, so the worker
+        # can say which part failed (`RunNotStarted`). `task` and `flow_run_context` are
+        # pickled once per flow run and unpickled once per distinct blob (`_loads_once`);
+        # `parameters` one blob per parameter (`pickle_parameters`).
         self._task = task
+        self.task_name = task_name
         self.task_run_id = task_run_id
-        self.parameters = parameters
+        self._parameters = parameters
         self.wait_for = wait_for
         self.dependencies = dependencies
         self._task_context = task_context
@@ -56,12 +70,22 @@ class RemoteTaskRun:
 
     @property
     def task(self) -> Any:
-        return _loads_once(self._task)
+        return _rebuild(lambda: _loads_once(self._task), f"Task {self.task_name!r}")
 
     @property
     def context(self) -> dict[str, Any]:
         """The whole serialized context, as `prefect.context.serialize_context()` makes it."""
-        return {**_loads_once(self._flow_run_context), **self._task_context}
+        flow_run = _rebuild(lambda: _loads_once(self._flow_run_context),
+                            f"The flow run's context for task {self.task_name!r}")
+        return {**flow_run, **self._task_context}
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {
+            name: _rebuild(lambda: cloudpickle.loads(blob),
+                           f"Parameter {name!r} of task {self.task_name!r}")
+            for name, blob in self._parameters.items()
+        }
 
     def __call__(self) -> Any:
         import httpx
@@ -74,6 +98,7 @@ class RemoteTaskRun:
         context = self.context
         settings = context.pop("settings_context")
         task = self.task
+        parameters = self.parameters
         token = ON_WORKER.set(True)
         try:
             with _settings_context(settings), \
@@ -82,7 +107,7 @@ class RemoteTaskRun:
                 kwargs = dict(
                     task=checking_other_ranks(task),  # MPI seam: rank 0 waits for the others
                     task_run_id=self.task_run_id,
-                    parameters=self.parameters,
+                    parameters=parameters,
                     wait_for=self.wait_for,
                     return_type="state",
                     dependencies=self.dependencies,
@@ -110,6 +135,28 @@ class RemoteTaskRun:
             run_task_function(self.task, self.parameters, self.context)
         finally:
             ON_WORKER.reset(token)
+
+
+def pickle_parameters(parameters: dict[str, Any], task_name: str) -> dict[str, bytes]:
+    """Each parameter pickled on its own (PayloadError naming the one that cannot be)."""
+    return {
+        name: serialization.dumps(value, what=f"Parameter {name!r} of task {task_name!r}")
+        for name, value in parameters.items()
+    }
+
+
+def _rebuild(load: Any, what: str) -> Any:
+    """`load()`, or RunNotStarted saying that `what` cannot be unpickled on this worker."""
+    try:
+        return load()
+    except Exception as exc:
+        raise RunNotStarted(
+            f"{what} was pickled on the driver but cannot be unpickled on the worker "
+            f"{socket.gethostname()}: {type(exc).__name__}: {exc}. Values must rebuild outside "
+            "the driver's process: their modules importable on the instances (installed, or "
+            "customenv=True) and nothing tied to the driver (open files, locks, sockets, "
+            "process ids); create such resources inside the task instead."
+        ) from exc
 
 
 _unpickled: collections.OrderedDict[bytes, Any] = collections.OrderedDict()

@@ -28,26 +28,33 @@ def sweep():
 work begins as soon as the first instance joins; `waitfor=True` blocks until all have).
 Each task run executes Prefect's own task engine on the worker, which reports its states and
 logs to the driver's Prefect API through the SSH connection, so the UI shows every task run,
-its logs and its dependency edges as with a local runner. The cluster is created when the
-flow starts and torn down when it ends; pass `cluster=` to share one `AzureCluster` between
-flows instead.
+its logs and its dependency edges as with a local runner. When the engine rather than the
+task ends a task run (its worker kept being lost, an argument cannot be sent or rebuilt, the
+call was cancelled), no worker reports that outcome: the runner writes the task run's
+Crashed, Failed or Cancelled state to the API itself, so the UI shows why. The cluster is
+created when the flow starts and torn down when it ends; pass `cluster=` to share one
+`AzureCluster` between flows instead.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import sys
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import cloudpickle
+import httpx
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import RunInput
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, SettingsContext
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
 from prefect.logging import get_run_logger
 from prefect.settings import get_current_settings
@@ -58,7 +65,12 @@ from prefect.utilities.engine import collect_task_run_inputs_sync
 from typing_extensions import Self
 
 from prefect_azmanagers import _prefect_compat as compat
-from prefect_azmanagers._remote_task import ON_WORKER, RemoteTaskRun
+from prefect_azmanagers._remote_task import (
+    ON_WORKER,
+    RemoteTaskRun,
+    RunNotStarted,
+    pickle_parameters,
+)
 from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.exceptions import (
     ConfigurationError,
@@ -72,9 +84,11 @@ if TYPE_CHECKING:
 
     from prefect_azmanagers.blocks import AzureManifest, ScaleSetTemplate
     from prefect_azmanagers.cluster.cluster import AzureCluster
+    from prefect_azmanagers.customenv import EnvironmentSpec
 
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _RESOLVER_THREADS = 64
+_RECORDER_THREADS = 4
 
 
 class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
@@ -87,7 +101,10 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         waitfor: block at flow start until all `n * ppi` workers joined (or `join_timeout`).
         cluster: an `AzureCluster` to run on instead of creating one; the runner leaves it
             running when the flow ends. The other arguments are then ignored.
-        The remaining arguments are `AzureCluster`'s (spot, customenv, MPI, env, image, ...).
+        customenv: True to capture this machine's Python environment when the flow starts
+            and install it on the instances at boot, or an `EnvironmentSpec` from
+            `capture_environment()` to install one capture (made once) on several clusters.
+        The remaining arguments are `AzureCluster`'s (spot, MPI, env, image, ...).
     """
 
     def __init__(
@@ -103,7 +120,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         max_price: float = -1,
         spot_base_regular_priority_count: int = 0,
         spot_regular_percentage_above_base: int = 0,
-        customenv: bool = False,
+        customenv: bool | EnvironmentSpec = False,
         mpi_ranks_per_worker: int = 0,
         mpi_flags: str | None = None,
         env: dict[str, str] | None = None,
@@ -143,6 +160,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._cluster: AzureCluster | None = None
         self._local: ThreadPoolTaskRunner | None = None
         self._resolver: concurrent.futures.ThreadPoolExecutor | None = None
+        self._recorder: concurrent.futures.ThreadPoolExecutor | None = None
+        self._flow_run_id: uuid.UUID | None = None
+        self._flow_settings: Any = None
         self._lock = threading.Lock()
         self._outstanding: set[concurrent.futures.Future[Any]] = set()
         self._engine_futures: set[concurrent.futures.Future[Any]] = set()
@@ -207,6 +227,11 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._resolver = concurrent.futures.ThreadPoolExecutor(
                 _RESOLVER_THREADS, thread_name_prefix="azm-resolver"
             )
+            # Its own pool: resolver threads may all be waiting for the upstream task runs
+            # whose states it records. No thread starts unless a task run needs it.
+            self._recorder = concurrent.futures.ThreadPoolExecutor(
+                _RECORDER_THREADS, thread_name_prefix="azm-state-recorder"
+            )
         except BaseException:
             self._close(cancel=True)
             raise
@@ -238,6 +263,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if self._resolver is not None:
             self._resolver.shutdown(wait=True, cancel_futures=True)
             self._resolver = None
+        if self._recorder is not None:
+            self._recorder.shutdown(wait=True, cancel_futures=True)
+            self._recorder = None
         cluster, self._cluster = self._cluster, None
         if cluster is None:
             return
@@ -328,79 +356,95 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if self._flow_logger is None and (flow_run_context := FlowRunContext.get()):
             self._flow_logger = get_run_logger(flow_run_context)
             self._flow_context = contextvars.copy_context()
+            self._flow_run_id = getattr(flow_run_context.flow_run, "id", None)
+            self._flow_settings = compat.current_settings_context()
             if self._membership_log is not None:
                 self._membership_log.attach(self._flow_logger, self._flow_context)
-        task_run_id = compat.new_task_run_id()
-        context = compat.task_scoped_context()
-        shared = self._flow_run_payload()
         upstream = {k: collect_task_run_inputs_sync(v) for k, v in parameters.items()}
         merged = {k: set(v) for k, v in upstream.items()}
         for key, inputs in (dependencies or {}).items():
             merged[key] = merged.get(key, set()) | set(inputs)
-        wait_for = list(wait_for) if wait_for else None
-
-        outer: concurrent.futures.Future[State] = concurrent.futures.Future()
+        run = _Submission(
+            outer=concurrent.futures.Future(), task=task, task_run_id=compat.new_task_run_id(),
+            parameters=parameters, wait_for=list(wait_for) if wait_for else None,
+            dependencies=merged, context=compat.task_scoped_context(),
+            shared=self._flow_run_payload(),
+        )
         with self._lock:
-            self._outstanding.add(outer)
-        outer.add_done_callback(self._forget)
-        args = (outer, task, task_run_id, parameters, wait_for, merged, context, shared)
-        if wait_for or any(upstream.values()):
+            self._outstanding.add(run.outer)
+        run.outer.add_done_callback(self._forget)
+        if run.wait_for or any(upstream.values()):
             assert self._resolver is not None
-            self._resolver.submit(self._dispatch, *args)
+            self._resolver.submit(self._dispatch, run)
         else:
-            self._dispatch(*args)
-        return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=outer)
+            self._dispatch(run)
+        return PrefectConcurrentFuture(task_run_id=run.task_run_id, wrapped_future=run.outer)
 
-    def _dispatch(
-        self,
-        outer: concurrent.futures.Future[State],
-        task: Task[Any, Any],
-        task_run_id: uuid.UUID,
-        parameters: dict[str, Any],
-        wait_for: list[PrefectFuture[Any]] | None,
-        dependencies: dict[str, set[RunInput]],
-        context: dict[str, Any],
-        shared: bytes,
-    ) -> None:
+    def _dispatch(self, run: _Submission) -> None:
         """Wait for upstream futures, then hand the task run to the engine."""
         try:
             wait_for_states = None
-            if wait_for:
-                wait(wait_for)
-                wait_for_states = [f.state for f in wait_for]
+            if run.wait_for:
+                wait(run.wait_for)
+                wait_for_states = [f.state for f in run.wait_for]
             # Futures do not pickle; their final States do, and the remote engine resolves
             # them as it would futures (a failed upstream gives Pending("NotReady")).
-            parameters = _futures_to_states(parameters)
-            run = RemoteTaskRun(self._pickled_task(task), task_run_id, parameters,
-                                wait_for_states, dependencies, context, shared)
-            if outer.done():  # cancelled while waiting for upstream work
+            parameters = _futures_to_states(run.parameters)
+            remote = RemoteTaskRun(
+                self._pickled_task(run.task), run.task.name, run.task_run_id,
+                pickle_parameters(parameters, run.task.name), wait_for_states,
+                run.dependencies, run.context, run.shared,
+            )
+            if run.outer.done():  # cancelled while waiting for upstream work
                 return
             assert self._cluster is not None
-            engine_future = self._cluster.submit(run, label=f"{task.name} {task_run_id}")
+            engine_future = self._cluster.submit(remote, label=f"{run.task.name} {run.task_run_id}")
         except BaseException as exc:
-            _settle(outer, _state_for_error(exc, task, parameters))
+            self._end_here(run, _state_for_error(exc))
             return
         with self._lock:
             self._engine_futures.add(engine_future)
-        engine_future.add_done_callback(
-            lambda done: self._on_engine_done(done, outer, task, parameters)
-        )
+        engine_future.add_done_callback(lambda done: self._on_engine_done(done, run))
 
-    def _on_engine_done(
-        self,
-        done: concurrent.futures.Future[Any],
-        outer: concurrent.futures.Future[State],
-        task: Task[Any, Any],
-        parameters: dict[str, Any],
-    ) -> None:
+    def _on_engine_done(self, done: concurrent.futures.Future[Any], run: _Submission) -> None:
+        # On the cluster's event loop thread: keep it quick (API writes go to the recorder).
         with self._lock:
             self._engine_futures.discard(done)
         if done.cancelled():
-            _settle(outer, Cancelled(message="Cancelled with the flow run."))
-        elif (exc := done.exception()) is not None:
-            _settle(outer, _state_for_error(exc, task, parameters))
+            self._end_here(run, Cancelled(message="Cancelled with the flow run."))
+        elif (exc := done.exception()) is None:
+            _settle(run.outer, done.result())
+        elif isinstance(exc, PayloadError) and not isinstance(exc, RunNotStarted):
+            # The call returned, but its State cannot travel back: the worker's engine
+            # already reported the task run's final state, which stays as it is.
+            _settle(run.outer, _state_for_error(exc))
         else:
-            _settle(outer, done.result())
+            self._end_here(run, _state_for_error(exc))
+
+    def _end_here(self, run: _Submission, state: State) -> None:
+        """End a task run with a state built here (no worker reported it): record the state
+        in the Prefect API first, then settle the future, so both agree when it resolves."""
+        if run.outer.done():
+            return  # already ended (cancelled with the flow run)
+        recorder = self._recorder
+        try:
+            if recorder is None:
+                raise RuntimeError("the runner is closing")
+            recorder.submit(self._record_and_settle, run, state)
+        except RuntimeError:  # closing: the state is not recorded, the flow still gets it
+            _settle(run.outer, state)
+
+    def _record_and_settle(self, run: _Submission, state: State) -> None:
+        try:
+            if not run.outer.done():
+                _record_state(run, state, self._flow_run_id, self._flow_settings)
+        except Exception as exc:  # noqa: BLE001 - the flow still gets the state
+            self.logger.warning(
+                "Could not record task run %s (%s) as %s in the Prefect API: %s: %s",
+                run.task_run_id, run.task.name, state.name, type(exc).__name__, exc,
+            )
+        finally:
+            _settle(run.outer, state)
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -527,11 +571,10 @@ def _futures_to_states(parameters: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _state_for_error(exc: BaseException, task: Task[Any, Any], parameters: dict[str, Any]
-                     ) -> State:
-    """The final State of a task run the runner could not complete (the task did not raise)."""
+def _state_for_error(exc: BaseException) -> State:
+    """The final State of a task run the runner could not complete (the task did not raise):
+    Failed when what was sent cannot travel, Crashed when the infrastructure failed."""
     if isinstance(exc, PayloadError):
-        exc = _name_unpicklable(exc, task, parameters)
         return Failed(message=str(exc), data=exc)
     if isinstance(exc, WorkerLost):
         return Crashed(message=str(exc), data=exc)
@@ -540,19 +583,57 @@ def _state_for_error(exc: BaseException, task: Task[Any, Any], parameters: dict[
     return Crashed(message=f"{type(exc).__name__}: {exc}", data=exc)
 
 
-def _name_unpicklable(exc: PayloadError, task: Task[Any, Any], parameters: dict[str, Any]
-                      ) -> PayloadError:
-    """Say which parameter of the task cannot be pickled."""
-    for name, value in parameters.items():
+@dataclass
+class _Submission:
+    """One submitted task run, from `submit` until its future is settled."""
+
+    outer: concurrent.futures.Future[State]
+    task: Task[Any, Any]
+    task_run_id: uuid.UUID
+    parameters: dict[str, Any]
+    wait_for: list[PrefectFuture[Any]] | None
+    dependencies: dict[str, set[RunInput]]
+    context: dict[str, Any]
+    shared: bytes
+
+
+def _record_state(run: _Submission, state: State, flow_run_id: uuid.UUID | None,
+                  settings: SettingsContext | None) -> None:
+    """Write a state the runner built for `run` to the Prefect API, as the task engine would
+    have: the task run's state if it exists (forced, as the engine forces its crashes), or a
+    new task run holding it. A final state the worker already reported is kept.
+
+    Runs on a recorder thread with the flow's settings (they say where the API is) and a
+    client of its own: the flow's client is not to be entered from another thread.
+    """
+    with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
+          else contextlib.nullcontext()), get_client(sync_client=True) as client:
         try:
-            cloudpickle.dumps(value)
-        except Exception as cause:  # noqa: BLE001 - any pickling failure names the parameter
-            return PayloadError(
-                f"Parameter {name!r} of task {task.name!r} cannot be sent to a worker: "
-                f"{type(cause).__name__}: {cause}. Pass something picklable (data, or the "
-                "information needed to rebuild the object on the worker)."
-            )
-    return exc
+            current = client.read_task_run(run.task_run_id)
+        except ObjectNotFound:  # the engine never ran, or its first event was lost with it
+            try:
+                client.create_task_run(
+                    task=run.task, flow_run_id=flow_run_id, id=run.task_run_id,
+                    **compat.task_run_identity(run.task, run.parameters),
+                    extra_tags=run.context.get("tags_context", {}).get("current_tags", ()),
+                    state=state, task_inputs=_task_inputs(run),
+                )
+                return
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 409:
+                    raise
+                current = client.read_task_run(run.task_run_id)  # its events arrived meanwhile
+        if current.state is not None and current.state.is_final():
+            return
+        client.set_task_run_state(run.task_run_id, state, force=True)
+
+
+def _task_inputs(run: _Submission) -> dict[str, list[RunInput]]:
+    """The task run's inputs (data edges and wait_for) as the engine records them."""
+    inputs = {name: list(found) for name, found in run.dependencies.items()}
+    if run.wait_for:
+        inputs["wait_for"] = list(collect_task_run_inputs_sync(run.wait_for))
+    return inputs
 
 
 def _settle(future: concurrent.futures.Future[State], state: State) -> None:

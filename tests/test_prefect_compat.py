@@ -106,3 +106,35 @@ def test_flow_stand_in_keeps_what_workers_use_and_drops_the_body():
     assert original.fn is not stand_in.fn and original.fn(3) == 3
     copy = cloudpickle.loads(cloudpickle.dumps(stand_in))
     assert copy.name == "original"
+
+
+def test_task_run_identity_is_the_task_engines(prefect_server):
+    """Name and dynamic key of a task run the runner creates match what Prefect's engine gives
+    a task run (default name and a `task_run_name` template)."""
+    from prefect.client.orchestration import get_client
+
+    @task
+    def plain(x):
+        return x
+
+    @task(task_run_name="plain-of-{x}")
+    def named(x):
+        return x
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    def both():
+        return plain.submit(3).task_run_id, named.submit(4).task_run_id
+
+    plain_id, named_id = both()
+    with get_client(sync_client=True) as client:
+        by_engine = client.read_task_run(plain_id), client.read_task_run(named_id)
+
+    ours = compat.task_run_identity(plain, {"x": 3})
+    for name, key in ((by_engine[0].name, by_engine[0].dynamic_key),
+                      (ours["name"], ours["dynamic_key"])):
+        assert uuid.UUID(key).version == 4 and name == f"plain-{key[:3]}"
+    assert by_engine[1].name == "plain-of-4"
+    assert compat.task_run_identity(named, {"x": 4})["name"] == "plain-of-4"
+    # a template that cannot be rendered from what the driver holds keeps the default name
+    fallback = compat.task_run_identity(named, {})
+    assert fallback["name"] == f"named-{fallback['dynamic_key'][:3]}"

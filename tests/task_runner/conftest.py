@@ -23,7 +23,8 @@ class FakeWorker:
 
 
 class FakeCluster:
-    def __init__(self, workers: int = 4, forward_ports: tuple[int, ...] = (), lose: int = 0):
+    def __init__(self, workers: int = 4, forward_ports: tuple[int, ...] = (), lose: int = 0,
+                 lost_after: Callable[[Any], None] | None = None):
         self.forward_ports = forward_ports
         self.manifest = None
         self.output_handler: Callable[[Any, str, str], None] = lambda w, s, line: None
@@ -32,6 +33,9 @@ class FakeCluster:
         self.cancelled: list[concurrent.futures.Future[Any]] = []
         self.closed = 0
         self._lose = lose  # fail this many submissions with WorkerLost
+        # run each call, then `lost_after(callable)`, then fail it with WorkerLost (the worker
+        # died after the call returned, before its result reached the driver)
+        self._lost_after = lost_after
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers)
 
@@ -55,7 +59,12 @@ class FakeCluster:
 
     def _run(self, blob: bytes) -> Any:
         self.output_handler(FakeWorker(1), "stdout", "hello from the fake worker")
-        return cloudpickle.loads(cloudpickle.dumps(cloudpickle.loads(blob)()))
+        fn = cloudpickle.loads(blob)
+        value = fn()
+        if self._lost_after is not None:
+            self._lost_after(fn)
+            raise WorkerLost("worker 1 (fake-0) lost after the call returned")
+        return cloudpickle.loads(cloudpickle.dumps(value))
 
     def cancel(self, future: concurrent.futures.Future[Any]) -> None:
         self.cancelled.append(future)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.context import FlowRunContext
 from prefect.futures import wait
@@ -131,16 +133,13 @@ def test_nested_submits_run_locally_on_the_worker(cluster):
     assert len(cluster.submitted) == 2
 
 
-def test_unpicklable_parameter_is_named(cluster):
-    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
-    def unpicklable():
-        return square.submit(threading.Lock()).result()
-
-    with pytest.raises(PayloadError, match="Parameter 'x' of task 'square'"):
-        unpicklable()
+def api_state(task_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(task_run_id).state
 
 
-def test_lost_worker_crashes_the_task_run_with_the_reason(prefect_server, fake_cluster):
+def test_lost_worker_crashes_the_task_run_with_the_reason_in_the_api(prefect_server,
+                                                                     fake_cluster):
     fake = fake_cluster(forward_ports=(prefect_server.port,), lose=1)
 
     @flow(task_runner=AzureScaleSetTaskRunner(cluster=fake))
@@ -148,11 +147,107 @@ def test_lost_worker_crashes_the_task_run_with_the_reason(prefect_server, fake_c
         future = square.submit(3)
         future.wait()
         state = future.state
-        return state.is_crashed(), state.message, state.result(raise_on_failure=False)
+        # recorded before the future resolved: the flow and the API agree at once
+        return (future.task_run_id, state.is_crashed(), state.message,
+                state.result(raise_on_failure=False), api_state(future.task_run_id))
 
-    crashed, message, exception = lost()
+    task_run_id, crashed, message, exception, recorded = lost()
     assert crashed and "agent died" in message
     assert isinstance(exception, WorkerLost)
+    assert recorded.type == StateType.CRASHED and recorded.message == message
+
+
+class RebuiltOnlyWhereMade:
+    """Pickles fine; unpickles only in the process that made it (like a handle on a local
+    resource). The fake engine runs calls in this process, so it refuses everywhere."""
+
+    def __reduce__(self):
+        return (_refuse_rebuild, ())
+
+
+def _refuse_rebuild():
+    raise OSError("the resource behind this handle exists only where it was made")
+
+
+def test_argument_that_cannot_be_rebuilt_on_the_worker_fails_the_task_run(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def unrebuildable():
+        future = add.submit(1, RebuiltOnlyWhereMade())
+        future.wait()
+        return future.task_run_id, future.state
+
+    task_run_id, state = unrebuildable()
+    assert state.is_failed()
+    assert "Parameter 'b' of task 'add' was pickled on the driver but cannot be unpickled" \
+        in state.message and "OSError: the resource behind this handle" in state.message
+    with pytest.raises(PayloadError):
+        state.result()
+    recorded = api_state(task_run_id)
+    assert recorded.type == StateType.FAILED and recorded.message == state.message
+
+
+def test_unpicklable_argument_is_named_and_recorded_as_a_failed_task_run(cluster):
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def unpicklable():
+        upstream = square.submit(2)
+        future = add.submit(upstream, threading.Lock(), wait_for=[upstream])
+        with pytest.raises(PayloadError, match="Parameter 'b' of task 'add'"):
+            future.result()
+        return future.task_run_id, upstream.task_run_id, FlowRunContext.get().flow_run.id
+
+    task_run_id, upstream_id, flow_run_id = unpicklable()
+    runs = {r.id: r for r in _read_task_runs(flow_run_id)}
+    assert set(runs) == {task_run_id, upstream_id}  # no engine ran it: the runner created it
+    failed = runs[task_run_id]
+    assert failed.state.type == StateType.FAILED and failed.name.startswith("add-")
+    assert "Parameter 'b' of task 'add' cannot be pickled" in failed.state.message
+    # the edges the task engine would have recorded
+    assert {i.id for i in failed.task_inputs["a"]} == {upstream_id}
+    assert {i.id for i in failed.task_inputs["wait_for"]} == {upstream_id}
+
+
+def test_final_state_reported_by_the_worker_is_kept(prefect_server, fake_cluster):
+    def once_recorded(remote):  # the worker's Completed reached the API, then it died
+        deadline = time.monotonic() + 30
+        while not api_state_or_none(remote.task_run_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    fake = fake_cluster(forward_ports=(prefect_server.port,), lost_after=once_recorded)
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=fake))
+    def lost_late():
+        future = square.submit(5)
+        future.wait()
+        return future.task_run_id, future.state
+
+    task_run_id, state = lost_late()
+    assert state.is_crashed() and "lost after the call returned" in state.message
+    assert api_state(task_run_id).type == StateType.COMPLETED
+
+
+def api_state_or_none(task_run_id):
+    """The task run's state if it is final in the API, else None."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        state = api_state(task_run_id)
+    except ObjectNotFound:
+        return None
+    return state if state is not None and state.is_final() else None
+
+
+def test_success_path_makes_no_extra_api_call(cluster, monkeypatch):
+    from prefect_azmanagers import task_runner
+
+    recorded = []
+    monkeypatch.setattr(task_runner, "_record_state", lambda *args: recorded.append(args))
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def fine():
+        return sum(square.map(range(10)).result()), boom.submit(1).wait()
+
+    assert fine()[0] == sum(i * i for i in range(10))
+    assert recorded == []  # the task's own failure (boom) is the worker's to report
 
 
 def test_settings_serialized_once_per_runner(cluster, monkeypatch):
