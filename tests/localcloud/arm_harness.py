@@ -68,7 +68,8 @@ class Cloud:
         """Run `command` on an instance with the stock OpenSSH client and the manifest's key."""
         argv = ["ssh", "-i", key or self.info["ssh_private_key_file"], "-o", "IdentitiesOnly=yes",
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"azureuser@{ip}", command]
+                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-p", str(self.info.get("ssh_port", 22)),
+                f"azureuser@{ip}", command]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def scale_set_body(self, capacity: int, *, custom_data: str | None = None, sku: str = "Standard_B1s",
