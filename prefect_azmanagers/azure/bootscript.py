@@ -33,7 +33,6 @@ from typing import Any
 from prefect_azmanagers.exceptions import BootFailed, ConfigurationError, CustomDataTooLarge
 
 READY_STATUS_PATH = "/home/{admin}/.azmanagers/boot.status"
-ENV_FILE_PATH = "/home/{admin}/.azmanagers/env.sh"
 CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
 CUSTOM_DATA_LIMIT = 65535  # bytes of the decoded customData (Azure's documented maximum)
 
@@ -61,7 +60,9 @@ def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, st
     stops the script and the status file says which step and line failed.
     """
     if not _USER_NAME.match(admin_username or ""):
-        raise ConfigurationError(f"Admin user name {admin_username!r} is not a valid Linux user name.")
+        raise ConfigurationError(
+            f"Admin user name {admin_username!r} is not a valid Linux user name: use letters, digits, "
+            "'_', '.' and '-', starting with a letter or '_' (the manifest's ssh_user).")
     admin = admin_username
     home = f"/home/{admin}"
     exports = _env_lines(env or {})
@@ -168,7 +169,9 @@ async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = Non
     import asyncssh
 
     if manifest is None:
-        raise ConfigurationError("boot_log_tail needs the manifest to open its own SSH connection.")
+        raise ConfigurationError(
+            "boot_log_tail got an address but no manifest to open an SSH connection with: pass "
+            "manifest=, or an open connection instead of the address.")
     known_hosts: Any = None
     if host_key:
         known_hosts = ([asyncssh.import_public_key(host_key)], [], [])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +31,8 @@ from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.network.aio import NetworkManagementClient
 
 from prefect_azmanagers import __version__
-from prefect_azmanagers.exceptions import ConfigurationError
+from prefect_azmanagers.azure.errors import arm_errors
+from prefect_azmanagers.exceptions import ConfigurationError, ResourceMissing
 
 logger = logging.getLogger("prefect_azmanagers.azure")
 
@@ -97,6 +99,17 @@ class RequestLogPolicy(SansIOHTTPPolicy):
 async def collect(pages: Any) -> list[dict]:
     """Every item of a paged SDK list (all pages), as REST (camelCase) dicts."""
     return [item.as_dict() async for item in pages]
+
+
+async def delete_and_wait(action: str, begin_delete: Awaitable[Any]) -> None:
+    """Await an SDK `begin_delete*` call and its poller; a resource already gone is fine (ARM
+    answers 204 or 404 for it). Other errors are raised as `arm_errors(action)` classifies them."""
+    try:
+        with arm_errors(action):
+            poller = await begin_delete
+            await poller.result()
+    except ResourceMissing:
+        pass
 
 
 def make_credential(manifest: Any) -> Any:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_azmanagers.azure.bootscript import boot_log_tail
-from prefect_azmanagers.azure.clients import collect
+from prefect_azmanagers.azure.clients import collect, delete_and_wait
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
 from prefect_azmanagers.exceptions import (
@@ -91,15 +91,9 @@ def _capacity(vmss: dict | None) -> int:
 
 
 async def delete_scaleset(clients: Any, resource_group: str, name: str) -> None:
-    """Delete a scale set and its instances, waiting for completion (already gone is fine:
-    ARM answers 204 or 404 for that)."""
-    try:
-        with arm_errors(f"delete scale set {name}"):
-            poller = await clients.compute.virtual_machine_scale_sets.begin_delete(
-                resource_group, name, force_deletion=True)
-            await poller.result()
-    except ResourceMissing:
-        pass
+    """Delete a scale set and its instances, waiting for completion (already gone is fine)."""
+    await delete_and_wait(f"delete scale set {name}", clients.compute.virtual_machine_scale_sets.begin_delete(
+        resource_group, name, force_deletion=True))
 
 
 class ScaleSet:
@@ -168,14 +162,18 @@ class ScaleSet:
     def _location(self) -> str:
         location = self.template.value.get("location") or getattr(self.manifest, "location", None)
         if not location:
-            raise TemplateError(f"Template for {self.name} has no location.")
+            raise TemplateError(
+                f"The template of scale set {self.name} has no location: set value.location in the "
+                "template (build_sstemplate's location=) or location in the manifest.")
         return location
 
     def _sku_name(self) -> str:
         try:
             return self.template.value["sku"]["name"]
         except (KeyError, TypeError):
-            raise TemplateError("The scale-set template has no sku.name (the VM size).") from None
+            raise TemplateError(
+                "The scale-set template has no sku.name (the VM size): set value.sku.name, e.g. "
+                "Standard_D8s_v3 (build_sstemplate's sku_name=).") from None
 
     def body(self, capacity: int) -> dict:
         """The ARM body (camelCase) that creates this scale set with `capacity` instances."""
@@ -460,7 +458,9 @@ def apply_image_override(storage: dict, image_name: str | None, image_version: s
         name = image_name
     if image_version:
         if "/galleries/" not in head:
-            raise TemplateError("An image version override needs a gallery image (…/galleries/G/images/I).")
+            raise TemplateError(
+                f"An image version override needs a gallery image (.../galleries/G/images/I), but the "
+                f"template's image is {image_id!r}: drop the version or use a gallery image.")
         version = image_version
     ref["id"] = f"{head}/images/{name}" + (f"/versions/{version}" if version else "")
     storage["imageReference"] = ref

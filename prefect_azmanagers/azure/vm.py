@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect_azmanagers.azure.clients import collect
+from prefect_azmanagers.azure.clients import collect, delete_and_wait
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota
 from prefect_azmanagers.azure.scaleset import apply_image_override
@@ -116,7 +116,7 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
                     name: str, *, custom_data: str, tags: dict[str, str],
                     os_disk_size: int | None = None, image_name: str | None = None,
                     image_version: str | None = None, quota_wait: float = 0.0) -> VMInfo:
-    """Create NIC + VM, wait until both are provisioned, return its private IP.
+    """Create NIC + VM and wait until both are provisioned; returns the VM (with its private IP).
 
     On any failure or interruption, deletes the VM and NIC it requested, then re-raises.
     """
@@ -210,12 +210,8 @@ async def list_vms(clients: Any, resource_group: str, *, tag_filter: dict[str, s
 
 async def delete_nic(clients: Any, resource_group: str, name: str) -> None:
     """Delete a NIC and wait (already gone is fine)."""
-    try:
-        with arm_errors(f"delete NIC {name}"):
-            poller = await clients.network.network_interfaces.begin_delete(resource_group, name)
-            await poller.result()
-    except ResourceMissing:
-        pass
+    await delete_and_wait(f"delete NIC {name}",
+                          clients.network.network_interfaces.begin_delete(resource_group, name))
 
 
 async def delete_vm(clients: Any, resource_group: str, name: str, *, nic_name: str | None = None) -> None:
@@ -226,10 +222,6 @@ async def delete_vm(clients: Any, resource_group: str, name: str, *, nic_name: s
             nic_name = (await get_vm(clients, resource_group, name)).nic_name or f"{name}-nic"
         except ResourceMissing:
             nic_name = f"{name}-nic"
-    try:
-        with arm_errors(f"delete VM {name}"):
-            poller = await clients.compute.virtual_machines.begin_delete(resource_group, name)
-            await poller.result()
-    except ResourceMissing:
-        pass
+    await delete_and_wait(f"delete VM {name}",
+                          clients.compute.virtual_machines.begin_delete(resource_group, name))
     await delete_nic(clients, resource_group, nic_name)
