@@ -1,17 +1,29 @@
 """Fixtures for the control plane's end-to-end tests on the local cloud (real SDK, real SSH).
 
 `lc` bundles what a test needs: the local cloud's manifest and templates (saved as blocks by
-`localcloud start`), its admin client, and a unique name prefix. After each test it checks that
-the local cloud holds no scale set, instance or NIC the test created, and clears faults.
+`localcloud start`), its admin client, a unique name prefix, and the steps most tests share
+(clients, a scale set of the test, SSH to an instance, a quota changed for a while). After each
+test it checks that the local cloud holds no scale set, instance or NIC the test created, and
+clears faults.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import asyncssh
 import pytest
+
+from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
+from prefect_azmanagers.azure.clients import ArmClients
+from prefect_azmanagers.azure.ownership import ownership_tags
+from prefect_azmanagers.azure.quota import usages
+from prefect_azmanagers.azure.scaleset import ScaleSet
 
 
 @dataclass
@@ -33,6 +45,50 @@ class LocalCloud:
         found = [f"scale set {s['name']}" for s in status["scale_sets"] if s["name"].startswith(self.prefix)]
         found += [f"instance {i['name']}" for i in status["instances"] if i["name"].startswith(self.prefix)]
         return found
+
+    def custom_data(self, env: Mapping[str, str] | None = None, hooks: Sequence[str] = ()) -> str:
+        """An encoded boot script for the local cloud's admin user."""
+        return encode_custom_data(boot_script(admin_username=self.manifest.ssh_user, env=env, hooks=hooks))
+
+    def scaleset(self, clients: ArmClients, suffix: str = "", **kw: Any) -> ScaleSet:
+        """A ScaleSet from the small template, named and tagged for this test (nothing made yet)."""
+        kw.setdefault("custom_data", self.custom_data())
+        return ScaleSet(clients, self.manifest, self.sstemplate, self.name(suffix),
+                        tags=ownership_tags(self.prefix), **kw)
+
+    async def ssh(self, ip: str) -> asyncssh.SSHClientConnection:
+        """An SSH connection to an instance as the admin user (host key not checked)."""
+        return await asyncssh.connect(
+            ip, port=self.manifest.ssh_port, username=self.manifest.ssh_user, known_hosts=None,
+            client_keys=[asyncssh.import_private_key(self.manifest.read_private_key())])
+
+    def run(self, scenario: Callable[[ArmClients], Awaitable[None]]) -> None:
+        """Run `scenario(clients)` to completion with clients for the local cloud."""
+        async def main() -> None:
+            async with ArmClients(self.manifest) as clients:
+                await scenario(clients)
+        asyncio.run(main())
+
+    def run_with_scaleset(self, scenario: Callable[[ArmClients, ScaleSet], Awaitable[None]], **kw: Any) -> None:
+        """Run `scenario(clients, ss)` with `ss = self.scaleset(clients, **kw)`, deleted afterwards."""
+        async def with_scaleset(clients: ArmClients) -> None:
+            ss = self.scaleset(clients, **kw)
+            try:
+                await scenario(clients, ss)
+            finally:
+                await ss.delete()
+        self.run(with_scaleset)
+
+    @asynccontextmanager
+    async def quota(self, clients: ArmClients, name: str, limit: int) -> AsyncIterator[int]:
+        """The quota `name` ("cores", "lowPriorityCores"...) set to `limit` for the block; yields
+        the limit it had, which is restored afterwards."""
+        before = (await usages(clients, self.info["location"]))[name.lower()].limit
+        self.admin.set_quota(name, limit)
+        try:
+            yield before
+        finally:
+            self.admin.set_quota(name, before)
 
 
 @pytest.fixture(scope="session")
