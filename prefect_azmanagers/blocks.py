@@ -363,17 +363,17 @@ class VMTemplate(_MachineTemplate):
     """An AzManagers VM template: the body of a standalone (detached) VM.
 
     `value` is the ARM VirtualMachine body exactly as AzManagers keeps it in
-    `~/.azmanagers/templates_vm.json`; build one with `build_vmtemplate`.
+    `~/.azmanagers/templates_vm.json`; build one with `build_vmtemplate` (as in the
+    `ScaleSetTemplate` example). A loaded template is a plain body that can be changed in place.
 
     Example:
         ```python
-        from prefect_azmanagers import build_vmtemplate
+        from prefect_azmanagers import addproc
+        from prefect_azmanagers.blocks import load_vm_template
 
-        build_vmtemplate(
-            "cbox", subscription_id="SUB", admin_username="cvx", location="southcentralus",
-            resource_group="my-rg", image_gallery="my-gallery", image_name="my-image",
-            vm_size="Standard_D8s_v3",
-        ).save("cbox")
+        template = load_vm_template("cbox")
+        template.value["properties"]["hardwareProfile"]["vmSize"] = "Standard_D16s_v3"
+        vm = addproc(template, "cbox-nic")      # a detached VM of the larger size
         ```
     """
 

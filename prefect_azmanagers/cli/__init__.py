@@ -24,6 +24,9 @@ from prefect_azmanagers.exceptions import AzManagersError
 
 _stderr = Console(stderr=True)
 
+# The --manifest option of every command that talks to Azure.
+MANIFEST_OPTION = typer.Option("default", "--manifest", "-m", help="Name of the AzureManifest block.")
+
 
 def exit_with_error(message: str) -> NoReturn:
     """Print `message` as a red error on stderr and exit with status 1."""

@@ -32,13 +32,13 @@ from prefect_azmanagers.azure.ownership import (
 from prefect_azmanagers.azure.scaleset import delete_scaleset, list_scalesets
 from prefect_azmanagers.azure.vm import list_vms
 from prefect_azmanagers.blocks import load_manifest
+from prefect_azmanagers.cli import MANIFEST_OPTION
 
 scalesets_app = typer.Typer(no_args_is_help=True, help="Scale sets created by prefect-azmanagers.")
 vms_app = typer.Typer(no_args_is_help=True, help="Standalone (detached) VMs created by prefect-azmanagers.")
 
 _console = Console()
 T = TypeVar("T")
-MANIFEST_OPTION = typer.Option("default", "--manifest", "-m", help="Name of the AzureManifest block.")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 

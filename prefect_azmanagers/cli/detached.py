@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from prefect_azmanagers.cli import exit_with_error
+from prefect_azmanagers.cli import MANIFEST_OPTION, exit_with_error
+
+if TYPE_CHECKING:
+    from prefect_azmanagers.detached.job import DetachedJob
 
 vm_app = typer.Typer(no_args_is_help=True, help="Detached VMs (addproc / rmproc).")
 job_app = typer.Typer(no_args_is_help=True, help="Detached jobs (detachat / detach).")
 
 _console = Console()
-MANIFEST_OPTION = typer.Option("default", "--manifest", "-m", help="Name of the AzureManifest block.")
 
 
 @vm_app.command("add")
@@ -81,7 +83,8 @@ def vm_list(manifest: str = MANIFEST_OPTION) -> None:
     _console.print(table)
 
 
-def _job(flow_run_id: str):
+def _job(flow_run_id: str) -> DetachedJob:
+    """The job of `flow_run_id` (the detached package is imported only by the commands using it)."""
     from prefect_azmanagers.detached.job import DetachedJob
 
     return DetachedJob.from_flow_run_id(flow_run_id)

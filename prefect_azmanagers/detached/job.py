@@ -101,7 +101,8 @@ class DetachedJob:
         while (status := self.status()) not in FINAL_STATUSES:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DetachedJobError(
-                    f"detached job {self.flow_run_id} still {status!r} after {timeout} s")
+                    f"detached job {self.flow_run_id} still {status!r} after {timeout} s; it keeps "
+                    f"running: wait again, or cancel it (`prefect-azmanagers job kill {self.flow_run_id}`)")
             time.sleep(poll)
         return status
 
