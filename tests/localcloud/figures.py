@@ -1,6 +1,6 @@
 """Figures of the local cloud (not a test; run it alone on a quiet machine):
 
-    .venv/bin/python tests/localcloud/figures.py [--instances 16] [--seconds 10]
+    .venv/bin/python tests/localcloud/figures.py [--instances 16] [--seconds 10] [--network loopback]
 
 - time from the create request to every instance SSH-reachable with the stock OpenSSH client
   (boot delay 0), split into the ARM LRO (Succeeded = every sshd accepts) and the SSH check;
@@ -8,6 +8,7 @@
   sequential, keep-alive), through the real SDK and as raw HTTPS requests;
 - resident memory per idle instance (every process in the instance's namespaces) and the local
   cloud process's growth per instance.
+`--network` picks the local cloud's mode (default: isolated as root, loopback otherwise).
 Prints a table and the JSON document.
 """
 
@@ -43,9 +44,9 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def measure(instances: int, seconds: float) -> dict:
+def measure(instances: int, seconds: float, network: str | None = None) -> dict:
     state_dir = Path(tempfile.mkdtemp(prefix="azm-figures-"))
-    info = start(state_dir)
+    info = start(state_dir, network=network)
     kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
     cloud = Cloud(info, LocalCloudAdmin.from_info(info),
                   ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs),
@@ -85,6 +86,7 @@ def measure(instances: int, seconds: float) -> dict:
             raw_rps = n / (time.monotonic() - t1)
         cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, "figures").result()
         return {
+            "mode": info["mode"],
             "instances": instances,
             "create_to_lro_succeeded_s": round(t_lro, 2),
             "create_to_all_ssh_reachable_s": round(t_ssh, 2),
@@ -106,8 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--network", choices=["isolated", "loopback"], default=None)
     args = parser.parse_args()
-    figures = measure(args.instances, args.seconds)
+    figures = measure(args.instances, args.seconds, args.network)
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")
