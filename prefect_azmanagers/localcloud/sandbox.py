@@ -416,8 +416,10 @@ class SandboxHost:
         deadline = loop.time() + SSH_READY_TIMEOUT
         while True:
             if inst.sshd.returncode is not None:
+                hint = (" (another program may hold the port: set loopback_ssh_port in config.json)"
+                        if self.mode == "loopback" else "")
                 raise SandboxBootError(
-                    f"instance {spec.name}: sshd exited with status {inst.sshd.returncode}; "
+                    f"instance {spec.name}: sshd exited with status {inst.sshd.returncode}{hint}; "
                     f"its log ({inst.sandbox / 'log' / 'auth.log'}) ends with:\n"
                     + _tail(inst.sandbox / "log" / "auth.log"))
             with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):

@@ -342,9 +342,11 @@ def test_network_switch_through_the_cli(tmp_path: Path):
                                                                           nic_body(cloud)).result()
             cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, vm_body(cloud, nic.id, name)).result()
             ip = cloud.network.network_interfaces.get(cloud.rg, f"{name}-nic").ip_configurations[0].private_ip_address
-            probe = cloud.ssh(ip, "id -un; echo $AZMANAGERS_IMDS_URL")
-            assert probe.stdout.split() == [
-                "azureuser", f"http://{ip}:8254"], probe.stderr
+            probe = cloud.ssh(ip, f"id -un; echo $AZMANAGERS_IMDS_URL; touch {Path(sys.prefix) / 'azlc-probe'}")
+            assert probe.stdout.split() == ["azureuser", f"http://{ip}:8254"], probe.stderr
+            # the interpreter is shared read-only, even with the host uid of the local cloud's user
+            assert probe.returncode != 0 and "Read-only" in probe.stderr
+            assert not (Path(sys.prefix) / "azlc-probe").exists()
         finally:
             _close(cloud)
         block = _cloud_block(state_dir)
@@ -380,3 +382,61 @@ def test_azure_cluster_end_to_end_in_loopback_mode(lb: Cloud):
         assert {home for _, home in hosts} == {"/home/azureuser"}
     assert [i for i in lb.admin.status()["instances"] if i["scale_set"] == group] == []
     assert not set(listeners_in(str(LOOPBACK_BLOCK))) & {f"{a}:2222" for a in addresses}
+
+
+# -- the parts, without a running local cloud ---------------------------------------------------
+
+def test_two_clouds_never_share_a_loopback_block():
+    first = loopback.reserve("127.213.0.0/16", None)
+    try:
+        second = loopback.reserve("127.213.0.0/16", first.subnet)  # asks for the held one
+        try:
+            assert second.subnet != first.subnet and not second.subnet.overlaps(first.subnet)
+            assert second.subnet.prefixlen == 22 and second.subnet.subnet_of(LOOPBACK_BLOCK)
+        finally:
+            second.release()
+        held = first.subnet
+    finally:
+        first.release()
+    again = loopback.reserve("127.213.0.0/16", held)  # released with its holder
+    try:
+        assert again.subnet == held
+    finally:
+        again.release()
+
+
+def test_a_block_outside_127_is_refused():
+    with pytest.raises(ValueError, match="not inside 127.0.0.0/8"):
+        loopback.reserve("10.213.0.0/16", None)
+
+
+def test_unknown_network_mode_and_privileged_ports_are_clear_errors(tmp_path: Path):
+    from prefect_azmanagers.localcloud.sandbox import SandboxError
+
+    with pytest.raises(SandboxError, match="unknown network mode 'bridged'.*'isolated'.*'loopback'"):
+        SandboxHost(tmp_path, network="bridged")
+    with pytest.raises(SandboxError, match="loopback_ssh_port 22 is not an unprivileged port"):
+        SandboxHost(tmp_path, network="loopback", loopback_ssh_port=22)
+
+
+def test_instance_identity_names_the_user_admin_and_nobody_else_with_its_ids():
+    from prefect_azmanagers.localcloud.accounts import loopback_identity
+
+    passwd, group = loopback_identity("azureuser", 4242, 4343)
+    entries = [line.split(":") for line in passwd.splitlines()]
+    assert entries[0] == ["azureuser", "x", "4242", "4343", "", "/home/azureuser", "/bin/bash"]
+    assert [e[0] for e in entries if e[2] == "4242"] == ["azureuser"]
+    assert [e for e in entries if e[0] == "root"]  # the rest of the host's accounts stay
+    assert [g.split(":")[0] for g in group.splitlines() if g.split(":")[2] == "4343"] == ["azureuser"]
+
+
+def test_runuser_shim_runs_commands_as_the_admin_only(tmp_path: Path):
+    from prefect_azmanagers.localcloud.fsview import runuser_shim
+
+    shim = tmp_path / "runuser"
+    shim.write_text(runuser_shim("azureuser"))
+    ok = subprocess.run(["sh", str(shim), "-u", "azureuser", "--", "echo", "a b"], capture_output=True, text=True)
+    assert (ok.returncode, ok.stdout) == (0, "a b\n")
+    refused = subprocess.run(["sh", str(shim), "-u", "root", "--", "id"], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "without root (loopback mode)" in refused.stderr and "runuser -u azureuser" in refused.stderr
