@@ -1,10 +1,13 @@
-"""Azure Instance Metadata Service (IMDS) for the sandboxes, at the real http://169.254.169.254.
+"""Azure Instance Metadata Service (IMDS) for the sandboxes, at the real http://169.254.169.254
+(isolated mode).
 
 One server in the local cloud's own event loop serves every instance: for each instance a
 listening socket is created *inside* the instance's network namespace (a thread enters the
 namespace with setns(2), binds 169.254.169.254:80 there and returns), so each instance reaches
 only its own metadata at the real address and no process per instance is needed. The host's
 network is untouched (the address exists only on each instance's loopback).
+In loopback mode (no namespaces) the socket listens on the instance's own 127.x.y.z address at
+an unprivileged port instead; instances learn the URL from AZMANAGERS_IMDS_URL.
 
 Served, with Azure's JSON shapes and rules (`Metadata: true` and `api-version` required, 400
 otherwise): GET /metadata/instance[/<path>][?format=text], GET /metadata/scheduledevents,
