@@ -30,7 +30,17 @@ from typing import Any, BinaryIO, Callable
 import cloudpickle
 
 from prefect_azmanagers.cluster import mpi
-from prefect_azmanagers.cluster.protocol import HEADER, Kind, encode, encode_json, parse_header
+from prefect_azmanagers.cluster.protocol import (
+    HEADER,
+    Buffer,
+    Kind,
+    Payload,
+    encode,
+    encode_json,
+    load_payload,
+    parse_header,
+)
+from prefect_azmanagers.cluster.serialization import pickle_payload
 
 _flush_hooks: list[Callable[[], None]] = []
 
@@ -60,16 +70,29 @@ class _Channel:
         self._writer = writer
         self._lock = threading.Lock()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, *more: Buffer) -> None:
+        """Write a frame, given whole or as pieces (written as they are: large ones uncopied)."""
         with self._lock:
             self._writer.write(frame)
+            for piece in more:
+                self._writer.write(piece)
             self._writer.flush()
 
-    def receive(self) -> tuple[Kind, int, bytes] | None:
+    def send_payload(self, kind: Kind, task_id: int, payload: Payload) -> None:
+        self.send(HEADER.pack(payload.nbytes, kind, task_id), payload.prefix(), *payload.buffers)
+
+    def receive(self) -> tuple[Kind, int, bytes | Payload] | None:
+        """The next frame; a RUN body as its pickle, or as a Payload when buffers travel beside
+        it (read straight into the objects the call gets). None at end of input."""
         header = self._reader.read(HEADER.size)
         if len(header) < HEADER.size:
             return None  # the driver closed our stdin
         length, kind, task_id = parse_header(header)
+        if kind == Kind.RUN:
+            payload = Payload.read(self._reader, length)
+            if payload is None:
+                return None
+            return kind, task_id, payload if payload.buffers else payload.pickle
         body = self._reader.read(length)
         if len(body) < length:
             return None
@@ -111,13 +134,13 @@ def _error_body(exc: BaseException, tb_text: str) -> dict[str, Any]:
     }
 
 
-def _run_pickled(task_id: int, payload: bytes) -> Any:
-    return cloudpickle.loads(payload)()
+def _run_pickled(task_id: int, payload: bytes | Payload) -> Any:
+    return load_payload(payload)()
 
 
 class Agent:
     def __init__(self, channel: _Channel, concurrency: int, *,
-                 execute: Callable[[int, bytes], Any] = _run_pickled,
+                 execute: Callable[[int, bytes | Payload], Any] = _run_pickled,
                  after_call: Callable[[], None] | None = None):
         # execute/after_call: the MPI seam (cluster/mpi.py runs each call on every rank)
         self.execute = execute
@@ -134,7 +157,7 @@ class Agent:
             "python": sys.version.split()[0], "concurrency": self.concurrency,
         }))
 
-    def run_task(self, task_id: int, payload: bytes) -> None:
+    def run_task(self, task_id: int, payload: bytes | Payload) -> None:
         with self._running_lock:
             self.running += 1
         try:
@@ -144,7 +167,7 @@ class Agent:
                 self.channel.send(encode_json(Kind.ERROR, _error_body(exc, traceback.format_exc()), task_id))
                 return
             try:
-                data = cloudpickle.dumps(value)
+                data = pickle_payload(value)
             except Exception as exc:
                 body = _error_body(exc, traceback.format_exc())
                 body["type"] = "prefect_azmanagers.exceptions.PayloadError"
@@ -153,7 +176,7 @@ class Agent:
                 body["exception"] = None
                 self.channel.send(encode_json(Kind.ERROR, body, task_id))
                 return
-            self.channel.send(encode(Kind.RESULT, task_id, data))
+            self.channel.send_payload(Kind.RESULT, task_id, data)
         finally:
             with self._running_lock:
                 self.running -= 1

@@ -5,6 +5,9 @@
 the instance (`forward_ports`: they listen on the instance's loopback only, as sshd does).
 `InstanceConnection.start_agent` starts one agent process as an SSH exec channel; its stdout
 carries protocol frames, its stderr plain lines, both delivered to callbacks on the event loop.
+A payload's large buffers are written from the caller's objects in slices as the channel
+drains: asyncssh copies what it is given, so the driver never holds a second copy of a 100 MB
+argument and the event loop is never busy copying one for long.
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ from typing import Callable, Sequence
 import asyncssh
 
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-from prefect_azmanagers.cluster.protocol import HEADER, Frame, FrameDecoder, Kind, ProtocolError
+from prefect_azmanagers.cluster.protocol import (
+    HEADER,
+    Frame,
+    FrameDecoder,
+    Kind,
+    Payload,
+    ProtocolError,
+)
 from prefect_azmanagers.exceptions import HostKeyMismatch
 
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 SMALL_FRAME = 1 << 16  # bodies below this are copied behind their header: one write, one packet
+WRITE_SLICE = 1 << 20  # large buffers are handed to the channel this much at a time
+SEND_HIGH_WATER = 4 << 20  # unsent bytes the channel may hold before `send` waits (> sshd's 2 MiB window)
 # AES-GCM first: asyncssh's pure-Python ChaCha20-Poly1305 costs ~110 us per packet, AES-GCM
 # (one OpenSSL call) ~15 us, and every call crosses at least four packets. Both are AEAD.
 ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
@@ -90,10 +102,12 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._send_lock = asyncio.Lock()
         self._exit_reason = "the agent's channel closed"
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._channel = chan
+        chan.set_write_buffer_limits(high=SEND_HIGH_WATER)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -128,17 +142,33 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
         self._writable.set()
         self._on_exit(f"{self._exit_reason}" + (f" ({exc})" if exc else ""))
 
-    async def send(self, kind: Kind, task_id: int = 0, body: bytes = b"") -> None:
-        """Write one frame (header, then the body uncopied), waiting while the channel's send
-        buffer is full."""
-        await self._writable.wait()
-        assert self._channel is not None
-        header = HEADER.pack(len(body), kind, task_id)
-        if len(body) < SMALL_FRAME:  # one SSH packet instead of two
-            self._channel.write(header + body)
-        else:
-            self._channel.write(header)
-            self._channel.write(body)
+    async def send(self, kind: Kind, task_id: int = 0, body: bytes | Payload = b"") -> None:
+        """Write one frame, waiting while the channel's send buffer is full.
+
+        Frames never interleave. A send interrupted half-way (cancelled, channel gone) closes
+        the channel: the agent's stream cannot resume inside a frame.
+        """
+        payload = body if isinstance(body, Payload) else Payload(body)
+        prefix = payload.prefix()
+        header = HEADER.pack(payload.nbytes, kind, task_id)
+        async with self._send_lock:
+            await self._writable.wait()
+            assert self._channel is not None
+            if len(prefix) < SMALL_FRAME:  # one SSH packet for a small frame
+                self._channel.write(header + prefix)
+                rest = payload.buffers
+            else:
+                self._channel.write(header)
+                rest = (prefix, *payload.buffers)
+            try:
+                for buffer in rest:
+                    view = memoryview(buffer)
+                    for start in range(0, view.nbytes, WRITE_SLICE):
+                        await self._writable.wait()
+                        self._channel.write(view[start:start + WRITE_SLICE])
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         if self._channel is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.protocol import Frame, Kind
-from prefect_azmanagers.cluster.serialization import dumps
+from prefect_azmanagers.cluster.serialization import dumps, dumps_payload, loads
 from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
 from prefect_azmanagers.exceptions import HostKeyMismatch
 
@@ -132,3 +132,63 @@ async def test_agent_killed_reports_exit(sshd, tmp_path):
         assert "signal KILL" in reason or "status" in reason
     finally:
         conn.close()
+
+
+def _digest(blob):
+    import hashlib
+    return hashlib.sha256(blob).hexdigest(), blob[-3:]
+
+
+async def test_large_payloads_travel_out_of_band_without_interleaving(sshd, tmp_path):
+    import hashlib
+    import os
+
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1, concurrency=2),
+                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
+                                       on_exit=got.on_exit)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        blob = os.urandom(24 << 20)
+        big = dumps_payload(lambda: _digest(blob))
+        assert big.buffers[0] is blob  # written from the caller's object
+        # a small frame sent while the large one is being written waits for it to end
+        await asyncio.gather(agent.send(Kind.RUN, 1, big),
+                             agent.send(Kind.RUN, 2, dumps(lambda: "small")))
+        one = await got.wait_for(lambda f: f.task_id == 1 and f.kind in (Kind.RESULT, Kind.ERROR))
+        two = await got.wait_for(lambda f: f.task_id == 2 and f.kind in (Kind.RESULT, Kind.ERROR))
+        assert one.kind == Kind.RESULT, one.json()
+        assert loads(one.body) == (hashlib.sha256(blob).hexdigest(), blob[-3:])
+        assert loads(two.body) == "small"
+
+        back = dumps_payload(lambda: bytes(range(256)) * (1 << 15))  # an 8 MB result
+        await agent.send(Kind.RUN, 3, back)
+        three = await got.wait_for(lambda f: f.task_id == 3 and f.kind == Kind.RESULT)
+        assert three.body[:1] == b"\x00" and loads(three.body) == bytes(range(256)) * (1 << 15)
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_send_cut_short_closes_the_channel(sshd, tmp_path):
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
+                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
+                                       on_exit=got.on_exit)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        blob = bytes(256 << 20)
+        sending = asyncio.ensure_future(agent.send(Kind.RUN, 1, dumps_payload(lambda: len(blob))))
+        await asyncio.sleep(0)  # the send has filled the channel's buffer and waits for it to drain
+        assert not sending.done()
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        # the agent never sees the rest of the frame: its input ends and it exits
+        await asyncio.wait_for(got.exited, 30)
+        assert not any(f.kind in (Kind.RESULT, Kind.ERROR) for f in got.frames)
+    finally:
+        conn.close()
+        await conn.wait_closed()
