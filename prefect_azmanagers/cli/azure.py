@@ -51,6 +51,11 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
+def _ownership_columns(tags: dict[str, str]) -> tuple[str, str, str]:
+    """The creator, cluster and created tags of a resource, as the list commands show them."""
+    return tags.get(CREATOR_TAG, ""), tags.get(CLUSTER_TAG, ""), tags.get(CREATED_TAG, "")
+
+
 def _with_clients(manifest_name: str, work: Callable[[ArmClients, str], Awaitable[T]]) -> T:
     manifest = load_manifest(manifest_name)
 
@@ -75,7 +80,7 @@ def scalesets_list(
     for s in found:
         if all_ or CLUSTER_TAG in s.tags:
             table.add_row(s.name, str(s.capacity), s.orchestration_mode, s.provisioning_state,
-                          s.tags.get(CREATOR_TAG, ""), s.tags.get(CLUSTER_TAG, ""), s.tags.get(CREATED_TAG, ""))
+                          *_ownership_columns(s.tags))
     _console.print(table)
 
 
@@ -116,8 +121,7 @@ def vms_list(
     table = Table("name", "private ip", "creator", "cluster", "created")
     for vm in found:
         if all_ or CLUSTER_TAG in vm.tags:
-            table.add_row(vm.name, vm.private_ip, vm.tags.get(CREATOR_TAG, ""),
-                          vm.tags.get(CLUSTER_TAG, ""), vm.tags.get(CREATED_TAG, ""))
+            table.add_row(vm.name, vm.private_ip, *_ownership_columns(vm.tags))
     _console.print(table)
 
 

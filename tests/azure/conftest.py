@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 import pytest
@@ -24,6 +24,8 @@ from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.azure.ownership import ownership_tags
 from prefect_azmanagers.azure.quota import usages
 from prefect_azmanagers.azure.scaleset import ScaleSet
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,8 +55,8 @@ class LocalCloud:
     def scaleset(self, clients: ArmClients, suffix: str = "", **kw: Any) -> ScaleSet:
         """A ScaleSet from the small template, named and tagged for this test (nothing made yet)."""
         kw.setdefault("custom_data", self.custom_data())
-        return ScaleSet(clients, self.manifest, self.sstemplate, self.name(suffix),
-                        tags=ownership_tags(self.prefix), **kw)
+        kw.setdefault("tags", ownership_tags(self.prefix))
+        return ScaleSet(clients, self.manifest, self.sstemplate, self.name(suffix), **kw)
 
     async def ssh(self, ip: str) -> asyncssh.SSHClientConnection:
         """An SSH connection to an instance as the admin user (host key not checked)."""
@@ -62,12 +64,12 @@ class LocalCloud:
             ip, port=self.manifest.ssh_port, username=self.manifest.ssh_user, known_hosts=None,
             client_keys=[asyncssh.import_private_key(self.manifest.read_private_key())])
 
-    def run(self, scenario: Callable[[ArmClients], Awaitable[None]]) -> None:
-        """Run `scenario(clients)` to completion with clients for the local cloud."""
-        async def main() -> None:
+    def run(self, scenario: Callable[[ArmClients], Awaitable[T]]) -> T:
+        """Run `scenario(clients)` to completion with clients for the local cloud; its result."""
+        async def main() -> T:
             async with ArmClients(self.manifest) as clients:
-                await scenario(clients)
-        asyncio.run(main())
+                return await scenario(clients)
+        return asyncio.run(main())
 
     def run_with_scaleset(self, scenario: Callable[[ArmClients, ScaleSet], Awaitable[None]], **kw: Any) -> None:
         """Run `scenario(clients, ss)` with `ss = self.scaleset(clients, **kw)`, deleted afterwards."""

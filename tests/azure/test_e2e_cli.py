@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 
 import pytest
 
-from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
-from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.azure.ownership import PID_TAG, ownership_tags
-from prefect_azmanagers.azure.scaleset import ScaleSet
 from prefect_azmanagers.azure.vm import create_vm
 
 pytestmark = pytest.mark.e2e
@@ -34,29 +30,26 @@ def dead_pid() -> str:
 def test_list_and_cleanup_orphans(lc):
     orphan_tags = {**ownership_tags(lc.prefix), PID_TAG: dead_pid()}     # its creator has died
     live_tags = ownership_tags(lc.prefix + "live")                        # this process: alive
-    data = encode_custom_data(boot_script(admin_username=lc.manifest.ssh_user))
 
-    async def provision():
-        async with ArmClients(lc.manifest) as clients:
-            orphan = ScaleSet(clients, lc.manifest, lc.sstemplate, lc.name("o"), custom_data=data, tags=orphan_tags)
-            live = ScaleSet(clients, lc.manifest, lc.sstemplate, lc.name("l"), custom_data=data, tags=live_tags)
-            for ss in (orphan, live):
-                await ss.grow(1)
-                await ss.wait_provisioned()
-            await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, lc.name("v"),
-                            custom_data=data, tags=orphan_tags)
-            nic = {**lc.nictemplate.value, "tags": orphan_tags}          # a NIC a crash left unattached
-            poller = await clients.network.network_interfaces.begin_create_or_update(
-                lc.manifest.resource_group, lc.name("n"), nic)
-            await poller.result()
-            return live
+    async def provision(clients):
+        orphan = lc.scaleset(clients, "o", tags=orphan_tags)
+        live = lc.scaleset(clients, "l", tags=live_tags)
+        for ss in (orphan, live):
+            await ss.grow(1)
+            await ss.wait_provisioned()
+        await create_vm(clients, lc.manifest, lc.vmtemplate, lc.nictemplate, lc.name("v"),
+                        custom_data=lc.custom_data(), tags=orphan_tags)
+        nic = {**lc.nictemplate.value, "tags": orphan_tags}          # a NIC a crash left unattached
+        poller = await clients.network.network_interfaces.begin_create_or_update(
+            lc.manifest.resource_group, lc.name("n"), nic)
+        await poller.result()
+        return live
 
-    async def delete(live):
-        async with ArmClients(lc.manifest) as clients:
-            live.clients = clients
-            await live.delete()
+    async def delete(clients):
+        live.clients = clients
+        await live.delete()
 
-    live = asyncio.run(provision())
+    live = lc.run(provision)
     try:
         listed = cli("scalesets", "list", "--manifest", "localcloud")
         assert lc.name("o") in listed and lc.name("l") in listed
@@ -76,5 +69,5 @@ def test_list_and_cleanup_orphans(lc):
         assert remaining == [f"scale set {lc.name('l')}", f"instance {lc.name('l')}_0"], remaining
         # (the fixture checks that the unattached NIC is gone too)
     finally:
-        asyncio.run(delete(live))
+        lc.run(delete)
     assert "did not exist" in cli("scalesets", "delete", lc.name("l"), "--yes", "--manifest", "localcloud")
