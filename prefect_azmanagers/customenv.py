@@ -39,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 
 from prefect_azmanagers.azure.bootscript import CUSTOM_DATA_LIMIT
-from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge
+from prefect_azmanagers.exceptions import ConfigurationError, CustomDataTooLarge, LockFileError
 
 logger = logging.getLogger("prefect_azmanagers.customenv")
 
@@ -59,10 +59,6 @@ class LocalPackageError(ConfigurationError):
     def __init__(self, message: str, *, names: Sequence[str]):
         super().__init__(message)
         self.names = tuple(names)
-
-
-class LockFileError(ConfigurationError):
-    """The project's lock file cannot be turned into pinned requirements."""
 
 
 @dataclass(frozen=True)

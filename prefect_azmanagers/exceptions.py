@@ -32,6 +32,10 @@ class KeyFileError(ConfigurationError):
     """An SSH key file is missing, unreadable, or readable by other users."""
 
 
+class LockFileError(ConfigurationError):
+    """customenv: the project's lock file cannot be turned into pinned requirements."""
+
+
 class AzureError(AzManagersError):
     """An Azure Resource Manager request failed; `code` is ARM's error code when known."""
 
@@ -91,3 +95,7 @@ class PrefectAPIUnreachable(AzManagersError):
 
 class PayloadError(AzManagersError):
     """A task or job argument cannot be pickled (the message names the argument)."""
+
+
+class DetachedJobError(AzManagersError):
+    """A detached job cannot be found, was cancelled, or did not finish in time."""

@@ -36,7 +36,7 @@ from prefect_azmanagers.detached.runtime import (
     PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
 )
 from prefect_azmanagers.detached.vm import DetachedVM, upload_payload
-from prefect_azmanagers.exceptions import AzManagersError, PayloadError
+from prefect_azmanagers.exceptions import DetachedJobError, PayloadError
 
 Status = Literal["starting", "running", "done", "failed", "cancelled"]
 
@@ -52,10 +52,6 @@ FINAL_STATUSES = ("done", "failed", "cancelled")
 # longer than this travel over SFTP to the VM instead.
 MAX_INLINE_PAYLOAD = 400 * 1024
 _LOG_PAGE = 200
-
-
-class DetachedJobError(AzManagersError):
-    """A detached job cannot be found, was cancelled, or did not finish in time."""
 
 
 class DetachedJob:
