@@ -3,8 +3,9 @@
 Every scale set, VM and NIC this package creates carries tags: the creator (`user@host`), its pid,
 the cluster (or detached VM) id, and the creation time (ISO 8601, UTC). `find_orphans` lists
 the tagged resources of a resource group older than a threshold whose creating process is not
-alive on this host (the pid tag); `prefect-azmanagers cleanup` deletes them. Detached VMs are meant to outlive their driver, so they are only orphans when
-asked for explicitly (`include_detached`); a NIC of ours attached to no VM always is one.
+alive on this host (the pid tag); `prefect-azmanagers cleanup` deletes them. Detached VMs are
+meant to outlive their driver, so they are only orphans when asked for explicitly
+(`include_detached`); a NIC of ours attached to no VM always is one.
 """
 
 from __future__ import annotations

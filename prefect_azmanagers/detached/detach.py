@@ -4,8 +4,9 @@ The deletion is done by a reaper, `python -m prefect_azmanagers.detached.detach`
 `detach` starts in a new session (so it outlives the Python process, notebook or terminal that
 called `detach`; its log is `~/.azmanagers/reaper.log`). It reads the VM, the manifest and the
 job's flow-run id cloudpickled on its stdin (no credential on a command line), waits for the
-job's final state through the Prefect API, then `rmproc`s the VM (VM, NIC, deployment, pool). It gives up waiting after `max_wait` seconds or when the API
-has been unreachable for `api_patience` seconds, and deletes the VM anyway.
+job's final state through the Prefect API, then `rmproc`s the VM (VM, NIC, deployment, pool).
+It gives up waiting after `max_wait` seconds or when the API has been unreachable for
+`api_patience` seconds, and deletes the VM anyway.
 
 Why not the VM deleting itself, as AzManagers intended: the VM would need an ARM credential
 (a secret shipped to it, or a managed identity) and a route to ARM, and the local cloud's VMs,
