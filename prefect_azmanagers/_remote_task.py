@@ -49,7 +49,7 @@ class RemoteTaskRun:
         task: bytes,
         task_name: str,
         task_run_id: uuid.UUID,
-        parameters: dict[str, bytes],
+        parameters: dict[str, Any],
         wait_for: list[Any] | None,
         dependencies: dict[str, set[Any]],
         task_context: dict[str, Any],
@@ -57,12 +57,20 @@ class RemoteTaskRun:
     ) -> None:
         # Everything that may fail to unpickle on the worker arrives pickled, so the worker
         # can say which part failed (`RunNotStarted`). `task` and `flow_run_context` are
-        # pickled once per flow run and unpickled once per distinct blob (`_loads_once`);
-        # `parameters` one blob per parameter (`pickle_parameters`).
+        # pickled once per flow run and unpickled once per distinct blob (`_loads_once`).
+        # Each parameter is pickled here, on its own, unless it is of a builtin data type
+        # (which unpickles anywhere): a large bytes or str argument is not copied twice.
         self._task = task
         self.task_name = task_name
         self.task_run_id = task_run_id
-        self._parameters = parameters
+        self._parameter_names = tuple(parameters)
+        self._plain_parameters = {
+            name: value for name, value in parameters.items() if type(value) in _PLAIN_DATA
+        }
+        self._pickled_parameters = {
+            name: serialization.dumps(value, what=f"Parameter {name!r} of task {task_name!r}")
+            for name, value in parameters.items() if name not in self._plain_parameters
+        }
         self.wait_for = wait_for
         self.dependencies = dependencies
         self._task_context = task_context
@@ -81,11 +89,13 @@ class RemoteTaskRun:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return {
-            name: _rebuild(lambda: cloudpickle.loads(blob),
-                           f"Parameter {name!r} of task {self.task_name!r}")
-            for name, blob in self._parameters.items()
-        }
+        return {name: self._parameter(name) for name in self._parameter_names}
+
+    def _parameter(self, name: str) -> Any:
+        if name in self._plain_parameters:
+            return self._plain_parameters[name]
+        return _rebuild(lambda: cloudpickle.loads(self._pickled_parameters[name]),
+                        f"Parameter {name!r} of task {self.task_name!r}")
 
     def __call__(self) -> Any:
         import httpx
@@ -137,12 +147,7 @@ class RemoteTaskRun:
             ON_WORKER.reset(token)
 
 
-def pickle_parameters(parameters: dict[str, Any], task_name: str) -> dict[str, bytes]:
-    """Each parameter pickled on its own (PayloadError naming the one that cannot be)."""
-    return {
-        name: serialization.dumps(value, what=f"Parameter {name!r} of task {task_name!r}")
-        for name, value in parameters.items()
-    }
+_PLAIN_DATA = frozenset({bytes, bytearray, str, int, float, complex, bool, type(None)})
 
 
 def _rebuild(load: Any, what: str) -> Any:

@@ -69,7 +69,6 @@ from prefect_azmanagers._remote_task import (
     ON_WORKER,
     RemoteTaskRun,
     RunNotStarted,
-    pickle_parameters,
 )
 from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.exceptions import (
@@ -392,7 +391,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             parameters = _futures_to_states(run.parameters)
             remote = RemoteTaskRun(
                 self._pickled_task(run.task), run.task.name, run.task_run_id,
-                pickle_parameters(parameters, run.task.name), wait_for_states,
+                parameters, wait_for_states,
                 run.dependencies, run.context, run.shared,
             )
             if run.outer.done():  # cancelled while waiting for upstream work
