@@ -234,7 +234,7 @@ def test_imds_instance_metadata_and_its_rules(boot):
     assert no_header == "400"
     no_version = vm.check(f"curl -s -H Metadata:true '{IMDS}/metadata/instance'")
     assert "api-version was not specified" in json.loads(no_version)["error"]
-    assert vm.check("echo $AZMANAGERS_IMDS_URL") == IMDS  # sessions are told where IMDS is
+    assert vm.check("echo $AZMANAGERS_IMDS_URL").strip() == IMDS  # sessions are told where IMDS is
 
 
 def test_scheduled_events_post_clear_and_acknowledge(host, boot, acks):
