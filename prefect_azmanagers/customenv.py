@@ -109,6 +109,7 @@ def capture_environment(
         is no lock file (default: sys.path).
     pip_args: pip options for the instance (index / find-links); default: the index, find-links,
         no-index and trusted-host settings of the driver's pip configuration.
+    use_lock_file: False captures the installed distributions even when there is a lock file.
     """
     options = tuple(pip_args) if pip_args is not None else _driver_pip_options()
     lock = _find_lock_file(Path(project_dir or Path.cwd())) if use_lock_file else None

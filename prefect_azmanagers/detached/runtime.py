@@ -6,7 +6,7 @@ path, so no code is shipped beyond the installed package). The flow:
 1. takes the job's cloudpickled payload (callable, args, kwargs, variablebundle) from its
    `payload` parameter, or, when larger than Prefect's parameter limit, from the file the driver
    uploaded over SFTP into `~/.azmanagers/payloads/`;
-2. runs the callable in a child process (`python -m prefect_azmanagers.detached.runtime DIR`)
+2. runs the callable in a child process (`python -m prefect_azmanagers.detached.jobprocess DIR`)
    whose fds 1 and 2 are pipes: the job's own output, including that of processes it starts,
    is kept apart from Prefect's own console logging;
 3. forwards every stdout/stderr chunk, in order, as a flow-run log record named

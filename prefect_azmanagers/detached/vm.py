@@ -53,9 +53,7 @@ from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
 from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
-from prefect_azmanagers.exceptions import (
-    BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
-)
+from prefect_azmanagers.exceptions import BootFailed, ConfigurationError, PrefectAPIUnreachable
 
 logger = logging.getLogger("prefect_azmanagers.detached")
 
@@ -389,10 +387,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
 
 def _remove(manifest: AzureManifest, resource_group: str, name: str) -> None:
     # The VM first: its worker would re-create a deleted work pool at its next heartbeat.
-    try:
-        run_coro_as_sync(_delete(manifest, resource_group, name))
-    except ResourceMissing:
-        pass
+    run_coro_as_sync(_delete(manifest, resource_group, name))   # a VM already gone is fine
     _delete_pool_and_deployments(name)
 
 
