@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from prefect_azmanagers.cli import app
+from prefect_azmanagers.templates import build_nictemplate, build_sstemplate, build_vmtemplate
 
 OWN_COMMANDS = [
     ["manifest", "write"], ["manifest", "show"], ["template", "list"], ["template", "show"],
@@ -23,6 +26,24 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Example: prefect-azmanagers " + " ".join(command) in result.output
+
+
+@pytest.mark.parametrize(("command", "builder"), [
+    ("build-scaleset", build_sstemplate), ("build-vm", build_vmtemplate), ("build-nic", build_nictemplate),
+])
+def test_build_commands_take_every_builder_keyword_with_its_default(command: str, builder) -> None:
+    """The build commands restate their builder's keywords as options; they must not drift apart."""
+    repeatable = {"data_disk": "data_disks", "tag": "tags"}   # singular on the command line
+    click_command = typer.main.get_command(app).commands["template"].commands[command]
+    options = {repeatable.get(p.name, p.name): p for p in click_command.params
+               if p.name not in ("save", "overwrite")}
+    parameters = inspect.signature(builder).parameters
+    assert options.keys() == parameters.keys()
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            assert options[name].required, name
+        elif name not in repeatable.values():
+            assert options[name].default == parameter.default, name
 
 
 def test_root_lists_every_noun() -> None:
