@@ -59,9 +59,9 @@ class Instance:
     priority: str | None      # "Regular" | "Spot"
 
 
-def _power_state(raw: dict) -> str | None:
-    view = (raw.get("properties") or {}).get("instanceView") or {}
-    for status in view.get("statuses") or []:
+def power_state(instance_view: dict) -> str | None:
+    """"running", "stopped", "deallocated", ... from an instance view's PowerState status."""
+    for status in instance_view.get("statuses") or []:
         code = status.get("code") or ""
         if code.startswith("PowerState/"):
             return code.split("/", 1)[1]
@@ -363,7 +363,7 @@ class ScaleSet:
                 vm_id=props.get("vmId", ""),
                 computer_name=(props.get("osProfile") or {}).get("computerName") or view.get("computerName") or "",
                 provisioning_state=props.get("provisioningState") or "Unknown",
-                power_state=_power_state(vm),
+                power_state=power_state(view),
                 private_ip=ips.get((vm.get("id") or "").lower()),
                 priority=props.get("priority") or default_priority,
             ))

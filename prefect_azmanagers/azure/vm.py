@@ -19,7 +19,7 @@ from typing import Any
 from prefect_azmanagers.azure.clients import collect, delete_and_wait
 from prefect_azmanagers.azure.errors import arm_errors
 from prefect_azmanagers.azure.quota import ensure_quota
-from prefect_azmanagers.azure.scaleset import apply_image_override
+from prefect_azmanagers.azure.scaleset import apply_image_override, power_state
 from prefect_azmanagers.exceptions import ConfigurationError, ResourceMissing, TemplateError
 
 logger = logging.getLogger("prefect_azmanagers.azure")
@@ -181,6 +181,14 @@ async def get_vm(clients: Any, resource_group: str, name: str) -> VMInfo:
             ip = ""
     return VMInfo(name=vm["name"], vm_id=(vm.get("properties") or {}).get("vmId", ""), private_ip=ip,
                   nic_name=nic_name, resource_group=resource_group, tags=dict(vm.get("tags") or {}))
+
+
+async def vm_power_state(clients: Any, resource_group: str, name: str) -> str | None:
+    """The VM's power state ("running", "stopped", "deallocated", ...); ResourceMissing if it
+    does not exist."""
+    with arm_errors(f"read the instance view of VM {name}"):
+        view = await clients.compute.virtual_machines.instance_view(resource_group, name)
+    return power_state(view.as_dict())
 
 
 async def list_vms(clients: Any, resource_group: str, *, tag_filter: dict[str, str] | None = None) -> list[VMInfo]:

@@ -29,13 +29,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling
+from prefect.states import Cancelled, Cancelling, Crashed
 
 from prefect_azmanagers.detached.bundle import variablebundle
 from prefect_azmanagers.detached.runtime import (
     PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
 )
-from prefect_azmanagers.detached.vm import DetachedVM, upload_payload
+from prefect_azmanagers.detached.vm import DetachedVM, upload_payload, vm_lost_reason
 from prefect_azmanagers.exceptions import DetachedJobError, PayloadError
 
 Status = Literal["starting", "running", "done", "failed", "cancelled"]
@@ -84,9 +84,21 @@ class DetachedJob:
                     f"{client.api_url}: check the id and PREFECT_API_URL") from None
 
     def status(self) -> Status:
-        """"starting", "running", "done", "failed" or "cancelled"."""
-        state = self._flow_run().state
-        return "starting" if state is None else _STATUS[state.type]
+        """"starting", "running", "done", "failed" or "cancelled".
+
+        A job whose VM was lost (deleted, evicted, crashed: its worker fell silent and ARM
+        confirms the VM no longer runs) is marked Crashed in the API and reads "failed".
+        """
+        flow_run = self._flow_run()
+        status = "starting" if flow_run.state is None else _STATUS[flow_run.state.type]
+        if status in FINAL_STATUSES or not flow_run.work_pool_name:
+            return status
+        reason = vm_lost_reason(flow_run.work_pool_name, flow_run.deployment_id)
+        if reason is None:
+            return status
+        with get_client(sync_client=True) as client:
+            result = client.set_flow_run_state(UUID(self.flow_run_id), Crashed(message=reason))
+        return _STATUS[result.state.type] if result.state is not None else status
 
     def wait(self, timeout: float | None = None, *, poll: float = 1.0) -> Status:
         """Block until the job has ended; returns its final status.

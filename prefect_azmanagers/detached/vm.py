@@ -24,12 +24,14 @@ import os
 import shlex
 import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from uuid import UUID
 
 import asyncssh
 from prefect import get_client
@@ -53,7 +55,9 @@ from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
 from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
-from prefect_azmanagers.exceptions import BootFailed, ConfigurationError, PrefectAPIUnreachable
+from prefect_azmanagers.exceptions import (
+    AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
+)
 
 logger = logging.getLogger("prefect_azmanagers.detached")
 
@@ -67,6 +71,9 @@ _FINAL_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED,
                       StateType.CANCELLED}
 # How often the VM's worker asks the API for work: the start latency of a job.
 WORKER_QUERY_SECONDS = 2
+WORKER_HEARTBEAT_SECONDS = 5
+# Heartbeats a VM's worker may miss before ARM is asked whether the VM still runs.
+WORKER_SILENT_HEARTBEATS = 3
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
     env = {"HOME": home, "USER": admin, "LOGNAME": admin, "PREFECT_API_URL": api_url,
            "PREFECT_HOME": f"{home}/.prefect",
            "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
-           "PREFECT_WORKER_HEARTBEAT_SECONDS": "10"}
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS)}
     worker = shlex.join([python, "-m", "prefect", "worker", "start", "--pool", pool,
                          "--type", "process", "--name", pool])
     env_file = shlex.quote(f"{home}/{API_ENV_FILE}")
@@ -193,11 +200,13 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
     ])
 
 
-def _create_pool_and_deployment(pool: str, working_dir: str | None = None) -> None:
+def _create_pool_and_deployment(pool: str, working_dir: str | None = None,
+                                manifest_name: str | None = None) -> None:
     """The VM's process work pool and the generic deployment in it (idempotent).
 
     `working_dir` becomes the pool's default working directory of flow runs: the VM's code
     directory, so deployments with file entrypoints (prefect.yaml) find the shipped code.
+    The deployment's tag `azmanagers-manifest:<name>` tells `vm_lost_reason` how to reach ARM.
     """
     template = ProcessWorker.get_default_base_job_template()
     if working_dir:
@@ -213,6 +222,7 @@ def _create_pool_and_deployment(pool: str, working_dir: str | None = None) -> No
         client.create_deployment(
             flow_id, pool, work_pool_name=pool, entrypoint=f"{run_detached.__module__}.run_detached",
             pull_steps=[], parameter_openapi_schema=run_detached.parameters.model_dump(),
+            tags=[f"{MANIFEST_TAG}:{manifest_name}"] if manifest_name else None,
             enforce_parameter_schema=False,
             description="Runs cloudpickled jobs sent by prefect_azmanagers.detachat on this VM.")
 
@@ -242,6 +252,45 @@ def _delete_pool_and_deployments(pool: str) -> None:
             client.delete_work_pool(pool)
         except ObjectNotFound:
             pass
+
+
+def vm_lost_reason(pool: str, deployment_id: UUID | None) -> str | None:
+    """Why the detached VM serving `pool` can no longer run its jobs, or None while it can.
+
+    One API read while the VM's worker heartbeats. A worker silent for WORKER_SILENT_HEARTBEATS
+    is not proof (a Prefect API outage silences it too), so ARM then says whether the VM still
+    runs: deleted, stopped or deallocated (an eviction, a crash) means its jobs are lost.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            return f"the work pool of detached VM {pool} was deleted"
+        now = datetime.now(timezone.utc)
+        if any(worker.last_heartbeat_time is not None
+               and (now - worker.last_heartbeat_time).total_seconds()
+               <= WORKER_SILENT_HEARTBEATS * (worker.heartbeat_interval_seconds or WORKER_HEARTBEAT_SECONDS)
+               for worker in workers):
+            return None
+        tags = client.read_deployment(deployment_id).tags if deployment_id else []
+    manifest_name = next((tag.split(":", 1)[1] for tag in tags
+                          if tag.startswith(f"{MANIFEST_TAG}:")), "default")
+    try:
+        manifest = load_manifest(manifest_name)
+        state = run_coro_as_sync(_power_state(manifest, pool))
+    except ResourceMissing:
+        return f"detached VM {pool} no longer exists (deleted outside rmproc?)"
+    except AzManagersError as exc:
+        logger.warning("cannot ask ARM about detached VM %s, whose worker is silent: %s", pool, exc)
+        return None
+    if state in (None, "starting", "running"):
+        return None
+    return f"detached VM {pool} is {state} (evicted, crashed or stopped): its job was lost"
+
+
+async def _power_state(manifest: AzureManifest, name: str) -> str | None:
+    async with ArmClients(manifest) as clients:
+        return await azure_vm.vm_power_state(clients, manifest.resource_group, name)
 
 
 def wait_for_worker(pool: str, timeout: float) -> bool:
@@ -363,7 +412,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
     custom_data = encode_custom_data(script)
     try:
-        _create_pool_and_deployment(name, code_dir(admin))
+        _create_pool_and_deployment(name, code_dir(admin), manifest_name)
         vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name,
                                       custom_data))
         _ship_api_key(vm, manifest)

@@ -287,6 +287,35 @@ def test_persist_false_leaves_nothing(localcloud, assert_vm_gone, tmp_path):
     assert job.result() == 7  # still readable once the VM is gone
 
 
+def test_a_vm_lost_outside_rmproc_fails_its_job(localcloud, assert_vm_gone):
+    """A VM whose guest dies (ARM then shows it stopped) fails its running job as Crashed,
+    naming the VM, instead of leaving it "running" forever."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from prefect_azmanagers.detached import addproc, rmproc
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    vm = addproc("localcloud-vm", "localcloud-nic", manifest="localcloud", basename="azmlost")
+    try:
+        job = detachat(vm, time.sleep, 900)
+        deadline = time.monotonic() + 120
+        while job.status() != "running":
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(1)
+        with LocalCloudAdmin.from_info(localcloud) as admin:
+            admin.kill(vm.name)
+        assert job.status() == "running"  # a live worker's last heartbeat is recent
+        assert job.wait(timeout=180) == "failed"
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(job.flow_run_id).state
+        assert state.type == StateType.CRASHED
+        assert f"detached VM {vm.name} is stopped" in state.message
+    finally:
+        rmproc(vm)
+    assert_vm_gone(vm.name)
+
+
 def test_worker_survives_a_prefect_server_restart(detached_vm, prefect_server):
     prefect_server.restart()
     job = detachat(detached_vm, hello, 5)
