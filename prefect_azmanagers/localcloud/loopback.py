@@ -3,7 +3,9 @@
 Every address of 127.0.0.0/8 is the host's own, so no interface, namespace or route is made:
 an instance's sshd and IMDS simply listen on its own address at unprivileged ports (the same
 ports for every instance). Instances share the host's network: unlike the isolated mode, they
-can reach the driver's 127.0.0.1 and each other's IMDS.
+can reach the driver's 127.0.0.1 and each other's IMDS, and a port an instance listens on
+(e.g. an SSH remote forward) must be free on the host. So the Prefect API reaches them, as in
+isolated mode, through a forwarder on the block's first address (`gateway`).
 
 Each local cloud takes one /22 of the loopback block (e.g. 127.213.4.0/22), reserved by an
 flock(2) on a file named after it in a machine-wide lock directory: local clouds of different
@@ -42,6 +44,11 @@ class LoopbackNetwork:
     def __init__(self, subnet: ipaddress.IPv4Network, lock_fd: int):
         self.subnet = subnet
         self._lock_fd: int | None = lock_fd
+
+    @property
+    def gateway(self) -> str:
+        """The block's first address: where the Prefect API forwarder listens, as in a VNet."""
+        return str(self.subnet.network_address + 1)
 
     def address(self, index: int) -> str:
         return str(self.subnet.network_address + index)

@@ -18,8 +18,10 @@ on the host's network, an OpenSSH sshd run as the local cloud's own user on an u
 port (`ssh_port`, the same for every instance), in a user + mount + UTS namespace giving the
 same filesystem layout (the instance's /etc/passwd names that user adminUsername); its
 customData runs once by bash as that user (there is no root on such an instance); IMDS listens
-on the instance's address at `LOOPBACK_IMDS_PORT`. Instances share the host's network: they can
-reach the driver's 127.0.0.1 (the Prefect API URL is passed through unchanged) and each other.
+on the instance's address at `loopback_imds_port`. Instances share the host's network: they can
+reach the driver's 127.0.0.1 and each other (the Prefect API still has its forwarder, on the
+first address of the cloud's block: a port tunnelled over SSH to an instance's 127.0.0.1 would
+collide with the driver's own).
 Every SSH session, and the boot script, has the instance's IMDS URL in AZMANAGERS_IMDS_URL
 (sshd.IMDS_URL_VARIABLE), in both modes. It needs unprivileged user namespaces.
 
@@ -185,15 +187,14 @@ class SandboxHost:
                     self._network = netns.VirtualNetwork(self.cloud_id, subnet)
                     await self._network.create()
                 self._binder = NetnsBinder()
-                if self.prefect_api_url:
-                    await self._start_forwarder(self.prefect_api_url)
             else:
                 await _check_user_namespaces()
                 try:
                     self._network = loopback.reserve(self.loopback_block, self._previous_subnet())
                 except (OSError, ValueError, RuntimeError) as exc:
                     raise SandboxError(str(exc)) from None
-                self.prefect_api_url_for_vms = self.prefect_api_url  # the host's loopback is shared
+            if self.prefect_api_url:
+                await self._start_forwarder(self.prefect_api_url)
             self._record.write_text(json.dumps({"subnet": str(self._network.subnet), "mode": self.mode}))
         except BaseException:
             await self.stop()

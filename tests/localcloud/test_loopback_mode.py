@@ -111,10 +111,34 @@ def user():
 
 
 @pytest.fixture(scope="module")
-def lb(user):
+def api_service():
+    """An HTTP server on the driver's 127.0.0.1, standing in for the Prefect API."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = f"api-ok {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def lb(user, api_service):
     """A local cloud started by the non-root user with no --network: loopback is the default."""
     state_dir = user.base / "cloud"
-    info = user.start_cloud(state_dir)
+    info = user.start_cloud(state_dir, prefect_api_url=api_service)
     cloud = _clients(info)
     try:
         yield cloud
@@ -137,6 +161,22 @@ def test_a_user_without_root_gets_loopback_mode_and_status_says_so(lb: Cloud, us
     # the manifest `localcloud start` saves carries the port and user the instances answer on
     manifest = localcloud_blocks(info)["localcloud"]
     assert (manifest.ssh_port, manifest.ssh_user) == (2222, "azureuser")
+
+
+def test_the_prefect_api_reaches_instances_through_the_blocks_first_address(lb: Cloud, api_service: str):
+    block = _cloud_block(Path(lb.info["state_dir"]))
+    url = lb.info["prefect_api_url_for_vms"]
+    gateway = str(block.network_address + 1)
+    assert url.startswith(f"http://{gateway}:") and url.endswith("/api") and url != api_service
+    name = unique("lbapi")
+    nic = lb.network.network_interfaces.begin_create_or_update(lb.rg, f"{name}-nic", nic_body(lb)).result()
+    lb.compute.virtual_machines.begin_create_or_update(lb.rg, name, vm_body(lb, nic.id, name)).result()
+    try:
+        ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
+        assert lb.ssh(ip, f"curl -s {url}/health").stdout == "api-ok /api/health"
+    finally:
+        lb.compute.virtual_machines.begin_delete(lb.rg, name).result()
+        lb.network.network_interfaces.begin_delete(lb.rg, f"{name}-nic").result()
 
 
 def test_scale_set_instances_over_openssh_boot_script_and_imds(lb: Cloud, user: NonRootUser, tmp_path: Path):
@@ -273,13 +313,14 @@ def test_stop_after_a_crash_and_a_normal_stop_leave_nothing():
             cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, body).result()
             ip = cloud.network.network_interfaces.get(cloud.rg, f"{name}-nic").ip_configurations[0].private_ip_address
             assert cloud.ssh(ip, "nohup sleep 600 >/dev/null 2>&1 & echo ok").stdout.strip() == "ok"
+            sshd_pid = _sandbox(cloud, name)["sshd_pid"]
         finally:
             _close(cloud)
-        instance_pids = _cloud_processes(state_dir)
-        assert len(instance_pids) >= 3  # sshd and two sleeps
         os.kill(info["pid"], signal.SIGKILL)  # the local cloud crashes; its instances stay
         _wait(lambda: info["pid"] not in user.pids(), 10, "the local cloud to die")
-        assert set(instance_pids) <= set(_cloud_processes(state_dir))
+        survivors = _cloud_processes(state_dir)
+        assert sshd_pid in survivors
+        assert sum("sleep\x00600" in Path(f"/proc/{p}/cmdline").read_text() for p in survivors) == 2
         assert f"{ip}:2222" in listeners_in(str(block))
 
         stopped = user.stop_cloud(state_dir)
@@ -325,13 +366,16 @@ def test_network_switch_through_the_cli(tmp_path: Path):
     state_dir = tmp_path / "cloud"
     env = dict(os.environ, COLUMNS="250", PREFECT_API_URL="http://127.0.0.1:9/api",
                PREFECT_CLIENT_MAX_RETRIES="0")
-    started = subprocess.run([*CLI, "start", "--background", "--network", "loopback", "--state-dir", str(state_dir)],
+    started = subprocess.run([*CLI, "start", "--background", "--network", "loopback", "--state-dir", str(state_dir),
+                              "--prefect-api-url", "http://127.0.0.1:4200/api"],
                              capture_output=True, text=True, timeout=180, env=env)
     try:
         assert started.returncode == 0, started.stderr
         assert "Prefect blocks were NOT saved" in started.stdout  # no Prefect server here: said, not fatal
         info = json.loads((state_dir / "localcloud.json").read_text())
         assert info["mode"] == "loopback" and info["ssh_port"] == 2222
+        forwarder = info["prefect_api_url_for_vms"].split("/")[2]
+        assert forwarder in listeners_in(str(_cloud_block(state_dir)))
         status = subprocess.run([*CLI, "status", "--state-dir", str(state_dir)], capture_output=True, text=True,
                                 timeout=60, env=env)
         assert "mode loopback" in status.stdout and "shared loopback" in status.stdout
