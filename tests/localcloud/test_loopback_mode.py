@@ -484,3 +484,49 @@ def test_runuser_shim_runs_commands_as_the_admin_only(tmp_path: Path):
     refused = subprocess.run(["sh", str(shim), "-u", "root", "--", "id"], capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stdout == ""
     assert "without root (loopback mode)" in refused.stderr and "runuser -u azureuser" in refused.stderr
+
+
+FLOW = '''
+import json, socket, sys
+from prefect import flow, task
+from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+@task
+def square(x):
+    return x * x, socket.gethostname()
+
+@flow(task_runner=AzureScaleSetTaskRunner(sys.argv[1], 2, manifest=sys.argv[2], group=sys.argv[3],
+                                          join_timeout=300))
+def squares():
+    return [future.result() for future in square.map(range(6))]
+
+print(json.dumps(squares()))
+'''
+
+
+def test_a_flow_on_scale_set_workers_run_by_the_non_root_user(prefect_server, user: NonRootUser):
+    """What the demo does, by a user without root: Prefect server, local cloud in loopback mode,
+    a flow whose task runner grows a scale set, task runs reported to the server."""
+    state_dir = user.base / "flow-cloud"
+    info = user.start_cloud(state_dir, prefect_api_url=prefect_server.api_url)
+    try:
+        suffix = uuid.uuid4().hex[:6]
+        blocks = localcloud_blocks(info)  # saved under names of their own: the session's stay
+        manifest, template = f"lbtest-{suffix}", f"lbtest-{suffix}-small"
+        blocks["localcloud"].save(manifest)
+        blocks["localcloud-small"].save(template)
+        flow_file = user.base / "squares.py"
+        flow_file.write_text(FLOW)
+        group = f"lbflow-{suffix}"
+        ran = user.run([sys.executable, str(flow_file), template, manifest, group], timeout=600,
+                       env_extra={"PREFECT_API_URL": prefect_server.api_url,
+                                  "PREFECT_HOME": str(user.base / "prefect-home")})
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        results = json.loads(ran.stdout.strip().splitlines()[-1])
+        assert [r[0] for r in results] == [i * i for i in range(6)]
+        assert {r[1] for r in results} <= {f"{group}-{i:06d}" for i in range(2)}  # computerNamePrefix
+        assert "Finished in state Completed()" in ran.stderr + ran.stdout
+    finally:
+        stopped = user.stop_cloud(state_dir)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "True"
+    assert _cloud_processes(state_dir) == []
