@@ -32,7 +32,7 @@ from prefect_azmanagers.exceptions import HostKeyMismatch
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 SMALL_FRAME = 1 << 16  # bodies below this are copied behind their header: one write, one packet
 WRITE_SLICE = 1 << 20  # large buffers are handed to the channel this much at a time
-SEND_HIGH_WATER = 4 << 20  # unsent bytes the channel may hold before `send` waits (> sshd's 2 MiB window)
+SEND_HIGH_WATER = 4 << 20  # unsent bytes held before `send` waits (> sshd's 2 MiB window)
 # AES-GCM first: asyncssh's pure-Python ChaCha20-Poly1305 costs ~110 us per packet, AES-GCM
 # (one OpenSSL call) ~15 us, and every call crosses at least four packets. Both are AEAD.
 ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
