@@ -390,9 +390,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             # them as it would futures (a failed upstream gives Pending("NotReady")).
             parameters = _futures_to_states(run.parameters)
             remote = RemoteTaskRun(
-                self._pickled_task(run.task), run.task.name, run.task_run_id,
-                parameters, wait_for_states,
-                run.dependencies, run.context, run.shared,
+                self._pickled_task(run.task), run.task.name, run.task_run_id, parameters,
+                wait_for_states, run.dependencies, run.context, run.shared,
             )
             if run.outer.done():  # cancelled while waiting for upstream work
                 return

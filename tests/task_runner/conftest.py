@@ -1,8 +1,9 @@
-"""Fixtures for the adapter's unit tests: an in-process stand-in for `AzureCluster`, isolating the Prefect adapter in unit tests.
+"""Fixtures of the runner's tests: `admin` (the local cloud's admin client) for the end-to-end
+tests, and for the unit tests an in-process stand-in for `AzureCluster` isolating the adapter.
 
-It keeps the engine's contract that matters to the adapter: callables travel as cloudpickle
-bytes (so what cannot be pickled fails as it would on the wire, with PayloadError), run on
-worker threads, and their return values travel back pickled too.
+The stand-in keeps the engine's contract that matters to the adapter: callables travel as
+cloudpickle bytes (so what cannot be pickled fails as it would on the wire, with
+PayloadError), run on worker threads, and their return values travel back pickled too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import cloudpickle
 import pytest
 
 from prefect_azmanagers.exceptions import PayloadError, WorkerLost
+from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+
+@pytest.fixture(scope="module")
+def admin(localcloud):
+    with LocalCloudAdmin.from_info(localcloud) as client:
+        yield client
 
 
 class FakeWorker:

@@ -40,12 +40,6 @@ pytestmark = pytest.mark.e2e
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 
 
-@pytest.fixture(scope="module")
-def admin(localcloud):
-    with LocalCloudAdmin.from_info(localcloud) as client:
-        yield client
-
-
 def runner(group: str, n: int = 2, **options) -> AzureScaleSetTaskRunner:
     options.setdefault("join_timeout", 300)
     return AzureScaleSetTaskRunner("localcloud-small", n, manifest="localcloud", group=group,
