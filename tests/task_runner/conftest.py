@@ -32,7 +32,7 @@ class FakeWorker:
 
 class FakeCluster:
     def __init__(self, workers: int = 4, forward_ports: tuple[int, ...] = (), lose: int = 0,
-                 lost_after: Callable[[Any], None] | None = None):
+                 cancel: int = 0, lost_after: Callable[[Any], None] | None = None):
         self.forward_ports = forward_ports
         self.manifest = None
         self.output_handler: Callable[[Any, str, str], None] = lambda w, s, line: None
@@ -41,6 +41,7 @@ class FakeCluster:
         self.cancelled: list[concurrent.futures.Future[Any]] = []
         self.closed = 0
         self._lose = lose  # fail this many submissions with WorkerLost
+        self._cancel = cancel  # then cancel this many before they start (as close() does)
         # run each call, then `lost_after(callable)`, then fail it with WorkerLost (the worker
         # died after the call returned, before its result reached the driver)
         self._lost_after = lost_after
@@ -59,9 +60,14 @@ class FakeCluster:
         with self._lock:
             self.submitted.append(label)
             lose, self._lose = self._lose > 0, max(self._lose - 1, 0)
-        if lose:
+            cancel = not lose and self._cancel > 0
+            self._cancel -= cancel
+        if lose or cancel:
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            future.set_exception(WorkerLost("worker 1 (fake-0) lost: agent died"))
+            if lose:
+                future.set_exception(WorkerLost("worker 1 (fake-0) lost: agent died"))
+            else:
+                future.cancel()
             return future
         return self._pool.submit(self._run, blob)
 

@@ -157,6 +157,21 @@ def test_lost_worker_crashes_the_task_run_with_the_reason_in_the_api(prefect_ser
     assert recorded.type == StateType.CRASHED and recorded.message == message
 
 
+def test_call_cancelled_before_it_started_is_cancelled_in_the_api(prefect_server, fake_cluster):
+    fake = fake_cluster(forward_ports=(prefect_server.port,), cancel=1)
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=fake))
+    def cancelled():
+        future = square.submit(3)
+        future.wait()
+        return future.task_run_id, future.state
+
+    task_run_id, state = cancelled()
+    assert state.is_cancelled()
+    recorded = api_state(task_run_id)
+    assert recorded.type == StateType.CANCELLED and recorded.message == state.message
+
+
 class RebuiltOnlyWhereMade:
     """Pickles fine; unpickles only in the process that made it (like a handle on a local
     resource). The fake engine runs calls in this process, so it refuses everywhere."""
