@@ -30,6 +30,7 @@ from prefect_azmanagers.exceptions import PayloadError
 
 T = TypeVar("T")
 OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are copied into the pickle: one write is cheaper
+_BUFFER_TYPES = frozenset({bytes, bytearray, pickle.PickleBuffer, memoryview})
 
 _lock = threading.Lock()
 _installed_top_level: frozenset[str] | None = None
@@ -87,11 +88,13 @@ class _PayloadPickler(cloudpickle.Pickler):
 
     def persistent_id(self, obj: Any) -> int | None:
         cls = type(obj)
+        if cls not in _BUFFER_TYPES:  # called for every object pickled: keep this path short
+            return None
         if cls is bytes or cls is bytearray:
             if len(obj) < OUT_OF_BAND_MIN:
                 return None
             buffer, kind = obj, BufferKind.BYTES if cls is bytes else BufferKind.BYTEARRAY
-        elif cls is pickle.PickleBuffer or cls is memoryview:  # memoryviews: a nested Payload's
+        else:  # a PickleBuffer (numpy & co.), or a memoryview (a nested Payload's buffer)
             try:
                 buffer = obj.raw() if cls is pickle.PickleBuffer else obj.cast("B")
             except (BufferError, TypeError):  # not contiguous: pickled in-band (or refused)
@@ -100,8 +103,6 @@ class _PayloadPickler(cloudpickle.Pickler):
                 return None
             # as in-band pickle-5 buffers are: read-only ones come back as bytes
             kind = BufferKind.BYTES if buffer.readonly else BufferKind.BYTEARRAY
-        else:
-            return None
         index = self._index.get(id(obj))
         if index is None:
             index = self._index[id(obj)] = len(self.buffers)
