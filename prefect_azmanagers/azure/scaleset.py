@@ -152,8 +152,16 @@ class ScaleSet:
         # Serialises capacity writes: two concurrent grows must not both PATCH old + n.
         self._capacity_lock = asyncio.Lock()
         self._writes = 0   # capacity writes sent by this object (a grow re-reads if it changed)
+        # Held while a failed grow's instances (and maybe the emptied scale set) are deleted:
+        # no grow is sent meanwhile, so none lands in a scale set being deleted.
+        self._failure_lock = asyncio.Lock()
 
     # -- model -----------------------------------------------------------------------------
+
+    @property
+    def pending_grows(self) -> int:
+        """Grows sent and not finished yet (their instances may still appear)."""
+        return len(self._watchers)
 
     @property
     def priority_mix(self) -> bool:
@@ -259,7 +267,8 @@ class ScaleSet:
         regular, spot = self._new_instances(old, old + n)
         await ensure_quota(self.clients, (current or {}).get("location") or self._location(),
                            self._sku_name(), regular=regular, spot=spot, wait=self.quota_wait)
-        async with self._capacity_lock:
+        async with self._failure_lock, self._capacity_lock:
+            self._raise_failure()   # a grow that failed meanwhile, now cleaned up
             if self._writes != writes_seen:   # another grow/delete of ours went first: re-read
                 current = await self._get()
                 old = _capacity(current)
@@ -296,13 +305,14 @@ class ScaleSet:
                 await poller.result()
         except AzureError as exc:
             logger.warning("Scale set %s: provisioning failed: %s", self.name, exc)
-            try:
-                # Instances that were never allocated have no boot log to read.
-                logs = await self._remove_failed(read_logs=not isinstance(exc, AllocationFailed))
-            except AzureError as cleanup_exc:
-                logger.warning("Scale set %s: could not delete failed instances: %s", self.name, cleanup_exc)
-                logs = ""
-            self._failure = type(exc)(f"{exc}{logs}", code=exc.code, status=exc.status) if logs else exc
+            async with self._failure_lock:
+                try:
+                    # Instances that were never allocated have no boot log to read.
+                    logs = await self._remove_failed(read_logs=not isinstance(exc, AllocationFailed))
+                except AzureError as cleanup_exc:
+                    logger.warning("Scale set %s: could not delete failed instances: %s", self.name, cleanup_exc)
+                    logs = ""
+                self._failure = type(exc)(f"{exc}{logs}", code=exc.code, status=exc.status) if logs else exc
 
     async def _remove_failed(self, *, read_logs: bool) -> str:
         """Delete the instances left Failed (and the scale set if it was ours and is now empty);

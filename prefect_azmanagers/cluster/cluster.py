@@ -46,7 +46,7 @@ from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS
 from prefect_azmanagers.cluster.progress import JoinProgress
-from prefect_azmanagers.cluster.protocol import Frame, Kind
+from prefect_azmanagers.cluster.protocol import Frame, Kind, Payload
 from prefect_azmanagers.cluster.transport import AgentProcess, InstanceConnection, agent_command
 from prefect_azmanagers.customenv import (
     EnvironmentSpec,
@@ -114,7 +114,7 @@ def log_worker_output(worker: WorkerInfo, stream: str, line: str) -> None:
 @dataclass(eq=False)
 class _WorkItem:
     id: int
-    payload: bytes
+    payload: bytes | Payload
     future: concurrent.futures.Future
     label: str
     lost_attempts: int = 0
@@ -295,6 +295,7 @@ class AzureCluster:
         self._members: dict[str, _Member] = {}
         self._foreign: set[str] = set()  # instances of the scale set that are not ours
         self._unclaimed: deque[float] = deque()  # request times of instances not yet seen
+        self._growing = 0  # _grow calls whose request is not sent yet
         self._discard_on_arrival = 0
         self._replacements_left = self.max_replacements
         self._provisioning_error: AzManagersError | None = None
@@ -354,7 +355,7 @@ class AzureCluster:
             raise AzManagersError("this cluster is closing; no new work is accepted")
         label = label or getattr(fn, "__qualname__", None) or repr(fn)
         if payload is None:
-            payload = serialization.dumps(fn, what=f"callable {label!r}")
+            payload = serialization.dumps_payload(fn, what=f"callable {label!r}")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         item = _WorkItem(next(self._item_ids), payload, future, label)
         self._items[future] = item
@@ -529,38 +530,46 @@ class AzureCluster:
     async def _grow(self, count: int) -> None:
         now = time.monotonic()
         self._unclaimed.extend([now] * count)
+        self._growing += 1  # claimed, not yet among the scale set's pending grows
         try:
             await self._scaleset.grow(count)
         except BaseException:
             for _ in range(count):
                 self._unclaimed.pop()
             raise
+        finally:
+            self._growing -= 1
         self._wake_watcher.set()
 
     async def _watch_instances(self) -> None:
         """List the scale set's instances; claim new ones, notice failed and vanished ones."""
         delay = 1.0
         while not self._closing:
+            # A listing that starts when no grow is pending shows every instance requested
+            # before it: claims older than it will never be met (their grow failed).
+            settled = not self._growing and not self._scaleset.pending_grows
+            listed_at = time.monotonic()
+            failure: AzureError | None = None
             try:
                 instances = await self._scaleset.instances()
             except AzureError as exc:
                 # Either a grow failed (raised once: the next listing works) or listing itself
-                # fails. After a failed grow, what it made is listed now or never: claim it,
-                # then give up on the rest of that request.
+                # fails.
+                failure = exc
                 try:
                     instances = await self._scaleset.instances()
                 except Exception as again:
                     logger.warning("listing the instances of %s failed: %s", self.group, again)
-                    instances = None
-                else:
-                    self._reconcile(instances)
-                    self._provisioning_failed(exc)
                     instances = None
             except Exception as exc:  # network trouble listing: keep trying with backoff
                 logger.warning("listing the instances of %s failed: %s", self.group, exc)
                 instances = None
             if instances is not None:
                 self._reconcile(instances)
+                if settled:
+                    self._drop_claims_before(listed_at)
+            if failure is not None:
+                self._provisioning_failed(failure)
             self._check_heartbeats()
             busy = self._unclaimed or any(m.state == "joining" for m in self._members.values())
             delay = 1.0 if busy else min(delay * 2, 10.0)
@@ -601,11 +610,24 @@ class AzureCluster:
             if member.name not in seen and member.state not in ("gone", "removing"):
                 self._spawn(self._lose_instance(member, "the instance was deleted or evicted"))
 
+    def _drop_claims_before(self, listed_at: float) -> None:
+        dropped = 0
+        while self._unclaimed and self._unclaimed[0] < listed_at:
+            self._unclaimed.popleft()
+            dropped += 1
+        if dropped:
+            logger.warning("%d requested instance(s) of %s will not come: their grow ended "
+                           "without them", dropped, self.group)
+            self._fail_queue_if_hopeless()
+            self._membership_changed.set()
+
     def _provisioning_failed(self, exc: AzManagersError) -> None:
-        """A grow failed (e.g. AllocationFailed): its instances will not come."""
+        """A grow failed (e.g. AllocationFailed): the watcher drops the claims it will not
+        meet once no grow is pending (claims of other grows stay, or their instances would
+        be taken for someone else's and outlive the cluster)."""
         logger.error("provisioning scale set %s failed: %s", self.group, exc)
         self._provisioning_error = exc
-        self._unclaimed.clear()
+        self._wake_watcher.set()
         self._fail_queue_if_hopeless()
         self._membership_changed.set()
 

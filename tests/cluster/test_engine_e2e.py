@@ -354,6 +354,26 @@ def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localc
     assert_nothing_left(admin, group, set())
 
 
+def test_allocation_failure_then_replacement_leaves_nothing(localcloud, admin):
+    """The scale set's creation ends AllocationFailed; the failed instance is replaced (the
+    default). Whether the replacement is refused with that failure or provisioned, the call
+    ends one way or the other and the cluster deletes every instance and the scale set."""
+    group = group_name("alloc")
+    admin.fail_next_lro(1)
+    try:
+        with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
+                          progress=False, join_timeout=240) as cluster:
+            future = cluster.submit(lambda: 42)
+            try:
+                outcome = future.result(timeout=240)
+            except WorkerLost as exc:
+                outcome = str(exc)
+            assert outcome == 42 or "Allocation failed" in outcome, outcome
+    finally:
+        admin.clear_faults()
+    assert_nothing_left(admin, group, set())
+
+
 def test_join_deadline_names_the_instance_that_did_not_join(localcloud, admin):
     group = group_name("slow")
     admin.settings(boot_delay=60)
