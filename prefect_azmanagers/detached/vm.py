@@ -444,15 +444,19 @@ def rmproc(vm: DetachedVM | str, *, manifest: str | AzureManifest | None = None)
     """Delete a detached VM: its VM, NIC, deployments and work pool (each even if already gone).
 
     Deleting the VM stops its worker and any job still running there; such a job's flow run is
-    marked Crashed (its status reads "failed").
+    marked Crashed (its status reads "failed"). A VM named by a string must be a detached VM
+    (ConfigurationError for any other VM of that name, which is left alone).
     """
-    name = vm.name if isinstance(vm, DetachedVM) else vm
     manifest = load_manifest(manifest or (vm.manifest if isinstance(vm, DetachedVM) else None)
                              or "default")
-    resource_group = vm.resource_group if isinstance(vm, DetachedVM) else manifest.resource_group
-    _remove(manifest, resource_group, name)
-    if isinstance(vm, DetachedVM):
-        PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
+    if isinstance(vm, str):
+        try:
+            vm = DetachedVM.from_name(vm, manifest=manifest)
+        except ResourceMissing:  # the VM is gone already: its pool and deployment may not be
+            _delete_pool_and_deployments(vm)
+            return
+    _remove(manifest, vm.resource_group, vm.name)
+    PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
 
 
 def list_detached_vms(*, manifest: str | AzureManifest = "default") -> list[DetachedVM]:

@@ -316,6 +316,43 @@ def test_a_vm_lost_outside_rmproc_fails_its_job(localcloud, assert_vm_gone):
     assert_vm_gone(vm.name)
 
 
+def test_rmproc_by_name_leaves_a_vm_addproc_did_not_make(localcloud, assert_vm_gone):
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure import vm as azure_vm
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.azure.ownership import ownership_tags
+    from prefect_azmanagers.blocks import load_manifest, load_nic_template, load_vm_template
+    from prefect_azmanagers.detached import rmproc
+    from prefect_azmanagers.exceptions import ConfigurationError
+
+    manifest = load_manifest("localcloud")
+    name = azure_vm.vm_name("azmplain")
+
+    async def create() -> None:
+        async with ArmClients(manifest) as clients:
+            await azure_vm.create_vm(clients, manifest, load_vm_template("localcloud-vm"),
+                                     load_nic_template("localcloud-nic"), name, custom_data="",
+                                     tags=ownership_tags("someone-else"))
+
+    async def still_there() -> bool:
+        async with ArmClients(manifest) as clients:
+            return (await azure_vm.get_vm(clients, manifest.resource_group, name)).name == name
+
+    async def delete() -> None:
+        async with ArmClients(manifest) as clients:
+            await azure_vm.delete_vm(clients, manifest.resource_group, name)
+
+    run_coro_as_sync(create())
+    try:
+        with pytest.raises(ConfigurationError, match=f"VM '{name}' .* is not a detached VM"):
+            rmproc(name, manifest="localcloud")
+        assert run_coro_as_sync(still_there())
+    finally:
+        run_coro_as_sync(delete())
+    assert_vm_gone(name)
+
+
 def test_worker_survives_a_prefect_server_restart(detached_vm, prefect_server):
     prefect_server.restart()
     job = detachat(detached_vm, hello, 5)
