@@ -31,7 +31,21 @@ pytestmark = pytest.mark.e2e
 
 @task
 def dies_with_its_worker():
+    """Kills its agent once the API holds this task run as Running (so the runner has a
+    Running state to replace, not a missing task run to create)."""
+    from prefect.runtime import task_run
+
+    while not (state := _recorded_state(task_run.id)) or not state.is_running():
+        time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _recorded_state(task_run_id):
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_task_run(task_run_id).state
+        except ObjectNotFound:
+            return None
 
 
 class TiedToItsProcess:
@@ -60,15 +74,11 @@ def describe(handle):
 def final_state_in_api(task_run_id, timeout: float = 30):
     """The task run's state once it is final in the API (worker events land asynchronously)."""
     deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            try:
-                state = client.read_task_run(task_run_id).state
-            except ObjectNotFound:
-                state = None
-            if (state is not None and state.is_final()) or time.monotonic() > deadline:
-                return state
-            time.sleep(0.3)
+    while True:
+        state = _recorded_state(task_run_id)
+        if (state is not None and state.is_final()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.3)
 
 
 def test_lost_and_unrebuildable_task_runs_are_crashed_and_failed_in_the_api(localcloud, admin):
@@ -98,6 +108,9 @@ def test_lost_and_unrebuildable_task_runs_are_crashed_and_failed_in_the_api(loca
     assert "was lost while running it" in lost.message
     assert f"(instance {group}_" in lost.message  # names the worker's instance
     assert "max_task_retries_on_lost_worker=0" in lost.message
+    with get_client(sync_client=True) as client:
+        history = {s.type for s in client.read_task_run_states(ids["lost"])}
+    assert StateType.RUNNING in history  # the worker's Running state, replaced by the runner
 
     unrebuildable = final_state_in_api(ids["unrebuildable"])
     assert unrebuildable is not None and unrebuildable.type == StateType.FAILED, unrebuildable
