@@ -22,7 +22,7 @@ import socket
 import threading
 import traceback
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -150,7 +150,7 @@ class RemoteTaskRun:
 _PLAIN_DATA = frozenset({bytes, bytearray, str, int, float, complex, bool, type(None)})
 
 
-def _rebuild(load: Any, what: str) -> Any:
+def _rebuild(load: Callable[[], Any], what: str) -> Any:
     """`load()`, or RunNotStarted saying that `what` cannot be unpickled on this worker."""
     try:
         return load()

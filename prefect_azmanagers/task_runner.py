@@ -599,7 +599,8 @@ def _record_state(run: _Submission, state: State, flow_run_id: uuid.UUID | None,
                   settings: SettingsContext | None) -> None:
     """Write a state the runner built for `run` to the Prefect API, as the task engine would
     have: the task run's state if it exists (forced, as the engine forces its crashes), or a
-    new task run holding it. A final state the worker already reported is kept.
+    new task run holding it. A final state the API already holds (the worker's) is kept; one
+    still on its way (sent just before the worker died) is not seen and gets overwritten.
 
     Runs on a recorder thread with the flow's settings (they say where the API is) and a
     client of its own: the flow's client is not to be entered from another thread.
