@@ -9,6 +9,8 @@ trips over one connection (the transport bound). One process tree, one run:
 It starts a Prefect server and the local cloud itself and stops them. Every runner runs the
 same flow: N trivial tasks submitted at once, each returning how long after its submit it
 started. Workers are warmed up (Prefect imported) before timing; cluster start-up is not timed.
+Bulk argument bandwidth (10-100 MB blobs) is sampled `--repeat` times, in turns, through the
+runner, through AzureCluster.submit alone (the engine, no Prefect) and over raw asyncssh.
 Results: a table on stdout and JSON under bench/results/.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -162,26 +165,44 @@ def raw_endpoint(cluster, state_dir: Path) -> dict:
             "python": manifest.python}
 
 
+def engine_bandwidth(cluster, sizes_mb: list[int]) -> dict:
+    """MB/s of AzureCluster.submit alone (no Prefect): a call taking a blob of each size."""
+    out = {}
+    for size in sizes_mb:
+        blob = os.urandom(size * MB)
+        t0 = time.perf_counter()
+        assert cluster.submit(functools.partial(len, blob), label="len").result() == len(blob)
+        out[f"{size}MB"] = round(size / (time.perf_counter() - t0), 1)
+    return out
+
+
 def measure_bandwidth(cluster, endpoint: dict, sizes_mb: list[int], repeat: int) -> dict:
-    """Bulk-argument bandwidth of the runner and of raw asyncssh, sampled in turns (so machine
-    load weighs on both alike); medians, every sample, and raw asyncssh's round trips/s."""
+    """Bulk-argument bandwidth of the runner, of the engine under it (AzureCluster.submit, no
+    Prefect) and of raw asyncssh, sampled in turns (so machine load weighs on all alike);
+    medians, every sample, and raw asyncssh's round trips/s."""
     from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
-    samples: dict[str, dict[str, list[float]]] = {"azure": {}, "raw_asyncssh": {}}
+    samples: dict[str, dict[str, list[float]]] = {"azure": {}, "engine": {}, "raw_asyncssh": {}}
     round_trips = None
     for turn in range(repeat):
         azure = run_bandwidth(AzureScaleSetTaskRunner(cluster=cluster), sizes_mb)
+        engine = engine_bandwidth(cluster, sizes_mb)
         raw = asyncio.run(raw_asyncssh(**endpoint, round_trips=2000 if turn == 0 else 0,
                                        sizes_mb=sizes_mb))
         round_trips = round_trips or raw["round_trips_per_s"]
-        for name, rates in (("azure", azure), ("raw_asyncssh", raw["bandwidth_MB_s"])):
+        for name, rates in (("azure", azure), ("engine", engine),
+                            ("raw_asyncssh", raw["bandwidth_MB_s"])):
             for size, rate in rates.items():
                 samples[name].setdefault(size, []).append(rate)
-        print(f"  bandwidth turn {turn + 1}/{repeat}: runner {azure}  raw asyncssh "
-              f"{raw['bandwidth_MB_s']}", flush=True)
-    return {"azure_bandwidth_MB_s": {k: statistics.median(v) for k, v in samples["azure"].items()},
-            "raw_asyncssh": {"round_trips_per_s": round_trips, "bandwidth_MB_s": {
-                k: statistics.median(v) for k, v in samples["raw_asyncssh"].items()}},
+        print(f"  bandwidth turn {turn + 1}/{repeat}: runner {azure}  engine {engine}  "
+              f"raw asyncssh {raw['bandwidth_MB_s']}", flush=True)
+
+    def medians(name: str) -> dict:
+        return {k: statistics.median(v) for k, v in samples[name].items()}
+
+    return {"azure_bandwidth_MB_s": medians("azure"), "engine_bandwidth_MB_s": medians("engine"),
+            "raw_asyncssh": {"round_trips_per_s": round_trips,
+                             "bandwidth_MB_s": medians("raw_asyncssh")},
             "bandwidth_samples_MB_s": samples}
 
 
@@ -320,11 +341,13 @@ def summarize(report: dict) -> None:
         print(f"\nAzure vs Dask: {ratios['azure_vs_dask']}x (goal >= 10x); "
               f"vs ThreadPool: {ratios['azure_vs_threadpool']}x (goal >= 0.7x)")
     print(f"{'raw asyncssh round trips':<30}{raw['round_trips_per_s']:>10}")
-    print(f"{'argument':<12}{'runner MB/s':>14}{'raw MB/s':>12}{'ratio':>8}   (goal >= 0.5; "
-          f"medians of {len(next(iter(report['bandwidth_samples_MB_s']['azure'].values())))})")
+    print(f"{'argument':<12}{'runner MB/s':>14}{'raw MB/s':>12}{'ratio':>8}{'engine MB/s':>14}"
+          f"   (goal: ratio >= 0.5; medians of "
+          f"{len(next(iter(report['bandwidth_samples_MB_s']['azure'].values())))})")
     for size, rate in report["azure_bandwidth_MB_s"].items():
         print(f"{size:<12}{rate:>14}{raw['bandwidth_MB_s'][size]:>12}"
-              f"{ratios['bandwidth_vs_raw_asyncssh'][size]:>8}")
+              f"{ratios['bandwidth_vs_raw_asyncssh'][size]:>8}"
+              f"{report['engine_bandwidth_MB_s'][size]:>14}")
     print(f"driver memory per worker: {report['driver_rss_per_worker_MB']} MB RSS")
     if "scale_32_workers" in report:
         s = report["scale_32_workers"]
