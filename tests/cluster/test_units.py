@@ -365,3 +365,34 @@ def test_agent_takes_and_returns_out_of_band_buffers():
     finally:
         agent.kill()
         agent.wait()
+
+
+def _rank_and_tail(blob):
+    from prefect_azmanagers.mpi import comm
+    return comm().Get_rank(), len(blob), blob[-2:]
+
+
+@pytest.mark.xfail(strict=True, reason="needs the cluster/mpi.py hunk: _execute_locally must "
+                   "unpickle with protocol.load_payload (it calls cloudpickle.loads on a Payload)")
+def test_mpi_workers_take_out_of_band_arguments():
+    from prefect_azmanagers.cluster.mpi import launcher
+
+    words = launcher(2)
+    if os.geteuid() == 0:
+        words.insert(1, "--allow-run-as-root")
+    agent = subprocess.Popen(["bash", "-c", agent_command(sys.executable, worker_id=1, launcher=words)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        blob = os.urandom(3 << 20)
+        payload = serialization.dumps_payload(lambda: _rank_and_tail(blob))
+        assert payload.buffers
+        agent.stdin.write(HEADER.pack(payload.nbytes, Kind.RUN, 1) + _wire(payload))
+        agent.stdin.flush()
+        frames = _FrameReader(agent.stdout).until(lambda f: f.kind in (Kind.RESULT, Kind.ERROR))
+        answer = next(f for f in frames if f.kind in (Kind.RESULT, Kind.ERROR))
+        assert answer.kind == Kind.RESULT, answer.json()["message"]
+        assert serialization.loads(answer.body) == (0, len(blob), blob[-2:])
+    finally:
+        os.killpg(agent.pid, 9)
+        agent.wait()
