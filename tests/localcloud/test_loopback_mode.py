@@ -515,29 +515,68 @@ print(json.dumps(squares()))
 '''
 
 
-def test_a_flow_on_scale_set_workers_run_by_the_non_root_user(prefect_server, user: NonRootUser):
-    """What the demo does, by a user without root: Prefect server, local cloud in loopback mode,
-    a flow whose task runner grows a scale set, task runs reported to the server."""
-    state_dir = user.base / "flow-cloud"
+@pytest.fixture(scope="module")
+def prefect_cloud(prefect_server, user: NonRootUser):
+    """The non-root user's loopback local cloud for the session's Prefect server; its blocks are
+    saved under names of their own (the session's `localcloud` blocks stay). Yields the block
+    names and the environment of the user's Prefect clients."""
+    state_dir = user.base / "prefect-cloud"
     info = user.start_cloud(state_dir, prefect_api_url=prefect_server.api_url)
     try:
-        suffix = uuid.uuid4().hex[:6]
-        blocks = localcloud_blocks(info)  # saved under names of their own: the session's stay
-        manifest, template = f"lbtest-{suffix}", f"lbtest-{suffix}-small"
-        blocks["localcloud"].save(manifest)
-        blocks["localcloud-small"].save(template)
-        flow_file = user.base / "squares.py"
-        flow_file.write_text(FLOW)
-        group = f"lbflow-{suffix}"
-        ran = user.run([sys.executable, str(flow_file), template, manifest, group], timeout=600,
-                       env_extra={"PREFECT_API_URL": prefect_server.api_url,
-                                  "PREFECT_HOME": str(user.base / "prefect-home")})
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        results = json.loads(ran.stdout.strip().splitlines()[-1])
-        assert [r[0] for r in results] == [i * i for i in range(6)]
-        assert {r[1] for r in results} <= {f"{group}-{i:06d}" for i in range(2)}  # computerNamePrefix
-        assert "Finished in state Completed()" in ran.stderr + ran.stdout
+        prefix = f"lbtest-{uuid.uuid4().hex[:6]}"
+        names = {}
+        for name, block in localcloud_blocks(info).items():
+            names[name] = prefix if name == "localcloud" else f"{prefix}-{name.removeprefix('localcloud-')}"
+            block.save(names[name])
+        yield names, {"PREFECT_API_URL": prefect_server.api_url, "PREFECT_HOME": str(user.base / "prefect-home")}
     finally:
         stopped = user.stop_cloud(state_dir)
     assert stopped.returncode == 0 and stopped.stdout.strip() == "True"
-    assert _cloud_processes(state_dir) == []
+    assert _cloud_processes(state_dir) == [] and listeners_in(str(_cloud_block(state_dir))) == []
+
+
+def test_a_flow_on_scale_set_workers_run_by_the_non_root_user(prefect_cloud, user: NonRootUser):
+    """What the demo does, by a user without root: Prefect server, local cloud in loopback mode,
+    a flow whose task runner grows a scale set, task runs reported to the server."""
+    names, env = prefect_cloud
+    flow_file = user.base / "squares.py"
+    flow_file.write_text(FLOW)
+    group = f"lbflow-{uuid.uuid4().hex[:6]}"
+    ran = user.run([sys.executable, str(flow_file), names["localcloud-small"], names["localcloud"], group],
+                   timeout=600, env_extra=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    results = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert [r[0] for r in results] == [i * i for i in range(6)]
+    assert {r[1] for r in results} <= {f"{group}-{i:06d}" for i in range(2)}  # computerNamePrefix
+    assert "Finished in state Completed()" in ran.stderr + ran.stdout
+
+
+DETACHED = '''
+import json, sys
+from prefect_azmanagers import addproc, detachat, rmproc
+
+vm_template, nic_template, manifest = sys.argv[1:4]
+vm = addproc(vm_template, nic_template, manifest=manifest)
+def job(x):
+    import os, socket
+    print("running on", socket.gethostname(), "as", os.getuid())
+    return x * 2, socket.gethostname()
+run = detachat(vm, job, 21)
+value = run.result(timeout=300)
+print(json.dumps({"vm": vm.name, "value": value, "stdout": run.read("stdout")}))
+rmproc(vm)
+'''
+
+
+def test_a_detached_vm_job_run_by_the_non_root_user(prefect_cloud, user: NonRootUser):
+    """addproc / detachat / rmproc unchanged: the VM's Prefect worker is started by the boot
+    script through runuser (the loopback shim) and reaches the API through the forwarder."""
+    names, env = prefect_cloud
+    script = user.base / "detached.py"
+    script.write_text(DETACHED)
+    ran = user.run([sys.executable, str(script), names["localcloud-vm"], names["localcloud-nic"],
+                    names["localcloud"]], timeout=600, env_extra=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    doc = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert doc["value"] == [42, doc["vm"]]
+    assert f"running on {doc['vm']} as {user.uid}" in doc["stdout"]
