@@ -8,7 +8,9 @@
   sequential, keep-alive), through the real SDK and as raw HTTPS requests;
 - resident memory per idle instance (every process in the instance's namespaces) and the local
   cloud process's growth per instance.
-`--network` picks the local cloud's mode (default: isolated as root, loopback otherwise).
+`--network` picks the local cloud's mode (default: isolated as root, loopback otherwise);
+`--as-throwaway-user` (root only) runs the whole measurement as a new non-root account
+(loopback_harness.NonRootUser), so the loopback mode is measured as a user without root runs it.
 Prints a table and the JSON document.
 """
 
@@ -109,7 +111,19 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--network", choices=["isolated", "loopback"], default=None)
+    parser.add_argument("--as-throwaway-user", action="store_true")
     args = parser.parse_args()
+    if args.as_throwaway_user:
+        from loopback_harness import NonRootUser
+
+        user = NonRootUser.create()
+        try:
+            argv = [sys.executable, __file__, "--instances", str(args.instances), "--seconds", str(args.seconds)]
+            result = user.run(argv, timeout=1800, env_extra={"TMPDIR": str(user.base)})
+            print(result.stdout, result.stderr, end="")
+        finally:
+            user.remove()
+        return
     figures = measure(args.instances, args.seconds, args.network)
     width = max(map(len, figures))
     for key, value in figures.items():
