@@ -67,8 +67,9 @@ class RemoteTaskRun:
         self._plain_parameters = {
             name: value for name, value in parameters.items() if type(value) in _PLAIN_DATA
         }
-        self._pickled_parameters = {
-            name: serialization.dumps(value, what=f"Parameter {name!r} of task {task_name!r}")
+        self._pickled_parameters = {  # payloads: their large buffers are not copied again
+            name: serialization.dumps_payload(
+                value, what=f"Parameter {name!r} of task {task_name!r}")
             for name, value in parameters.items() if name not in self._plain_parameters
         }
         self.wait_for = wait_for
@@ -94,7 +95,7 @@ class RemoteTaskRun:
     def _parameter(self, name: str) -> Any:
         if name in self._plain_parameters:
             return self._plain_parameters[name]
-        return _rebuild(lambda: cloudpickle.loads(self._pickled_parameters[name]),
+        return _rebuild(lambda: serialization.loads(self._pickled_parameters[name]),
                         f"Parameter {name!r} of task {self.task_name!r}")
 
     def __call__(self) -> Any:
