@@ -32,6 +32,7 @@ from typing import Any
 
 import cloudpickle
 
+from prefect_azmanagers.cluster.protocol import Payload, load_payload
 from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
 
 # Portable for Open MPI (Debian's MPI): K ranks may exceed the instance's cores (the original's
@@ -102,8 +103,8 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 
 
-def _execute_locally(payload: bytes, follower: bool) -> Any:
-    target = cloudpickle.loads(payload)
+def _execute_locally(payload: bytes | Payload, follower: bool) -> Any:
+    target = load_payload(payload)
     if follower:
         target = getattr(target, FOLLOWER_ATTRIBUTE, target)
     return target()
@@ -163,7 +164,7 @@ class Leader:
         """Prefix rank 0's stdout and stderr lines with `[rank 0]` (after the agent took stdio)."""
         self._taggers = [_tag_lines(fd, b"[rank 0] ") for fd in (1, 2)]
 
-    def execute(self, task_id: int, payload: bytes) -> Any:
+    def execute(self, task_id: int, payload: bytes | Payload) -> Any:
         """Run the call on all ranks; rank 0's value, or the first failing rank's error."""
         self._busy = True
         with self._changed:

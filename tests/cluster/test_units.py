@@ -372,8 +372,6 @@ def _rank_and_tail(blob):
     return comm().Get_rank(), len(blob), blob[-2:]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the cluster/mpi.py hunk: _execute_locally must "
-                   "unpickle with protocol.load_payload (it calls cloudpickle.loads on a Payload)")
 def test_mpi_workers_take_out_of_band_arguments():
     from prefect_azmanagers.cluster.mpi import launcher
 
