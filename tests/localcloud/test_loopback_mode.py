@@ -8,7 +8,6 @@ Also the `--network` switch through the CLI, and AzureCluster end to end in loop
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import os
@@ -24,7 +23,7 @@ from arm_harness import Cloud, StaticCredential, nic_body, unique, vm_body
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from loopback_harness import NonRootUser, listeners_in
-from sandbox_harness import make_key
+from sandbox_harness import LoopbackService, make_key
 
 from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
 from prefect_azmanagers.cli.localcloud import LOCALCLOUD_TEMPDISK, localcloud_blocks
@@ -124,25 +123,9 @@ def user():
 @pytest.fixture(scope="module")
 def api_service():
     """An HTTP server on the driver's 127.0.0.1, standing in for the Prefect API."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = f"api-ok {self.path}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api"
-    server.shutdown()
-    server.server_close()
+    service = LoopbackService()
+    yield service.url
+    service.close()
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +167,7 @@ def test_the_prefect_api_reaches_instances_through_the_blocks_first_address(lb: 
     lb.compute.virtual_machines.begin_create_or_update(lb.rg, name, vm_body(lb, nic.id, name)).result()
     try:
         ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
-        assert lb.ssh(ip, f"curl -s {url}/health").stdout == "api-ok /api/health"
+        assert lb.ssh(ip, f"curl -s {url}/health").stdout == "driver-loopback-ok"
     finally:
         lb.compute.virtual_machines.begin_delete(lb.rg, name).result()
         lb.network.network_interfaces.begin_delete(lb.rg, f"{name}-nic").result()

@@ -13,10 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,38 +22,12 @@ import pytest
 
 from prefect_azmanagers.localcloud import netns
 from prefect_azmanagers.localcloud.sandbox import InstanceSpec, SandboxBootError, SandboxError, SandboxHost
-from sandbox_harness import LoopThread, make_key, pin_host_key, ssh, ssh_argv
+from sandbox_harness import LoopbackService, LoopThread, make_key, pin_host_key, ssh, ssh_argv
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="isolated mode needs root (CI runs as root)")
 
 PYTHON = sys.executable
 IMDS = "http://169.254.169.254"
-
-
-class _LoopbackService:
-    """An HTTP server on the driver's 127.0.0.1 standing in for a loopback-only service."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                body = b"driver-loopback-ok"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +45,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service():
-    svc = _LoopbackService()
+    svc = LoopbackService()
     yield svc
     svc.close()
 
