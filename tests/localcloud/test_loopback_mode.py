@@ -563,3 +563,24 @@ def test_a_detached_vm_job_run_by_the_non_root_user(prefect_cloud, user: NonRoot
     doc = json.loads(ran.stdout.strip().splitlines()[-1])
     assert doc["value"] == [42, doc["vm"]]
     assert f"running on {doc['vm']} as {user.uid}" in doc["stdout"]
+
+
+def test_a_kernel_without_user_namespaces_gets_a_clear_error(tmp_path: Path, monkeypatch):
+    """The refusal itself is faked (the machine's setting is not ours to change); the message
+    the user gets is the local cloud's."""
+    import asyncio
+
+    from prefect_azmanagers.localcloud import sandbox
+    from prefect_azmanagers.localcloud._proc import CommandError
+
+    async def refuse(*argv, **kwargs):
+        raise CommandError(list(argv), 1, "unshare: unshare failed: Operation not permitted")
+
+    monkeypatch.setattr(sandbox, "run", refuse)
+    host = SandboxHost(tmp_path / "state", network="loopback")
+    with pytest.raises(sandbox.SandboxError) as info:
+        asyncio.run(host.start())
+    message = str(info.value)
+    assert "needs unprivileged user namespaces" in message and "Operation not permitted" in message
+    assert "user.max_user_namespaces" in message and "run as root" in message
+    assert not (tmp_path / "state" / "sandbox-host.json").exists()  # nothing reserved, nothing started
