@@ -21,7 +21,6 @@ from prefect.exceptions import ObjectNotFound
 from prefect.futures import wait
 
 from prefect_azmanagers.exceptions import WorkerLost
-from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
 from .tasks import square
 from .test_runner_e2e import assert_nothing_left, new_group, runner
@@ -127,28 +126,19 @@ def test_lost_and_unrebuildable_task_runs_are_crashed_and_failed_in_the_api(loca
     assert_nothing_left(admin, group, tag)
 
 
-def test_task_runs_queued_when_provisioning_fails_are_crashed_in_the_api(
-        localcloud, admin, prefect_server):
-    from prefect_azmanagers.cluster.cluster import AzureCluster
-
+def test_task_runs_queued_when_provisioning_fails_are_crashed_in_the_api(localcloud, admin):
     group, tag = new_group("tra"), uuid.uuid4().hex
     messages: dict[uuid.UUID, str] = {}
-    # No replacement grows: after this AllocationFailed the engine must fail its queue at once
-    # (with replacements it can re-create the scale set; see the issue 5 note of session 2).
-    cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                           env={"AZM_TEST_TAG": tag}, forward_ports=[prefect_server.port],
-                           replace_lost_workers=False, progress=False, join_timeout=300)
     admin.fail_next_lro(1)  # the scale set's creation ends AllocationFailed: no worker comes
     try:
-        with cluster:
-            @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
-            def stranded():
-                futures = square.map(range(3))
-                wait(futures)
-                messages.update((f.task_run_id, f.state.message) for f in futures)
-                return futures.result()
+        @flow(task_runner=runner(group, 1, env={"AZM_TEST_TAG": tag}))
+        def stranded():
+            futures = square.map(range(3))
+            wait(futures)
+            messages.update((f.task_run_id, f.state.message) for f in futures)
+            return futures.result()
 
-            state = stranded(return_state=True)
+        state = stranded(return_state=True)
     finally:
         admin.clear_faults()
     assert state.is_failed()
