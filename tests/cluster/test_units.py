@@ -15,6 +15,7 @@ import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from unittest import mock
 
 import asyncssh
 import cloudpickle
@@ -22,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster import protocol, serialization
 from prefect_azmanagers.cluster.cluster import _seconds_until
 from prefect_azmanagers.cluster.errors import RemoteError, exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
@@ -52,6 +53,26 @@ def test_frames_survive_any_chunking(frames, chunk):
     assert [(f.kind, f.task_id, f.body) for f in got] == frames
 
 
+def _stream_of(frames):
+    return b"".join(encode(k, t, b) for k, t, b in frames)
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(Kind)), st.integers(0, 2**63), st.binary(max_size=300)),
+                max_size=8),
+       st.lists(st.integers(1, 120), min_size=1, max_size=40))
+def test_gathered_bodies_survive_any_chunking(frames, cuts):
+    stream = _stream_of(frames)
+    decoder = FrameDecoder()
+    got, start, i = [], 0, 0
+    with mock.patch.object(protocol, "LARGE_BODY", 16):  # most bodies are gathered chunk-wise
+        while start < len(stream):
+            step = cuts[i % len(cuts)]
+            got += decoder.feed(stream[start:start + step])
+            start, i = start + step, i + 1
+    assert [(f.kind, f.task_id, f.body) for f in got] == frames
+    assert all(type(f.body) is bytes for f in got)
+
+
 def test_corrupted_stream_is_refused():
     with pytest.raises(ProtocolError, match="unknown message kind"):
         FrameDecoder().feed(HEADER.pack(0, 99, 0))
@@ -59,11 +80,7 @@ def test_corrupted_stream_is_refused():
         FrameDecoder().feed(HEADER.pack(1 << 50, Kind.RUN, 0))
 
 
-def _stream_of(frames):
-    return b"".join(encode(k, t, b) for k, t, b in frames)
-
-
-@pytest.mark.parametrize("chunk", [1, 4093, 65536, (1 << 20) + 7, 1 << 30])
+@pytest.mark.parametrize("chunk", [7, 4093, 65536, (1 << 20) + 7, 1 << 30])
 def test_large_bodies_split_across_reads(chunk):
     big = os.urandom(3 << 20)  # gathered chunk by chunk (more than LARGE_BODY missing)
     frames = [(Kind.HELLO, 0, b"{}"), (Kind.RESULT, 7, big), (Kind.OUTPUT, 0, b"x"),
