@@ -16,6 +16,7 @@ callables themselves, once, and then stay imported in this long-lived process.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -65,7 +66,7 @@ def _run_flush_hooks() -> None:
 class _Channel:
     """The protocol side of the agent: framed writes (thread-safe) and reads."""
 
-    def __init__(self, reader: BinaryIO, writer: BinaryIO):
+    def __init__(self, reader: io.BufferedReader, writer: BinaryIO):
         self._reader = reader
         self._writer = writer
         self._lock = threading.Lock()
@@ -99,7 +100,7 @@ class _Channel:
         return kind, task_id, body
 
 
-def _take_over_stdio() -> tuple[BinaryIO, BinaryIO, int]:
+def _take_over_stdio() -> tuple[io.BufferedReader, BinaryIO, int]:
     """Move the protocol to private descriptors; return (reader, writer, stdout pipe read end)."""
     reader = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
     writer = os.fdopen(os.dup(1), "wb", buffering=1 << 16)

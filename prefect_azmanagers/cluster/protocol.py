@@ -21,7 +21,7 @@ import json
 import pickle
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from typing import Any, Union
 
 HEADER = struct.Struct("!QBQ")
 MAX_BODY = 1 << 40  # refuses a corrupted length prefix instead of allocating it
@@ -125,10 +125,10 @@ class Payload:
         return cls(data, tuple(buffers), tuple(kinds))
 
     @classmethod
-    def read(cls, reader: BinaryIO, length: int) -> "Payload | None":
+    def read(cls, reader: io.BufferedReader, length: int) -> "Payload | None":
         """Read a `length`-byte body from a buffered binary stream, each out-of-band buffer
         straight into its own object; None at end of input."""
-        if length == 0 or reader.peek(1)[:1] != PAYLOAD_MARKER:  # type: ignore[attr-defined]
+        if length == 0 or reader.peek(1)[:1] != PAYLOAD_MARKER:
             data = reader.read(length)
             return cls(data) if len(data) == length else None
         head = reader.read(1 + PAYLOAD_HEAD.size)
@@ -153,7 +153,7 @@ class Payload:
                 got = len(buffer)
             else:
                 buffer = bytearray(length)
-                got = reader.readinto(buffer)  # type: ignore[attr-defined]
+                got = reader.readinto(buffer)
             if got < length:
                 return None
             buffers.append(buffer)
