@@ -353,7 +353,7 @@ class AzureCluster:
         self._require_started()
         if self._closing:
             raise AzManagersError("this cluster is closing; no new work is accepted")
-        label = label or getattr(fn, "__qualname__", None) or repr(fn)
+        label = label or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         if payload is None:
             payload = serialization.dumps_payload(fn, what=f"callable {label!r}")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
