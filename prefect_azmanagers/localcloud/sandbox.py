@@ -188,7 +188,7 @@ class SandboxHost:
                     await self._network.create()
                 self._binder = NetnsBinder()
             else:
-                await _check_user_namespaces()
+                await _check_user_namespaces(*self._inner_ids)
                 try:
                     self._network = loopback.reserve(self.loopback_block, self._previous_subnet())
                 except (OSError, ValueError, RuntimeError) as exc:
@@ -394,9 +394,7 @@ class SandboxHost:
                 inst.sandbox, admin, spec.computer_name, self._trees,
                 ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--", *sshd_argv], marker=marker,
                 extra_binds={"passwd": "/etc/passwd", "group": "/etc/group", "runuser": "/usr/sbin/runuser"})
-            uid_inside, gid_inside = self._inner_ids
-            argv = ["unshare", "--user", f"--map-user={uid_inside}", f"--map-group={gid_inside}",
-                    "--keep-caps", "--mount", "--uts", "--propagation", "private"]
+            argv = _loopback_unshare(*self._inner_ids)
         inst.sshd = await asyncio.create_subprocess_exec(
             *argv, "--", "/bin/sh", "-c", setup,
             stdin=asyncio.subprocess.DEVNULL, stdout=auth_log, stderr=auth_log,
@@ -581,11 +579,23 @@ def _loopback_mac(key: str) -> str:
     return "00:0d:3a:" + ":".join(tail[i:i + 2] for i in range(0, 6, 2))
 
 
-async def _check_user_namespaces() -> None:
-    """SandboxError naming the limitation when this kernel refuses us user namespaces."""
+def _loopback_unshare(uid: int, gid: int) -> list[str]:
+    """unshare's words for a loopback instance: its user (mapped to uid, gid inside), mount and
+    UTS namespaces; capabilities kept for the setup script."""
+    return ["unshare", "--user", f"--map-user={uid}", f"--map-group={gid}", "--keep-caps",
+            "--mount", "--uts", "--propagation", "private"]
+
+
+async def _check_user_namespaces(uid: int, gid: int) -> None:
+    """SandboxError naming the limitation when unshare or the kernel cannot make an instance's
+    namespaces."""
     try:
-        await run("unshare", "--user", "--map-current-user", "--mount", "--", "true")
+        await run(*_loopback_unshare(uid, gid), "--", "true")
     except CommandError as exc:
+        if "unrecognized option" in exc.stderr:
+            raise SandboxError(
+                "the loopback mode needs util-linux 2.38 or later (unshare --map-user, "
+                f"--keep-caps): {exc.stderr.strip()}") from None
         raise SandboxError(
             "the loopback mode needs unprivileged user namespaces (each instance gets its own "
             "filesystem view: /home/<admin>, /tmp, /var/log, /etc/ssh), and this system refuses "

@@ -584,3 +584,10 @@ def test_a_kernel_without_user_namespaces_gets_a_clear_error(tmp_path: Path, mon
     assert "needs unprivileged user namespaces" in message and "Operation not permitted" in message
     assert "user.max_user_namespaces" in message and "run as root" in message
     assert not (tmp_path / "state" / "sandbox-host.json").exists()  # nothing reserved, nothing started
+
+    async def too_old(*argv, **kwargs):
+        raise CommandError(list(argv), 1, "unshare: unrecognized option '--keep-caps'")
+
+    monkeypatch.setattr(sandbox, "run", too_old)
+    with pytest.raises(sandbox.SandboxError, match="needs util-linux 2.38 or later"):
+        asyncio.run(SandboxHost(tmp_path / "state", network="loopback").start())
