@@ -110,6 +110,10 @@ def start(
     except LocalCloudError as exc:
         exit_with_error(str(exc))
     console.print_json(json.dumps(info))
+    if info["mode"] == "loopback" and not info.get("prefect_api_url_for_vms"):
+        console.print("[yellow]Loopback mode without --prefect-api-url[/yellow]: instances share this "
+                      "machine's 127.0.0.1, so a task runner's SSH tunnel to a Prefect API on it cannot "
+                      "listen there; restart with --prefect-api-url URL to run flows on the instances.")
     try:
         saved = save_blocks(info)
         console.print(f"Saved Prefect blocks: manifest '{saved[0]}', templates {', '.join(saved[1:])}.")
