@@ -217,7 +217,8 @@ class AzureCluster:
         group: the scale set's name (created if missing, then deleted when empty at close).
         spot, max_price, spot_base_regular_priority_count, spot_regular_percentage_above_base:
             spot instances and priority mix, as AzManagers' `addprocs`.
-        customenv: build the driver's Python environment on the instances at boot.
+        customenv: build the driver's Python environment on the instances at boot: True
+            captures it at start; an `EnvironmentSpec` (`capture_environment()`) is reused.
         mpi_ranks_per_worker, mpi_flags: each slot runs `mpirun -n K <flags>` agents.
         env: environment variables of the worker processes (values are quoted, not secrets).
         os_disk_size, image_name, image_version: template overrides.
@@ -237,7 +238,8 @@ class AzureCluster:
                  manifest: str | AzureManifest = "default", ppi: int = 1, group: str = "azm",
                  spot: bool = False, max_price: float = -1,
                  spot_base_regular_priority_count: int = 0,
-                 spot_regular_percentage_above_base: int = 0, customenv: bool = False,
+                 spot_regular_percentage_above_base: int = 0,
+                 customenv: bool | EnvironmentSpec = False,
                  mpi_ranks_per_worker: int = 0, mpi_flags: str = DEFAULT_MPI_FLAGS,
                  env: dict[str, str] | None = None, os_disk_size: int | None = None,
                  image_name: str | None = None, image_version: str | None = None,
@@ -567,7 +569,7 @@ class AzureCluster:
             if instances is not None:
                 self._reconcile(instances)
                 if settled:
-                    self._drop_claims_before(listed_at)
+                    self._drop_claims_before(listed_at, "will not come: their grow ended without them")
             if failure is not None:
                 self._provisioning_failed(failure)
             self._check_heartbeats()
@@ -580,10 +582,8 @@ class AzureCluster:
                 pass
 
     def _reconcile(self, instances: list[Instance]) -> None:
-        expired = time.monotonic() - self.join_timeout
-        while self._unclaimed and self._unclaimed[0] < expired:
-            self._unclaimed.popleft()
-            logger.warning("a requested instance of %s never appeared within join_timeout", self.group)
+        self._drop_claims_before(time.monotonic() - self.join_timeout,
+                                 "never appeared within join_timeout")
         seen = set()
         for inst in instances:
             seen.add(inst.name)
@@ -610,14 +610,15 @@ class AzureCluster:
             if member.name not in seen and member.state not in ("gone", "removing"):
                 self._spawn(self._lose_instance(member, "the instance was deleted or evicted"))
 
-    def _drop_claims_before(self, listed_at: float) -> None:
+    def _drop_claims_before(self, moment: float, why: str) -> None:
+        """Claims made before `moment` will not be met: forget them, then fail the queue if no
+        worker is left or coming."""
         dropped = 0
-        while self._unclaimed and self._unclaimed[0] < listed_at:
+        while self._unclaimed and self._unclaimed[0] < moment:
             self._unclaimed.popleft()
             dropped += 1
         if dropped:
-            logger.warning("%d requested instance(s) of %s will not come: their grow ended "
-                           "without them", dropped, self.group)
+            logger.warning("%d requested instance(s) of %s %s", dropped, self.group, why)
             self._fail_queue_if_hopeless()
             self._membership_changed.set()
 
