@@ -298,6 +298,7 @@ class AzureCluster:
         self._foreign: set[str] = set()  # instances of the scale set that are not ours
         self._unclaimed: deque[float] = deque()  # request times of instances not yet seen
         self._growing = 0  # _grow calls whose request is not sent yet
+        self._last_join_failure: str | None = None
         self._discard_on_arrival = 0
         self._replacements_left = self.max_replacements
         self._provisioning_error: AzManagersError | None = None
@@ -635,7 +636,8 @@ class AzureCluster:
     def _fail_queue_if_hopeless(self) -> None:
         if self._unclaimed or any(m.state in ("joining", "joined") for m in self._members.values()):
             return
-        why = self._provisioning_error or AzManagersError("no instance could join")
+        why = self._provisioning_error or AzManagersError(
+            self._last_join_failure or "no instance could join")
         for item in self._queue.drain():
             _settle(item.future, exception=WorkerLost(
                 f"{item.label}: no worker is left to run it and none is coming: {why}"))
@@ -652,7 +654,7 @@ class AzureCluster:
             reason = (f"did not join within {self.join_timeout:.0f} s (provisioning state "
                       f"{member.provisioning_state}, address {member.address or 'none yet'})")
             await self._join_failed(member, reason)
-        except HostKeyMismatch as exc:
+        except (HostKeyMismatch, ConfigurationError) as exc:  # another instance fares no better
             await self._join_failed(member, str(exc), replace=False)
         except (BootFailed, asyncssh.Error, OSError) as exc:
             await self._join_failed(member, str(exc))
@@ -745,6 +747,7 @@ class AzureCluster:
     async def _join_failed(self, member: _Member, reason: str, *, replace: bool = True) -> None:
         tail = await self._boot_tail(member)
         member.failure = f"{reason}\n{tail}"
+        self._last_join_failure = f"instance {member.name} did not join: {reason}"
         logger.warning("instance %s did not join: %s\n%s", member.name, reason, tail)
         await self._remove([member], reason)
         if replace:
@@ -988,7 +991,11 @@ class AzureCluster:
             await self._lose_instance(member, f"{reason}, and reconnecting failed")
             return
         if self.forward_ports:
-            await member.conn.forward_ports(self.forward_ports)
+            try:
+                await member.conn.forward_ports(self.forward_ports)
+            except ConfigurationError as exc:
+                await self._lose_instance(member, str(exc))
+                return
         for worker in member.workers:
             worker.restarts = 0
         starts = await asyncio.gather(*(self._start_agent(w) for w in member.workers),
@@ -1176,14 +1183,29 @@ class AzureCluster:
                          "`prefect-azmanagers cleanup` to find them by tag", self.cluster_id, errors)
             raise errors[0]
 
-    async def _delete_everything_added(self) -> None:
-        # Instances requested but not yet listed are claimed now, so none is left behind.
-        if self._unclaimed:
+    async def _claim_requested(self) -> None:
+        """Claim the instances requested but not listed yet, so that close deletes them too.
+
+        ARM lists an instance as soon as its grow is accepted, so this returns after a listing
+        or two, not after the boot (Ctrl-C while instances boot is quick)."""
+        failures = 0
+        while self._unclaimed:
+            settled = not self._scaleset.pending_grows
             try:
-                await self._scaleset.wait_provisioned()
-            except AzureError as exc:
-                logger.info("a pending grow failed during close: %s", exc)
-            self._reconcile(await self._scaleset.instances())
+                instances = await self._scaleset.instances()
+            except AzureError as exc:  # a grow's failure (raised once), or listing fails
+                failures += 1
+                if failures > 3:
+                    raise
+                logger.info("listing %s during close: %s", self.group, exc)
+                continue
+            self._reconcile(instances)
+            if settled or not self._unclaimed:
+                return
+            await asyncio.sleep(1.0)
+
+    async def _delete_everything_added(self) -> None:
+        await self._claim_requested()
         members = [m for m in self._members.values() if m.state != "gone"]
         for member in members:
             if member.conn is not None:

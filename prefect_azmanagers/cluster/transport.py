@@ -27,7 +27,7 @@ from prefect_azmanagers.cluster.protocol import (
     Payload,
     ProtocolError,
 )
-from prefect_azmanagers.exceptions import HostKeyMismatch
+from prefect_azmanagers.exceptions import ConfigurationError, HostKeyMismatch
 
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 SMALL_FRAME = 1 << 16  # bodies below this are copied behind their header: one write, one packet
@@ -237,9 +237,19 @@ class InstanceConnection:
         return await asyncio.wait_for(self._conn.run(command, check=False), timeout)
 
     async def forward_ports(self, ports: Sequence[int]) -> None:
-        """Make each driver loopback port P reachable at 127.0.0.1:P inside the instance."""
+        """Make each driver loopback port P reachable at 127.0.0.1:P inside the instance.
+
+        Raises ConfigurationError when the instance's sshd cannot listen on a port there.
+        """
         for port in ports:
-            listener = await self._conn.forward_remote_port("127.0.0.1", port, "127.0.0.1", port)
+            try:
+                listener = await self._conn.forward_remote_port("127.0.0.1", port, "127.0.0.1", port)
+            except asyncssh.ChannelListenError as exc:
+                raise ConfigurationError(
+                    f"instance {self.address} cannot listen on its 127.0.0.1 port {port}, the end "
+                    f"of the tunnel to the driver's port {port} ({exc}): the port is privileged or "
+                    "taken there (on a local cloud in loopback mode, the instances share your "
+                    "127.0.0.1: start it with --prefect-api-url)") from None
             self._listeners.append(listener)
 
     async def start_agent(self, command: str, *, on_frame: Callable[[Frame], None],

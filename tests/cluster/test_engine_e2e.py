@@ -450,3 +450,14 @@ def test_ctrl_c_during_provisioning_deletes_what_was_made(localcloud, admin, tmp
     finally:
         admin.settings(boot_delay=0)
     assert_nothing_left(admin, group, set())
+
+
+def test_a_tunnel_that_cannot_listen_fails_the_calls_clearly(localcloud, admin):
+    group = group_name("fwd")
+    # port 80 on the instance's loopback: the admin user's sshd session may not listen there
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+                      join_timeout=120, forward_ports=[80]) as cluster:
+        future = cluster.submit(lambda: 1)
+        with pytest.raises(WorkerLost, match="cannot listen on its 127.0.0.1 port 80"):
+            future.result(timeout=150)
+    assert_nothing_left(admin, group, set())
