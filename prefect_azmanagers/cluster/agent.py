@@ -202,6 +202,7 @@ class Agent:
                 self.pool.submit(self.run_task, task_id, body)
 
 
+IMDS_URL_VARIABLE = "AZMANAGERS_IMDS_URL"  # docs/architecture.md, "Inside an instance"
 _imds_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS never via a proxy
 
 
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once by this slot")
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     parser.add_argument("--imds", default=None,
-                        help="IMDS base URL to poll for Preempt events (spot instances)")
+                        help="IMDS base URL to poll for Preempt events (spot instances); "
+                             f"${IMDS_URL_VARIABLE}, when set on the instance, wins")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     forwarder = _start_daemon(_forward_stdout, channel, stdout_pipe)
     _start_daemon(agent.heartbeat, args.heartbeat)
     if args.imds:
-        _start_daemon(watch_scheduled_events, channel, args.imds)
+        # the instance may say where its IMDS is (the local cloud's loopback mode does)
+        _start_daemon(watch_scheduled_events, channel, os.environ.get(IMDS_URL_VARIABLE) or args.imds)
     asked_to_stop = agent.serve()
     _run_flush_hooks()
     _finish_stdout(forwarder)
