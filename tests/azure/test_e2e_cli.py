@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
+from typer.testing import CliRunner
 
 from prefect_azmanagers.azure.ownership import PID_TAG, ownership_tags
 from prefect_azmanagers.azure.vm import create_vm
+from prefect_azmanagers.cli import app
 
 pytestmark = pytest.mark.e2e
 
 
 def cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "prefect_azmanagers.cli", *args], capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, COLUMNS="250"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    """The CLI in this process (the entry point's own startup is tested in tests/foundation)."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
     return result.stdout
 
 
