@@ -7,15 +7,15 @@ reference names (and the manifest is imported under a name of its own).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from prefect_azmanagers.blocks import load_manifest, load_scaleset_template, load_vm_template
+from prefect_azmanagers.cli import app
 from prefect_azmanagers.exceptions import ConfigurationError, TemplateNotFound
 from prefect_azmanagers.templates import export_azmanagers, import_azmanagers
 
@@ -36,11 +36,10 @@ def assert_exported_equals_reference(out: Path) -> None:
     assert json.loads((out / "manifest.json").read_text()) == reference("manifest.json")
 
 
-def run_cli(server, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_azmanagers.cli", *args], capture_output=True, text=True,
-        timeout=300, env=dict(os.environ, PREFECT_API_URL=server.api_url, COLUMNS="200"),
-    )
+def run_cli(server, *args: str) -> Result:
+    """The CLI in this process, against the session's server (the entry point itself is
+    tested in test_cli.py)."""
+    return CliRunner().invoke(app, list(args), env={"PREFECT_API_URL": server.api_url, "COLUMNS": "200"})
 
 
 def test_import_then_export_reproduces_the_files(prefect_server, azmanagers_dir: Path, tmp_path: Path) -> None:
@@ -65,23 +64,23 @@ def test_cli_import_refuses_to_overwrite_then_export_round_trips(prefect_server,
     manifest_name = f"cli-{uuid.uuid4().hex[:8]}"
     first = run_cli(prefect_server, "import-azmanagers", "--dir", str(azmanagers_dir), "--overwrite",
                     "--manifest-name", manifest_name)
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.exit_code == 0, first.stdout + first.stderr
     assert "ussc--t107--v4--amd--cbox176" in first.stdout
 
     again = run_cli(prefect_server, "import-azmanagers", "--dir", str(azmanagers_dir), "--manifest-name", manifest_name)
-    assert again.returncode == 1
+    assert again.exit_code == 1
     assert "exist already" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
     out = tmp_path / "cli-export"
     result = run_cli(prefect_server, "export-azmanagers", "--dir", str(out), "--manifest-name", manifest_name)
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert_exported_equals_reference(out)
 
 
 def test_cli_import_of_malformed_json_gives_position_and_no_traceback(prefect_server, azmanagers_dir: Path) -> None:
     (azmanagers_dir / "templates_nic.json").write_text('{"cbox-nic": [1, 2,, 3]}')
     result = run_cli(prefect_server, "import-azmanagers", "--dir", str(azmanagers_dir), "--overwrite")
-    assert result.returncode == 1
+    assert result.exit_code == 1
     assert "templates_nic.json is not valid JSON" in result.stderr and "line 1, column 20" in result.stderr
     assert "Traceback" not in result.stderr
 
