@@ -550,7 +550,7 @@ class AzureCluster:
         while not self._closing:
             # A listing that starts when no grow is pending shows every instance requested
             # before it: claims older than it will never be met (their grow failed).
-            settled = not self._growing and not self._scaleset.pending_grows
+            settled = self._no_grow_pending()
             listed_at = time.monotonic()
             failure: AzureError | None = None
             try:
@@ -610,6 +610,10 @@ class AzureCluster:
         for member in list(self._members.values()):
             if member.name not in seen and member.state not in ("gone", "removing"):
                 self._spawn(self._lose_instance(member, "the instance was deleted or evicted"))
+
+    def _no_grow_pending(self) -> bool:
+        """Every grow requested so far has finished: a listing started now shows all it made."""
+        return not self._growing and not self._scaleset.pending_grows
 
     def _drop_claims_before(self, moment: float, why: str) -> None:
         """Claims made before `moment` will not be met: forget them, then fail the queue if no
@@ -1190,7 +1194,7 @@ class AzureCluster:
         or two, not after the boot (Ctrl-C while instances boot is quick)."""
         failures = 0
         while self._unclaimed:
-            settled = not self._scaleset.pending_grows
+            settled = self._no_grow_pending()
             try:
                 instances = await self._scaleset.instances()
             except AzureError as exc:  # a grow's failure (raised once), or listing fails
