@@ -91,6 +91,13 @@ def _sandbox(cloud: Cloud, name: str) -> dict:
     return inst["sandbox"]
 
 
+def _create_vm(cloud: Cloud, name: str) -> None:
+    """A VM `name` with its NIC `name-nic` (the example templates' bodies)."""
+    nic = cloud.network.network_interfaces.begin_create_or_update(
+        cloud.rg, f"{name}-nic", nic_body(cloud)).result()
+    cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, vm_body(cloud, nic.id, name)).result()
+
+
 def _cloud_block(state_dir: Path) -> ipaddress.IPv4Network:
     return ipaddress.ip_network(json.loads((state_dir / "sandbox-host.json").read_text())["subnet"])
 
@@ -163,8 +170,7 @@ def test_the_prefect_api_reaches_instances_through_the_blocks_first_address(lb: 
     gateway = str(block.network_address + 1)
     assert url.startswith(f"http://{gateway}:") and url.endswith("/api") and url != api_service
     name = unique("lbapi")
-    nic = lb.network.network_interfaces.begin_create_or_update(lb.rg, f"{name}-nic", nic_body(lb)).result()
-    lb.compute.virtual_machines.begin_create_or_update(lb.rg, name, vm_body(lb, nic.id, name)).result()
+    _create_vm(lb, name)
     try:
         ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
         assert lb.ssh(ip, f"curl -s {url}/health").stdout == "driver-loopback-ok"
@@ -258,8 +264,7 @@ def test_eviction_preempt_in_imds_then_the_instance_is_gone(lb: Cloud, tmp_path:
 
 def test_drop_ssh_cuts_sessions_and_kill_ends_the_instance(lb: Cloud, user: NonRootUser):
     name = unique("lbvm")
-    nic = lb.network.network_interfaces.begin_create_or_update(lb.rg, f"{name}-nic", nic_body(lb)).result()
-    lb.compute.virtual_machines.begin_create_or_update(lb.rg, name, vm_body(lb, nic.id, name)).result()
+    _create_vm(lb, name)
     try:
         ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
         argv = ["ssh", "-i", lb.info["ssh_private_key_file"], "-p", "2222", "-o", "BatchMode=yes",
@@ -328,9 +333,7 @@ def test_stop_after_a_crash_and_a_normal_stop_leave_nothing():
         cloud = _clients(info)
         try:
             name = unique("again")
-            nic = cloud.network.network_interfaces.begin_create_or_update(cloud.rg, f"{name}-nic",
-                                                                          nic_body(cloud)).result()
-            cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, vm_body(cloud, nic.id, name)).result()
+            _create_vm(cloud, name)
             assert listeners_in(str(block))
         finally:
             _close(cloud)
@@ -375,9 +378,7 @@ def test_network_switch_through_the_cli(tmp_path: Path):
         cloud = _clients(info)
         try:
             name = unique("cli")
-            nic = cloud.network.network_interfaces.begin_create_or_update(cloud.rg, f"{name}-nic",
-                                                                          nic_body(cloud)).result()
-            cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, vm_body(cloud, nic.id, name)).result()
+            _create_vm(cloud, name)
             ip = cloud.network.network_interfaces.get(cloud.rg, f"{name}-nic").ip_configurations[0].private_ip_address
             probe = cloud.ssh(ip, f"id -un; echo $AZMANAGERS_IMDS_URL; touch {Path(sys.prefix) / 'azlc-probe'}")
             assert probe.stdout.split() == ["azureuser", f"http://{ip}:8254"], probe.stderr
