@@ -120,6 +120,13 @@ def _wait_for(predicate, timeout: float = 30, message: str = "condition") -> Non
         time.sleep(0.1)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # already gone
+        return b""
+
+
 def _alive(pid: int) -> bool:
     """Running (a killed process may stay a zombie until init reaps it)."""
     try:
@@ -166,9 +173,14 @@ def test_boot_script_background_processes_live_until_delete(host, loop, boot):
     vm = boot("#!/bin/bash\nsetsid sleep 1000 > /dev/null 2>&1 < /dev/null &\necho started\n")
     log = Path(host.describe(vm.spec.key)["sandbox"]) / "log" / "cloud-init-output.log"
     _wait_for(lambda: "exit status 0" in log.read_text(), message="the boot script's end")
-    pids = host.describe(vm.spec.key)["pids"]
-    sleepers = [p for p in pids if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\0")]
-    assert sleepers, f"the boot script's background sleep is not among the instance's pids {pids}"
+    # the script can end before its background child has exec'd sleep: wait for the exec
+    sleepers: list[int] = []
+
+    def sleeper_started() -> bool:
+        sleepers[:] = [p for p in host.describe(vm.spec.key)["pids"] if _cmdline(p).startswith(b"sleep\0")]
+        return bool(sleepers)
+
+    _wait_for(sleeper_started, timeout=10, message="the boot script's background sleep among the instance's pids")
     loop.run(host.delete(vm.spec.key))
     assert not any(_alive(p) for p in sleepers)
 
