@@ -59,6 +59,14 @@ def ssh(ip: str, key: Path, known_hosts: Path, command: str, *options: str, user
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's NUL-separated argv; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class LoopbackService:
     """An HTTP server on the driver's 127.0.0.1 standing in for a loopback-only service."""
 

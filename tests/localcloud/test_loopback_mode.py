@@ -23,7 +23,7 @@ from arm_harness import Cloud, StaticCredential, nic_body, unique, vm_body
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from loopback_harness import NonRootUser, listeners_in
-from sandbox_harness import LoopbackService, make_key
+from sandbox_harness import LoopbackService, cmdline, make_key
 
 from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
 from prefect_azmanagers.cli.localcloud import LOCALCLOUD_TEMPDISK, localcloud_blocks
@@ -234,7 +234,7 @@ def test_scale_set_instances_over_openssh_boot_script_and_imds(lb: Cloud, user: 
             assert f"{ip}:2222" in listeners_in(str(LOOPBACK_BLOCK))
             assert f"{ip}:8254" in listeners_in(str(LOOPBACK_BLOCK))
             pids += _sandbox(lb, vm_name)["pids"]
-        assert any("sleep" in Path(f"/proc/{p}/cmdline").read_text() for p in pids if _running(p))
+        assert any(cmdline(p).startswith(b"sleep\0") for p in pids if _running(p))
     finally:
         lb.compute.virtual_machine_scale_sets.begin_delete(lb.rg, name).result()
     assert not [p for p in pids if _running(p)]
@@ -319,7 +319,9 @@ def test_stop_after_a_crash_and_a_normal_stop_leave_nothing():
         _wait(lambda: info["pid"] not in user.pids(), 10, "the local cloud to die")
         survivors = _cloud_processes(state_dir)
         assert sshd_pid in survivors
-        assert sum("sleep\x00600" in Path(f"/proc/{p}/cmdline").read_text() for p in survivors) == 2
+        # the boot script's sleep and the SSH one (a background child may not have exec'd yet)
+        _wait(lambda: sum(cmdline(p) == b"sleep\x00600\x00" for p in _cloud_processes(state_dir)) == 2,
+              10, "both sleeps among the instance's processes")
         assert f"{ip}:2222" in listeners_in(str(block))
 
         stopped = user.stop_cloud(state_dir)

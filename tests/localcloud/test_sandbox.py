@@ -22,7 +22,7 @@ import pytest
 
 from prefect_azmanagers.localcloud import netns
 from prefect_azmanagers.localcloud.sandbox import InstanceSpec, SandboxBootError, SandboxError, SandboxHost
-from sandbox_harness import LoopbackService, LoopThread, make_key, pin_host_key, ssh, ssh_argv
+from sandbox_harness import LoopbackService, LoopThread, cmdline, make_key, pin_host_key, ssh, ssh_argv
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="isolated mode needs root (CI runs as root)")
 
@@ -120,13 +120,6 @@ def _wait_for(predicate, timeout: float = 30, message: str = "condition") -> Non
         time.sleep(0.1)
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # already gone
-        return b""
-
-
 def _alive(pid: int) -> bool:
     """Running (a killed process may stay a zombie until init reaps it)."""
     try:
@@ -177,7 +170,7 @@ def test_boot_script_background_processes_live_until_delete(host, loop, boot):
     sleepers: list[int] = []
 
     def sleeper_started() -> bool:
-        sleepers[:] = [p for p in host.describe(vm.spec.key)["pids"] if _cmdline(p).startswith(b"sleep\0")]
+        sleepers[:] = [p for p in host.describe(vm.spec.key)["pids"] if cmdline(p).startswith(b"sleep\0")]
         return bool(sleepers)
 
     _wait_for(sleeper_started, timeout=10, message="the boot script's background sleep among the instance's pids")
