@@ -58,10 +58,23 @@ def task_run_identity(task: Any, parameters: dict[str, Any]) -> dict[str, str]:
     return {"name": name, "dynamic_key": dynamic_key}
 
 
+_serialized_settings: tuple[SettingsContext, dict[str, Any]] | None = None
+
+
 def serialize_settings() -> dict[str, Any]:
-    """The settings part of `prefect.context.serialize_context()` (its costly ~80%)."""
+    """The settings part of `prefect.context.serialize_context()` (its costly ~80%).
+
+    Kept for the current settings context: successive flow runs in one process share it, so
+    each one does not pay the serialization again. The result is shared: copy it to change it.
+    """
+    global _serialized_settings
     settings_context = SettingsContext.get()
-    return settings_context.serialize() if settings_context else {}
+    if settings_context is None:
+        return {}
+    cached = _serialized_settings
+    if cached is None or cached[0] is not settings_context:
+        cached = _serialized_settings = (settings_context, settings_context.serialize())
+    return cached[1]
 
 
 def flow_run_scoped_context(settings: dict[str, Any]) -> dict[str, Any]:

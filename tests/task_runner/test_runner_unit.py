@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, SettingsContext
 from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -265,17 +265,19 @@ def test_success_path_makes_no_extra_api_call(cluster, monkeypatch):
     assert recorded == []  # the task's own failure (boom) is the worker's to report
 
 
-def test_settings_serialized_once_per_runner(cluster, monkeypatch):
-    calls = []
-    real = compat.serialize_settings
-    monkeypatch.setattr(compat, "serialize_settings", lambda: calls.append(1) or real())
+def test_settings_serialized_once_across_flow_runs(cluster, monkeypatch):
+    serialized = []
+    monkeypatch.setattr(compat, "_serialized_settings", None)
+    real = SettingsContext.serialize
+    monkeypatch.setattr(SettingsContext, "serialize",
+                        lambda self, *a, **k: serialized.append(self) or real(self, *a, **k))
 
     @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
     def many():
         return sum(square.map(range(20)).result())
 
-    assert many() == sum(i * i for i in range(20))
-    assert len(calls) == 1
+    assert many() == many() == sum(i * i for i in range(20))
+    assert len(serialized) == 1
 
 
 def test_worker_output_goes_to_the_flow_run_log(cluster):
