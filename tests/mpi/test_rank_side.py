@@ -36,6 +36,7 @@ class AgentUnderMPI:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.stderr: list[str] = []
+        self.late_outputs: list[Frame] = []  # OUTPUT frames after a call's result (see shutdown)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         hello = self.frame()
@@ -67,8 +68,11 @@ class AgentUnderMPI:
         try:
             self.proc.stdin.write(encode(Kind.SHUTDOWN))
             self.proc.stdin.flush()
-            while self.frame().kind != Kind.BYE:
-                pass
+            # A task's output is forwarded by threads, so it may come after the call's result;
+            # the agent forwards all of it before BYE.
+            while (frame := self.frame()).kind != Kind.BYE:
+                if frame.kind == Kind.OUTPUT:
+                    self.late_outputs.append(frame)
         except (AssertionError, BrokenPipeError):
             pass
         return self.wait()
@@ -208,7 +212,7 @@ def test_output_of_every_rank_is_tagged(agents):
     frame, outputs = agent.call(_chatty)
     assert cloudpickle.loads(frame.body) == 0
     assert agent.shutdown() == 0
-    lines = [json.loads(f.body)["line"] for f in outputs] + agent.stderr
+    lines = [json.loads(f.body)["line"] for f in outputs + agent.late_outputs] + agent.stderr
     for rank in range(3):
         assert f"[rank {rank}] hello from {rank}" in lines, lines
         assert f"[rank {rank}] warning from {rank}" in lines, lines
