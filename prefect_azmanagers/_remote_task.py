@@ -136,14 +136,25 @@ class RemoteTaskRun:
         _note_remote_traceback(state)
         return state
 
-    def __azm_mpi_follower__(self) -> None:
-        """On ranks > 0 of an MPI worker (cluster/mpi.py): the bare task function; rank 0 runs
-        Prefect's engine, so the task run's states are reported once."""
+    def __azm_mpi_follower__(self, attempt: dict[str, Any]) -> None:
+        """On ranks > 0 of an MPI worker (cluster/mpi.py), once per attempt rank 0's engine
+        makes: the bare task function in that attempt's task run context (`attempt`, from
+        `prefect_azmanagers.mpi.checking_other_ranks`); rank 0 runs Prefect's engine, so the
+        task run's states are reported once."""
+        from prefect.context import hydrated_context
+
         from prefect_azmanagers.mpi import run_task_function
 
+        _drain_at_agent_exit()  # the rank's task-run logs reach the API before it exits
+        context = self.context
+        settings = context.pop("settings_context")
         token = ON_WORKER.set(True)  # as on rank 0: the flow's runner re-entered runs locally
         try:
-            run_task_function(self.task, self.parameters, self.context)
+            with _settings_context(settings):
+                client = _thread_client()
+                with hydrated_context(context, client=client):
+                    _keep_api_records_off_stderr()
+                    run_task_function(self.task, self.parameters, attempt, client)
         finally:
             ON_WORKER.reset(token)
 

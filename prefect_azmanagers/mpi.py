@@ -24,7 +24,12 @@ import functools
 import inspect
 from typing import Any
 
-from prefect_azmanagers.cluster.mpi import launched_by_mpi, own_failure_stands, wait_for_ranks
+from prefect_azmanagers.cluster.mpi import (
+    begin_attempt,
+    launched_by_mpi,
+    own_failure_stands,
+    wait_for_ranks,
+)
 from prefect_azmanagers.exceptions import ConfigurationError
 
 __all__ = ["comm"]
@@ -50,9 +55,14 @@ def comm() -> Any:
 
 
 def checking_other_ranks(task: Any) -> Any:
-    """On rank 0: a copy of the Prefect `task` whose function ends by waiting for the other
-    ranks, so a failure there becomes this task run's failure (MPIRankError with that rank's
-    traceback) in Prefect's state. Outside MPI the task itself."""
+    """On rank 0: a copy of the Prefect `task` whose function runs each attempt on every rank.
+
+    Prefect's engine calls the function once per attempt (none when the result comes from the
+    cache): the copy first starts the attempt on ranks > 0 with this task run's context, so
+    they run the task function exactly as often as rank 0 and inside the same task run, and it
+    ends by waiting for them, so a failure there becomes this attempt's failure (MPIRankError
+    with that rank's traceback) in Prefect's state. Outside MPI the task itself.
+    """
     if not launched_by_mpi():
         return task
     fn = task.fn
@@ -60,6 +70,7 @@ def checking_other_ranks(task: Any) -> Any:
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def with_ranks_async(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.to_thread(begin_attempt, _attempt_context())
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
@@ -72,6 +83,7 @@ def checking_other_ranks(task: Any) -> Any:
     else:
         @functools.wraps(fn)
         def with_ranks(*args: Any, **kwargs: Any) -> Any:
+            begin_attempt(_attempt_context())
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
@@ -86,15 +98,35 @@ def checking_other_ranks(task: Any) -> Any:
     return checked
 
 
-def run_task_function(task: Any, parameters: dict[str, Any], context: dict[str, Any]) -> None:
-    """On ranks > 0: the task's own function with its resolved parameters, outside Prefect's
-    task engine (rank 0 runs the engine, so the task run's states are reported once)."""
+def _attempt_context() -> dict[str, Any]:
+    """The running attempt's serialized TaskRunContext, without the task and its parameters
+    (the ranks have both from the call's payload: large arguments are not sent again)."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:
+        raise RuntimeError("checking_other_ranks' task function runs inside Prefect's task "
+                           "engine only (no TaskRunContext is set)")
+    serialized = context.model_copy(update={"parameters": {}}).serialize()
+    for carried_by_the_payload in ("task", "parameters"):
+        serialized.pop(carried_by_the_payload, None)
+    return serialized
+
+
+def run_task_function(task: Any, parameters: dict[str, Any], attempt: dict[str, Any],
+                      client: Any) -> None:
+    """On ranks > 0, inside the flow run's hydrated context: one attempt of the task's own
+    function with its resolved parameters, in the TaskRunContext rank 0's engine announced
+    (`attempt`), outside Prefect's task engine (rank 0 runs the engine, so the task run's
+    states are reported once; `get_run_logger()` logs to the same task run)."""
     from prefect.context import hydrated_context
     from prefect.utilities.callables import parameters_to_args_kwargs
     from prefect.utilities.engine import resolve_inputs_sync
 
-    with hydrated_context(context):
-        args, kwargs = parameters_to_args_kwargs(task.fn, resolve_inputs_sync(parameters))
+    resolved = resolve_inputs_sync(parameters)
+    task_run = {**attempt, "task": task, "parameters": resolved}
+    with hydrated_context({"task_run_context": task_run}, client=client):
+        args, kwargs = parameters_to_args_kwargs(task.fn, resolved)
         result = task.fn(*args, **kwargs)
         if inspect.isawaitable(result):
             asyncio.run(result)

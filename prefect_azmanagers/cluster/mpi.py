@@ -22,13 +22,14 @@ Prefect's engine, which reports the task's states once).
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -40,7 +41,8 @@ from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
 DEFAULT_MPI_FLAGS = "--bind-to none --oversubscribe"
 FOLLOWER_ATTRIBUTE = "__azm_mpi_follower__"
 
-_RUN, _OUTCOME, _SETTLED, _PEER_FAILED = 1, 2, 3, 4
+_RUN, _OUTCOME, _SETTLED, _PEER_FAILED, _ATTEMPT = 1, 2, 3, 4, 5
+_NOTHING = object()
 # After one rank failed, how long the others may take to finish the call before the worker is
 # considered stuck (e.g. in a collective the failed rank never joins) and restarted.
 FAILURE_GRACE_SECONDS = 2.0
@@ -103,11 +105,18 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 
 
-def _execute_locally(payload: bytes | Payload, follower: bool) -> Any:
-    target = load_payload(payload)
-    if follower:
-        target = getattr(target, FOLLOWER_ATTRIBUTE, target)
-    return target()
+def _load_call(payload: bytes | Payload) -> tuple[Callable[[], Any], Callable[[Any], Any] | None]:
+    """The call's callable and its follower part (None: the callable runs once on every rank).
+    A payload that cannot be loaded is a plain call that raises why (each rank reports it)."""
+    try:
+        target = load_payload(payload)
+    except BaseException as exc:  # noqa: BLE001 - the call's failure, reported by every rank
+        return functools.partial(_raise, exc), None
+    return target, getattr(target, FOLLOWER_ATTRIBUTE, None)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _tag_lines(fd: int, prefix: bytes) -> threading.Thread:
@@ -143,7 +152,12 @@ def _finish_tagged_output(taggers: list[threading.Thread]) -> None:
 
 
 class Leader:
-    """Rank 0's side: runs each call on every rank and combines the outcomes."""
+    """Rank 0's side: runs each call on every rank and combines the outcomes.
+
+    A call runs on ranks > 0 as attempts: a plain callable is one attempt, started with the
+    call; a callable with a follower part announces each of its attempts (`begin_attempt`),
+    possibly none. Outcomes, failures and their grace period are those of the current attempt.
+    """
 
     def __init__(self) -> None:
         from mpi4py import MPI
@@ -155,7 +169,14 @@ class Leader:
         self.poisoned = False
         self._busy = False
         self._changed = threading.Condition()
+        self._per_attempt = False
+        self._attempt = 0  # attempts started in this call
+        self._announcement: Any = _NOTHING  # an attempt begun on rank 0, not sent yet
+        self._announced = 0  # the last attempt sent to the ranks
+        self._rank0_in_attempt = False
         self._outcomes: dict[int, dict[str, str] | None] = {}
+        self._failed_at: float | None = None
+        self._settled = False
         self._surfaced = False
         self._taggers: list[threading.Thread] = []
         _leader = self
@@ -167,53 +188,131 @@ class Leader:
     def execute(self, task_id: int, payload: bytes | Payload) -> Any:
         """Run the call on all ranks; rank 0's value, or the first failing rank's error."""
         self._busy = True
+        target, follower = _load_call(payload)
         with self._changed:
-            self._outcomes, self._surfaced = {}, False
+            self._per_attempt = follower is not None
+            self._attempt = self._announced = 0
+            self._outcomes, self._failed_at, self._settled = {}, None, False
+            self._rank0_in_attempt = self._surfaced = False
+            if not self._per_attempt:
+                self._start_attempt()
         # Delivered before the call starts: a large payload needs rank 0 to drive MPI progress,
         # which it cannot do while the call's C code holds the GIL.
-        self._mpi.Request.waitall([self.control.isend((task_id, payload), dest=r, tag=_RUN)
-                                   for r in range(1, self.size)])
-        requests: list[Any] = []
+        self._send_to_ranks((task_id, payload), _RUN)
         local: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                local["value"] = _execute_locally(payload, follower=False)
+                local["value"] = target()
             except BaseException as exc:  # noqa: BLE001 - reported as the call's failure
                 local["error"] = exc
+            with self._changed:
+                if not self._per_attempt:
+                    self._end_attempt_on_rank0(failed="error" in local)
+                local["done"] = True
+                self._changed.notify_all()
 
-        thread = threading.Thread(target=run, daemon=True, name="azm-mpi-rank0")
-        thread.start()
-        failed_at: float | None = None
-        backoff = _Backoff()
-        status = self._mpi.Status()
-        while thread.is_alive() or len(self._outcomes) < self.size - 1:
-            while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
-                source = status.Get_source()
-                outcome = self.control.recv(source=source, tag=_OUTCOME)
-                with self._changed:
-                    self._outcomes[source] = outcome
-                    self._changed.notify_all()
-                backoff.active()
-            if failed_at is None and ("error" in local or any(self._outcomes.values())):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_SECONDS:
-                self.poisoned = True
-                break
-            thread.join(timeout=backoff.interval())
-        if not self.poisoned:  # tell failed ranks their failure is settled (see follow)
-            requests += [self.control.isend(None, dest=rank, tag=_SETTLED)
-                         for rank, outcome in self._outcomes.items() if outcome]
-            self._mpi.Request.waitall(requests)
+        threading.Thread(target=run, daemon=True, name="azm-mpi-rank0").start()
+        self._serve(local)
+        if not self.poisoned:
+            if self._per_attempt:  # the ranks stop waiting for attempts of this call
+                self._send_to_ranks(None, _ATTEMPT)
             self._busy = False
         if "error" in local:
             raise local["error"]
         failure = self._first_failure()
         if failure is not None and not self._surfaced:
             raise failure
-        if "value" not in local:  # rank 0 itself is stuck after another rank failed
-            raise failure or MPIRankError(0, self.size, "Stuck", "rank 0 did not finish", "")
+        if "value" not in local:  # the worker is poisoned: a rank is stuck in a failed attempt
+            raise failure or self._stuck_error()
         return local["value"]
+
+    def _serve(self, local: dict[str, Any]) -> None:
+        """Until the call ended on every rank: send announced attempts, collect outcomes,
+        settle finished attempts, and poison the worker when a failed attempt cannot end."""
+        backoff = _Backoff()
+        status = self._mpi.Status()
+        while True:
+            with self._changed:
+                announcement, self._announcement = self._announcement, _NOTHING
+                attempt = self._attempt
+            if announcement is not _NOTHING:
+                self._send_to_ranks((attempt, announcement), _ATTEMPT)
+                backoff.active()
+                with self._changed:
+                    self._announced = attempt
+                    self._changed.notify_all()
+            while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=_OUTCOME, status=status):
+                source = status.Get_source()
+                outcome = self.control.recv(source=source, tag=_OUTCOME)
+                with self._changed:
+                    self._outcomes[source] = outcome
+                    if outcome and self._failed_at is None:
+                        self._failed_at = time.monotonic()
+                    self._changed.notify_all()
+                backoff.active()
+            with self._changed:
+                if self._attempt_over() and not self._settled:
+                    self._settle()
+                if "done" in local and (self._attempt == 0 or self._settled):
+                    return
+                if (self._failed_at is not None and not self._attempt_over()
+                        and time.monotonic() - self._failed_at > FAILURE_GRACE_SECONDS):
+                    self.poisoned = True
+                    self._changed.notify_all()
+                    return
+                self._changed.wait(backoff.interval())
+
+    def _send_to_ranks(self, message: Any, tag: int) -> None:
+        self._mpi.Request.waitall([self.control.isend(message, dest=r, tag=tag)
+                                   for r in range(1, self.size)])
+
+    def _start_attempt(self) -> None:
+        self._attempt += 1
+        self._outcomes, self._failed_at, self._settled = {}, None, False
+        self._rank0_in_attempt, self._surfaced = True, False
+
+    def _end_attempt_on_rank0(self, failed: bool) -> None:
+        self._rank0_in_attempt = False
+        if failed and self._failed_at is None:
+            self._failed_at = time.monotonic()
+        self._changed.notify_all()
+
+    def _attempt_over(self) -> bool:
+        return not self._rank0_in_attempt and len(self._outcomes) == self.size - 1
+
+    def _settle(self) -> None:
+        """Tell the ranks that failed the attempt that their failure is handled (see follow):
+        rank 0 has left the attempt, so it is not stuck."""
+        self._mpi.Request.waitall([self.control.isend(None, dest=rank, tag=_SETTLED)
+                                   for rank, outcome in self._outcomes.items() if outcome])
+        self._settled = True
+        self._changed.notify_all()
+
+    def begin_attempt(self, announcement: Any) -> None:
+        """Inside a call on rank 0: start an attempt on the other ranks, which run the call's
+        follower part with `announcement`, once the previous attempt is settled there."""
+        with self._changed:
+            if not self._per_attempt:
+                raise RuntimeError("begin_attempt is for calls whose callable defines "
+                                   f"{FOLLOWER_ATTRIBUTE}; this call runs once on every rank")
+            self._changed.wait_for(lambda: self.poisoned or self._attempt == 0 or self._settled)
+            if self.poisoned:
+                raise self._first_failure() or self._stuck_error()
+            self._start_attempt()
+            self._announcement = announcement
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.poisoned or self._announced == self._attempt)
+            if self.poisoned:
+                raise self._first_failure() or self._stuck_error()
+
+    def _stuck_error(self) -> MPIRankError:
+        """Why a poisoned call ends: the lowest rank still inside its failed attempt."""
+        rank = min(set(range(1, self.size)) - set(self._outcomes), default=0)
+        return MPIRankError(rank, self.size, "Stuck",
+                            f"rank {rank} did not finish attempt {self._attempt} within "
+                            f"{FAILURE_GRACE_SECONDS}s after the attempt failed on another rank "
+                            "(blocked in a collective?); the worker restarts", "")
 
     def _first_failure(self) -> MPIRankError | None:
         for rank in sorted(self._outcomes):
@@ -223,12 +322,22 @@ class Leader:
                                     failure["traceback"])
         return None
 
+    def own_failure_stands(self) -> None:
+        """Inside a call on rank 0 that is failing: its own failure is the call's (or the
+        attempt's) outcome; an attempt ends on rank 0 with it."""
+        with self._changed:
+            self._surfaced = True
+            if self._per_attempt:
+                self._end_attempt_on_rank0(failed=True)
+
     def wait_for_ranks(self) -> None:
         """Inside a call on rank 0: wait until every other rank finished it; raise the first
         failure (once raised here, the call's own outcome stands for it)."""
         with self._changed:
             self._changed.wait_for(lambda: self._first_failure() is not None
                                    or len(self._outcomes) == self.size - 1)
+            if self._per_attempt:
+                self._end_attempt_on_rank0(failed=False)
             failure = self._first_failure()
             if failure is not None:
                 self._surfaced = True
@@ -269,29 +378,50 @@ def follow() -> None:
         if message is None:
             break
         task_id, payload = message
-        outcome: dict[str, str] | None = None
-        try:
-            _execute_locally(payload, follower=True)
-        except BaseException as exc:  # noqa: BLE001 - reported to rank 0
-            outcome = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                       "message": str(exc), "traceback": traceback.format_exc()}
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sent = control.isend(outcome, dest=0, tag=_OUTCOME)  # rank 0 may be unable to receive
-        backoff.active()
-        if outcome is None:
-            sent.wait()
+        target, follower = _load_call(payload)
+        if follower is None:
+            _run_attempt(control, protocol, backoff, task_id, 1, target)
             continue
-        peers = [control.isend(task_id, dest=p, tag=_PEER_FAILED)
-                 for p in range(1, control.Get_size()) if p != rank]
-        if _wait_for(control, _SETTLED, backoff, UNSETTLED_SECONDS) is _TIMED_OUT:
-            # one report per call: the lowest failed rank sends it, the others only end the job
-            report = not _lower_rank_failed(control, rank, task_id)
-            _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
-        MPI.Request.waitall([sent, *peers])
+        # rank 0 announces each attempt it makes, then None when the call is over
+        while (attempt := _wait_for(control, _ATTEMPT, backoff, timeout=None)) is not None:
+            number, announcement = attempt
+            _run_attempt(control, protocol, backoff, task_id, number,
+                         functools.partial(follower, announcement))
+    from prefect_azmanagers.cluster import agent
+
+    agent._run_flush_hooks()  # as the agent does at exit: e.g. drain this rank's Prefect logs
     MPI.Finalize()
     _finish_tagged_output(taggers)
     os._exit(0)
+
+
+def _run_attempt(control: Any, protocol: int, backoff: _Backoff, task_id: int, attempt: int,
+                 run: Callable[[], Any]) -> None:
+    """Run one attempt of a call on this rank and report its outcome to rank 0; after a
+    failure, wait until rank 0 settled it, or report it ourselves and abort if rank 0 cannot."""
+    from mpi4py import MPI
+
+    rank = control.Get_rank()
+    outcome: dict[str, str] | None = None
+    try:
+        run()
+    except BaseException as exc:  # noqa: BLE001 - reported to rank 0
+        outcome = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                   "message": str(exc), "traceback": traceback.format_exc()}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sent = control.isend(outcome, dest=0, tag=_OUTCOME)  # rank 0 may be unable to receive
+    backoff.active()
+    if outcome is None:
+        sent.wait()
+        return
+    peers = [control.isend((task_id, attempt), dest=p, tag=_PEER_FAILED)
+             for p in range(1, control.Get_size()) if p != rank]
+    if _wait_for(control, _SETTLED, backoff, UNSETTLED_SECONDS) is _TIMED_OUT:
+        # one report per attempt: the lowest failed rank sends it, the others only end the job
+        report = not _lower_rank_failed(control, rank, (task_id, attempt))
+        _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
+    MPI.Request.waitall([sent, *peers])
 
 
 _TIMED_OUT = object()
@@ -309,16 +439,16 @@ def _wait_for(control: Any, tag: int, backoff: _Backoff, timeout: float | None) 
     return control.recv(source=0, tag=tag)
 
 
-def _lower_rank_failed(control: Any, rank: int, task_id: int) -> bool:
-    """Whether a rank below this one (but above 0) also failed call `task_id`; notices of
-    earlier calls are consumed and ignored."""
+def _lower_rank_failed(control: Any, rank: int, attempt: tuple[int, int]) -> bool:
+    """Whether a rank below this one (but above 0) also failed `attempt` (task id, attempt
+    number); notices of earlier attempts are consumed and ignored."""
     from mpi4py import MPI
 
     found = False
     status = MPI.Status()
     while control.Iprobe(source=MPI.ANY_SOURCE, tag=_PEER_FAILED, status=status):
         peer = status.Get_source()
-        found |= control.recv(source=peer, tag=_PEER_FAILED) == task_id and peer < rank
+        found |= control.recv(source=peer, tag=_PEER_FAILED) == attempt and peer < rank
     return found
 
 
@@ -356,8 +486,16 @@ def own_failure_stands() -> None:
     """Called by a failing call on rank 0: its own failure is the call's outcome, even if other
     ranks fail too (without it, another rank's failure would replace a returned result)."""
     if _leader is not None:
-        with _leader._changed:
-            _leader._surfaced = True
+        _leader.own_failure_stands()
+
+
+def begin_attempt(announcement: Any) -> None:
+    """Called on rank 0 by a call whose callable has a follower part, before each attempt at
+    its work: ranks > 0 then run `follower(announcement)` once (after the previous attempt
+    ended on every rank). End the attempt with `wait_for_ranks()` or, when it failed on rank 0,
+    `own_failure_stands()`. No-op outside an MPI worker."""
+    if _leader is not None:
+        _leader.begin_attempt(announcement)
 
 
 def wait_for_ranks() -> None:

@@ -250,3 +250,96 @@ def test_a_call_can_surface_other_ranks_failures_itself(agents):
     frame, _ = agent.call(_allreduce, 2)
     assert cloudpickle.loads(frame.body) == (3, 6)
     assert agent.shutdown() == 0
+
+
+class _Attempts:
+    """A call with a follower part, made of `attempts` attempts announced by rank 0 as a task
+    run's are: an attempt fails on the ranks listed for it in `failing`, after the attempt's
+    collective or (`before_collective`) instead of it. Rank 0 returns what became of each."""
+
+    def __init__(self, attempts: int, failing: dict[int, set[int]] | None = None,
+                 before_collective: bool = False):
+        self.attempts = attempts
+        self.failing = failing or {}
+        self.before_collective = before_collective
+
+    def __call__(self) -> list[tuple]:
+        from prefect_azmanagers.cluster.mpi import (
+            MPIRankError,
+            begin_attempt,
+            own_failure_stands,
+            wait_for_ranks,
+        )
+
+        results = []
+        for number in range(1, self.attempts + 1):
+            begin_attempt({"attempt": number})
+            try:
+                value = self._attempt(number)
+            except ValueError as exc:
+                own_failure_stands()
+                results.append(("failed on rank 0", number, str(exc)))
+                continue
+            try:
+                wait_for_ranks()
+            except MPIRankError as exc:
+                results.append(("failed on rank", number, exc.rank))
+                continue
+            results.append(("done", number, value))
+        return results
+
+    def __azm_mpi_follower__(self, announcement: dict) -> None:
+        self._attempt(announcement["attempt"])
+
+    def _attempt(self, number: int) -> list[int]:
+        from prefect_azmanagers.mpi import comm
+
+        c = comm()
+        print(f"attempt {number} on rank {c.Get_rank()}", file=sys.stderr, flush=True)
+        fails = c.Get_rank() in self.failing.get(number, ())
+        if fails and self.before_collective:
+            raise ValueError(f"attempt {number} gave up on rank {c.Get_rank()}")
+        seen = c.allgather(number)  # each rank is in the same attempt
+        if fails:
+            raise ValueError(f"attempt {number} failed on rank {c.Get_rank()}")
+        return seen
+
+
+def _attempt_lines(agent: AgentUnderMPI) -> list[str]:
+    return sorted(line for line in agent.stderr if "] attempt " in line)
+
+
+def test_ranks_run_each_announced_attempt_once_and_none_without_one(agents):
+    agent = agents(3)
+    frame, _ = agent.call(_Attempts(0), 1)  # e.g. a task run whose result is cached
+    assert frame.kind == Kind.RESULT and cloudpickle.loads(frame.body) == []
+    frame, _ = agent.call(_Attempts(2), 2)
+    assert cloudpickle.loads(frame.body) == [("done", 1, [1, 1, 1]), ("done", 2, [2, 2, 2])]
+    frame, _ = agent.call(_allreduce, 3)  # the call is over on every rank: a plain call follows
+    assert cloudpickle.loads(frame.body) == (3, 6)
+    assert agent.shutdown() == 0
+    assert _attempt_lines(agent) == sorted(f"[rank {r}] attempt {n} on rank {r}"
+                                           for r in range(3) for n in (1, 2))
+
+
+def test_an_attempt_failing_on_any_rank_is_followed_by_the_next_on_every_rank(agents):
+    agent = agents(3)
+    frame, _ = agent.call(_Attempts(2, failing={1: {0}}), 1)
+    assert cloudpickle.loads(frame.body) == [
+        ("failed on rank 0", 1, "attempt 1 failed on rank 0"), ("done", 2, [2, 2, 2])]
+    # a failed rank is released (settled) before the next attempt starts on it
+    frame, _ = agent.call(_Attempts(3, failing={1: {2}, 2: {1, 2}}), 2)
+    assert cloudpickle.loads(frame.body) == [
+        ("failed on rank", 1, 2), ("failed on rank", 2, 1), ("done", 3, [3, 3, 3])]
+    frame, _ = agent.call(_allreduce, 3)
+    assert cloudpickle.loads(frame.body) == (3, 6)
+    assert agent.shutdown() == 0
+
+
+def test_an_attempt_stuck_after_rank0_failed_ends_the_call_and_the_worker(agents):
+    agent = agents(3)
+    frame, _ = agent.call(_Attempts(2, failing={1: {0}}, before_collective=True))
+    assert frame.kind == Kind.ERROR  # ranks 1 and 2 wait in attempt 1's collective forever
+    assert "MPI rank 1 of 3 failed: Stuck: rank 1 did not finish attempt 1" in frame.json()["message"]
+    assert agent.wait() == 70
+    assert "[rank 1] attempt 2 on rank 1" not in agent.stderr
