@@ -1,6 +1,8 @@
-"""MPI through AzureScaleSetTaskRunner on the local cloud: each task runs on all K ranks of a
-worker, its result is rank 0's, a failing rank fails the task run (in Prefect's API too), and
-every rank's output reaches the flow's log tagged with its rank."""
+"""MPI through AzureScaleSetTaskRunner on the local cloud, one flow run for the whole module:
+each task runs on all K ranks of a worker, its result is rank 0's, a failing rank fails the task
+run (in Prefect's API too), every rank's output reaches the flow's log tagged with its rank, and
+ranks > 0 run each attempt rank 0's engine makes (none for a cached result) inside the same
+task run (their `get_run_logger()` lines are that task run's logs)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import uuid
 
 import pytest
 from prefect import flow, task
+from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
 
 from prefect_azmanagers.cluster.mpi import MPIRankError
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 RANKS = 3
+TASK_WAIT = 120  # a task whose ranks got out of step hangs: fail the test instead
 
 
 @task
@@ -39,17 +43,41 @@ def fails_on_last_rank() -> int:
     return total
 
 
-def logs_of(flow_run_id, wait_for: str, timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        messages = [log.message for log in logs]
-        if any(wait_for in m for m in messages) or time.monotonic() > deadline:
-            return messages
+@task(retries=1, retry_delay_seconds=0)
+def first_attempt_fails_on_rank0() -> int:
+    from prefect import get_run_logger
+    from prefect.context import TaskRunContext
+
+    from prefect_azmanagers.mpi import comm
+
+    c = comm()
+    run = TaskRunContext.get()
+    attempt = run.task_run.run_count if run else None
+    get_run_logger().info(f"rank {c.Get_rank()} runs attempt {attempt} of task run "
+                          f"{run.task_run.id if run else None}")
+    total = c.allreduce(1)  # needs every rank in the same attempt
+    if c.Get_rank() == 0 and attempt == 1:
+        raise RuntimeError("the first attempt fails on rank 0")
+    return total
 
 
-def test_mpi_tasks_through_the_task_runner(localcloud):
+@task(cache_policy=INPUTS, persist_result=True)
+def cached_sum(x: int) -> int:
+    from prefect_azmanagers.mpi import comm
+
+    c = comm()
+    print(f"cached_sum body on rank {c.Get_rank()} for {x}")
+    return c.allreduce(x)
+
+
+def settled(future):
+    future.wait(TASK_WAIT)
+    return future.state
+
+
+@pytest.fixture(scope="module")
+def mpi_run(localcloud):
+    """The flow run's final state, the states it returned and the retried task run's id."""
     group = f"mpitr-{uuid.uuid4().hex[:6]}"
 
     @flow(task_runner=AzureScaleSetTaskRunner("localcloud-small", 1, manifest="localcloud",
@@ -58,17 +86,65 @@ def test_mpi_tasks_through_the_task_runner(localcloud):
     def mpi_flow():
         good = [weighted_sum.submit(w) for w in (1, 10)]
         bad = fails_on_last_rank.submit()
-        bad.wait()
-        return [f.result() for f in good], bad.state
+        retried = first_attempt_fails_on_rank0.submit()
+        computed = settled(cached_sum.submit(4))
+        return {"sums": [f.result() for f in good], "bad": settled(bad),
+                "retried": settled(retried), "retried_id": retried.task_run_id,
+                "computed": computed, "cached": settled(cached_sum.submit(4))}
 
     state = mpi_flow(return_state=True)
-    sums, bad_state = state.result()
-    assert sums == [0 + 1 + 2, 0 + 10 + 20]
-    assert bad_state.is_failed()
+    return state.state_details.flow_run_id, state.result()
+
+
+def read_logs(log_filter: LogFilter, wait_for: str, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter)
+        if any(wait_for in log.message for log in logs) or time.monotonic() > deadline:
+            return logs
+
+
+def flow_log(flow_run_id, wait_for: str) -> list[str]:
+    logs = read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), wait_for)
+    return [log.message for log in logs]
+
+
+def test_results_rank_failures_and_tagged_output(mpi_run):
+    flow_run_id, returned = mpi_run
+    assert returned["sums"] == [0 + 1 + 2, 0 + 10 + 20]
+    assert returned["bad"].is_failed()
     with pytest.raises(MPIRankError) as info:
-        bad_state.result()
+        returned["bad"].result()
     assert info.value.rank == RANKS - 1 and "the last rank cannot count" in str(info.value)
 
-    messages = logs_of(state.state_details.flow_run_id, wait_for=f"[rank {RANKS - 1}] rank")
+    messages = flow_log(flow_run_id, wait_for=f"[rank {RANKS - 1}] rank")
     for rank in range(RANKS):
         assert any(f"[rank {rank}] rank {rank} of {RANKS} contributes" in m for m in messages), messages
+
+
+def test_every_rank_runs_each_retry_in_the_task_run(mpi_run):
+    """retries=1, the first attempt failing on rank 0: every rank runs both attempts, in the
+    task run's context (their run logger writes to it), and the task run ends Completed."""
+    _, returned = mpi_run
+    retried, task_run_id = returned["retried"], returned["retried_id"]
+    assert retried.is_completed(), retried
+    assert retried.result() == RANKS
+
+    logs = read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])),
+                     wait_for=f"rank {RANKS - 1} runs attempt 2")
+    ran = sorted(log.message for log in logs if " runs attempt " in log.message)
+    assert ran == sorted(f"rank {rank} runs attempt {attempt} of task run {task_run_id}"
+                         for rank in range(RANKS) for attempt in (1, 2)), ran
+
+
+def test_a_cached_result_runs_no_rank(mpi_run):
+    flow_run_id, returned = mpi_run
+    computed, cached = returned["computed"], returned["cached"]
+    assert computed.name == "Completed" and computed.result() == 4 * RANKS
+    assert cached.name == "Cached" and cached.result() == 4 * RANKS
+
+    messages = flow_log(flow_run_id, wait_for=f"[rank {RANKS - 1}] cached_sum body")
+    for rank in range(RANKS):
+        body_ran = [m for m in messages if f"[rank {rank}] cached_sum body on rank {rank}" in m]
+        assert len(body_ran) == 1, messages  # the first call only
