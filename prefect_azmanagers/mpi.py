@@ -14,6 +14,10 @@ def total(x):
 def main():
     return total.submit(1).result()
 ```
+
+Every rank runs each attempt of the task run (each retry; none when Prefect takes the result
+from the cache) inside its TaskRunContext, so `get_run_logger()` logs to the task run on every
+rank; the task run's states are reported by rank 0 alone.
 """
 
 from __future__ import annotations

@@ -4,20 +4,27 @@ With `mpi_ranks_per_worker=K` a worker is `mpirun -n K <flags> <python> -m
 prefect_azmanagers.cluster.agent ...` (see `launcher`). Open MPI gives mpirun's stdin to rank 0
 and carries every rank's stdout back on mpirun's stdout, so:
 
-- rank 0 is the agent the driver talks to: for every call it sends the pickled payload to the
-  other ranks, runs the call itself, and waits until every rank reported; the result is rank
-  0's, an exception on any rank fails the call with that rank's traceback (`MPIRankError`);
+- rank 0 is the agent the driver talks to (`Leader`): for every call it sends the pickled
+  payload to the other ranks, runs the call itself, and waits until every rank reported; the
+  result is rank 0's, an exception on any rank fails the call with that rank's traceback
+  (`MPIRankError`);
 - ranks > 0 (`follow`) never write to stdout: their stdout and stderr lines go to stderr tagged
   `[rank r]` (the driver logs the agent's stderr), and they wait for calls without spinning.
 
+Ranks > 0 run a call as attempts. A plain callable is one attempt: every rank runs it when the
+payload arrives. A callable may define `__azm_mpi_follower__(announcement)`: rank 0 alone runs
+the callable, which announces each attempt at its work (`begin_attempt`), and ranks > 0 call
+the follower part once per announcement until rank 0's call returns ("call over"; zero
+attempts is fine). The task runner uses it so that ranks > 0 run the bare task function exactly
+when and as often as Prefect's engine on rank 0 runs the task body (each retry; never for a
+cached result), in that task run's context, while only rank 0's engine reports its states.
+
 Control messages travel on a duplicate of COMM_WORLD, so a task's own messages on
 `prefect_azmanagers.mpi.comm()` (COMM_WORLD) never mix with them. A rank that fails while others
-are still inside the call (possibly blocked in a collective that can never complete) poisons the
-worker: the failure is reported, then the whole worker exits and the engine restarts the slot.
-If rank 0 cannot run at all (a task's C code holding its GIL), the lowest failed rank reports
-the call on the protocol stream itself and aborts the job. A callable may define `__azm_mpi_follower__()`: ranks > 0 then call that instead of the callable
-itself (the task runner uses it to run the bare task function there, while rank 0 runs
-Prefect's engine, which reports the task's states once).
+are still inside the attempt (possibly blocked in a collective that can never complete) poisons
+the worker: the failure is reported, then the whole worker exits and the engine restarts the
+slot. If rank 0 cannot run at all (a task's C code holding its GIL), the lowest failed rank
+reports the call on the protocol stream itself and aborts the job.
 """
 
 from __future__ import annotations
