@@ -43,8 +43,7 @@ def fails_on_last_rank() -> int:
     return total
 
 
-@task(retries=1, retry_delay_seconds=0)
-def first_attempt_fails_on_rank0() -> int:
+def _first_attempt_fails_on_rank0(name: str) -> int:
     from prefect import get_run_logger
     from prefect.context import TaskRunContext
 
@@ -53,12 +52,22 @@ def first_attempt_fails_on_rank0() -> int:
     c = comm()
     run = TaskRunContext.get()
     attempt = run.task_run.run_count if run else None
-    get_run_logger().info(f"rank {c.Get_rank()} runs attempt {attempt} of task run "
+    get_run_logger().info(f"{name}: rank {c.Get_rank()} runs attempt {attempt} of task run "
                           f"{run.task_run.id if run else None}")
     total = c.allreduce(1)  # needs every rank in the same attempt
     if c.Get_rank() == 0 and attempt == 1:
         raise RuntimeError("the first attempt fails on rank 0")
     return total
+
+
+@task(retries=1, retry_delay_seconds=0)
+def retried_sync() -> int:
+    return _first_attempt_fails_on_rank0("retried_sync")
+
+
+@task(retries=1, retry_delay_seconds=0)
+async def retried_async() -> int:
+    return _first_attempt_fails_on_rank0("retried_async")
 
 
 @task(cache_policy=INPUTS, persist_result=True)
@@ -77,7 +86,7 @@ def settled(future):
 
 @pytest.fixture(scope="module")
 def mpi_run(localcloud):
-    """The flow run's final state, the states it returned and the retried task run's id."""
+    """The flow run's id and what it returned (states, the retried task runs' ids)."""
     group = f"mpitr-{uuid.uuid4().hex[:6]}"
 
     @flow(task_runner=AzureScaleSetTaskRunner("localcloud-small", 1, manifest="localcloud",
@@ -86,10 +95,10 @@ def mpi_run(localcloud):
     def mpi_flow():
         good = [weighted_sum.submit(w) for w in (1, 10)]
         bad = fails_on_last_rank.submit()
-        retried = first_attempt_fails_on_rank0.submit()
+        retried = {t.name: t.submit() for t in (retried_sync, retried_async)}
         computed = settled(cached_sum.submit(4))
         return {"sums": [f.result() for f in good], "bad": settled(bad),
-                "retried": settled(retried), "retried_id": retried.task_run_id,
+                "retried": {name: (settled(f), f.task_run_id) for name, f in retried.items()},
                 "computed": computed, "cached": settled(cached_sum.submit(4))}
 
     state = mpi_flow(return_state=True)
@@ -123,18 +132,18 @@ def test_results_rank_failures_and_tagged_output(mpi_run):
         assert any(f"[rank {rank}] rank {rank} of {RANKS} contributes" in m for m in messages), messages
 
 
-def test_every_rank_runs_each_retry_in_the_task_run(mpi_run):
+@pytest.mark.parametrize("name", ["retried_sync", "retried_async"])
+def test_every_rank_runs_each_retry_in_the_task_run(mpi_run, name):
     """retries=1, the first attempt failing on rank 0: every rank runs both attempts, in the
     task run's context (their run logger writes to it), and the task run ends Completed."""
-    _, returned = mpi_run
-    retried, task_run_id = returned["retried"], returned["retried_id"]
+    retried, task_run_id = mpi_run[1]["retried"][name]
     assert retried.is_completed(), retried
     assert retried.result() == RANKS
 
     logs = read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])),
                      wait_for=f"rank {RANKS - 1} runs attempt 2")
     ran = sorted(log.message for log in logs if " runs attempt " in log.message)
-    assert ran == sorted(f"rank {rank} runs attempt {attempt} of task run {task_run_id}"
+    assert ran == sorted(f"{name}: rank {rank} runs attempt {attempt} of task run {task_run_id}"
                          for rank in range(RANKS) for attempt in (1, 2)), ran
 
 
