@@ -55,7 +55,8 @@ def register_flush_hook(hook: Callable[[], None]) -> None:
         _flush_hooks.append(hook)
 
 
-def _run_flush_hooks() -> None:
+def run_flush_hooks() -> None:
+    """Run the registered hooks; the agent does at shutdown, MPI ranks > 0 before they exit."""
     for hook in list(_flush_hooks):
         try:
             hook()
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         # the instance may say where its IMDS is (the local cloud's loopback mode does)
         _start_daemon(watch_scheduled_events, channel, os.environ.get(IMDS_URL_VARIABLE) or args.imds)
     asked_to_stop = agent.serve()
-    _run_flush_hooks()
+    run_flush_hooks()
     _finish_stdout(forwarder)
     if asked_to_stop:
         channel.send(encode(Kind.BYE))

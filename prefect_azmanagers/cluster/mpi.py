@@ -396,7 +396,7 @@ def follow() -> None:
                          functools.partial(follower, announcement))
     from prefect_azmanagers.cluster import agent
 
-    agent._run_flush_hooks()  # as the agent does at exit: e.g. drain this rank's Prefect logs
+    agent.run_flush_hooks()  # as the agent does at exit: e.g. drain this rank's Prefect logs
     MPI.Finalize()
     _finish_tagged_output(taggers)
     os._exit(0)
