@@ -690,10 +690,13 @@ class AzureCluster:
         self._announce_joined(member)
 
     def _announce_joined(self, member: _Member) -> None:
+        # An instance's workers join together; their lines count up one by one ("3/4", "4/4")
         joined = self._joined_count()
+        count = joined - sum(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in member.workers)
         for worker in member.workers:
+            count = min(count + 1, joined)
             self._progress.worker_joined(worker.id, member.name, member.address or "",
-                                         worker.slot, time.monotonic() - self._t0, joined)
+                                         worker.slot, time.monotonic() - self._t0, count)
         self._membership_changed.set()
 
     async def _connect(self, member: _Member, *, retry: bool) -> InstanceConnection:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,7 +151,8 @@ def test_flow_results_api_records_logs_edges_and_clean_teardown(localcloud, admi
     assert any("Finished in state Completed" in log.message for log in task_logs)
     # the joins (all before the first submit, with waitfor) are in the flow run's own log
     flow_lines = [log.message for log in logs if log.task_run_id is None]
-    assert sum("joined (" in line for line in flow_lines) >= 4, flow_lines
+    counts = sorted(re.search(r"joined \((\d+)/4\)", line)[1] for line in flow_lines if " joined (" in line)
+    assert counts == ["1", "2", "3", "4"], flow_lines  # one line per worker, counting up
     assert_nothing_left(admin, group, tag)
 
 
