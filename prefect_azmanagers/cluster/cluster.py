@@ -1212,7 +1212,14 @@ class AzureCluster:
             await asyncio.sleep(1.0)
 
     async def _delete_everything_added(self) -> None:
-        await self._claim_requested()
+        """Delete every instance this cluster added, then the scale set if it is empty. The
+        instances already known are deleted even when claiming the requested ones fails (that
+        failure is raised after: instances still unlisted may be left)."""
+        claim_failure: AzureError | None = None
+        try:
+            await self._claim_requested()
+        except AzureError as exc:
+            claim_failure = exc
         members = [m for m in self._members.values() if m.state != "gone"]
         for member in members:
             if member.conn is not None:
@@ -1224,6 +1231,8 @@ class AzureCluster:
             for member in members:
                 member.state = "gone"
         await self._scaleset.delete_if_empty()
+        if claim_failure is not None:
+            raise claim_failure
 
 
 def _settle(future: concurrent.futures.Future, *, result: Any = None,

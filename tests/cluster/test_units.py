@@ -452,3 +452,40 @@ def test_a_failed_grow_leaves_the_claims_of_a_later_grow():
     cluster._unclaimed.extend([before - 5, before + 1])  # the failed grow's, then a replacement's
     cluster._drop_claims_before(before, "will not come")
     assert list(cluster._unclaimed) == [before + 1] and not future.done()
+
+
+def test_close_deletes_the_known_instances_when_claiming_the_requested_ones_fails():
+    import asyncio
+    import time
+
+    from prefect_azmanagers.cluster.cluster import _Member
+    from prefect_azmanagers.exceptions import AzureError
+
+    class UnlistableScaleSet:
+        pending_grows = 0
+
+        def __init__(self):
+            self.deleted: list[list[str]] = []
+
+        async def instances(self):
+            raise AzureError("listing the scale set failed")
+
+        async def delete_instances(self, ids):
+            self.deleted.append(list(ids))
+
+        async def delete_if_empty(self):
+            pass
+
+    class Keys:
+        def forget(self, vm_ids):
+            self.forgotten = set(vm_ids)
+
+    cluster, _ = _queued_cluster(join_timeout=600)
+    cluster._scaleset, cluster._host_keys = UnlistableScaleSet(), Keys()
+    joined = _Member("azm_0", "0", "vm-0", time.monotonic(), state="joined")
+    cluster._members = {joined.name: joined}
+    cluster._unclaimed.append(time.monotonic())  # a requested instance not listed yet
+    with pytest.raises(AzureError, match="listing the scale set failed"):
+        asyncio.run(cluster._delete_everything_added())
+    assert cluster._scaleset.deleted == [["0"]] and joined.state == "gone"
+    assert cluster._host_keys.forgotten == {"vm-0"}
