@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import socket
 import threading
 import traceback
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 
@@ -98,41 +99,49 @@ class RemoteTaskRun:
         return _rebuild(lambda: serialization.loads(self._pickled_parameters[name]),
                         f"Parameter {name!r} of task {self.task_name!r}")
 
+    @contextlib.contextmanager
+    def _in_flow_run(self, context: dict[str, Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+        """On the worker: the driver's settings and flow run context (`self.context`),
+        hydrated with this thread's client, and ON_WORKER set; yields (serialized settings,
+        client)."""
+        from prefect.context import hydrated_context
+
+        _drain_at_agent_exit()  # task-run logs and events reach the API before the agent exits
+        settings = context.pop("settings_context")
+        token = ON_WORKER.set(True)  # the flow's task runner, re-entered here, runs locally
+        try:
+            with _settings_context(settings):
+                client = _thread_client()
+                with hydrated_context(context, client=client):
+                    _keep_api_records_off_stderr()
+                    yield settings, client
+        finally:
+            ON_WORKER.reset(token)
+
     def __call__(self) -> Any:
         import httpx
-        from prefect.context import hydrated_context
         from prefect.task_engine import run_task_async, run_task_sync
 
         from prefect_azmanagers.mpi import checking_other_ranks
 
-        _drain_at_agent_exit()
-        context = self.context
-        settings = context.pop("settings_context")
-        task = self.task
-        parameters = self.parameters
-        token = ON_WORKER.set(True)
-        try:
-            with _settings_context(settings), \
-                    hydrated_context(context, client=_thread_client()):
-                _keep_api_records_off_stderr()
-                kwargs = dict(
-                    task=checking_other_ranks(task),  # MPI seam: rank 0 waits for the others
-                    task_run_id=self.task_run_id,
-                    parameters=parameters,
-                    wait_for=self.wait_for,
-                    return_type="state",
-                    dependencies=self.dependencies,
-                )
-                try:
-                    if task.isasync:
-                        state = asyncio.run(run_task_async(**kwargs))
-                    else:
-                        state = run_task_sync(**kwargs)
-                    flush_events()  # inside the context: its settings name the API
-                except (OSError, httpx.TransportError) as exc:
-                    raise _api_unreachable(settings, exc) from exc
-        finally:
-            ON_WORKER.reset(token)
+        context, task, parameters = self.context, self.task, self.parameters
+        with self._in_flow_run(context) as (settings, _):
+            kwargs = dict(
+                task=checking_other_ranks(task),  # MPI seam: rank 0 waits for the others
+                task_run_id=self.task_run_id,
+                parameters=parameters,
+                wait_for=self.wait_for,
+                return_type="state",
+                dependencies=self.dependencies,
+            )
+            try:
+                if task.isasync:
+                    state = asyncio.run(run_task_async(**kwargs))
+                else:
+                    state = run_task_sync(**kwargs)
+                flush_events()  # inside the context: its settings name the API
+            except (OSError, httpx.TransportError) as exc:
+                raise _api_unreachable(settings, exc) from exc
         _note_remote_traceback(state)
         return state
 
@@ -141,22 +150,10 @@ class RemoteTaskRun:
         makes: the bare task function in that attempt's task run context (`attempt`, from
         `prefect_azmanagers.mpi.checking_other_ranks`); rank 0 runs Prefect's engine, so the
         task run's states are reported once."""
-        from prefect.context import hydrated_context
-
         from prefect_azmanagers.mpi import run_task_function
 
-        _drain_at_agent_exit()  # the rank's task-run logs reach the API before it exits
-        context = self.context
-        settings = context.pop("settings_context")
-        token = ON_WORKER.set(True)  # as on rank 0: the flow's runner re-entered runs locally
-        try:
-            with _settings_context(settings):
-                client = _thread_client()
-                with hydrated_context(context, client=client):
-                    _keep_api_records_off_stderr()
-                    run_task_function(self.task, self.parameters, attempt, client)
-        finally:
-            ON_WORKER.reset(token)
+        with self._in_flow_run(self.context) as (_, client):
+            run_task_function(self.task, self.parameters, attempt, client)
 
 
 _PLAIN_DATA = frozenset({bytes, bytearray, str, int, float, complex, bool, type(None)})
