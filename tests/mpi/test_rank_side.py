@@ -329,8 +329,10 @@ def test_an_attempt_failing_on_any_rank_is_followed_by_the_next_on_every_rank(ag
         ("failed on rank 0", 1, "attempt 1 failed on rank 0"), ("done", 2, [2, 2, 2])]
     # a failed rank is released (settled) before the next attempt starts on it
     frame, _ = agent.call(_Attempts(3, failing={1: {2}, 2: {1, 2}}), 2)
-    assert cloudpickle.loads(frame.body) == [
-        ("failed on rank", 1, 2), ("failed on rank", 2, 1), ("done", 3, [3, 3, 3])]
+    first, second, third = cloudpickle.loads(frame.body)
+    assert first == ("failed on rank", 1, 2) and third == ("done", 3, [3, 3, 3])
+    # both ranks fail attempt 2: the attempt reports whichever failure reaches rank 0 first
+    assert second in {("failed on rank", 2, 1), ("failed on rank", 2, 2)}
     frame, _ = agent.call(_allreduce, 3)
     assert cloudpickle.loads(frame.body) == (3, 6)
     assert agent.shutdown() == 0
