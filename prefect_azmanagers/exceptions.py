@@ -89,6 +89,14 @@ class HostKeyMismatch(AzManagersError):
     """An instance presented an SSH host key different from the one recorded for it."""
 
 
+class VersionMismatch(ConfigurationError):
+    """A worker's Python, cloudpickle or Prefect version cannot run the driver's tasks."""
+
+
+class InstanceGone(AzManagersError):
+    """The cloud reported the instance gone: nothing connects to its address any more."""
+
+
 class PrefectAPIUnreachable(AzManagersError):
     """The Prefect API cannot be reached from where it must be (driver or VM)."""
 
