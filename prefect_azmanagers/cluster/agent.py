@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable
 
 import cloudpickle
 
-from prefect_azmanagers.cluster import mpi
+from prefect_azmanagers.cluster import mpi, versions
 from prefect_azmanagers.cluster.protocol import (
     HEADER,
     Buffer,
@@ -157,6 +157,7 @@ class Agent:
         self.channel.send(encode_json(Kind.HELLO, {
             "pid": os.getpid(), "pgid": os.getpgid(0), "hostname": socket.gethostname(),
             "python": sys.version.split()[0], "concurrency": self.concurrency,
+            "versions": versions.local(),  # the driver refuses incompatible ones (versions.check)
         }))
 
     def run_task(self, task_id: int, payload: bytes | Payload) -> None:

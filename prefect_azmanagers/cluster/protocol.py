@@ -33,7 +33,7 @@ class Kind(enum.IntEnum):
     RUN = 1  # task id, body = cloudpickled zero-argument callable
     SHUTDOWN = 2  # run the flush hooks, answer BYE and exit
     # agent -> driver
-    HELLO = 10  # JSON: pid, pgid, hostname, python, concurrency
+    HELLO = 10  # JSON: pid, pgid, hostname, python, concurrency, versions (versions.local())
     RESULT = 11  # task id, body = cloudpickled return value
     ERROR = 12  # task id, JSON: type, message, traceback, exception (hex cloudpickle or null)
     OUTPUT = 13  # JSON: stream ("stdout" | "stderr"), line
