@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 HEADER = struct.Struct("!QBQ")
-MAX_BODY = 1 << 40  # refuses a corrupted length prefix instead of allocating it
+MAX_BODY = 1 << 40  # refuses a corrupted length prefix instead of allocating it (the agent's
+# bound; the driver reads with a much lower one, transport.MAX_FRAME)
 LARGE_BODY = 1 << 20  # bodies still missing more than this are gathered chunk by chunk
 
 
@@ -44,6 +45,15 @@ class Kind(enum.IntEnum):
 
 class ProtocolError(Exception):
     """The byte stream is not a sequence of valid frames (corruption or a foreign writer)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's header announces a body over the reader's limit (refused before it arrives)."""
+
+    def __init__(self, kind: "Kind", length: int, limit: int):
+        super().__init__(f"a {kind.name} frame of {length} bytes is over the reader's limit of "
+                         f"{limit} bytes")
+        self.kind, self.length, self.limit = kind, length, limit
 
 
 @dataclass(frozen=True)
@@ -196,25 +206,32 @@ def encode_json(kind: Kind, obj: Any, task_id: int = 0) -> bytes:
     return encode(kind, task_id, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def parse_header(header: bytes) -> tuple[int, Kind, int]:
-    """(body length, kind, task id) from a header; ProtocolError if it cannot be one."""
-    length, kind, task_id = HEADER.unpack(header)
+def parse_header(header: bytes, max_body: int = MAX_BODY) -> tuple[int, Kind, int]:
+    """(body length, kind, task id) from a header; ProtocolError if it cannot be one,
+    FrameTooLarge if its body is over `max_body` bytes."""
+    length, code, task_id = HEADER.unpack(header)
     if length > MAX_BODY:
         raise ProtocolError(f"frame length {length} is not plausible: the stream is corrupted")
     try:
-        return length, Kind(kind), task_id
+        kind = Kind(code)
     except ValueError:
-        raise ProtocolError(f"unknown message kind {kind}: the stream is corrupted") from None
+        raise ProtocolError(f"unknown message kind {code}: the stream is corrupted") from None
+    if length > max_body:
+        raise FrameTooLarge(kind, length, max_body)
+    return length, kind, task_id
 
 
 class FrameDecoder:
     """Incremental decoder: feed bytes as they arrive, get complete frames back.
 
     A large body is gathered as the chunks that arrived and joined once, so it is copied once
-    (growing one buffer and slicing it out would copy it several times).
+    (growing one buffer and slicing it out would copy it several times). A header announcing
+    more than `max_body` bytes raises FrameTooLarge before any of its body is held, so a
+    misbehaving writer cannot make the reader allocate without bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int = MAX_BODY) -> None:
+        self.max_body = max_body
         self._buffer = bytearray()  # bytes not yet part of a body being gathered
         self._header: tuple[int, Kind, int] | None = None
         self._chunks: list[Buffer] = []  # the body being gathered, when it spans feeds
@@ -237,7 +254,7 @@ class FrameDecoder:
             if self._header is None:
                 if len(self._buffer) < HEADER.size:
                     return frames
-                self._header = parse_header(bytes(self._buffer[: HEADER.size]))
+                self._header = parse_header(bytes(self._buffer[: HEADER.size]), self.max_body)
                 del self._buffer[: HEADER.size]
             length = self._header[0]
             if len(self._buffer) < length:

@@ -13,6 +13,7 @@ argument and the event loop is never busy copying one for long.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ from prefect_azmanagers.cluster.protocol import (
     HEADER,
     Frame,
     FrameDecoder,
+    FrameTooLarge,
     Kind,
     Payload,
     ProtocolError,
@@ -33,6 +35,9 @@ AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 SMALL_FRAME = 1 << 16  # bodies below this are copied behind their header: one write, one packet
 WRITE_SLICE = 1 << 20  # large buffers are handed to the channel this much at a time
 SEND_HIGH_WATER = 4 << 20  # unsent bytes held before `send` waits (> sshd's 2 MiB window)
+# What the driver holds from one agent, so a misbehaving instance cannot exhaust its memory:
+MAX_FRAME = 1 << 30  # a larger frame (a result over 1 GiB) loses the worker (FrameTooLarge)
+MAX_LINE = 64 << 10  # bytes of one stdout/stderr line; the rest is cut, with a marker
 # AES-GCM first: asyncssh's pure-Python ChaCha20-Poly1305 costs ~110 us per packet, AES-GCM
 # (one OpenSSL call) ~15 us, and every call crosses at least four packets. Both are AEAD.
 ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
@@ -89,16 +94,30 @@ def _no_known_hosts(host: str, addr: str, port: int | None) -> tuple[list, list,
     return [], [], []
 
 
+def _cut_line(head: bytes, cut: int) -> str:
+    """A line as text: `head` (at most the limit), and a marker when `cut` bytes were dropped."""
+    text = head.decode("utf-8", "replace")
+    return f"{text}... [line truncated: {cut} more bytes]" if cut else text
+
+
 class AgentProcess(asyncssh.SSHClientSession[bytes]):
-    """One agent process: frames from its stdout, lines from its stderr, flow-controlled writes."""
+    """One agent process: frames from its stdout, lines from its stderr, flow-controlled writes.
+
+    What it holds is bounded: a frame over `max_frame` bytes closes the channel (the worker is
+    lost, with the reason), and a stdout or stderr line keeps its first `max_line` bytes.
+    """
 
     def __init__(self, on_frame: Callable[[Frame], None], on_stderr: Callable[[str], None],
-                 on_exit: Callable[[str], None]):
+                 on_exit: Callable[[str], None], *, max_frame: int = MAX_FRAME,
+                 max_line: int = MAX_LINE):
         self._on_frame = on_frame
         self._on_stderr = on_stderr
         self._on_exit = on_exit
-        self._decoder = FrameDecoder()
-        self._stderr_tail = b""
+        self._decoder = FrameDecoder(max_frame)
+        self._max_line = max_line
+        self._stderr_line = bytearray()  # the stderr line being received, at most max_line
+        self._stderr_cut = 0  # bytes of it dropped past max_line
+        self._broken = False
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -111,24 +130,61 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
-            *lines, self._stderr_tail = (self._stderr_tail + data).split(b"\n")
-            for line in lines:
-                self._on_stderr(line.decode("utf-8", "replace"))
+            self._stderr_received(data)
             return
+        if self._broken:
+            return  # what arrives before the channel closes is not read
         try:
             frames = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            self._protocol_failed(
+                f"the agent sent a {exc.kind.name} frame of {exc.length} bytes, over the "
+                f"driver's limit of {exc.limit} bytes (a task result this large should go to "
+                "storage, with its path returned instead)")
+            return
         except ProtocolError as exc:
-            self._exit_reason = f"protocol error: {exc}"
-            self.close()
+            self._protocol_failed(f"protocol error: {exc}")
             return
         for frame in frames:
-            self._on_frame(frame)
+            self._on_frame(self._bounded(frame))
+
+    def _protocol_failed(self, reason: str) -> None:
+        self._broken = True
+        self._exit_reason = reason
+        self.close()
+
+    def _bounded(self, frame: Frame) -> Frame:
+        if frame.kind != Kind.OUTPUT or len(frame.body) <= self._max_line:
+            return frame
+        message = frame.json()
+        line = str(message.get("line", "")).encode("utf-8", "replace")
+        if len(line) <= self._max_line:
+            return frame
+        message["line"] = _cut_line(line[:self._max_line], len(line) - self._max_line)
+        return Frame(frame.kind, frame.task_id, json.dumps(message).encode())
+
+    def _stderr_received(self, data: bytes) -> None:
+        pieces = data.split(b"\n")  # every piece but the last ends a line
+        for i, piece in enumerate(pieces):
+            room = self._max_line - len(self._stderr_line)
+            self._stderr_line += piece[:room]
+            self._stderr_cut += max(0, len(piece) - room)
+            if i < len(pieces) - 1:
+                self._emit_stderr_line()
+
+    def _emit_stderr_line(self) -> None:
+        line = _cut_line(bytes(self._stderr_line), self._stderr_cut)
+        self._stderr_line.clear()
+        self._stderr_cut = 0
+        self._on_stderr(line)
 
     def exit_status_received(self, status: int) -> None:
-        self._exit_reason = f"the agent exited with status {status}"
+        if not self._broken:  # after a protocol failure, that failure is the reason
+            self._exit_reason = f"the agent exited with status {status}"
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self._exit_reason = f"the agent was killed by signal {signal}"
+        if not self._broken:
+            self._exit_reason = f"the agent was killed by signal {signal}"
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -137,8 +193,8 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
         self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._stderr_tail:
-            self._on_stderr(self._stderr_tail.decode("utf-8", "replace"))
+        if self._stderr_line or self._stderr_cut:
+            self._emit_stderr_line()
         self._writable.set()
         self._on_exit(f"{self._exit_reason}" + (f" ({exc})" if exc else ""))
 
@@ -253,11 +309,15 @@ class InstanceConnection:
             self._listeners.append(listener)
 
     async def start_agent(self, command: str, *, on_frame: Callable[[Frame], None],
-                          on_stderr: Callable[[str], None],
-                          on_exit: Callable[[str], None]) -> AgentProcess:
-        """Start `command` (see `agent_command`) on an exec channel of this connection."""
+                          on_stderr: Callable[[str], None], on_exit: Callable[[str], None],
+                          max_frame: int = MAX_FRAME, max_line: int = MAX_LINE) -> AgentProcess:
+        """Start `command` (see `agent_command`) on an exec channel of this connection.
+
+        `max_frame` / `max_line` bound what the driver holds from it (see AgentProcess).
+        """
         _, process = await self._conn.create_session(
-            lambda: AgentProcess(on_frame, on_stderr, on_exit), command, encoding=None)
+            lambda: AgentProcess(on_frame, on_stderr, on_exit, max_frame=max_frame,
+                                 max_line=max_line), command, encoding=None)
         return process
 
     def close(self) -> None:

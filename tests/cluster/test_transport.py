@@ -192,3 +192,53 @@ async def test_send_cut_short_closes_the_channel(sshd, tmp_path):
     finally:
         conn.close()
         await conn.wait_closed()
+
+
+def _long_lines():
+    import sys
+    sys.stderr.write("E" * 300_000 + "\nafter\n")
+    sys.stderr.flush()
+    print("O" * 200_000)
+    print("short")
+    return "done"
+
+
+async def test_long_output_lines_are_cut_with_a_marker(sshd, tmp_path):
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
+                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
+                                       on_exit=got.on_exit, max_line=4096)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        await agent.send(Kind.RUN, 1, dumps(_long_lines))
+        await got.wait_for(lambda f: f.kind == Kind.RESULT)
+        await agent.send(Kind.SHUTDOWN)
+        await asyncio.wait_for(got.exited, 30)
+        lines = [f.json()["line"] for f in got.frames if f.kind == Kind.OUTPUT]
+        assert "O" * 4096 + "... [line truncated: 195904 more bytes]" in lines
+        assert "short" in lines
+        assert "E" * 4096 + "... [line truncated: 295904 more bytes]" in got.stderr
+        assert "after" in got.stderr
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_a_frame_over_the_limit_loses_the_worker_with_the_reason(sshd, tmp_path):
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
+                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
+                                       on_exit=got.on_exit, max_frame=1 << 20)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        await agent.send(Kind.RUN, 1, dumps(lambda: b"x" * (512 << 10)))  # under the limit
+        assert loads((await got.wait_for(lambda f: f.kind == Kind.RESULT)).body) == b"x" * (512 << 10)
+        await agent.send(Kind.RUN, 2, dumps(lambda: b"x" * (2 << 20)))
+        reason = await asyncio.wait_for(got.exited, 30)
+        assert "RESULT frame of 2097" in reason and "over the driver's limit of 1048576 bytes" in reason
+        assert not any(f.task_id == 2 for f in got.frames)
+    finally:
+        conn.close()
+        await conn.wait_closed()
