@@ -107,3 +107,7 @@ class PayloadError(AzManagersError):
 
 class DetachedJobError(AzManagersError):
     """A detached job cannot be found, was cancelled, or did not finish in time."""
+
+
+class UntrustedPayload(AzManagersError):
+    """A detached job's payload or result failed its authentication (missing, forged, duplicated)."""
