@@ -4,7 +4,9 @@ The file uses OpenSSH's known_hosts line syntax with the vmId in the host field
 (`<vmId> <key type> <base64> [comment]`), so it stays readable with standard tools. The first
 contact with an instance records its key (trust on first use, as the original's workers did
 implicitly); every later connection must present the same key, or HostKeyMismatch is raised and
-the connection refused. Several processes may share the file: appends are locked.
+the connection refused. Several processes may share the file: every change is made under a
+lock (`<file>.lock`, flock) and written whole to `<file>.tmp`, then renamed over the file, so a
+reader, a concurrent writer or a crash mid-write never sees a truncated file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncssh
@@ -26,13 +30,15 @@ class PinnedHostKeys:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
 
+    def _text(self) -> str:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return ""
+
     def _read(self) -> dict[str, str]:
         keys: dict[str, str] = {}
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return keys
-        for line in text.splitlines():
+        for line in self._text().splitlines():
             fields = line.split()
             if len(fields) >= 3 and not line.startswith("#"):
                 keys.setdefault(fields[0], f"{fields[1]} {fields[2]}")
@@ -63,25 +69,47 @@ class PinnedHostKeys:
 
     def pin(self, vm_id: str, key: asyncssh.SSHKey, address: str) -> None:
         """Record `key` for `vm_id` unless a key is already pinned (then `check` it)."""
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                if not self.check(vm_id, key, address):
-                    line = key.export_public_key("openssh").decode().split()
-                    handle.write(f"{vm_id} {line[0]} {line[1]} {address}\n")
+        with self._locked():
+            if not self.check(vm_id, key, address):
+                line = key.export_public_key("openssh").decode().split()
+                text = self._text()
+                if text and not text.endswith("\n"):
+                    text += "\n"
+                self._replace(f"{text}{vm_id} {line[0]} {line[1]} {address}\n")
 
     def forget(self, vm_ids: set[str]) -> None:
         """Remove the pins of deleted instances, so the file does not grow without bound."""
+        with self._locked():
+            lines = self._text().splitlines(keepends=True)
+            kept = [line for line in lines if not line.split() or line.split()[0] not in vm_ids]
+            if len(kept) != len(lines):
+                self._replace("".join(kept))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive among this process's threads and, through flock on `<file>.lock`, other
+        processes (the file itself is replaced by rename, so it cannot carry the lock)."""
         with self._lock:
-            if not self.path.exists():
-                return
-            fd = os.open(self.path, os.O_RDWR)
-            with os.fdopen(fd, "r+") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                kept = [line for line in handle.read().splitlines(keepends=True)
-                        if not line.split() or line.split()[0] not in vm_ids]
-                handle.seek(0)
-                handle.truncate()
-                handle.writelines(kept)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path.with_name(self.path.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    def _replace(self, text: str) -> None:
+        """Write `text` to `<file>.tmp` (0600, synced) and rename it over the file."""
+        temporary = self.path.with_name(self.path.name + ".tmp")  # ours alone, under the lock
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a leftover of a crash keeps its mode otherwise
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        os.replace(temporary, self.path)
