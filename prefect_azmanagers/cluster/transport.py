@@ -44,24 +44,52 @@ ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                    "chacha20-poly1305@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr")
 
 
+class AgentCommand(str):
+    """The agent's shell command, whose `env` values are secret.
+
+    Its text (what the exec channel sends, `.encode()`, `shlex.split`) is the real command;
+    `str()`, `repr()`, f-strings and %-formatting render it as `.redacted` (`K=<redacted>` for
+    each `env` value), so a log line (asyncssh logs exec commands at INFO) or an error message
+    that shows the command never carries them.
+    """
+
+    redacted: str
+
+    def __new__(cls, text: str, redacted: str) -> "AgentCommand":
+        command = super().__new__(cls, text)
+        command.redacted = redacted
+        return command
+
+    def __str__(self) -> str:
+        return self.redacted
+
+    def __repr__(self) -> str:
+        return repr(self.redacted)
+
+
 def agent_command(python: str, *, worker_id: int, concurrency: int = 1, heartbeat: float = 10.0,
                   imds_url: str | None = None, env: dict[str, str] | None = None,
-                  launcher: Sequence[str] = ()) -> str:
+                  launcher: Sequence[str] = ()) -> AgentCommand:
     """The shell command that starts one agent process on an instance.
 
     The only place the command is built: MPI wraps it with `launcher` (e.g. `mpirun -n K
     <flags>`) and customenv swaps `python` for the interpreter of the boot-built environment.
     Every value is shell-quoted; sshd drops client-sent environment variables, so the worker
-    environment travels through `env`. `exec` makes the agent (or the launcher) the leader of
-    the session sshd creates, so killing its process group stops everything the slot started.
+    environment travels through `env` (rendered `K=<redacted>` when the command is printed).
+    `exec` makes the agent (or the launcher) the leader of the session sshd creates, so killing
+    its process group stops everything the slot started.
     """
-    variables = {**(env or {}), "AZM_WORKER_ID": str(worker_id)}
-    words = ["exec", "env", *(f"{name}={value}" for name, value in variables.items()),
-             *launcher, python, "-u", "-m", AGENT_MODULE,
-             "--concurrency", str(concurrency), "--heartbeat", str(heartbeat)]
+    head = ["exec", "env"]
+    tail = [f"AZM_WORKER_ID={worker_id}", *launcher, python, "-u", "-m", AGENT_MODULE,
+            "--concurrency", str(concurrency), "--heartbeat", str(heartbeat)]
     if imds_url:
-        words += ["--imds", imds_url]
-    return " ".join(shlex.quote(word) for word in words)
+        tail += ["--imds", imds_url]
+    env = env or {}
+    text = " ".join(shlex.quote(word)
+                    for word in (*head, *(f"{name}={value}" for name, value in env.items()), *tail))
+    redacted = " ".join([*head, *(f"{shlex.quote(name)}=<redacted>" for name in env),
+                         *(shlex.quote(word) for word in tail)])
+    return AgentCommand(text, redacted)
 
 
 class _PinningClient(asyncssh.SSHClient):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 
 import asyncssh
@@ -242,3 +243,25 @@ async def test_a_frame_over_the_limit_loses_the_worker_with_the_reason(sshd, tmp
     finally:
         conn.close()
         await conn.wait_closed()
+
+
+async def test_env_values_are_redacted_wherever_the_command_is_shown(sshd, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="asyncssh")  # asyncssh logs each exec command at INFO
+    command = agent_command(sshd.python, worker_id=1, env={"TOKEN": "s3cret 'value'", "MODE": "x"})
+    shown = [str(command), repr(command), f"Command: {command}", "%s" % command,
+             str(RuntimeError(f"the agent exited. Command: {command}"))]
+    assert not any("s3cret" in text for text in shown)
+    assert "exec env TOKEN=<redacted> MODE=<redacted> AZM_WORKER_ID=1 " in command.redacted
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(command, on_frame=got.on_frame,
+                                       on_stderr=got.stderr.append, on_exit=got.on_exit)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        import os  # the real command went out: the value arrives
+        await agent.send(Kind.RUN, 1, cloudpickle.dumps(lambda: os.environ["TOKEN"]))
+        assert loads((await got.wait_for(lambda f: f.kind == Kind.RESULT)).body) == "s3cret 'value'"
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert "TOKEN=<redacted>" in caplog.text and "s3cret" not in caplog.text
