@@ -83,7 +83,6 @@ if TYPE_CHECKING:
 
     from prefect_azmanagers.blocks import AzureManifest, ScaleSetTemplate
     from prefect_azmanagers.cluster.cluster import AzureCluster
-    from prefect_azmanagers.customenv import EnvironmentSpec
 
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _RESOLVER_THREADS = 64
@@ -100,10 +99,12 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         waitfor: block at flow start until all `n * ppi` workers joined (or `join_timeout`).
         cluster: an `AzureCluster` to run on instead of creating one; the runner leaves it
             running when the flow ends. The other arguments are then ignored.
-        customenv: True to capture this machine's Python environment when the flow starts
-            and install it on the instances at boot, or an `EnvironmentSpec` from
-            `capture_environment()` to install one capture (made once) on several clusters.
-        The remaining arguments are `AzureCluster`'s (spot, MPI, env, image, ...).
+        **options: every `ClusterOptions` keyword (`cluster/options.py`), checked here:
+            ppi, group, spot and its priority mix, max_price, customenv (True captures this
+            machine's Python environment at flow start; an `EnvironmentSpec` reuses one
+            capture), mpi_ranks_per_worker, mpi_flags, env, os_disk_size, image_name,
+            image_version, join_timeout, max_task_retries_on_lost_worker,
+            replace_lost_workers, max_replacements, concurrency, heartbeat_timeout, progress.
     """
 
     def __init__(
@@ -112,45 +113,24 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         n: int = 0,
         *,
         manifest: str | AzureManifest = "default",
-        waitfor: bool = False,
-        ppi: int = 1,
-        group: str = "azm",
-        spot: bool = False,
-        max_price: float = -1,
-        spot_base_regular_priority_count: int = 0,
-        spot_regular_percentage_above_base: int = 0,
-        customenv: bool | EnvironmentSpec = False,
-        mpi_ranks_per_worker: int = 0,
-        mpi_flags: str | None = None,
-        env: dict[str, str] | None = None,
-        os_disk_size: int | None = None,
-        image_name: str | None = None,
-        image_version: str | None = None,
-        join_timeout: float = 720.0,
-        max_task_retries_on_lost_worker: int = 3,
         cluster: AzureCluster | None = None,
+        **options: Any,
     ):
-        if cluster is None and (template is None or n < 1):
+        if cluster is None and (template is None or isinstance(n, bool) or not isinstance(n, int)
+                                or n < 1):
             raise ConfigurationError(
                 "AzureScaleSetTaskRunner needs a scale-set template and a number of instances "
-                f"n >= 1 (got template={template!r}, n={n}), e.g. "
+                f"n >= 1 (got template={template!r}, n={n!r}), e.g. "
                 "AzureScaleSetTaskRunner('cbox08', 4), or an existing cluster: "
                 "AzureScaleSetTaskRunner(cluster=my_cluster)."
             )
+        from prefect_azmanagers.cluster.options import ClusterOptions
+
         self.template = template
         self.n = n
-        self.cluster_options: dict[str, Any] = dict(
-            manifest=manifest, waitfor=waitfor, ppi=ppi, group=group, spot=spot,
-            max_price=max_price,
-            spot_base_regular_priority_count=spot_base_regular_priority_count,
-            spot_regular_percentage_above_base=spot_regular_percentage_above_base,
-            customenv=customenv, mpi_ranks_per_worker=mpi_ranks_per_worker,
-            env=dict(env or {}), os_disk_size=os_disk_size, image_name=image_name,
-            image_version=image_version, join_timeout=join_timeout,
-            max_task_retries_on_lost_worker=max_task_retries_on_lost_worker,
-        )
-        if mpi_flags is not None:
-            self.cluster_options["mpi_flags"] = mpi_flags
+        self.manifest = manifest
+        # Checked now, at construction: a bad option fails before anything is provisioned.
+        self.options = ClusterOptions.from_keywords(options)
         self._given_cluster = cluster
         self._reset_runtime_state()
         super().__init__()
@@ -187,14 +167,16 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, AzureScaleSetTaskRunner)
-            and (self.template, self.n, self.cluster_options, self._given_cluster)
-            == (other.template, other.n, other.cluster_options, other._given_cluster)
+            and (self.template, self.n, self.manifest, self.options, self._given_cluster)
+            == (other.template, other.n, other.manifest, other.options, other._given_cluster)
         )
 
     def __getstate__(self) -> dict[str, Any]:
         # The runner travels inside every task's context; engines, pools and locks stay home.
         state = {k: v for k, v in self.__dict__.items() if k in _CONFIGURATION}
-        state.update(_given_cluster=None, _started=False)
+        # A manifest object holds secrets (keys, client secret) that workers never need:
+        # only the name of a saved one travels.
+        state.update(_given_cluster=None, _started=False, manifest=_manifest_name(self.manifest))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -302,9 +284,15 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "This AzureScaleSetTaskRunner was built around an existing cluster, which does "
                 "not travel with a pickled flow; give it a template and n to run elsewhere."
             )
+        if self.manifest is None:
+            raise ConfigurationError(
+                "This AzureScaleSetTaskRunner was given an unsaved AzureManifest object, which "
+                "does not travel with a pickled flow (it holds secrets): save it "
+                "(`manifest.save('name')`) and pass its name, manifest='name'."
+            )
         cluster = AzureCluster(
-            self.template, self.n, **self.cluster_options,
-            forward_ports=() if forward_port is None else (forward_port,),
+            self.template, self.n, manifest=self.manifest,
+            **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,)),
         )
         self._cluster = cluster
         return cluster.start()
@@ -334,7 +322,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         else:
             from prefect_azmanagers.blocks import load_manifest
 
-            manifest = load_manifest(self.cluster_options["manifest"])
+            manifest = load_manifest(self.manifest)
         return getattr(manifest, "prefect_api_url_for_vms", None)
 
     # -- submission --------------------------------------------------------------------
@@ -549,7 +537,7 @@ class _MembershipLogRelay(logging.Handler):
         context.copy().run(flow_logger.log, record.levelno, "%s", record.getMessage())
 
 
-_CONFIGURATION = ("template", "n", "cluster_options", "_given_cluster", "logger", "_started")
+_CONFIGURATION = ("template", "n", "manifest", "options", "_given_cluster", "logger", "_started")
 
 
 def _futures_to_states(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -640,6 +628,13 @@ def _settle(future: concurrent.futures.Future[State], state: State) -> None:
         future.set_result(state)
     except concurrent.futures.InvalidStateError:
         pass  # already settled (e.g. cancelled first)
+
+
+def _manifest_name(manifest: str | AzureManifest | None) -> str | None:
+    """The name a manifest travels as: its own, or a saved block's; None for an unsaved one."""
+    if manifest is None or isinstance(manifest, str):
+        return manifest
+    return getattr(manifest, "_block_document_name", None)
 
 
 def _require_forwarded(cluster: AzureCluster, port: int) -> None:

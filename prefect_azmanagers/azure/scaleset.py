@@ -30,6 +30,7 @@ from typing import Any
 from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.azure.clients import collect, delete_and_wait
 from prefect_azmanagers.azure.errors import arm_errors
+from prefect_azmanagers.azure.provisioning import ProvisioningOptions
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
 from prefect_azmanagers.exceptions import (
     AllocationFailed,
@@ -107,10 +108,8 @@ class ScaleSet:
     """
 
     def __init__(self, clients: Any, manifest: Any, template: Any, name: str, *,
-                 custom_data: str, tags: dict[str, str], spot: bool = False,
-                 max_price: float = -1, spot_base_regular_priority_count: int = 0,
-                 spot_regular_percentage_above_base: int = 0, os_disk_size: int | None = None,
-                 image_name: str | None = None, image_version: str | None = None,
+                 custom_data: str, tags: dict[str, str],
+                 provisioning: ProvisioningOptions = ProvisioningOptions(),
                  eviction_policy: str = "Delete", quota_wait: float = 0.0,
                  resource_group: str | None = None):
         self.clients = clients
@@ -122,23 +121,9 @@ class ScaleSet:
             raise TemplateError(f"No resource group for scale set {name}: set it in the template or manifest.")
         self.custom_data = custom_data
         self.tags = dict(tags)
-        self.spot = spot
-        self.max_price = max_price
-        self.base_regular = spot_base_regular_priority_count
-        self.regular_percentage = spot_regular_percentage_above_base
-        self.os_disk_size = os_disk_size
-        self.image_name = image_name
-        self.image_version = image_version
+        self.provisioning = provisioning
         if eviction_policy not in ("Delete", "Deallocate"):
             raise ConfigurationError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
-        if not 0 <= spot_regular_percentage_above_base <= 100 or spot_base_regular_priority_count < 0:
-            raise ConfigurationError(
-                "spot_regular_percentage_above_base must be within 0..100 and "
-                "spot_base_regular_priority_count >= 0.")
-        if (spot_base_regular_priority_count or spot_regular_percentage_above_base) and not spot:
-            raise ConfigurationError(
-                "A priority mix (spot_base_regular_priority_count / spot_regular_percentage_above_base) "
-                "mixes spot with regular instances: pass spot=True too.")
         self.eviction_policy = eviction_policy
         self.quota_wait = quota_wait
         self.created = False
@@ -162,10 +147,6 @@ class ScaleSet:
     def pending_grows(self) -> int:
         """Grows sent and not finished yet (their instances may still appear)."""
         return len(self._watchers)
-
-    @property
-    def priority_mix(self) -> bool:
-        return self.spot and (self.base_regular > 0 or self.regular_percentage > 0)
 
     def _location(self) -> str:
         location = self.template.value.get("location") or getattr(self.manifest, "location", None)
@@ -209,18 +190,18 @@ class ScaleSet:
         if not any(k.get("keyData", "").strip() == key_data for k in keys):
             keys.append({"path": f"/home/{admin}/.ssh/authorized_keys", "keyData": key_data})
         storage = profile.setdefault("storageProfile", {})
-        if self.os_disk_size:
-            storage.setdefault("osDisk", {})["diskSizeGB"] = self.os_disk_size
-        apply_image_override(storage, self.image_name, self.image_version)
-        if self.spot:
+        if self.provisioning.os_disk_size:
+            storage.setdefault("osDisk", {})["diskSizeGB"] = self.provisioning.os_disk_size
+        apply_image_override(storage, self.provisioning.image_name, self.provisioning.image_version)
+        if self.provisioning.spot:
             profile["priority"] = "Spot"
             profile["evictionPolicy"] = self.eviction_policy
-            profile["billingProfile"] = {"maxPrice": self.max_price}
-        if self.priority_mix:
+            profile["billingProfile"] = {"maxPrice": self.provisioning.max_price}
+        if self.provisioning.priority_mix:
             props["orchestrationMode"] = "Flexible"
             props["priorityMixPolicy"] = {
-                "baseRegularPriorityCount": self.base_regular,
-                "regularPriorityPercentageAboveBase": self.regular_percentage,
+                "baseRegularPriorityCount": self.provisioning.spot_base_regular_priority_count,
+                "regularPriorityPercentageAboveBase": self.provisioning.spot_regular_percentage_above_base,
             }
             props["platformFaultDomainCount"] = 1
             profile.setdefault("networkProfile", {})["networkApiVersion"] = FLEXIBLE_NETWORK_API_VERSION
@@ -230,12 +211,12 @@ class ScaleSet:
 
     def _new_instances(self, old: int, new: int) -> tuple[int, int]:
         """(regular, spot) instances added when capacity goes from old to new."""
-        if not self.spot:
+        if not self.provisioning.spot:
             return new - old, 0
-        if not self.priority_mix:
+        if not self.provisioning.priority_mix:
             return 0, new - old
-        r_old, s_old = priority_split(old, self.base_regular, self.regular_percentage)
-        r_new, s_new = priority_split(new, self.base_regular, self.regular_percentage)
+        r_old, s_old = priority_split(old, self.provisioning.spot_base_regular_priority_count, self.provisioning.spot_regular_percentage_above_base)
+        r_new, s_new = priority_split(new, self.provisioning.spot_base_regular_priority_count, self.provisioning.spot_regular_percentage_above_base)
         return r_new - r_old, s_new - s_old
 
     # -- operations ------------------------------------------------------------------------
@@ -291,7 +272,7 @@ class ScaleSet:
             except AzureError:
                 self.created = False   # refused outright: nothing was made
                 raise
-            self._flexible = self.priority_mix
+            self._flexible = self.provisioning.priority_mix
             return poller
         if self._preexisting is None and not self.created:
             self._preexisting = {i.instance_id for i in await self._list()}
@@ -362,7 +343,7 @@ class ScaleSet:
         except ResourceMissing:
             return []   # the scale set is gone
         ips = _ips_by_vm(nics)
-        default_priority = "Spot" if self.spot else "Regular"
+        default_priority = "Spot" if self.provisioning.spot else "Regular"
         found = []
         for vm in vms:
             props = vm.get("properties") or {}

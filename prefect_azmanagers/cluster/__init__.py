@@ -13,7 +13,8 @@ _EXPORTS = {
     "AzureCluster": "cluster",
     "WorkerInfo": "cluster",
     "WorkerState": "cluster",
-    "DEFAULT_MPI_FLAGS": "cluster",
+    "ClusterOptions": "options",
+    "DEFAULT_MPI_FLAGS": "mpi",
     "RemoteError": "errors",
     "register_flush_hook": "agent",
 }

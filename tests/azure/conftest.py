@@ -10,6 +10,7 @@ clears faults.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import pytest
 from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
 from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.azure.ownership import ownership_tags
+from prefect_azmanagers.azure.provisioning import ProvisioningOptions
 from prefect_azmanagers.azure.quota import usages
 from prefect_azmanagers.azure.scaleset import ScaleSet
 
@@ -56,7 +58,8 @@ class LocalCloud:
         """A ScaleSet from the small template, named and tagged for this test (nothing made yet)."""
         kw.setdefault("custom_data", self.custom_data())
         kw.setdefault("tags", ownership_tags(self.prefix))
-        return ScaleSet(clients, self.manifest, self.sstemplate, self.name(suffix), **kw)
+        return ScaleSet(clients, self.manifest, self.sstemplate, self.name(suffix),
+                        **with_provisioning(kw))
 
     async def ssh(self, ip: str) -> asyncssh.SSHClientConnection:
         """An SSH connection to an instance as the admin user (host key not checked)."""
@@ -125,3 +128,9 @@ def lc(localcloud, _localcloud_blocks):
         assert not leftovers, f"the test left {leftovers} in the local cloud"
         assert nics_after == nics_before, f"the test left {nics_after - nics_before} NIC(s)"
 
+
+def with_provisioning(kw: dict[str, Any]) -> dict[str, Any]:
+    """ScaleSet keywords with the ProvisioningOptions fields among them gathered into one."""
+    fields = {f.name for f in dataclasses.fields(ProvisioningOptions)}
+    options = {k: kw.pop(k) for k in list(kw) if k in fields}
+    return dict(kw, provisioning=ProvisioningOptions(**options)) if options else kw

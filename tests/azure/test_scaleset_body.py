@@ -10,6 +10,7 @@ from prefect_azmanagers.azure.scaleset import ScaleSet, apply_image_override
 from prefect_azmanagers.blocks import AzureManifest
 from prefect_azmanagers.exceptions import ConfigurationError, TemplateError
 from prefect_azmanagers.templates import build_sstemplate
+from tests.azure.conftest import with_provisioning
 
 PUBKEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 test@azm"
 
@@ -28,7 +29,7 @@ def template():
 
 
 def scaleset(manifest, template, **kw):
-    return ScaleSet(SimpleNamespace(subscription_id="SUB"), manifest, template, "azm", custom_data="Y3VzdG9t", tags={"azmanagers-cluster": "c1"}, **kw)
+    return ScaleSet(SimpleNamespace(subscription_id="SUB"), manifest, template, "azm", custom_data="Y3VzdG9t", tags={"azmanagers-cluster": "c1"}, **with_provisioning(kw))
 
 
 def test_regular_body(manifest, template):

@@ -53,7 +53,7 @@ def blocks_for(info: dict) -> tuple[AzureManifest, object]:
 
 def raw_round_trip(cluster: AzureCluster, count: int) -> float:
     """Seconds per 64-byte echo over one of the cluster's own SSH connections."""
-    member = next(iter(cluster._members.values()))
+    member = next(iter(cluster._membership.members.values()))
 
     async def measure() -> float:
         process = await member.conn.ssh.create_process("cat", encoding=None)
@@ -75,7 +75,7 @@ def raw_round_trip(cluster: AzureCluster, count: int) -> float:
 
 def raw_bandwidth(cluster: AzureCluster, size: int) -> float:
     """MB/s writing `size` bytes into `cat > /dev/null` over one of the cluster's connections."""
-    member = next(iter(cluster._members.values()))
+    member = next(iter(cluster._membership.members.values()))
 
     async def measure() -> float:
         data = b"x" * size

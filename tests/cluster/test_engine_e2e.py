@@ -162,7 +162,7 @@ def test_results_tracebacks_output_tunnel_and_clean_close(localcloud, admin, loo
         assert {cluster.submit(lambda: fetch(url)).result(timeout=60) for _ in range(8)} == {
             "hello through the tunnel"}
         if localcloud["mode"] == "isolated":
-            member = next(iter(cluster._members.values()))
+            member = next(iter(cluster._membership.members.values()))
             probe = cluster._call(member.conn.run(
                 f"{localcloud['python']} -c 'import socket; socket.create_connection((\"{localcloud['prefect_api_url_for_vms'].split('//')[1].split(':')[0]}\", {port}), 3)'"))
             assert probe.exit_status != 0  # the same port on the host side is not reachable
@@ -221,13 +221,13 @@ def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
         addresses = {w.ip for w in cluster.workers}
         futures = [cluster.submit(lambda i=i: sleepy(i, 4)) for i in range(12)]
         wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 4, 60, "4 busy workers")
-        victim = next(m for m in cluster._members.values())
+        victim = next(m for m in cluster._membership.members.values())
         killed = victim.workers[0]
         # kill -9 the agent process (from outside the engine, over a separate SSH session)
         result = cluster._call(victim.conn.run(f"kill -9 {killed.pgid}"))
         assert result.exit_status == 0
         # and cut every SSH connection of the other instance
-        other = next(m for m in cluster._members.values() if m is not victim)
+        other = next(m for m in cluster._membership.members.values() if m is not victim)
         admin.drop_ssh(other.name)
         assert [f.result(timeout=180) for f in futures] == list(range(12))
         wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 4, 120,
@@ -275,7 +275,7 @@ def test_spot_eviction_drains_and_requeues(localcloud, admin):
             addresses = {w.ip for w in cluster.workers}
             futures = [cluster.submit(lambda i=i: sleepy(i, 8)) for i in range(6)]
             wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 2, 60, "busy workers")
-            victim = next(iter(cluster._members.values()))
+            victim = next(iter(cluster._membership.members.values()))
 
             async def evict():
                 await cluster._clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
@@ -302,9 +302,10 @@ def write_pid_and_sleep(path: str) -> None:
 def test_cancel_stops_remote_work(localcloud, admin):
     group = group_name("cancel")
     with AzureCluster("localcloud-small", 1, manifest="localcloud", ppi=2, group=group,
-                      progress=False, join_timeout=300, waitfor=True) as cluster:
+                      progress=False, join_timeout=300, waitfor=True,
+                      heartbeat_timeout=20) as cluster:
         addresses = {w.ip for w in cluster.workers}
-        member = next(iter(cluster._members.values()))
+        member = next(iter(cluster._membership.members.values()))
         pidfiles = [f"/tmp/cancel-{uuid.uuid4().hex}" for _ in range(2)]
         running = [cluster.submit(lambda p=p: write_pid_and_sleep(p)) for p in pidfiles]
         queued = cluster.submit(lambda: "never")
@@ -328,7 +329,6 @@ def test_cancel_stops_remote_work(localcloud, admin):
         assert cluster.submit(lambda: 7).result(timeout=60) == 7
 
         # a hung agent (SIGSTOP: no heartbeat) is killed after heartbeat_timeout, its call re-queued
-        cluster.heartbeat_timeout = 15
         future = cluster.submit(lambda: sleepy("survived", 2))
         wait_until(lambda: any(w.state == "busy" for w in cluster.workers), 60, "a busy worker")
         hung = next(w for w in cluster.workers if w.state == "busy")

@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prefect_azmanagers.cluster import protocol, serialization
-from prefect_azmanagers.cluster.cluster import _seconds_until
+from prefect_azmanagers.cluster.lifecycle import _seconds_until
 from prefect_azmanagers.cluster.errors import RemoteError, exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.protocol import (
@@ -411,81 +411,3 @@ def test_mpi_workers_take_out_of_band_arguments():
     finally:
         os.killpg(agent.pid, 9)
         agent.wait()
-
-
-def _queued_cluster(join_timeout: float):
-    """An AzureCluster's bookkeeping without a cloud: one call queued, no member."""
-    import asyncio
-    import concurrent.futures
-
-    from prefect_azmanagers.cluster.cluster import AzureCluster, _WorkItem, _WorkQueue
-
-    cluster = AzureCluster("unused-template", 1, join_timeout=join_timeout, progress=False)
-    cluster._queue = _WorkQueue()
-    cluster._membership_changed = asyncio.Event()
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    cluster._queue.put(_WorkItem(1, b"", future, "the queued call"))
-    return cluster, future
-
-
-def test_claims_past_join_timeout_fail_a_queue_nothing_else_can_run():
-    import time
-
-    from prefect_azmanagers.exceptions import WorkerLost
-
-    cluster, future = _queued_cluster(join_timeout=60)
-    cluster._unclaimed.append(time.monotonic() - 30)
-    cluster._reconcile([])
-    assert not future.done()  # the requested instance may still come
-    cluster._unclaimed[0] -= 60
-    cluster._reconcile([])
-    assert not cluster._unclaimed
-    with pytest.raises(WorkerLost, match="the queued call: no worker is left to run it"):
-        future.result(timeout=0)
-
-
-def test_a_failed_grow_leaves_the_claims_of_a_later_grow():
-    import time
-
-    cluster, future = _queued_cluster(join_timeout=600)
-    before = time.monotonic()
-    cluster._unclaimed.extend([before - 5, before + 1])  # the failed grow's, then a replacement's
-    cluster._drop_claims_before(before, "will not come")
-    assert list(cluster._unclaimed) == [before + 1] and not future.done()
-
-
-def test_close_deletes_the_known_instances_when_claiming_the_requested_ones_fails():
-    import asyncio
-    import time
-
-    from prefect_azmanagers.cluster.cluster import _Member
-    from prefect_azmanagers.exceptions import AzureError
-
-    class UnlistableScaleSet:
-        pending_grows = 0
-
-        def __init__(self):
-            self.deleted: list[list[str]] = []
-
-        async def instances(self):
-            raise AzureError("listing the scale set failed")
-
-        async def delete_instances(self, ids):
-            self.deleted.append(list(ids))
-
-        async def delete_if_empty(self):
-            pass
-
-    class Keys:
-        def forget(self, vm_ids):
-            self.forgotten = set(vm_ids)
-
-    cluster, _ = _queued_cluster(join_timeout=600)
-    cluster._scaleset, cluster._host_keys = UnlistableScaleSet(), Keys()
-    joined = _Member("azm_0", "0", "vm-0", time.monotonic(), state="joined")
-    cluster._members = {joined.name: joined}
-    cluster._unclaimed.append(time.monotonic())  # a requested instance not listed yet
-    with pytest.raises(AzureError, match="listing the scale set failed"):
-        asyncio.run(cluster._delete_everything_added())
-    assert cluster._scaleset.deleted == [["0"]] and joined.state == "gone"
-    assert cluster._host_keys.forgotten == {"vm-0"}

@@ -1,0 +1,578 @@
+"""Instance lifecycle: the I/O that carries out membership's decisions and feeds dispatch.
+
+Per member: join (SSH with the host key pinned per vmId, the boot script's `ready`, port
+forwards, `ppi` agents), restart of dead agents, reconnect after a dropped connection, drain on
+a Preempt, heartbeats, the boot log's tail for diagnostics, and one way out: `lose(member,
+reason)` (re-queue its calls, delete it, replace it within the budget, fail the queue if nothing
+is left or coming). Also the watcher that lists the scale set, scaling, and the teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
+
+import asyncssh
+
+from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
+from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
+from prefect_azmanagers.cluster.membership import Membership, Reconciliation
+from prefect_azmanagers.cluster.options import ClusterOptions
+from prefect_azmanagers.cluster.progress import JoinProgress
+from prefect_azmanagers.cluster.protocol import Frame, Kind
+from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
+from prefect_azmanagers.exceptions import (
+    AzManagersError,
+    BootFailed,
+    ConfigurationError,
+    HostKeyMismatch,
+    JoinTimeout,
+)
+
+if TYPE_CHECKING:
+    from prefect_azmanagers.blocks import AzureManifest
+    from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+
+logger = logging.getLogger("prefect_azmanagers.cluster")
+
+AGENT_HELLO_TIMEOUT = 120.0
+DRAIN_MARGIN = 5.0  # seconds before a Preempt's NotBefore by which in-flight work is re-queued
+MAX_AGENT_RESTARTS = 5  # consecutive restarts of one slot without a completed call
+STOPPED_POWER_STATES = ("stopped", "deallocated", "deallocating", "stopping")
+
+OutputHandler = Callable[[WorkerInfo, str, str], None]
+
+
+@dataclass(frozen=True)
+class Access:
+    """How the driver reaches an instance and starts agents there (fixed at start)."""
+
+    manifest: AzureManifest
+    admin: str
+    client_key: asyncssh.SSHKey
+    host_keys: PinnedHostKeys
+    python: str
+    launcher: list[str]
+
+
+class Lifecycle:
+    """Joins, agents, losses and removal of one cluster's members, on the cluster's loop."""
+
+    def __init__(self, options: ClusterOptions, access: Access, membership: Membership,
+                 dispatcher: Dispatcher, *, progress: JoinProgress, output: OutputHandler,
+                 spawn: Callable[..., asyncio.Task], started_at: float):
+        self.options = options
+        self.access = access
+        self.membership = membership
+        self.dispatcher = dispatcher
+        self.progress = progress
+        self.output = output
+        self.spawn = spawn
+        self.started_at = started_at
+        self.closing = False
+        self._loop = asyncio.get_running_loop()
+        self._worker_ids = itertools.count(1)
+        self._removals: set[asyncio.Task] = set()
+
+    # -- watching the scale set -------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """List the scale set's instances; act on what changed; check heartbeats."""
+        delay = 1.0
+        while not self.closing:
+            reconciliation = await self.membership.refresh()
+            if reconciliation is not None:
+                self.carry_out(reconciliation)
+            self.check_heartbeats()
+            busy = self.membership.outlook().coming
+            delay = 1.0 if busy else min(delay * 2, 10.0)
+            self.membership.wake.clear()
+            try:
+                await asyncio.wait_for(self.membership.wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def carry_out(self, reconciliation: Reconciliation) -> None:
+        for member in reconciliation.discards:
+            self.spawn(self.remove([member], "scaled down"))
+        for member in reconciliation.joins:
+            self.spawn(self.join(member), member.tasks)
+        for member in reconciliation.vanished:
+            self.spawn(self.lose(member, "the instance was deleted or evicted"))
+        if reconciliation.dropped or reconciliation.failure is not None:
+            self.dispatcher.fail_if_hopeless()
+
+    # -- joining ----------------------------------------------------------------------------
+
+    async def join(self, member: Member) -> None:
+        timeout = self.options.join_timeout
+        remaining = member.requested_at + timeout - time.monotonic()
+        try:
+            await asyncio.wait_for(self._bring_up(member), max(remaining, 1.0))
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            reason = (f"did not join within {timeout:.0f} s (provisioning state "
+                      f"{member.provisioning_state}, address {member.address or 'none yet'})")
+            await self._join_failed(member, reason)
+        except (HostKeyMismatch, ConfigurationError) as exc:  # another instance fares no better
+            await self._join_failed(member, str(exc), replace=False)
+        except (BootFailed, asyncssh.Error, OSError) as exc:
+            await self._join_failed(member, str(exc))
+
+    async def _bring_up(self, member: Member) -> None:
+        from prefect_azmanagers.azure.bootscript import READY_STATUS_PATH
+
+        while member.provisioning_state != "Succeeded" or not member.address:
+            if member.provisioning_state.lower() == "failed":
+                raise BootFailed(f"instance {member.name}: provisioning failed")
+            member.changed.clear()
+            await member.changed.wait()
+        member.conn = await self._connect(member, retry=True)
+        status_path = READY_STATUS_PATH.format(admin=self.access.admin)
+        while True:
+            result = await member.conn.run(f"cat {status_path} 2>/dev/null", timeout=60)
+            status = str(result.stdout or "").strip()
+            if status == "ready":
+                break
+            if status.startswith("failed"):
+                raise BootFailed(f"instance {member.name}: boot script {status}")
+            await asyncio.sleep(1.0)
+        if self.options.forward_ports:
+            await member.conn.forward_ports(self.options.forward_ports)
+        member.workers = [Worker(next(self._worker_ids), member, slot, self.options.concurrency)
+                          for slot in range(1, self.options.ppi + 1)]
+        await asyncio.gather(*(self._start_agent(w) for w in member.workers))
+        member.state = MemberState.JOINED
+        self._announce_joined(member)
+
+    def _announce_joined(self, member: Member) -> None:
+        # An instance's workers join together; their lines count up one by one ("3/4", "4/4")
+        joined = self.membership.joined_workers()
+        count = joined - sum(w.state.running for w in member.workers)
+        for worker in member.workers:
+            count = min(count + 1, joined)
+            self.progress.worker_joined(worker.id, member.name, member.address or "",
+                                        worker.slot, time.monotonic() - self.started_at, count)
+        self.membership.changed.set()
+
+    async def _connect(self, member: Member, *, retry: bool) -> InstanceConnection:
+        """SSH to the instance; with `retry`, keep trying while sshd is not up yet."""
+        while True:
+            try:
+                return await InstanceConnection.open(
+                    member.address, port=self.access.manifest.ssh_port,
+                    username=self.access.admin, client_key=self.access.client_key,
+                    vm_id=member.vm_id, host_keys=self.access.host_keys,
+                    on_lost=partial(self._connection_lost, member))
+            except HostKeyMismatch:
+                raise
+            except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+                if not retry:
+                    raise
+                logger.debug("instance %s not reachable yet: %s", member.name, exc)
+                await asyncio.sleep(1.0)
+
+    async def _start_agent(self, worker: Worker) -> None:
+        """Start the slot's agent; a start overtaken by another one (a reconnect racing a
+        restart) closes the agent it made and leaves the slot to the newer start."""
+        member = worker.member
+        assert member.conn is not None
+        if worker.feeder is not None and worker.feeder is not asyncio.current_task():
+            worker.feeder.cancel()  # at most one feeder per slot, bound to the current agent
+        if worker.hello is not None and not worker.hello.done():
+            worker.hello.set_result(None)  # wakes an older start: it sees it was overtaken
+        worker.generation += 1
+        generation = worker.generation
+        worker.state = WorkerState.STARTING
+        hello = worker.hello = self._loop.create_future()
+        worker.exited = asyncio.Event()
+        options = self.options
+        command = agent_command(
+            self.access.python, worker_id=worker.id, concurrency=worker.concurrency,
+            env=options.env, imds_url=options.imds_url if options.spot and worker.slot == 1 else None,
+            launcher=self.access.launcher)
+        worker.command = command
+        worker.stderr_tail.clear()
+        agent = await member.conn.start_agent(
+            command, on_frame=partial(self._on_frame, worker, generation),
+            on_stderr=partial(self._on_stderr, worker),
+            on_exit=partial(self._on_agent_exit, worker, generation))
+        if generation == worker.generation:
+            worker.agent = agent
+            started = await asyncio.wait_for(asyncio.shield(hello), AGENT_HELLO_TIMEOUT)
+        if generation != worker.generation:
+            agent.close()  # its exit callback carries a stale generation: ignored
+            return
+        worker.pid, worker.pgid = started.get("pid"), started.get("pgid")
+        worker.last_seen = time.monotonic()
+        worker.free = asyncio.Semaphore(worker.concurrency)
+        worker.state = WorkerState.IDLE
+        worker.feeder = self.spawn(self.dispatcher.feed(worker, self._usable), member.tasks)
+
+    def _usable(self, worker: Worker) -> bool:
+        return (not self.closing and worker.state.running
+                and worker.member.state in (MemberState.JOINING, MemberState.JOINED))
+
+    async def _join_failed(self, member: Member, reason: str, *, replace: bool = True) -> None:
+        tail = await self.boot_tail(member)
+        member.failure = f"{reason}\n{tail}"
+        self.membership.last_join_failure = f"instance {member.name} did not join: {reason}"
+        logger.warning("instance %s did not join: %s\n%s", member.name, reason, tail)
+        await self.lose(member, reason, replacement="did not join" if replace else None)
+
+    async def boot_tail(self, member: Member) -> str:
+        """The end of the instance's boot log, for error messages."""
+        from prefect_azmanagers.azure.bootscript import boot_log_tail
+
+        admin = self.access.admin
+        try:
+            if member.conn is not None:
+                return await asyncio.wait_for(boot_log_tail(member.conn.ssh, admin_username=admin), 30)
+            if member.address:
+                pinned = self.access.host_keys.get(member.vm_id)
+                return await asyncio.wait_for(boot_log_tail(
+                    member.address, admin_username=admin, manifest=self.access.manifest,
+                    host_key=pinned.export_public_key().decode() if pinned else None), 30)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            return f"(boot log unavailable: {exc})"
+        return f"(no boot log: the instance never got an address; state {member.provisioning_state})"
+
+    async def wait_for_workers(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        membership = self.membership
+        while membership.joined_workers() < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not membership.outlook().coming:
+                raise JoinTimeout(await self._join_report(count, timeout))
+            membership.changed.clear()
+            try:
+                await asyncio.wait_for(membership.changed.wait(), min(remaining, 5.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _join_report(self, count: int, timeout: float) -> str:
+        membership = self.membership
+        lines = [f"{membership.joined_workers()} of {count} workers joined within {timeout:.0f} s "
+                 f"(scale set {membership.name})."]
+        for member in membership.members.values():
+            if member.state is MemberState.JOINING:
+                lines.append(f"- instance {member.name} ({member.address or 'no address'}) has "
+                             f"not joined; state {member.provisioning_state}.\n"
+                             + await self.boot_tail(member))
+            elif member.failure:
+                lines.append(f"- instance {member.name}: {member.failure}")
+        if membership.claims:
+            lines.append(f"- {len(membership.claims)} requested instances never appeared in the "
+                         "scale set.")
+        if membership.provisioning_error:
+            lines.append(f"- provisioning failed: {membership.provisioning_error}")
+        lines.append("Raise join_timeout if instances boot slowly, or fix the boot failure shown.")
+        return "\n".join(lines)
+
+    # -- agents' frames and output ------------------------------------------------------------
+
+    def _on_frame(self, worker: Worker, generation: int, frame: Frame) -> None:
+        if generation != worker.generation:
+            return
+        worker.last_seen = time.monotonic()
+        kind = frame.kind
+        if kind in (Kind.RESULT, Kind.ERROR):
+            self.dispatcher.on_outcome(worker, frame)
+        elif kind == Kind.OUTPUT:
+            message = frame.json()
+            self._emit_output(worker, message["stream"], message["line"])
+        elif kind == Kind.HELLO and worker.hello is not None and not worker.hello.done():
+            worker.hello.set_result(frame.json())
+        elif kind == Kind.PREEMPT:
+            self.spawn(self._drain(worker.member, frame.json()))
+
+    def _on_stderr(self, worker: Worker, line: str) -> None:
+        worker.stderr_tail.append(line)
+        self._emit_output(worker, "stderr", line)
+
+    def _emit_output(self, worker: Worker, stream: str, line: str) -> None:
+        try:
+            self.output(worker.info(), stream, line)
+        except Exception:
+            logger.exception("the output handler failed")
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def _on_agent_exit(self, worker: Worker, generation: int, reason: str) -> None:
+        if generation != worker.generation:
+            return
+        worker.exited.set()
+        if self.closing:
+            worker.state = WorkerState.STOPPED
+            return
+        if worker.state in (WorkerState.LOST, WorkerState.STOPPED):
+            return
+        if worker.hello is not None and not worker.hello.done():
+            tail = "\n".join(worker.stderr_tail) or "(nothing on stderr)"
+            worker.hello.set_exception(BootFailed(
+                f"the agent on instance {worker.member.name} exited before it started: {reason}. "
+                f"Command: {worker.command}\nIts stderr:\n{tail}"))
+            return
+        self._worker_lost(worker, reason)
+        self._schedule_restart(worker)
+
+    def _worker_lost(self, worker: Worker, reason: str, *, count_attempt: bool = True) -> None:
+        """Mark a slot lost and re-queue (or fail, past the bound) what it was running."""
+        worker.state = WorkerState.LOST
+        worker.generation += 1  # late frames of the dead agent are ignored
+        if worker.feeder is not None and worker.feeder is not asyncio.current_task():
+            worker.feeder.cancel()
+        self.dispatcher.requeue(worker, reason, count_attempt=count_attempt)
+
+    def _schedule_restart(self, worker: Worker) -> None:
+        if worker.member.state is MemberState.JOINED:
+            self.spawn(self._restart_slot(worker, worker.generation), worker.member.tasks)
+
+    async def _restart_slot(self, worker: Worker, lost_generation: int) -> None:
+        """Start a new agent in a slot whose agent died, on the same connection if it lives,
+        unless something else (a reconnect) has restarted the slot since it was lost."""
+        worker.restarts += 1
+        if worker.restarts > MAX_AGENT_RESTARTS:
+            logger.error("worker %d: agent died %d times in a row; the slot is given up",
+                         worker.id, worker.restarts - 1)
+            self.progress.update(self.membership.joined_workers())
+            return
+        await asyncio.sleep(0.2)  # a dropped connection is noticed before reusing it
+        if (worker.generation != lost_generation or worker.member.state is not MemberState.JOINED
+                or worker.member.conn is None):
+            return
+        try:
+            await self._start_agent(worker)
+        except (asyncssh.Error, OSError, asyncio.TimeoutError, BootFailed) as exc:
+            logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
+
+    def _connection_lost(self, member: Member, exc: Exception | None) -> None:
+        # A joining member's join task sees its own failure.
+        if self.closing or member.state is not MemberState.JOINED:
+            return
+        self._loop.call_soon(lambda: self.spawn(self._reconnect(member, exc)))
+
+    async def _reconnect(self, member: Member, exc: Exception | None) -> None:
+        """The SSH connection dropped: lose its slots, then reconnect and restart them, or
+        treat the instance as gone."""
+        reason = f"the SSH connection dropped ({exc or 'closed by the instance'})"
+        member.state = MemberState.JOINING
+        for worker in member.workers:
+            if worker.state not in (WorkerState.LOST, WorkerState.STOPPED):
+                self._worker_lost(worker, reason)
+        self.progress.update(self.membership.joined_workers())
+        member.conn = None
+        for attempt in range(5):
+            if self.closing or member.state is not MemberState.JOINING:
+                return
+            if member.power_state in STOPPED_POWER_STATES:
+                await self.lose(member, f"{reason}; the instance is {member.power_state}")
+                return
+            try:
+                member.conn = await self._connect(member, retry=False)
+                break
+            except HostKeyMismatch as mismatch:
+                await self.lose(member, str(mismatch))
+                return
+            except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
+                logger.info("instance %s: reconnect attempt %d failed: %s", member.name,
+                            attempt + 1, error)
+                await asyncio.sleep(2.0 * (attempt + 1))
+        else:
+            await self.lose(member, f"{reason}, and reconnecting failed")
+            return
+        if self.options.forward_ports:
+            try:
+                await member.conn.forward_ports(self.options.forward_ports)
+            except ConfigurationError as error:
+                await self.lose(member, str(error))
+                return
+        for worker in member.workers:
+            worker.restarts = 0
+        starts = await asyncio.gather(*(self._start_agent(w) for w in member.workers),
+                                      return_exceptions=True)
+        for worker, outcome in zip(member.workers, starts):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                logger.warning("worker %d: agent start after the reconnect failed (%s)",
+                               worker.id, outcome)
+        member.state = MemberState.JOINED
+        self._announce_joined(member)
+
+    async def _drain(self, member: Member, event: dict) -> None:
+        """A Preempt for this instance: stop feeding it, let in-flight calls finish until
+        shortly before NotBefore, then re-queue the rest and give the instance up."""
+        if member.preempted:
+            return
+        member.preempted = True
+        if member.state is MemberState.JOINED:
+            member.state = MemberState.DRAINING
+        for worker in member.workers:
+            if worker.state.running:
+                worker.state = WorkerState.DRAINING
+        deadline = _seconds_until(event.get("not_before", "")) - DRAIN_MARGIN
+        logger.warning("instance %s will be evicted (event %s, NotBefore %s): draining",
+                       member.name, event.get("event_id"), event.get("not_before") or "now")
+        until = time.monotonic() + max(deadline, 0.0)
+        while time.monotonic() < until and member.inflight():
+            await asyncio.sleep(0.2)
+        await self.lose(member, f"its spot instance {member.name} is being evicted",
+                        replacement="was evicted")
+
+    def check_heartbeats(self) -> None:
+        now = time.monotonic()
+        timeout = self.options.heartbeat_timeout
+        for member in list(self.membership.members.values()):
+            for worker in member.workers:
+                if worker.inflight and now - worker.last_seen > timeout:
+                    worker.last_seen = now
+                    self.spawn(self._kill_agent(worker))
+                    self._worker_lost(worker, f"no message from its agent for {timeout:.0f} s")
+                    self._schedule_restart(worker)
+
+    async def lose(self, member: Member, reason: str, *,
+                   replacement: str | None = "was lost") -> None:
+        """The one way out for an instance: its slots' calls re-queued, its deletion, a
+        replacement (`instance X <replacement>`, within the budget; None for a failure that
+        another instance would repeat), and the queue failed if nothing is left or coming."""
+        if not member.state.live:
+            return
+        for worker in member.workers:
+            if worker.state not in (WorkerState.LOST, WorkerState.STOPPED):
+                self._worker_lost(worker, reason)
+        logger.warning("instance %s lost: %s", member.name, reason)
+        await self.remove([member], reason)
+        if replacement is not None:
+            await self._replace(1, f"instance {member.name} {replacement}")
+        self.dispatcher.fail_if_hopeless()
+        self.membership.changed.set()
+
+    async def _replace(self, count: int, why: str) -> None:
+        if self.closing or not self.membership.take_replacements(count, why):
+            return
+        try:
+            await self.membership.grow(count)
+        except AzManagersError as exc:
+            self.membership.provisioning_failed(exc)
+            self.dispatcher.fail_if_hopeless()
+
+    # -- removal, cancel, scale -----------------------------------------------------------------
+
+    async def remove(self, members: list[Member], reason: str) -> None:
+        """Stop these instances' agents and delete the instances in one request."""
+        members = [m for m in members if m.state.live]
+        if not members:
+            return
+        for member in members:
+            member.state = MemberState.REMOVING
+            for task in list(member.tasks):
+                if task is not asyncio.current_task():
+                    task.cancel()
+            for worker in member.workers:
+                if worker.inflight:
+                    self._worker_lost(worker, reason)
+                worker.state = WorkerState.STOPPED
+            if member.conn is not None:
+                member.conn.close()
+        # The deletion is its own task: cancelling the caller (e.g. close() cancelling a join)
+        # does not abandon a request half made; the teardown waits for these before its sweep.
+        deletion = self._loop.create_task(self.membership.delete(members))
+        self._removals.add(deletion)
+        deletion.add_done_callback(self._removals.discard)
+        try:
+            await asyncio.shield(deletion)
+        finally:
+            self.progress.update(self.membership.joined_workers())
+            self.membership.changed.set()
+
+    async def _kill_agent(self, worker: Worker) -> None:
+        conn = worker.member.conn
+        if conn is None or worker.pgid is None:
+            return
+        try:
+            await conn.run(f"kill -KILL -- -{int(worker.pgid)}", timeout=15)
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            logger.warning("worker %d: could not kill its agent: %s", worker.id, exc)
+
+    async def cancel(self, items: list[WorkItem]) -> None:
+        """Cancel these calls; the agents running some of them are killed and restarted."""
+        for worker in self.dispatcher.cancel(items):
+            if worker.state not in (WorkerState.BUSY, WorkerState.DRAINING):
+                continue
+            worker.generation += 1  # its exit is ours: not a lost worker
+            await self._kill_agent(worker)
+            # other calls the slot ran are re-queued; a cancel is not their loss
+            self._worker_lost(worker, "cancelled", count_attempt=False)
+            self._schedule_restart(worker)
+
+    async def scale(self, n: int) -> None:
+        plan = self.membership.plan_scale(n)
+        self.progress.set_total(n * self.options.ppi)
+        if plan.grow:
+            await self.membership.grow(plan.grow)
+        if plan.remove:
+            await self.remove(plan.remove, "scaled down")
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    async def teardown(self, tasks: set[asyncio.Task]) -> None:
+        """Stop the agents and background `tasks`, then delete every instance added."""
+        self.closing = True
+        self.progress.stop()
+        self.dispatcher.cancel_everything()
+        workers = [w for m in self.membership.members.values()
+                   if m.state in (MemberState.JOINED, MemberState.DRAINING)
+                   for w in m.workers if w.agent is not None and not w.exited.is_set()]
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.agent.send(Kind.SHUTDOWN), 5)
+            except (asyncssh.Error, OSError, asyncio.TimeoutError):
+                pass
+        if workers:
+            await asyncio.wait([asyncio.ensure_future(w.exited.wait()) for w in workers], timeout=10)
+        current = asyncio.current_task()
+        others = [t for t in tasks if t is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await asyncio.gather(*self._removals, return_exceptions=True)
+        for member in self.membership.members.values():
+            if member.conn is not None and member.state is not MemberState.GONE:
+                member.conn.close()
+        await self.membership.delete_everything()
+
+
+def _seconds_until(http_date: str) -> float:
+    """Seconds from now to an IMDS NotBefore ("Mon, 19 Sep 2016 18:29:47 GMT"); 0 if empty."""
+    if not http_date:
+        return 0.0
+    try:
+        return email.utils.parsedate_to_datetime(http_date).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def spawner(tasks: set[asyncio.Task]) -> Callable[..., asyncio.Task]:
+    """`spawn(coro, owner=None)`: run `coro` as a task kept in `tasks` (and `owner`), its
+    failure logged."""
+    def spawn(coro: Coroutine[Any, Any, Any], owner: set[asyncio.Task] | None = None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        for group in (tasks, owner) if owner is not None else (tasks,):
+            group.add(task)
+            task.add_done_callback(group.discard)
+        task.add_done_callback(_log_task_failure)
+        return task
+    return spawn
+
+
+def _log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("cluster background task failed", exc_info=task.exception())

@@ -1,0 +1,120 @@
+"""Every option of a cluster, declared once: `AzureCluster` and `AzureScaleSetTaskRunner` take
+them as keywords and check them here, at construction, before anything is provisioned."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from prefect_azmanagers.azure.provisioning import ProvisioningOptions
+from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS
+from prefect_azmanagers.customenv import EnvironmentSpec
+from prefect_azmanagers.exceptions import ConfigurationError
+
+DEFAULT_IMDS_URL = "http://169.254.169.254"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class ClusterOptions(ProvisioningOptions):
+    """The options of `AzureCluster` (and of the task runner, which passes them on).
+
+    Attributes (besides ProvisioningOptions' spot, priority-mix and image options):
+        ppi: agent processes (worker slots) per instance.
+        group: the scale set's name (created if missing, then deleted when empty at close).
+        customenv: build the driver's Python environment on the instances at boot: True
+            captures it at start; an `EnvironmentSpec` (`capture_environment()`) is reused.
+        mpi_ranks_per_worker, mpi_flags: each slot runs `mpirun -n K <flags>` agents.
+        env: environment variables of the worker processes (values are quoted, not secrets).
+        join_timeout: seconds an instance may take from request to joined; `waitfor` deadline.
+        max_task_retries_on_lost_worker: times a call is re-queued after losing its worker.
+        replace_lost_workers: grow the scale set again for instances lost or failed.
+        max_replacements: bound on such replacements (default 2 * n).
+        waitfor: `start()` blocks until n * ppi workers joined (JoinTimeout otherwise).
+        forward_ports: driver loopback TCP ports made reachable on every instance's loopback.
+        progress: show a rich progress bar of the joins.
+        concurrency: callables one slot runs at once (threads in the agent).
+        heartbeat_timeout: seconds without any frame from a busy agent before it counts as lost.
+        imds_url: where spot agents poll scheduled events.
+    """
+
+    ppi: int = 1
+    group: str = "azm"
+    customenv: bool | EnvironmentSpec = False
+    mpi_ranks_per_worker: int = 0
+    mpi_flags: str | None = DEFAULT_MPI_FLAGS
+    env: Mapping[str, str] = field(default_factory=dict)
+    join_timeout: float = 720.0
+    max_task_retries_on_lost_worker: int = 3
+    replace_lost_workers: bool = True
+    max_replacements: int | None = None
+    waitfor: bool = False
+    forward_ports: Sequence[int] = ()
+    progress: bool = True
+    concurrency: int = 1
+    heartbeat_timeout: float = 300.0
+    imds_url: str = DEFAULT_IMDS_URL
+
+    @classmethod
+    def from_keywords(cls, options: Mapping[str, Any]) -> ClusterOptions:
+        """Options from keyword arguments; an unknown name is a ConfigurationError listing the
+        known ones (a typo must not be ignored, nor surface as a bare TypeError)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown cluster option(s) {', '.join(unknown)}; the options are: "
+                f"{', '.join(sorted(known))}")
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mpi_flags is None:  # "the default", as the task runner has always taken it
+            object.__setattr__(self, "mpi_flags", DEFAULT_MPI_FLAGS)
+        _at_least("ppi", self.ppi, 1)
+        _at_least("concurrency", self.concurrency, 1)
+        _at_least("mpi_ranks_per_worker", self.mpi_ranks_per_worker, 0)
+        _at_least("max_task_retries_on_lost_worker", self.max_task_retries_on_lost_worker, 0)
+        if self.max_replacements is not None:
+            _at_least("max_replacements", self.max_replacements, 0)
+        for name in ("join_timeout", "heartbeat_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.mpi_ranks_per_worker and self.concurrency != 1:
+            raise ConfigurationError("mpi_ranks_per_worker needs concurrency=1: every call runs "
+                                     "on all ranks of a worker, one call at a time")
+        for name in self.env:
+            if not isinstance(name, str) or not _ENV_NAME.match(name):
+                raise ConfigurationError(
+                    f"env: {name!r} is not a valid environment variable name (letters, digits "
+                    "and _, not starting with a digit)")
+        for port in self.forward_ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigurationError(f"forward_ports: {port!r} is not a TCP port (1..65535)")
+        # Frozen: normalise the containers in place once, so the options compare and hash sanely.
+        object.__setattr__(self, "env", dict(self.env))
+        object.__setattr__(self, "forward_ports", tuple(self.forward_ports))
+
+    @property
+    def provisioning(self) -> ProvisioningOptions:
+        """The part the scale set needs."""
+        return ProvisioningOptions(**{f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(ProvisioningOptions)})
+
+    def replacements_for(self, n: int) -> int:
+        """The replacement budget of a cluster of n instances."""
+        return 2 * n if self.max_replacements is None else self.max_replacements
+
+
+def _at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_instance_count(n: Any) -> int:
+    """`n` instances to add: an integer >= 0."""
+    _at_least("n (instances to add)", n, 0)
+    return n
