@@ -4,7 +4,8 @@ It prepares the instance and leaves a marker the driver checks over SSH:
 
 1. exports the caller's environment variables, each value shell-quoted (`shlex.quote`), so a
    value with quotes, `$`, backticks or newlines arrives unchanged; the same assignments are
-   written to `~/.azmanagers/env.sh` so processes started later over SSH can source them;
+   written to `~/.azmanagers/env.sh` (0600: the values may be secrets) so processes started
+   later over SSH can source them;
 2. runs the template's temp-disk commands (a failing one is logged, not fatal, as in AzManagers);
 3. runs the hooks in order (trusted bash fragments: customenv, a worker start, ...);
 4. its EXIT trap writes `/home/<admin>/.azmanagers/boot.status`: `ready`, or
@@ -16,8 +17,9 @@ base64 whose DECODED form may be at most 65535 bytes (OSProfile.customData, Comp
 The original checked 64000 base64 characters; we check the documented limit on the script.
 
 `boot_log_tail` fetches the end of the instance's cloud-init output and its boot.status over
-SSH, for error messages about instances that failed or never became ready; `wait_until_booted`
-waits for the marker and raises BootFailed with that tail.
+SSH, for error messages about instances that failed or never became ready (only from an
+instance whose pinned host key it is given); `wait_until_booted` waits for the marker and
+raises BootFailed with that tail.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def boot_script(*, admin_username: str, tempdisk: str = "", env: Mapping[str, st
         'rm -f "$azm_status"',
         "azm_step=env",
         *exports,
-        f"cat > \"$azm_status_dir/env.sh\" <<'AZM_ENV_EOF'\n{env_file}AZM_ENV_EOF",
+        'rm -f "$azm_status_dir/env.sh"',  # created anew under umask 077: 0600 from the start
+        f"(umask 077 && cat > \"$azm_status_dir/env.sh\" <<'AZM_ENV_EOF'\n{env_file}AZM_ENV_EOF\n)",
         f'chown -R {shlex.quote(admin)}: "$azm_status_dir" 2>/dev/null || true',
     ]
     if tempdisk.strip():
@@ -147,15 +150,17 @@ async def wait_until_booted(conn: Any, *, admin_username: str, name: str, timeou
 
 
 async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = None,
-                        lines: int = 50, host_key: str | None = None,
+                        lines: int = 50, host_key: Any = None,
                         connect_timeout: float = 15.0) -> str:
     """The last `lines` lines of the instance's cloud-init output and its boot.status.
 
     `target` is an open asyncssh connection (the cluster's own, host key already pinned), or an
-    address: then a connection is opened with the manifest's user, port and private key, and
-    `host_key` (an OpenSSH public key line) pins the server key; without it any key is accepted,
-    which is only acceptable here because nothing is sent but a read-only command. Never raises
-    for an unreachable instance: the text says why nothing could be read.
+    address: then a connection is opened with the manifest's user, port and private key, only
+    if `host_key` (the key pinned for the instance: an asyncssh key or an OpenSSH public key
+    line) is given, and the server must present that key. ~/.ssh/config and the user's SSH
+    agent are ignored. (To read an instance never contacted, pinning its key on first contact,
+    use `cluster.transport.read_boot_log`.) Never raises for an unreachable instance: the text
+    says why nothing could be read.
     """
     status_path = READY_STATUS_PATH.format(admin=admin_username)
     command = (
@@ -172,14 +177,18 @@ async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = Non
         raise ConfigurationError(
             "boot_log_tail got an address but no manifest to open an SSH connection with: pass "
             "manifest=, or an open connection instead of the address.")
-    known_hosts: Any = None
-    if host_key:
-        known_hosts = ([asyncssh.import_public_key(host_key)], [], [])
+    if host_key is None:
+        return (f"(the boot log of {target} was not read: no host key is pinned for that "
+                "instance, and a diagnostic read never trusts an unknown one)")
+    key = asyncssh.import_public_key(host_key) if isinstance(host_key, (str, bytes)) else host_key
     try:
         async with asyncssh.connect(
             target, port=manifest.ssh_port, username=manifest.ssh_user,
             client_keys=[asyncssh.import_private_key(manifest.read_private_key())],
-            known_hosts=known_hosts, connect_timeout=connect_timeout,
+            known_hosts=([key], [], []),
+            server_host_key_algs=[alg.decode() for alg in key.sig_algorithms],
+            config=None, agent_path=None, preferred_auth="publickey",
+            connect_timeout=connect_timeout,
         ) as conn:
             return await _run(conn, command)
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:

@@ -8,6 +8,11 @@ carries protocol frames, its stderr plain lines, both delivered to callbacks on 
 A payload's large buffers are written from the caller's objects in slices as the channel
 drains: asyncssh copies what it is given, so the driver never holds a second copy of a 100 MB
 argument and the event loop is never busy copying one for long.
+
+Trust: every connection (including `read_boot_log`, for diagnostics) checks the host key
+pinned per vmId and reads nothing from ~/.ssh (config, known_hosts, keys) nor the user's SSH
+agent; an instance marked gone is never connected to again. What the driver holds from one
+agent is bounded (MAX_FRAME, MAX_LINE), and `env` values never reach a log (AgentCommand).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-from typing import Callable, Sequence
+import weakref
+from typing import Callable, ClassVar, Sequence
 
 import asyncssh
+
+from prefect_azmanagers.azure.bootscript import boot_log_tail
 
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.protocol import (
@@ -29,7 +37,7 @@ from prefect_azmanagers.cluster.protocol import (
     Payload,
     ProtocolError,
 )
-from prefect_azmanagers.exceptions import ConfigurationError, HostKeyMismatch
+from prefect_azmanagers.exceptions import ConfigurationError, HostKeyMismatch, InstanceGone
 
 AGENT_MODULE = "prefect_azmanagers.cluster.agent"
 SMALL_FRAME = 1 << 16  # bodies below this are copied behind their header: one write, one packet
@@ -260,13 +268,36 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
 
 
 class InstanceConnection:
-    """The SSH connection to one instance (created with `open`)."""
+    """The SSH connection to one instance (created with `open`).
+
+    Every connection pins the host key per vmId and ignores ~/.ssh/config, ~/.ssh/known_hosts
+    and the user's SSH agent. Once `mark_gone(vm_id)` says the cloud deleted an instance, its
+    connections are closed and `open` refuses it (InstanceGone), so no reconnect, keepalive or
+    diagnostic keeps knocking at an address the cloud may already have given to another VM.
+    """
+
+    _gone: ClassVar[set[str]] = set()  # vmIds are unique: a deleted one never comes back
+    _live: ClassVar[dict[str, weakref.WeakSet["InstanceConnection"]]] = {}
 
     def __init__(self, conn: asyncssh.SSHClientConnection, address: str, vm_id: str):
         self._conn = conn
         self.address = address
         self.vm_id = vm_id
         self._listeners: list[asyncssh.SSHListener] = []
+        self._live.setdefault(vm_id, weakref.WeakSet()).add(self)
+
+    @classmethod
+    def mark_gone(cls, vm_id: str) -> None:
+        """The cloud reported the instance deleted: close its connections, refuse new ones."""
+        cls._gone.add(vm_id)
+        for connection in list(cls._live.pop(vm_id, ())):
+            connection.close()
+
+    @classmethod
+    def _refuse_gone(cls, vm_id: str, address: str) -> None:
+        if vm_id in cls._gone:
+            raise InstanceGone(f"instance {vm_id} ({address}) was reported gone by the cloud: "
+                               "no connection is opened to its address any more")
 
     @classmethod
     async def open(cls, address: str, *, port: int, username: str, client_key: asyncssh.SSHKey,
@@ -277,8 +308,10 @@ class InstanceConnection:
         """Connect to an instance, checking (or, on first contact, pinning) its host key.
 
         Raises HostKeyMismatch if the instance presents a key other than the pinned one,
-        OSError / asyncssh.Error when it cannot be reached or refuses the key.
+        InstanceGone once `mark_gone(vm_id)` was called, OSError / asyncssh.Error when it
+        cannot be reached or refuses the key.
         """
+        cls._refuse_gone(vm_id, address)
         pinned = host_keys.get(vm_id)
         holder: dict[str, _PinningClient] = {}
 
@@ -293,6 +326,7 @@ class InstanceConnection:
             conn, _ = await asyncssh.create_connection(
                 factory, address, port=port, username=username, client_keys=[client_key],
                 known_hosts=_no_known_hosts, agent_path=None, config=None,
+                preferred_auth="publickey",
                 connect_timeout=connect_timeout, keepalive_interval=keepalive_interval,
                 keepalive_count_max=keepalive_count_max, window=8 << 20,
                 encryption_algs=ENCRYPTION_ALGS, **options,
@@ -304,6 +338,7 @@ class InstanceConnection:
             raise
         client = holder["client"]
         try:
+            cls._refuse_gone(vm_id, address)  # marked gone while connecting
             assert client.presented is not None
             host_keys.pin(vm_id, client.presented, address)
         except BaseException:
@@ -352,6 +387,32 @@ class InstanceConnection:
         for listener in self._listeners:
             listener.close()
         self._conn.close()
+        live = self._live.get(self.vm_id)
+        if live is not None:
+            live.discard(self)
+            if not live:
+                self._live.pop(self.vm_id, None)
 
     async def wait_closed(self) -> None:
         await self._conn.wait_closed()
+
+
+async def read_boot_log(address: str, *, vm_id: str, host_keys: PinnedHostKeys, port: int,
+                        username: str, client_key: asyncssh.SSHKey, admin_username: str,
+                        lines: int = 50, connect_timeout: float = 15.0) -> str:
+    """`azure.bootscript.boot_log_tail` of an instance over a connection of its own, opened
+    like every other (host key pinned per vmId, or pinned on first contact; refused once gone).
+
+    For diagnostics of an instance the caller holds no connection to. Never raises for an
+    instance that cannot be read (unreachable, another host key, gone): the text says why.
+    """
+    try:
+        connection = await InstanceConnection.open(
+            address, port=port, username=username, client_key=client_key, vm_id=vm_id,
+            host_keys=host_keys, connect_timeout=connect_timeout)
+    except (OSError, asyncssh.Error, asyncio.TimeoutError, HostKeyMismatch, InstanceGone) as exc:
+        return f"(could not read the boot log from {address} over SSH: {type(exc).__name__}: {exc})"
+    try:
+        return await boot_log_tail(connection.ssh, admin_username=admin_username, lines=lines)
+    finally:
+        connection.close()

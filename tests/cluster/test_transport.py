@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 import logging
 import subprocess
 
@@ -10,11 +11,12 @@ import asyncssh
 import cloudpickle
 import pytest
 
+from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.protocol import Frame, Kind
 from prefect_azmanagers.cluster.serialization import dumps, dumps_payload, loads
-from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
-from prefect_azmanagers.exceptions import HostKeyMismatch
+from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
+from prefect_azmanagers.exceptions import HostKeyMismatch, InstanceGone
 
 pytestmark = pytest.mark.anyio
 
@@ -265,3 +267,92 @@ async def test_env_values_are_redacted_wherever_the_command_is_shown(sshd, tmp_p
         conn.close()
         await conn.wait_closed()
     assert "TOKEN=<redacted>" in caplog.text and "s3cret" not in caplog.text
+
+
+def _manifest(sshd):
+    return types.SimpleNamespace(ssh_port=sshd.port, ssh_user=sshd.username,
+                                 read_private_key=lambda: sshd.client_key.export_private_key().decode())
+
+
+async def _read_boot_log(sshd, known_hosts, vm_id):
+    return await read_boot_log(sshd.address, vm_id=vm_id, host_keys=PinnedHostKeys(known_hosts),
+                               port=sshd.port, username=sshd.username, client_key=sshd.client_key,
+                               admin_username="azureuser", connect_timeout=10)
+
+
+@pytest.fixture
+def hostile_user_ssh(tmp_path, monkeypatch):
+    """A HOME whose ~/.ssh/config breaks every connection that reads it, and an SSH agent
+    (SSH_AUTH_SOCK) that counts who contacts it."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text("Host *\n  ProxyCommand false\n  User nobody\n")
+    monkeypatch.setenv("HOME", str(home))
+    contacts = []
+
+    async def agent(reader, writer):
+        contacts.append(1)
+        writer.close()
+
+    socket_path = str(tmp_path / "agent.sock")
+    monkeypatch.setenv("SSH_AUTH_SOCK", socket_path)
+    return socket_path, agent, contacts
+
+
+async def test_every_ssh_connection_ignores_the_users_config_and_agent(sshd, tmp_path, hostile_user_ssh):
+    socket_path, agent, contacts = hostile_user_ssh
+    server = await asyncio.start_unix_server(agent, socket_path)
+    try:
+        known_hosts = tmp_path / "known_hosts"
+        conn = await _open(sshd, known_hosts, vm_id="vm-c")
+        conn.close()
+        assert "== /var/log/cloud-init-output.log" in await _read_boot_log(sshd, known_hosts, "vm-c")
+        tail = await boot_log_tail(sshd.address, admin_username="azureuser", manifest=_manifest(sshd),
+                                   host_key=PinnedHostKeys(known_hosts).get("vm-c"), connect_timeout=10)
+        assert "== /var/log/cloud-init-output.log" in tail and "== boot.status ==" in tail
+    finally:
+        server.close()
+    assert contacts == []
+
+
+async def test_boot_log_over_an_address_needs_the_pinned_key(sshd, tmp_path):
+    accepted = []
+    listener = await asyncio.start_server(lambda r, w: (accepted.append(1), w.close()), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        manifest = types.SimpleNamespace(**{**vars(_manifest(sshd)), "ssh_port": port})
+        text = await boot_log_tail("127.0.0.1", admin_username="azureuser", manifest=manifest)
+        assert "not read: no host key is pinned" in text
+        assert accepted == []  # nothing was sent to an instance whose key nobody pinned
+    finally:
+        listener.close()
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    text = await boot_log_tail(sshd.address, admin_username="azureuser", manifest=_manifest(sshd),
+                               host_key=other, connect_timeout=10)
+    assert text.startswith("(could not read the boot log") and "cloud-init-output" not in text
+    # read_boot_log pins on first contact, then holds the instance to that key
+    known_hosts = tmp_path / "known_hosts"
+    assert "== boot.status ==" in await _read_boot_log(sshd, known_hosts, "vm-d")
+    known_hosts.write_text(f"vm-e {other}")
+    text = await _read_boot_log(sshd, known_hosts, "vm-e")
+    assert "HostKeyMismatch" in text and "cloud-init-output" not in text
+
+
+async def test_an_instance_marked_gone_is_never_connected_to_again(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    lost = asyncio.get_running_loop().create_future()
+    conn = await InstanceConnection.open(
+        sshd.address, port=sshd.port, username=sshd.username, client_key=sshd.client_key,
+        vm_id="vm-gone", host_keys=PinnedHostKeys(known_hosts),
+        on_lost=lambda exc: lost.done() or lost.set_result(exc))
+    other = await _open(sshd, known_hosts, vm_id="vm-stays")
+    try:
+        InstanceConnection.mark_gone("vm-gone")
+        await asyncio.wait_for(lost, 10)  # its open connection was closed (keepalives end)
+        with pytest.raises(InstanceGone, match="vm-gone.*no connection is opened"):
+            await _open(sshd, known_hosts, vm_id="vm-gone")
+        assert "InstanceGone" in await _read_boot_log(sshd, known_hosts, "vm-gone")
+        assert (await other.run("echo still here")).stdout == "still here\n"
+    finally:
+        other.close()
+        await other.wait_closed()
