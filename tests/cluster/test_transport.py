@@ -1,11 +1,13 @@
-"""Transport + agent against a real OpenSSH server: frames, output, host-key pinning."""
+"""Transport + agent against a real OpenSSH server: frames, output, host-key pinning, the
+driver's bounds, redaction, and what every connection ignores or refuses."""
 
 from __future__ import annotations
 
 import asyncio
-import types
+import contextlib
 import logging
 import subprocess
+import types
 
 import asyncssh
 import cloudpickle
@@ -54,6 +56,22 @@ async def _open(sshd, known_hosts, vm_id="vm-1"):
         vm_id=vm_id, host_keys=PinnedHostKeys(known_hosts))
 
 
+@contextlib.asynccontextmanager
+async def _started_agent(sshd, tmp_path, command=None, **limits):
+    """A connection, an agent on it that said HELLO, and what it sent; closed at the end."""
+    conn = await _open(sshd, tmp_path / "known_hosts")
+    try:
+        got = Collector()
+        agent = await conn.start_agent(command or agent_command(sshd.python, worker_id=1),
+                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
+                                       on_exit=got.on_exit, **limits)
+        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+        yield agent, got
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
 def _noisy_task():
     import os
     import sys
@@ -70,12 +88,8 @@ def _failing_task():
 
 
 async def test_agent_round_trip_output_and_remote_traceback(sshd, tmp_path):
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(
-            agent_command(sshd.python, worker_id=3, env={"GREETING": "it's $HOME `x`"}),
-            on_frame=got.on_frame, on_stderr=got.stderr.append, on_exit=got.on_exit)
+    command = agent_command(sshd.python, worker_id=3, env={"GREETING": "it's $HOME `x`"})
+    async with _started_agent(sshd, tmp_path, command) as (agent, got):
         hello = await got.wait_for(lambda f: f.kind == Kind.HELLO)
         assert hello.json()["concurrency"] == 1
 
@@ -101,9 +115,6 @@ async def test_agent_round_trip_output_and_remote_traceback(sshd, tmp_path):
         lines = [f.json()["line"] for f in got.frames if f.kind == Kind.OUTPUT]
         assert "hello from the task" in lines and "raw fd 1 write" in lines
         assert "to stderr" in got.stderr
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_host_key_pinned_per_vm_id_and_mismatch_refused(sshd, tmp_path):
@@ -124,17 +135,11 @@ async def test_host_key_pinned_per_vm_id_and_mismatch_refused(sshd, tmp_path):
 
 
 async def test_agent_killed_reports_exit(sshd, tmp_path):
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        await conn.start_agent(agent_command(sshd.python, worker_id=1), on_frame=got.on_frame,
-                               on_stderr=got.stderr.append, on_exit=got.on_exit)
+    async with _started_agent(sshd, tmp_path) as (_, got):
         pid = (await got.wait_for(lambda f: f.kind == Kind.HELLO)).json()["pid"]
         subprocess.run(["kill", "-9", str(pid)], check=True)
         reason = await asyncio.wait_for(got.exited, 10)
         assert "signal KILL" in reason or "status" in reason
-    finally:
-        conn.close()
 
 
 def _digest(blob):
@@ -146,13 +151,8 @@ async def test_large_payloads_travel_out_of_band_without_interleaving(sshd, tmp_
     import hashlib
     import os
 
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1, concurrency=2),
-                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
-                                       on_exit=got.on_exit)
-        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+    command = agent_command(sshd.python, worker_id=1, concurrency=2)
+    async with _started_agent(sshd, tmp_path, command) as (agent, got):
         blob = os.urandom(24 << 20)
         big = dumps_payload(lambda: _digest(blob))
         assert big.buffers[0] is blob  # written from the caller's object
@@ -169,19 +169,10 @@ async def test_large_payloads_travel_out_of_band_without_interleaving(sshd, tmp_
         await agent.send(Kind.RUN, 3, back)
         three = await got.wait_for(lambda f: f.task_id == 3 and f.kind == Kind.RESULT)
         assert three.body[:1] == b"\x00" and loads(three.body) == bytes(range(256)) * (1 << 15)
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_send_cut_short_closes_the_channel(sshd, tmp_path):
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
-                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
-                                       on_exit=got.on_exit)
-        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+    async with _started_agent(sshd, tmp_path) as (agent, got):
         blob = bytes(256 << 20)
         sending = asyncio.ensure_future(agent.send(Kind.RUN, 1, dumps_payload(lambda: len(blob))))
         await asyncio.sleep(0)  # the send has filled the channel's buffer and waits for it to drain
@@ -192,9 +183,6 @@ async def test_send_cut_short_closes_the_channel(sshd, tmp_path):
         # the agent never sees the rest of the frame: its input ends and it exits
         await asyncio.wait_for(got.exited, 30)
         assert not any(f.kind in (Kind.RESULT, Kind.ERROR) for f in got.frames)
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 def _long_lines():
@@ -207,13 +195,7 @@ def _long_lines():
 
 
 async def test_long_output_lines_are_cut_with_a_marker(sshd, tmp_path):
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
-                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
-                                       on_exit=got.on_exit, max_line=4096)
-        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+    async with _started_agent(sshd, tmp_path, max_line=4096) as (agent, got):
         await agent.send(Kind.RUN, 1, dumps(_long_lines))
         await got.wait_for(lambda f: f.kind == Kind.RESULT)
         await agent.send(Kind.SHUTDOWN)
@@ -223,28 +205,16 @@ async def test_long_output_lines_are_cut_with_a_marker(sshd, tmp_path):
         assert "short" in lines
         assert "E" * 4096 + "... [line truncated: 295904 more bytes]" in got.stderr
         assert "after" in got.stderr
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_a_frame_over_the_limit_loses_the_worker_with_the_reason(sshd, tmp_path):
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(agent_command(sshd.python, worker_id=1),
-                                       on_frame=got.on_frame, on_stderr=got.stderr.append,
-                                       on_exit=got.on_exit, max_frame=1 << 20)
-        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+    async with _started_agent(sshd, tmp_path, max_frame=1 << 20) as (agent, got):
         await agent.send(Kind.RUN, 1, dumps(lambda: b"x" * (512 << 10)))  # under the limit
         assert loads((await got.wait_for(lambda f: f.kind == Kind.RESULT)).body) == b"x" * (512 << 10)
         await agent.send(Kind.RUN, 2, dumps(lambda: b"x" * (2 << 20)))
         reason = await asyncio.wait_for(got.exited, 30)
         assert "RESULT frame of 2097" in reason and "over the driver's limit of 1048576 bytes" in reason
         assert not any(f.task_id == 2 for f in got.frames)
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_env_values_are_redacted_wherever_the_command_is_shown(sshd, tmp_path, caplog):
@@ -254,18 +224,10 @@ async def test_env_values_are_redacted_wherever_the_command_is_shown(sshd, tmp_p
              str(RuntimeError(f"the agent exited. Command: {command}"))]
     assert not any("s3cret" in text for text in shown)
     assert "exec env TOKEN=<redacted> MODE=<redacted> AZM_WORKER_ID=1 " in command.redacted
-    conn = await _open(sshd, tmp_path / "known_hosts")
-    try:
-        got = Collector()
-        agent = await conn.start_agent(command, on_frame=got.on_frame,
-                                       on_stderr=got.stderr.append, on_exit=got.on_exit)
-        await got.wait_for(lambda f: f.kind == Kind.HELLO)
+    async with _started_agent(sshd, tmp_path, command) as (agent, got):
         import os  # the real command went out: the value arrives
         await agent.send(Kind.RUN, 1, cloudpickle.dumps(lambda: os.environ["TOKEN"]))
         assert loads((await got.wait_for(lambda f: f.kind == Kind.RESULT)).body) == "s3cret 'value'"
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert "TOKEN=<redacted>" in caplog.text and "s3cret" not in caplog.text
 
 
