@@ -34,7 +34,7 @@ LOCALCLOUD_TEMPDISK = "mkdir -m 777 -p /mnt/scratch"  # a sandbox's /mnt is its 
 
 
 class Network(str, Enum):
-    """The local cloud's network modes (see localcloud/sandbox.py)."""
+    """The local cloud's network modes (see localcloud/sandbox/modes.py)."""
 
     isolated = "isolated"
     loopback = "loopback"

@@ -9,9 +9,10 @@ info = start("~/.azmanagers/localcloud")          # background; returns localclo
 LocalCloudAdmin.from_info(info).throttle(2)       # faults, settings, counters
 stop("~/.azmanagers/localcloud")                  # every instance and process removed
 ```
-Layout (moto-style): models.py (resources, state machines), responses.py (ARM HTTP layer),
-urls.py (routing), exceptions.py (ARM errors), config.py, store.py, server.py (lifecycle),
-admin.py (fault injection), and the VM sandboxes: sandbox.py and its helpers.
+Layout (moto-style): models/ (resources and state machines, one part per resource),
+responses.py (ARM HTTP layer), urls.py (routing), exceptions.py (ARM errors), config.py, store.py,
+server.py (lifecycle), admin.py (fault injection), and the VM sandboxes: sandbox/ (the host and its
+isolated/loopback network modes) and its helpers.
 """
 
 from prefect_azmanagers.localcloud.admin import AdminError, LocalCloudAdmin

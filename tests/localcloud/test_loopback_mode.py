@@ -574,11 +574,12 @@ def test_a_kernel_without_user_namespaces_gets_a_clear_error(tmp_path: Path, mon
 
     from prefect_azmanagers.localcloud import sandbox
     from prefect_azmanagers.localcloud._proc import CommandError
+    from prefect_azmanagers.localcloud.sandbox import modes
 
     async def refuse(*argv, **kwargs):
         raise CommandError(list(argv), 1, "unshare: unshare failed: Operation not permitted")
 
-    monkeypatch.setattr(sandbox, "run", refuse)
+    monkeypatch.setattr(modes, "run", refuse)
     host = SandboxHost(tmp_path / "state", network="loopback")
     with pytest.raises(sandbox.SandboxError) as info:
         asyncio.run(host.start())
@@ -590,6 +591,6 @@ def test_a_kernel_without_user_namespaces_gets_a_clear_error(tmp_path: Path, mon
     async def too_old(*argv, **kwargs):
         raise CommandError(list(argv), 1, "unshare: unrecognized option '--keep-caps'")
 
-    monkeypatch.setattr(sandbox, "run", too_old)
+    monkeypatch.setattr(modes, "run", too_old)
     with pytest.raises(sandbox.SandboxError, match="needs util-linux 2.38 or later"):
         asyncio.run(SandboxHost(tmp_path / "state", network="loopback").start())

@@ -8,7 +8,7 @@ import pytest
 
 from prefect_azmanagers.localcloud import AdminError, LocalCloudAdmin, LocalCloudError, start
 from prefect_azmanagers.localcloud.config import CONFIG_FILE, LocalCloudConfig, load_config
-from prefect_azmanagers.localcloud.models import _base36, _regular_count
+from prefect_azmanagers.localcloud.models.scalesets import base36, regular_count
 from prefect_azmanagers.localcloud.urls import match
 
 
@@ -43,9 +43,9 @@ def test_routing_is_case_insensitive_and_names_operations():
 
 
 def test_computer_name_suffix_and_priority_mix():
-    assert [_base36(n).rjust(6, "0") for n in (0, 35, 36, 46655)] == ["000000", "00000z", "000010", "000zzz"]
+    assert [base36(n).rjust(6, "0") for n in (0, 35, 36, 46655)] == ["000000", "00000z", "000010", "000zzz"]
     mix = {"baseRegularPriorityCount": 2, "regularPriorityPercentageAboveBase": 25}
-    assert [_regular_count(n, mix) for n in (1, 2, 3, 6, 10)] == [1, 2, 3, 3, 4]
+    assert [regular_count(n, mix) for n in (1, 2, 3, 6, 10)] == [1, 2, 3, 3, 4]
 
 
 def test_clear_errors_without_a_running_local_cloud(tmp_path):
