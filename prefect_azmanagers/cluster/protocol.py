@@ -50,10 +50,10 @@ class ProtocolError(Exception):
 class FrameTooLarge(ProtocolError):
     """A frame's header announces a body over the reader's limit (refused before it arrives)."""
 
-    def __init__(self, kind: "Kind", length: int, limit: int):
+    def __init__(self, kind: "Kind", task_id: int, length: int, limit: int):
         super().__init__(f"a {kind.name} frame of {length} bytes is over the reader's limit of "
                          f"{limit} bytes")
-        self.kind, self.length, self.limit = kind, length, limit
+        self.kind, self.task_id, self.length, self.limit = kind, task_id, length, limit
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def parse_header(header: bytes, max_body: int = MAX_BODY) -> tuple[int, Kind, in
     except ValueError:
         raise ProtocolError(f"unknown message kind {code}: the stream is corrupted") from None
     if length > max_body:
-        raise FrameTooLarge(kind, length, max_body)
+        raise FrameTooLarge(kind, task_id, length, max_body)
     return length, kind, task_id
 
 

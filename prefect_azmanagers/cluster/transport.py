@@ -140,7 +140,9 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
     """One agent process: frames from its stdout, lines from its stderr, flow-controlled writes.
 
     What it holds is bounded: a frame over `max_frame` bytes closes the channel (the worker is
-    lost, with the reason), and a stdout or stderr line keeps its first `max_line` bytes.
+    lost, with the reason; when it is a call's RESULT or ERROR, an ERROR frame of type
+    PayloadError is delivered for that call first, so it fails instead of being re-run), and a
+    stdout or stderr line keeps its first `max_line` bytes.
     """
 
     def __init__(self, on_frame: Callable[[Frame], None], on_stderr: Callable[[str], None],
@@ -173,10 +175,16 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
         try:
             frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
+            if exc.kind in (Kind.RESULT, Kind.ERROR):  # that call fails, it is not re-run
+                self._on_frame(Frame(Kind.ERROR, exc.task_id, json.dumps({
+                    "type": "prefect_azmanagers.exceptions.PayloadError", "traceback": "",
+                    "exception": None, "message": (
+                        f"the call's {exc.kind.name.lower()} is {exc.length} bytes, over the "
+                        f"driver's limit of {exc.limit} bytes: return a reference (e.g. a path "
+                        "in shared storage) instead of the data")}).encode()))
             self._protocol_failed(
                 f"the agent sent a {exc.kind.name} frame of {exc.length} bytes, over the "
-                f"driver's limit of {exc.limit} bytes (a task result this large should go to "
-                "storage, with its path returned instead)")
+                f"driver's limit of {exc.limit} bytes")
             return
         except ProtocolError as exc:
             self._protocol_failed(f"protocol error: {exc}")

@@ -13,6 +13,7 @@ Standard library only: the agent imports this module before anything else.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -23,14 +24,22 @@ DISTRIBUTIONS = ("cloudpickle", "prefect", "prefect-azmanagers")
 
 
 def local() -> dict[str, str | None]:
-    """This interpreter's versions: python (x.y.z) and each distribution (None if missing)."""
-    versions: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
+    """This interpreter's versions: python (x.y.z) and each distribution (None if missing).
+
+    Read once per process (the metadata scan takes tens of ms; it is called on event loops).
+    """
+    return dict(_read_local())
+
+
+@functools.cache
+def _read_local() -> tuple[tuple[str, str | None], ...]:
+    versions: list[tuple[str, str | None]] = [("python", ".".join(map(str, sys.version_info[:3])))]
     for name in DISTRIBUTIONS:
         try:
-            versions[name] = metadata.version(name)
+            versions.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+            versions.append((name, None))
+    return tuple(versions)
 
 
 def _prefix(version: str | None, parts: int) -> tuple[str, ...] | None:

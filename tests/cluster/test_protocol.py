@@ -19,7 +19,8 @@ def test_a_frame_over_the_limit_is_refused_from_its_header():
     with pytest.raises(FrameTooLarge) as info:
         decoder.feed(HEADER.pack(1025, Kind.RESULT, 7))  # no body byte has arrived yet
     assert isinstance(info.value, ProtocolError)
-    assert (info.value.kind, info.value.length, info.value.limit) == (Kind.RESULT, 1025, 1024)
+    assert (info.value.kind, info.value.task_id, info.value.length, info.value.limit) == (
+        Kind.RESULT, 7, 1025, 1024)
     assert "RESULT frame of 1025 bytes is over the reader's limit of 1024 bytes" in str(info.value)
 
 

@@ -14,11 +14,12 @@ import cloudpickle
 import pytest
 
 from prefect_azmanagers.azure.bootscript import boot_log_tail
+from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.protocol import Frame, Kind
 from prefect_azmanagers.cluster.serialization import dumps, dumps_payload, loads
 from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
-from prefect_azmanagers.exceptions import HostKeyMismatch, InstanceGone
+from prefect_azmanagers.exceptions import HostKeyMismatch, InstanceGone, PayloadError
 
 pytestmark = pytest.mark.anyio
 
@@ -214,7 +215,11 @@ async def test_a_frame_over_the_limit_loses_the_worker_with_the_reason(sshd, tmp
         await agent.send(Kind.RUN, 2, dumps(lambda: b"x" * (2 << 20)))
         reason = await asyncio.wait_for(got.exited, 30)
         assert "RESULT frame of 2097" in reason and "over the driver's limit of 1048576 bytes" in reason
-        assert not any(f.task_id == 2 for f in got.frames)
+        [refused] = [f for f in got.frames if f.task_id == 2]  # the call fails, clearly
+        assert refused.kind == Kind.ERROR
+        error = exception_from_error(refused.json(), "worker 1")
+        assert isinstance(error, PayloadError) and "result is 2097" in str(error)
+        assert "over the driver's limit of 1048576 bytes: return a reference" in str(error)
 
 
 async def test_env_values_are_redacted_wherever_the_command_is_shown(sshd, tmp_path, caplog):
