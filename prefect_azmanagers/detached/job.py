@@ -35,8 +35,9 @@ from prefect_azmanagers.detached.bundle import variablebundle
 from prefect_azmanagers.detached.runtime import (
     PARTIAL_SUFFIX, RESULT_ARTIFACT_TYPE, STREAM_LOGGER, DetachedJobFailed,
 )
+from prefect_azmanagers.detached.signing import load_driver_key
 from prefect_azmanagers.detached.vm import DetachedVM, upload_payload, vm_lost_reason
-from prefect_azmanagers.exceptions import DetachedJobError, PayloadError
+from prefect_azmanagers.exceptions import DetachedJobError, PayloadError, UntrustedPayload
 
 Status = Literal["starting", "running", "done", "failed", "cancelled"]
 
@@ -165,11 +166,13 @@ class DetachedJob:
             client.set_flow_run_state(UUID(self.flow_run_id), state, force=True)
         return self.wait(timeout)
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The job's return value; waits for the end. Raises DetachedJobFailed if it raised."""
-        status = self.wait(timeout)
-        if status == "cancelled":
-            raise DetachedJobError(f"detached job {self.flow_run_id} was cancelled")
+    def _signed_result(self, status: Status) -> dict[str, Any]:
+        """The data of the run's one result artifact, checked against its VM's key.
+
+        UntrustedPayload, before anything is unpickled, for a run with several result
+        artifacts or one its VM did not sign (written through the Prefect API by another).
+        """
+        flow_run = self._flow_run()
         with get_client(sync_client=True) as client:
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(self.flow_run_id)]),
@@ -178,7 +181,28 @@ class DetachedJob:
             raise DetachedJobError(
                 f"detached job {self.flow_run_id} ended {status!r} without storing a result "
                 f"(the flow process died?); its stderr:\n{self.read('stderr')[-3000:]}")
-        data = artifacts[0].data
+        if len(artifacts) > 1:
+            raise UntrustedPayload(
+                f"detached job {self.flow_run_id} has {len(artifacts)} result artifacts; its VM "
+                "writes exactly one, so the others were written through the Prefect API by "
+                "someone else; refused without unpickling any")
+        signed = artifacts[0].data
+        if not isinstance(signed, dict) or not isinstance(signed.get("key_id"), str) \
+                or not flow_run.work_pool_name:
+            raise UntrustedPayload(
+                f"the result artifact of detached job {self.flow_run_id} carries no signature "
+                "(or the run has no detached VM's work pool): it was not written by a detached "
+                "VM; refused without unpickling")
+        key = load_driver_key(flow_run.work_pool_name, signed.get("key_id"))
+        return key.check_result(self.flow_run_id, signed)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's return value; waits for the end. Raises DetachedJobFailed if it raised,
+        UntrustedPayload if its result artifact is not the one its VM signed (see `signing`)."""
+        status = self.wait(timeout)
+        if status == "cancelled":
+            raise DetachedJobError(f"detached job {self.flow_run_id} was cancelled")
+        data = self._signed_result(status)
         try:
             value = cloudpickle.loads(base64.b64decode(data["pickle"])) if data["pickle"] else None
         except Exception as exc:
@@ -229,10 +253,12 @@ def pickle_job(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
 def _submit(vm: DetachedVM, fn: Callable[..., Any], args: tuple, kwargs: dict) -> DetachedJob:
     if not callable(fn):
         raise PayloadError(f"a detached job must be a callable, got {fn!r}")
+    key = load_driver_key(vm.name, vm.vm_id)
     payload = pickle_job(fn, args, kwargs)
     inline = base64.b64encode(payload).decode()
     parameters = ({"payload": inline} if len(inline) <= MAX_INLINE_PAYLOAD
                   else {"payload_file": upload_payload(vm, payload)})
+    parameters.update(key.sign_payload(payload))
     with get_client(sync_client=True) as client:
         try:
             deployment = client.read_deployment_by_name(vm.deployment)

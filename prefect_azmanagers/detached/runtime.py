@@ -5,7 +5,8 @@ path, so no code is shipped beyond the installed package). The flow:
 
 1. takes the job's cloudpickled payload (callable, args, kwargs, variablebundle) from its
    `payload` parameter, or, when larger than Prefect's parameter limit, from the file the driver
-   uploaded over SFTP into `~/.azmanagers/payloads/`;
+   uploaded over SFTP into `~/.azmanagers/payloads/`, and checks its signature (`signing`:
+   the VM's key, a nonce never used before) before anything unpickles it;
 2. runs the callable in a child process (`python -m prefect_azmanagers.detached.jobprocess DIR`)
    whose fds 1 and 2 are pipes: the job's own output, including that of processes it starts,
    is kept apart from Prefect's own console logging;
@@ -14,7 +15,8 @@ path, so no code is shipped beyond the installed package). The flow:
    the driver reads the streams (also after the VM is gone) and how the UI shows them; the
    same bytes are kept in `~/.azmanagers/jobs/<flow run id>/stdout|stderr` on the VM;
 4. stores the return value (or the exception) cloudpickled in a flow-run artifact of type
-   `azmanagers-result`, which any process with access to the Prefect API can read later;
+   `azmanagers-result`, signed with the VM's key, which the driver checks before it unpickles
+   (a refused payload gets a signed failure naming why);
 5. fails the flow run when the job raised, with the job's traceback in its stderr.
 
 Cancelling the flow run (`DetachedJob.kill`) makes the worker terminate the flow process; the
@@ -40,7 +42,8 @@ from prefect.client.schemas.actions import ArtifactCreate
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
-from prefect_azmanagers.exceptions import AzManagersError
+from prefect_azmanagers.detached.signing import JobKey, claim_nonce, load_vm_key
+from prefect_azmanagers.exceptions import AzManagersError, UntrustedPayload
 
 STATE_DIR = Path("~/.azmanagers")
 PAYLOAD_DIR = STATE_DIR / "payloads"
@@ -117,16 +120,17 @@ def _load_payload(payload: str | None, payload_file: str | None) -> bytes:
     return data
 
 
-def _store_result(flow_run_id: str, outcome: dict[str, Any]) -> None:
+def _store_result(key: JobKey, flow_run_id: str, outcome: dict[str, Any]) -> None:
+    data = {"ok": outcome["ok"],
+            "pickle": base64.b64encode(outcome["pickle"]).decode()
+            if outcome.get("pickle") is not None else None,
+            "traceback": outcome.get("traceback")}
     with get_client(sync_client=True) as client:
         client.create_artifact(ArtifactCreate(
             type=RESULT_ARTIFACT_TYPE, flow_run_id=flow_run_id,
-            description="Return value of a detached job (cloudpickle, base64); read it with "
-                        "`DetachedJob.from_flow_run_id(id).result()`.",
-            data={"ok": outcome["ok"],
-                  "pickle": base64.b64encode(outcome["pickle"]).decode()
-                  if outcome.get("pickle") is not None else None,
-                  "traceback": outcome.get("traceback")},
+            description="Return value of a detached job (cloudpickle, base64, signed by its "
+                        "VM); read it with `DetachedJob.from_flow_run_id(id).result()`.",
+            data=key.sign_result(flow_run_id, data),
         ))
 
 
@@ -164,15 +168,26 @@ def _run_job_process(job_dir: Path, flow_run_id: str) -> dict[str, Any]:
 
 
 @flow(name=FLOW_NAME, persist_result=False, validate_parameters=False)
-def run_detached(payload: str | None = None, payload_file: str | None = None) -> None:
-    """Run one detached job (a cloudpickled callable) on this VM; see the module docstring."""
+def run_detached(payload: str | None = None, payload_file: str | None = None,
+                 key_id: str | None = None, nonce: str | None = None,
+                 mac: str | None = None) -> None:
+    """Run one detached job (a cloudpickled callable, signed by the driver) on this VM; see
+    the module docstring."""
     flow_run_id = str(flow_run.id)
+    key = load_vm_key()
+    data = _load_payload(payload, payload_file)
+    try:
+        key.check_payload(data, key_id=key_id, nonce=nonce, mac=mac)
+        claim_nonce(nonce)
+    except UntrustedPayload as exc:
+        _store_result(key, flow_run_id, {"ok": False, "traceback": f"refused by the VM: {exc}"})
+        raise
     job_dir = JOBS_DIR.expanduser() / flow_run_id
     job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     payload_path = job_dir / "payload.pkl"
-    payload_path.write_bytes(_load_payload(payload, payload_file))
+    payload_path.write_bytes(data)
     payload_path.chmod(0o600)
     outcome = _run_job_process(job_dir, flow_run_id)
-    _store_result(flow_run_id, outcome)
+    _store_result(key, flow_run_id, outcome)
     if not outcome["ok"]:
         raise DetachedJobFailed(flow_run_id, outcome["traceback"])

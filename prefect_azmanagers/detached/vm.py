@@ -47,14 +47,20 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
 from prefect_azmanagers.azure import vm as azure_vm
-from prefect_azmanagers.azure.bootscript import boot_log_tail, boot_script, encode_custom_data
+from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
 from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.azure.ownership import KIND_TAG, ownership_tags
 from prefect_azmanagers.blocks import AzureManifest, load_manifest, load_nic_template, load_vm_template
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
+from prefect_azmanagers.detached.readiness import (
+    API_ENV_FILE, WORKER_EXIT_LINE, WORKER_LOG, Readiness, wait_until_serving,
+)
 from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_detached
+from prefect_azmanagers.detached.signing import (
+    VM_KEY_FILE, JobKey, forget_driver_key, save_driver_key,
+)
 from prefect_azmanagers.exceptions import (
     AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
 )
@@ -64,8 +70,6 @@ logger = logging.getLogger("prefect_azmanagers.detached")
 DETACHED_KIND = "detached"
 MANIFEST_TAG = "azmanagers-manifest"  # the manifest block's name, for rmproc from elsewhere
 ADMIN_TAG = "azmanagers-admin"
-WORKER_LOG = "~/.azmanagers/worker.log"
-API_ENV_FILE = ".azmanagers/prefect.env"
 CODE_DIR = ".azmanagers/code"
 _FINAL_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED,
                       StateType.CANCELLED}
@@ -188,8 +192,8 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
                          "--type", "process", "--name", pool])
     env_file = shlex.quote(f"{home}/{API_ENV_FILE}")
     loop = (f"cd; while true; do if [ -f {env_file} ]; then set -a; . {env_file}; set +a; fi; "
-            f"{worker}; echo \"worker exited with $?; restarting in 5 s\"; sleep 5; done")
-    log = shlex.quote(f"{state}/worker.log")
+            f"{worker}; echo \"{WORKER_EXIT_LINE} $?; restarting in 5 s\"; sleep 5; done")
+    log = shlex.quote(f"{home}/{WORKER_LOG}")
     start = shlex.join(["runuser", "-u", admin, "--", "env", *[f"{k}={v}" for k, v in env.items()],
                         "setsid", "bash", "-c", loop])
     return "\n".join([
@@ -293,17 +297,6 @@ async def _power_state(manifest: AzureManifest, name: str) -> str | None:
         return await azure_vm.vm_power_state(clients, manifest.resource_group, name)
 
 
-def wait_for_worker(pool: str, timeout: float) -> bool:
-    """True once a worker of `pool` is online (it has sent a heartbeat), False at the deadline."""
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            if any(worker.status == "ONLINE" for worker in client.read_workers_for_work_pool(pool)):
-                return True
-            time.sleep(1)
-    return False
-
-
 @asynccontextmanager
 async def ssh_connection(vm: DetachedVM, manifest: AzureManifest) -> AsyncIterator[InstanceConnection]:
     """SSH to the VM as the manifest's user; its host key is pinned per vmId."""
@@ -318,16 +311,12 @@ async def ssh_connection(vm: DetachedVM, manifest: AzureManifest) -> AsyncIterat
         await connection.wait_closed()
 
 
-async def _write_private_file(vm: DetachedVM, manifest: AzureManifest, relative_path: str,
-                              data: bytes) -> None:
+async def _write_private_file(sftp: asyncssh.SFTPClient, relative_path: str, data: bytes) -> None:
     """Write `data` to ~/relative_path on the VM over SFTP, mode 0600 from creation."""
-    async with ssh_connection(vm, manifest) as connection:
-        async with connection.ssh.start_sftp_client() as sftp:
-            directory = relative_path.rsplit("/", 1)[0]
-            await sftp.makedirs(directory, exist_ok=True)
-            async with sftp.open(relative_path, "wb",
-                                 asyncssh.SFTPAttrs(permissions=0o600)) as remote:
-                await remote.write(data)
+    directory = relative_path.rsplit("/", 1)[0]
+    await sftp.makedirs(directory, exist_ok=True)
+    async with sftp.open(relative_path, "wb", asyncssh.SFTPAttrs(permissions=0o600)) as remote:
+        await remote.write(data)
 
 
 def upload_payload(vm: DetachedVM, payload: bytes, *, manifest: str | AzureManifest | None = None
@@ -335,31 +324,54 @@ def upload_payload(vm: DetachedVM, payload: bytes, *, manifest: str | AzureManif
     """Put a large job payload on the VM over SFTP; returns its file name for `run_detached`."""
     manifest = load_manifest(manifest or vm.manifest or "default")
     name = f"{uuid.uuid4().hex}.pkl"
-    run_coro_as_sync(_write_private_file(vm, manifest, f"{PAYLOAD_DIR.relative_to('~')}/{name}",
-                                         payload))
+
+    async def upload() -> None:
+        async with ssh_connection(vm, manifest) as connection:
+            async with connection.ssh.start_sftp_client() as sftp:
+                await _write_private_file(sftp, f"{PAYLOAD_DIR.relative_to('~')}/{name}", payload)
+
+    run_coro_as_sync(upload())
     return name
 
 
-async def _put_code(vm: DetachedVM, manifest: AzureManifest, code: Path) -> None:
-    async with ssh_connection(vm, manifest) as connection:
-        async with connection.ssh.start_sftp_client() as sftp:
-            await sftp.put(str(code), f"{CODE_DIR}/{code.name}", recurse=True)
-
-
-def _ship_code(vm: DetachedVM, manifest: AzureManifest, code: str | os.PathLike[str]) -> None:
-    """Copy a local directory (e.g. flows/) into the VM's code directory over SFTP."""
-    code = Path(code).resolve()
-    if not code.is_dir():
-        raise ConfigurationError(f"code={str(code)!r} is not a directory; pass the directory "
+def _code_path(code: str | os.PathLike[str]) -> Path:
+    path = Path(code).resolve()
+    if not path.is_dir():
+        raise ConfigurationError(f"code={str(path)!r} is not a directory; pass the directory "
                                  "holding the flows to run on the VM, e.g. code='flows'.")
-    run_coro_as_sync(_put_code(vm, manifest, code))
+    return path
 
 
-def _ship_api_key(vm: DetachedVM, manifest: AzureManifest) -> None:
-    key = PREFECT_API_KEY.value()
-    if key:
-        line = f"PREFECT_API_KEY={shlex.quote(key)}\n".encode()
-        run_coro_as_sync(_write_private_file(vm, manifest, API_ENV_FILE, line))
+async def _ship(sftp: asyncssh.SFTPClient, key: JobKey, code: Path | None) -> None:
+    """The VM's job key, the driver's API key (if any) and the user's code, over SFTP."""
+    await _write_private_file(sftp, VM_KEY_FILE, key.to_json())
+    if api_key := PREFECT_API_KEY.value():
+        await _write_private_file(sftp, API_ENV_FILE,
+                                  f"PREFECT_API_KEY={shlex.quote(api_key)}\n".encode())
+    if code is not None:
+        await sftp.put(str(code), f"{CODE_DIR}/{code.name}", recurse=True)
+
+
+async def _prepare(vm: DetachedVM, manifest: AzureManifest, key: JobKey, code: Path | None,
+                   readiness: Readiness) -> None:
+    """Over one pinned SSH connection: ship the VM's files, then watch its worker come up."""
+    try:
+        async with ssh_connection(vm, manifest) as connection:
+            async with connection.ssh.start_sftp_client() as sftp:
+                await _ship(sftp, key, code)
+            async with get_client() as client:
+                async def worker_online() -> bool:
+                    workers = await client.read_workers_for_work_pool(vm.work_pool)
+                    return any(worker.status == "ONLINE" for worker in workers)
+
+                await wait_until_serving(connection.ssh, readiness, admin=vm.admin_username,
+                                         probe_python=manifest.python, worker_online=worker_online)
+    except (OSError, asyncssh.Error) as exc:
+        raise BootFailed(
+            f"SSH to detached VM {vm.name} at {vm.private_ip}:{manifest.ssh_port} as "
+            f"{manifest.ssh_user} failed ({type(exc).__name__}: {exc}): this machine must reach "
+            "the VM's private address (VNet, VPN or peering), and the VM must accept the "
+            "manifest's SSH key") from exc
 
 
 async def _create(manifest: AzureManifest, manifest_name: str | None, vm_template: Any,
@@ -389,9 +401,11 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     """Create a detached VM whose Prefect worker serves its own work pool; returns when polling.
 
     Checks first that the Prefect API is usable by the VM (PrefectAPIUnreachable otherwise),
-    then creates the work pool and deployment, the NIC and VM, and waits (up to
-    `worker_timeout` s) for the worker's heartbeat. On any failure, or Ctrl-C, everything it
-    created is deleted. `customenv=True` builds the driver's environment on the VM at boot
+    then creates the work pool and deployment, the NIC and VM, ships the VM's job key (see
+    `signing`) over SFTP, and waits (up to `worker_timeout` s) for the worker's heartbeat,
+    watching the VM meanwhile (`readiness`): a failed boot, a worker that keeps exiting or a
+    VM that cannot reach the API ends the wait at once with an error naming the fix. On any
+    failure, or Ctrl-C, everything it created is deleted. `customenv=True` builds the driver's environment on the VM at boot
     (prefect_azmanagers.customenv) and runs the worker and its jobs with it. `code`, a local
     directory (e.g. "flows"), is copied to the VM's code directory, the working directory of
     its flow runs, for deployments of files (prefect.yaml).
@@ -401,6 +415,8 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     vm_template = load_vm_template(vm_template)
     nic_template = load_nic_template(nic_template) if nic_template is not None else None
     api_url = api_url_for_vms(manifest)
+    url_source = ("the manifest's prefect_api_url_for_vms" if manifest.prefect_api_url_for_vms
+                  else "the driver's PREFECT_API_URL (the manifest has no prefect_api_url_for_vms)")
     _check_driver_api()
     name = name or azure_vm.vm_name(basename)
     admin = vm_template.value["properties"]["osProfile"]["adminUsername"]
@@ -411,23 +427,25 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
     custom_data = encode_custom_data(script)
+    code = _code_path(code) if code is not None else None
+    vm: DetachedVM | None = None
     try:
         _create_pool_and_deployment(name, code_dir(admin), manifest_name)
         vm = run_coro_as_sync(_create(manifest, manifest_name, vm_template, nic_template, name,
                                       custom_data))
-        _ship_api_key(vm, manifest)
-        if code is not None:
-            _ship_code(vm, manifest, code)
-        if not wait_for_worker(name, worker_timeout):
-            tail = run_coro_as_sync(boot_log_tail(vm.private_ip, admin_username=admin,
-                                                  manifest=manifest))
-            raise BootFailed(
-                f"the Prefect worker of detached VM {name} did not come online within "
-                f"{worker_timeout:.0f} s (its log is {WORKER_LOG} on the VM); boot log:\n{tail}")
+        key = JobKey.new(vm.name, vm.vm_id)
+        save_driver_key(key)
+        readiness = Readiness(vm=name, api_url=api_url, url_source=url_source, python=python,
+                              local_cloud=_is_loopback(manifest.arm_endpoint),
+                              timeout=worker_timeout, now=time.monotonic())
+        run_coro_as_sync(_prepare(vm, manifest, key, code, readiness))
         return vm
     except BaseException:
         try:
             _remove(manifest, vm_template.resource_group, name)
+            if vm is not None:
+                forget_driver_key(vm.name, vm.vm_id)
+                PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
         except Exception as cleanup_error:  # keep the original error; say what is left
             logger.error("Could not remove detached VM %s after a failure: %s. Remove it with "
                          "`prefect-azmanagers vm rm %s`.", name, cleanup_error, name)

@@ -1,0 +1,59 @@
+"""Detached VMs whose worker can never serve fail fast, end to end on the local cloud.
+
+addproc must not wait out `worker_timeout` when the VM's Prefect worker cannot reach the Prefect
+API or keeps exiting: it finds out from the VM (boot status, worker log, a probe of the API run
+on the VM), raises an error that says what is wrong and which setting fixes it, and deletes
+everything it made (ARM VM and NIC, local-cloud instance, work pool, deployment). The timeout
+given here is far above what the checks need: an addproc that waits it out raises BootFailed
+("did not come online within"), which these tests refuse.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from prefect_azmanagers.blocks import load_manifest
+from prefect_azmanagers.detached import addproc
+from prefect_azmanagers.exceptions import BootFailed, PrefectAPIUnreachable
+
+pytestmark = pytest.mark.e2e
+WORKER_TIMEOUT = 480  # below pytest's 600 s: today's code fails with BootFailed at it
+
+
+def _timed_addproc(manifest, name: str):
+    started = time.monotonic()
+    try:
+        addproc("localcloud-vm", "localcloud-nic", manifest=manifest, name=name,
+                worker_timeout=WORKER_TIMEOUT)
+    except Exception as exc:
+        print(f"addproc {name}: {time.monotonic() - started:.1f} s to {type(exc).__name__}: {exc}")
+        raise
+
+
+def test_worker_that_cannot_reach_the_api_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
+    # A closed port of the VM's own loopback (its network namespace): nothing answers there.
+    manifest = load_manifest("localcloud").model_copy(
+        update={"prefect_api_url_for_vms": "http://127.0.0.1:9/api"})
+    with pytest.raises(PrefectAPIUnreachable) as info:
+        _timed_addproc(manifest, "azmnoapi-1")
+    message = str(info.value)
+    assert "http://127.0.0.1:9/api" in message and "azmnoapi-1" in message
+    assert "prefect_api_url_for_vms" in message and "localcloud start --prefect-api-url" in message
+    assert "Connection refused" in message or "ConnectionRefused" in message, message
+    assert_vm_gone("azmnoapi-1", timeout=60)
+
+
+def test_worker_that_keeps_exiting_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
+    # The image's own Python, without Prefect: `python -m prefect worker start` exits at once,
+    # and the VM's restart loop starts it again and again.
+    manifest = load_manifest("localcloud").model_copy(update={"python": "/usr/bin/python3"})
+    with pytest.raises(BootFailed) as info:
+        _timed_addproc(manifest, "azmexits-1")
+    message = str(info.value)
+    assert "keeps exiting" in message and "azmexits-1" in message, message
+    assert "No module named prefect" in message  # the worker log's own words
+    assert "python" in message and "/usr/bin/python3" in message and "customenv" in message
+    assert_vm_gone("azmexits-1", timeout=60)
+
