@@ -81,7 +81,7 @@ async def _nic_body_from_reference(clients: Any, vm_value: dict, location: str) 
 
 def _vm_body(manifest: Any, vm_value: dict, name: str, nic_id: str, custom_data: str,
              tags: dict[str, str], os_disk_size: int | None, image_name: str | None,
-             image_version: str | None) -> dict:
+             image_version: str | None, spot: bool = False, max_price: float = -1) -> dict:
     body = copy.deepcopy(vm_value)
     try:
         props = body["properties"]
@@ -109,14 +109,22 @@ def _vm_body(manifest: Any, vm_value: dict, name: str, nic_id: str, custom_data:
     props["networkProfile"] = {"networkInterfaces": [
         {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]}
     body["tags"] = {**(body.get("tags") or {}), **tags}
+    if spot:   # a Spot VM is deleted (with its disks and NIC) when Azure evicts it
+        props["priority"] = "Spot"
+        props["evictionPolicy"] = "Delete"
+        props["billingProfile"] = {"maxPrice": max_price}
     return body
 
 
 async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template: Any | None,
                     name: str, *, custom_data: str, tags: dict[str, str],
                     os_disk_size: int | None = None, image_name: str | None = None,
-                    image_version: str | None = None, quota_wait: float = 0.0) -> VMInfo:
+                    image_version: str | None = None, quota_wait: float = 0.0,
+                    spot: bool = False, max_price: float = -1) -> VMInfo:
     """Create NIC + VM and wait until both are provisioned; returns the VM (with its private IP).
+
+    `spot=True` makes a Spot VM (eviction policy Delete) paying at most `max_price` per hour
+    (-1: up to the on-demand price), counted against the low-priority quota.
 
     On any failure or interruption, deletes the VM and NIC it requested, then re-raises.
     """
@@ -128,7 +136,8 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
         raise TemplateError(
             f"The VM template needs a resource group, a location and hardwareProfile.vmSize "
             f"(got {rg!r}, {location!r}, {size!r}).")
-    await ensure_quota(clients, location, size, regular=1, spot=0, wait=quota_wait)
+    await ensure_quota(clients, location, size, regular=0 if spot else 1, spot=1 if spot else 0,
+                       wait=quota_wait)
     if nic_template is not None:
         nic_body = copy.deepcopy(nic_template.value)
         nic_body.setdefault("location", location)
@@ -139,7 +148,8 @@ async def create_vm(clients: Any, manifest: Any, vm_template: Any, nic_template:
     nic_id = (f"/subscriptions/{clients.subscription_id}/resourceGroups/{rg}"
               f"/providers/Microsoft.Network/networkInterfaces/{nic_name}")
     # Built before anything is created, so a template error leaves nothing behind.
-    body = _vm_body(manifest, value, name, nic_id, custom_data, tags, os_disk_size, image_name, image_version)
+    body = _vm_body(manifest, value, name, nic_id, custom_data, tags, os_disk_size, image_name,
+                    image_version, spot, max_price)
     made_vm = False
     try:
         with arm_errors(f"create NIC {nic_name}"):

@@ -1,0 +1,196 @@
+"""Fixtures of the azure-vm worker tests: a git repository of flows the VMs clone, an azure-vm
+work pool, `prefect worker start` as a subprocess, and what a flow run leaves behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FLOWS = textwrap.dedent('''
+    import socket
+    import time
+
+    from prefect import flow, get_run_logger
+
+
+    @flow
+    def hello(name: str = "world"):
+        get_run_logger().info("hello %s from %s", name, socket.gethostname())
+        return socket.gethostname()
+
+
+    @flow
+    def fails():
+        raise ValueError("this flow fails on purpose")
+
+
+    @flow
+    def sleeper(seconds: float = 900):
+        get_run_logger().info("sleeper started on %s", socket.gethostname())
+        time.sleep(seconds)
+''')
+
+
+@dataclass(frozen=True)
+class FlowsRepo:
+    url: str
+    gitconfig: str
+
+
+def _git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+                            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com"))
+
+
+@pytest.fixture(scope="session")
+def flows_repo():
+    """A bare git repository holding flows.py, at a path the local cloud's VMs see (/var/tmp is
+    the host's on an instance, like a git server would be on Azure); yields its file:// URL."""
+    root = Path(tempfile.mkdtemp(prefix="azm-worker-flows-", dir="/var/tmp"))
+    try:
+        work = root / "work"
+        work.mkdir()
+        (work / "flows.py").write_text(FLOWS)
+        _git("init", "-q", "-b", "main", cwd=work)
+        _git("add", "flows.py", cwd=work)
+        _git("commit", "-q", "-m", "flows", cwd=work)
+        _git("clone", "-q", "--bare", str(work), str(root / "flows.git"), cwd=root)
+        # The VMs' admin user is another local account: git refuses a repository it does not
+        # own unless told it is safe (GIT_CONFIG_GLOBAL in the deployments' env).
+        (root / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield FlowsRepo(f"file://{root / 'flows.git'}", str(root / "gitconfig"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture
+def vm_pool(localcloud, flows_repo):
+    """An azure-vm work pool made with `prefect work-pool create --type azure-vm`, and
+    deploy(entrypoint, name, **job_variables) -> "flow/deployment" of flows.py in it."""
+    from prefect import get_client
+
+    pool = f"azmpool-{uuid.uuid4().hex[:6]}"
+    cli("work-pool", "create", pool, "--type", "azure-vm")
+    with get_client(sync_client=True) as client:
+        def deploy(entrypoint: str, name: str, parameters: dict | None = None, **job_variables):
+            flow_id = client.create_flow_from_name(entrypoint.rsplit(":", 1)[1])
+            client.create_deployment(
+                flow_id, name, work_pool_name=pool, entrypoint=entrypoint,
+                pull_steps=[{"prefect.deployments.steps.git_clone": {"repository": flows_repo.url}}],
+                parameters=parameters or {}, enforce_parameter_schema=False,
+                job_variables={"manifest": "localcloud", "vm_template": "localcloud-vm",
+                               "nic_template": "localcloud-nic", "basename": pool,
+                               "env": {"GIT_CONFIG_GLOBAL": flows_repo.gitconfig},
+                               **job_variables})
+            return f"{entrypoint.rsplit(':', 1)[1]}/{name}"
+
+        deploy.pool = pool
+        yield deploy
+        for deployment in client.read_deployments():
+            if deployment.work_pool_name == pool:
+                client.delete_deployment(deployment.id)
+        client.delete_work_pool(pool)
+
+
+class WorkerProcess:
+    """`prefect worker start --pool POOL` in a subprocess; its output in `log`."""
+
+    def __init__(self, pool: str, log: Path):
+        self.pool, self.log = pool, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PREFECT_WORKER_QUERY_SECONDS="1",
+                   PREFECT_WORKER_HEARTBEAT_SECONDS="5")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "started!" not in self.output():
+            assert self.proc.poll() is None, f"the worker exited:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"the worker did not start:\n{self.output()[-3000:]}"
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def vm_worker(vm_pool, tmp_path):
+    """A running worker of the `vm_pool`; stopped after the test."""
+    worker = WorkerProcess(vm_pool.pool, tmp_path / "worker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def leftovers(localcloud_info: dict, pool: str) -> list[str]:
+    """ARM VMs and NICs and local-cloud instances of the pool's flow runs (named pool-xxxxxx)."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    manifest = load_manifest("localcloud")
+    found = []
+
+    async def arm() -> None:
+        async with ArmClients(manifest) as clients:
+            async for vm in clients.compute.virtual_machines.list(manifest.resource_group):
+                if vm.name.startswith(f"{pool}-"):
+                    found.append(f"ARM VM {vm.name}")
+            async for nic in clients.network.network_interfaces.list(manifest.resource_group):
+                if nic.name.startswith(f"{pool}-"):
+                    found.append(f"ARM NIC {nic.name}")
+
+    run_coro_as_sync(arm())
+    with LocalCloudAdmin.from_info(localcloud_info) as admin:
+        found += [f"local-cloud instance {i['name']}" for i in admin.status()["instances"]
+                  if i["name"].startswith(f"{pool}-")]
+    return found
+
+
+@pytest.fixture
+def assert_nothing_left(localcloud):
+    """Wait until the pool has no VM, NIC or instance left; fail with what remains."""
+    def check(pool: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while remaining := leftovers(localcloud, pool):
+            assert time.monotonic() < deadline, f"left behind: {remaining}"
+            time.sleep(1)
+
+    return check
