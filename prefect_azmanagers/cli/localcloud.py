@@ -109,7 +109,7 @@ def start(
         info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url, network=network.value if network else None)
     except LocalCloudError as exc:
         exit_with_error(str(exc))
-    console.print_json(json.dumps(info))
+    console.print_json(json.dumps({k: v for k, v in info.items() if k not in localcloud_server.SECRET_FIELDS}))
     if info["mode"] == "loopback" and not info.get("prefect_api_url_for_vms"):
         console.print("[yellow]Loopback mode without --prefect-api-url[/yellow]: instances share this "
                       "machine's 127.0.0.1, so a task runner's SSH tunnel to a Prefect API on it cannot "

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from prefect_azmanagers.localcloud.identity import Identity
 from prefect_azmanagers.localcloud.models import Backend
 
 ADMIN_PREFIX = "/localcloud-admin"
@@ -48,8 +49,9 @@ def _count(doc: dict[str, Any], key: str = "count", default: int = 1) -> int:
     return value
 
 
-def admin_routes(backend: Backend, describe_host: Any) -> list[Route]:
-    """Starlette routes of the admin API; `describe_host()` returns the sandbox host's summary."""
+def admin_routes(backend: Backend, describe_host: Any, identity: Identity) -> list[Route]:
+    """Starlette routes of the admin API; `describe_host()` returns the sandbox host's summary.
+    Requests must carry the local cloud's static token (`Authorization: Bearer ...`)."""
 
     async def body(request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -67,6 +69,9 @@ def admin_routes(backend: Backend, describe_host: Any) -> list[Route]:
                 loopback = False
             if not loopback:
                 return _error(403, "the admin API answers loopback clients only")
+            if not identity.is_static_token(request.headers.get("authorization")):
+                return _error(401, "the admin API needs the local cloud's token (static_token in its "
+                                   "localcloud.json): send it as 'Authorization: Bearer <token>'")
             try:
                 return JSONResponse(await handler(request))
             except KeyError as exc:
@@ -169,14 +174,15 @@ def _settings(backend: Backend) -> dict[str, Any]:
 class LocalCloudAdmin:
     """Client of the admin API (sync; call it from a thread in async code)."""
 
-    def __init__(self, admin_endpoint: str, ca_cert: str | Path, *, timeout: float = 60):
+    def __init__(self, admin_endpoint: str, ca_cert: str | Path, token: str, *, timeout: float = 60):
         self.endpoint = admin_endpoint.rstrip("/")
-        self._http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=timeout)
+        self._http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"})
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> "LocalCloudAdmin":
         """From the localcloud.json document (e.g. the `localcloud` test fixture's value)."""
-        return cls(info["admin_endpoint"], info["ca_cert"])
+        return cls(info["admin_endpoint"], info["ca_cert"], info["static_token"])
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path) -> "LocalCloudAdmin":

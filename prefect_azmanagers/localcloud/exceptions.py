@@ -161,3 +161,26 @@ def service_unavailable(retry_after: int | None) -> ArmError:
         "Retry the request.",
         headers=headers,
     )
+
+
+# ----- authentication (ARM's front door answers these before any routing) -------------------
+def _challenge(authority: str, description: str) -> dict[str, str]:
+    """The headers of ARM's 401: a Bearer challenge naming the tenant's authority (Azure's is
+    https://login.windows.net/<tenant>; the local cloud's is its own token endpoint's)."""
+    return {
+        "WWW-Authenticate": f'Bearer authorization_uri="{authority}", '
+                            f'error="invalid_token", error_description="{description}"',
+        "x-ms-failure-cause": "gateway",
+    }
+
+
+def authentication_missing(authority: str) -> ArmError:
+    """401 AuthenticationFailed: no (Bearer) Authorization header."""
+    return ArmError(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing.",
+                    headers=_challenge(authority, "The authentication failed because of missing 'Authorization' "
+                                                  "header."))
+
+
+def invalid_token(authority: str, message: str = "The access token is invalid.") -> ArmError:
+    """401 InvalidAuthenticationToken: a token this cloud did not issue (or a malformed one)."""
+    return ArmError(401, "InvalidAuthenticationToken", message, headers=_challenge(authority, message))

@@ -35,6 +35,7 @@ from prefect_azmanagers.localcloud import urls
 from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
 from prefect_azmanagers.localcloud.config import load_config
 from prefect_azmanagers.localcloud.exceptions import ArmError
+from prefect_azmanagers.localcloud.identity import Identity
 from prefect_azmanagers.localcloud.keys import ensure_ssh_keypair, ensure_tls
 from prefect_azmanagers.localcloud.models import Backend
 from prefect_azmanagers.localcloud.responses import ArmRequest, ArmResponses
@@ -46,7 +47,7 @@ DEFAULT_STATE_DIR = Path("~/.azmanagers/localcloud")
 INFO_FILE = "localcloud.json"
 PID_FILE = "localcloud.pid"
 LOG_FILE = "localcloud.log"
-STATIC_TOKEN = "localcloud"  # any bearer token is accepted; this is the manifest's
+SECRET_FIELDS = ("static_token", "client_secret")  # of localcloud.json: never printed or logged
 
 
 class LocalCloudError(RuntimeError):
@@ -54,8 +55,9 @@ class LocalCloudError(RuntimeError):
 
 
 # ----- the ARM application ------------------------------------------------------------------
-def build_app(backend: Backend, describe_host: Any) -> Starlette:
-    """The Starlette app: admin routes under ADMIN_PREFIX, every other path is ARM."""
+def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starlette:
+    """The Starlette app: admin routes under ADMIN_PREFIX, every other path is ARM. Both need
+    the identity's credential."""
     responses = ArmResponses(backend)
     config = backend.config
 
@@ -64,9 +66,9 @@ def build_app(backend: Backend, describe_host: Any) -> Starlette:
 
     async def arm(request: Request) -> Response:
         path, method = request.url.path, request.method
-        if not request.headers.get("authorization", "").lower().startswith("bearer "):
-            return arm_error(ArmError(401, "AuthenticationFailed",
-                                      "Authentication failed. The 'Authorization' header is missing."))
+        refused = identity.authenticate(request.headers.get("authorization"))
+        if refused is not None:
+            return arm_error(refused)
         found = urls.match(method, path)
         if found is None:
             return arm_error(ArmError(404, "InvalidResourceType",
@@ -110,7 +112,7 @@ def build_app(backend: Backend, describe_host: Any) -> Starlette:
                                       "see localcloud.log in its state directory."))
         return _json(result.status, result.body, result.headers)
 
-    routes = admin_routes(backend, describe_host) + [
+    routes = admin_routes(backend, describe_host, identity) + [
         Route("/{path:path}", arm, methods=["GET", "PUT", "PATCH", "DELETE", "POST"]),
     ]
     return Starlette(routes=routes)
@@ -178,7 +180,10 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
 
         sock = _loopback_socket(port)
         bound = sock.getsockname()[1]
-        uv_config = uvicorn.Config(build_app(backend, describe_host), lifespan="off", log_level="warning",
+        endpoint = f"https://127.0.0.1:{bound}"
+        identity = Identity.create()
+        identity.issuer_base = endpoint
+        uv_config = uvicorn.Config(build_app(backend, describe_host, identity), lifespan="off", log_level="warning",
                                    ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
                                    access_log=False, timeout_graceful_shutdown=2)
         server = _Server(uv_config)
@@ -188,7 +193,6 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
                 serving.result()
                 raise LocalCloudError("the HTTPS server stopped while starting")
             await asyncio.sleep(0.05)
-        endpoint = f"https://127.0.0.1:{bound}"
         info = {
             "arm_endpoint": endpoint,
             "ca_cert": str(tls.ca_cert),
@@ -200,7 +204,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
             "python": sys.executable,
             "pid": os.getpid(),
             "prefect_api_url_for_vms": host.prefect_api_url_for_vms,
-            "static_token": STATIC_TOKEN,
+            **identity.info(),
             "ssh_user": "azureuser",
             "ssh_port": host.ssh_port,
             "ssh_private_key_file": str(ssh.private_key),
@@ -209,7 +213,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
             "state_dir": str(state_dir),
         }
         _write_atomic(state_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
-        print(json.dumps(info, indent=2), flush=True)
+        print(json.dumps({k: v for k, v in info.items() if k not in SECRET_FIELDS}, indent=2), flush=True)
         stopper = asyncio.create_task(stop_requested.wait())
         await asyncio.wait({stopper, serving}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -229,8 +233,12 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` (0600: localcloud.json holds the credentials) via a rename."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
     tmp.replace(path)
 
 

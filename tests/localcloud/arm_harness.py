@@ -20,18 +20,27 @@ PAGE_SIZE = 2
 
 
 class StaticCredential:
-    """azure-identity has no static credential; the local cloud accepts any bearer token."""
+    """azure-identity has no static credential: this one returns the local cloud's token (its
+    localcloud.json `static_token`, made at each start)."""
+
+    def __init__(self, token: str):
+        self.token = token
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken("localcloud", int(time.time()) + 3600)
+        return AccessToken(self.token, int(time.time()) + 3600)
 
 
-class AsyncStaticCredential:
+class AsyncStaticCredential(StaticCredential):
     async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        return AccessToken("localcloud", int(time.time()) + 3600)
+        return AccessToken(self.token, int(time.time()) + 3600)
 
     async def close(self) -> None:
         pass
+
+
+def bearer(info: dict[str, Any]) -> dict[str, str]:
+    """The Authorization header of a raw request to the local cloud of `info`."""
+    return {"Authorization": f"Bearer {info['static_token']}"}
 
 
 @dataclass
@@ -57,7 +66,7 @@ class Cloud:
         from azure.mgmt.compute.aio import ComputeManagementClient as AioCompute
         from azure.mgmt.network.aio import NetworkManagementClient as AioNetwork
 
-        cred = AsyncStaticCredential()
+        cred = AsyncStaticCredential(self.info["static_token"])
         sub = self.info["subscription_id"]
         return AioCompute(cred, sub, **self.client_kwargs()), AioNetwork(cred, sub, **self.client_kwargs())
 

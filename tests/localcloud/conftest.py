@@ -25,8 +25,8 @@ def arm_cloud():
     info = start(state_dir)
     admin = LocalCloudAdmin.from_info(info)
     kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
-    compute = ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs)
-    network = NetworkManagementClient(StaticCredential(), info["subscription_id"], **kwargs)
+    compute = ComputeManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs)
+    network = NetworkManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs)
     try:
         yield Cloud(info, admin, compute, network)
     finally:

@@ -31,7 +31,7 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from arm_harness import Cloud, StaticCredential  # noqa: E402
+from arm_harness import Cloud, StaticCredential, bearer  # noqa: E402
 
 from prefect_azmanagers.localcloud import LocalCloudAdmin, start, stop  # noqa: E402
 
@@ -51,8 +51,8 @@ def measure(instances: int, seconds: float, network: str | None = None) -> dict:
     info = start(state_dir, network=network)
     kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
     cloud = Cloud(info, LocalCloudAdmin.from_info(info),
-                  ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs),
-                  NetworkManagementClient(StaticCredential(), info["subscription_id"], **kwargs))
+                  ComputeManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs),
+                  NetworkManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs))
     try:
         cloud.admin.set_quota("standardBSFamily", 2 * instances)
         server_rss_before = _rss_kib(info["pid"])
@@ -80,7 +80,7 @@ def measure(instances: int, seconds: float, network: str | None = None) -> dict:
         url = (f"{info['arm_endpoint']}/subscriptions/{info['subscription_id']}/resourceGroups/{cloud.rg}/providers/"
                "Microsoft.Compute/virtualMachineScaleSets/figures/virtualMachines?api-version=2026-04-01")
         with httpx.Client(verify=ssl.create_default_context(cafile=info["ca_cert"]),
-                          headers={"Authorization": "Bearer x"}) as raw:
+                          headers=bearer(info)) as raw:
             n, t1 = 0, time.monotonic()
             while time.monotonic() - t1 < seconds:
                 raw.get(url).raise_for_status()

@@ -8,7 +8,7 @@ import ssl
 
 import httpx
 import pytest
-from arm_harness import PAGE_SIZE, Cloud, unique
+from arm_harness import PAGE_SIZE, Cloud, bearer, unique
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 
 
@@ -156,7 +156,7 @@ def test_throttled_response_has_crp_shape(cloud: Cloud):
     verify = ssl.create_default_context(cafile=cloud.info["ca_cert"])
     url = (f"{cloud.info['arm_endpoint']}/subscriptions/{cloud.info['subscription_id']}/providers/"
            "Microsoft.Compute/skus?api-version=2021-07-01")
-    response = httpx.get(url, headers={"Authorization": "Bearer x"}, verify=verify)
+    response = httpx.get(url, headers=bearer(cloud.info), verify=verify)
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "7"
     assert "HighCostGet30Min;0" in response.headers["x-ms-ratelimit-remaining-resource"]
@@ -184,9 +184,9 @@ def test_authorization_required_and_paths_case_insensitive(cloud: Cloud):
             "microsoft.compute/VIRTUALMACHINESCALESETS?api-version=2026-04-01")
     anonymous = httpx.get(cloud.info["arm_endpoint"] + path, verify=verify)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "AuthenticationFailed"
-    ok = httpx.get(cloud.info["arm_endpoint"] + path, headers={"Authorization": "Bearer anything"}, verify=verify)
+    ok = httpx.get(cloud.info["arm_endpoint"] + path, headers=bearer(cloud.info), verify=verify)
     assert ok.status_code == 200 and "value" in ok.json()
-    no_version = httpx.get(cloud.info["arm_endpoint"] + path.split("?")[0], headers={"Authorization": "Bearer x"},
+    no_version = httpx.get(cloud.info["arm_endpoint"] + path.split("?")[0], headers=bearer(cloud.info),
                            verify=verify)
     assert no_version.status_code == 400 and no_version.json()["error"]["code"] == "MissingApiVersionParameter"
 

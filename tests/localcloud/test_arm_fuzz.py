@@ -7,7 +7,7 @@ import ssl
 
 import httpx
 import pytest
-from arm_harness import Cloud, nic_body, vm_body
+from arm_harness import Cloud, bearer, nic_body, vm_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,10 +56,10 @@ def test_mutated_bodies_get_4xx(cloud: Cloud, kind: str, data):
                 target[path[-1]] = data.draw(json_values)
     url = f"{cloud.info['arm_endpoint']}/subscriptions/{cloud.info['subscription_id']}{path}?api-version=2026-04-01"
     verify = ssl.create_default_context(cafile=cloud.info["ca_cert"])
-    response = httpx.put(url, json=copy.deepcopy(body), headers={"Authorization": "Bearer x"}, verify=verify)
+    response = httpx.put(url, json=copy.deepcopy(body), headers=bearer(cloud.info), verify=verify)
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
         assert error["code"] and error["message"]
     else:  # a mutation that left a valid body; remove what it made
-        httpx.delete(url, headers={"Authorization": "Bearer x"}, verify=verify)
+        httpx.delete(url, headers=bearer(cloud.info), verify=verify)

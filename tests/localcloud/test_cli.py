@@ -34,6 +34,8 @@ def _cli(*args: str):
 
 def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
     manifest = load_manifest("localcloud")
+    # the start's own token, as a secret (the local cloud refuses any other)
+    assert manifest.credential == "static" and manifest.static_token.get_secret_value() == localcloud["static_token"]
     assert manifest.arm_endpoint == localcloud["arm_endpoint"] and manifest.ca_bundle == localcloud["ca_cert"]
     assert manifest.credential == "static" and manifest.python == sys.executable
     assert manifest.prefect_api_url_for_vms == localcloud["prefect_api_url_for_vms"] is not None
@@ -49,8 +51,8 @@ def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
     os_profile["linuxConfiguration"]["ssh"]["publicKeys"] = [
         {"path": f"/home/{manifest.ssh_user}/.ssh/authorized_keys", "keyData": manifest.read_public_key().strip()}]
     kwargs = dict(base_url=manifest.arm_endpoint, connection_verify=manifest.ca_bundle, polling_interval=0)
-    compute = ComputeManagementClient(StaticCredential(), manifest.subscription_id, **kwargs)
-    network = NetworkManagementClient(StaticCredential(), manifest.subscription_id, **kwargs)
+    compute = ComputeManagementClient(StaticCredential(manifest.static_token.get_secret_value()), manifest.subscription_id, **kwargs)
+    network = NetworkManagementClient(StaticCredential(manifest.static_token.get_secret_value()), manifest.subscription_id, **kwargs)
     rg = manifest.resource_group
     compute.virtual_machine_scale_sets.begin_create_or_update(rg, "clismall", body).result()
     try:

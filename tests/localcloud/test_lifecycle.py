@@ -24,8 +24,8 @@ from prefect_azmanagers.localcloud.sandbox import SandboxHost
 def _open(info: dict) -> Cloud:
     kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
     return Cloud(info, LocalCloudAdmin.from_info(info),
-                 ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs),
-                 NetworkManagementClient(StaticCredential(), info["subscription_id"], **kwargs))
+                 ComputeManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs),
+                 NetworkManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs))
 
 
 def _leftovers(state_dir: Path, port: int, pids: list[int] = ()) -> dict[str, list]:

@@ -49,8 +49,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def _clients(info: dict) -> Cloud:
     kwargs = dict(base_url=info["arm_endpoint"], connection_verify=info["ca_cert"], polling_interval=0)
     return Cloud(info, LocalCloudAdmin.from_info(info),
-                 ComputeManagementClient(StaticCredential(), info["subscription_id"], **kwargs),
-                 NetworkManagementClient(StaticCredential(), info["subscription_id"], **kwargs))
+                 ComputeManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs),
+                 NetworkManagementClient(StaticCredential(info["static_token"]), info["subscription_id"], **kwargs))
 
 
 def _close(cloud: Cloud) -> None:
