@@ -181,13 +181,22 @@ class AzureManifest(Block):
     ca_bundle: str | None = Field(
         default=None, description="CA bundle to verify the ARM endpoint (the local cloud's)."
     )
-    credential: Literal["default", "client_secret", "static"] = Field(
+    credential: Literal["default", "client_secret", "managed_identity", "static"] = Field(
         default="default",
-        description="'default' (DefaultAzureCredential), 'client_secret', or 'static' (a token).",
+        description="'default' (DefaultAzureCredential), 'client_secret' (a service principal), "
+        "'managed_identity' (the VM's own identity, from IMDS), or 'static' (a token).",
     )
-    client_id: str | None = Field(default=None, description="Service principal id (client_secret).")
+    client_id: str | None = Field(
+        default=None,
+        description="Service principal id (client_secret), or a user-assigned identity's (managed_identity).",
+    )
     tenant_id: str | None = Field(default=None, description="Tenant id (client_secret).")
     client_secret: SecretStr | None = Field(default=None, description="Service principal secret.")
+    authority_host: str | None = Field(
+        default=None,
+        description="Microsoft Entra authority host (default login.microsoftonline.com; the local "
+        "cloud's endpoint for its own token service).",
+    )
     static_token: SecretStr | None = Field(
         default=None, description="Bearer token for credential 'static' (the local cloud's)."
     )
