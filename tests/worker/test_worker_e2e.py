@@ -49,3 +49,75 @@ def test_deployment_run_completes_on_a_fresh_vm_and_the_vm_is_gone(vm_pool, vm_w
     assert any(m.startswith(f"[{vm_name} boot] ") for m in messages)  # the VM's boot output
     assert f"[{vm_name}] prefect-azmanagers: starting the engine" in vm_worker.output()
     assert_nothing_left(vm_pool.pool)
+
+
+def _run_deployment(deployment: str) -> str:
+    """`prefect deployment run` without watching; returns the flow run's id."""
+    run = cli("deployment", "run", deployment)
+    return run.stdout.split("UUID: ", 1)[1].split()[0]
+
+
+def _wait_for(flow_run_id: str, predicate, what: str, timeout: float):
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            if predicate(flow_run):
+                return flow_run
+            assert time.monotonic() < deadline, f"{what} did not happen: {flow_run.state!r}"
+            time.sleep(1)
+
+
+def _running_on_vm(flow_run_id: str, timeout: float = 300):
+    """Wait until the sleeper flow logged that it started; returns the flow run."""
+    _wait_for(flow_run_id, lambda r: any(m.startswith("sleeper started on ")
+                                         for m in _messages(r.id)), "the sleeper's start", timeout)
+    return _wait_for(flow_run_id, lambda r: r.infrastructure_pid, "the infrastructure pid", 30)
+
+
+def test_failing_flow_ends_failed_and_its_vm_is_gone(vm_pool, vm_worker, assert_nothing_left):
+    deployment = vm_pool("flows.py:fails", "fails")
+    run = cli("deployment", "run", deployment, "--watch", "--watch-timeout", "400", timeout=500,
+              check=False)
+    assert run.returncode != 0
+    flow_run = _flow_run("fails")
+    assert flow_run.state.is_failed(), flow_run.state
+    assert any("this flow fails on purpose" in m for m in _messages(flow_run.id))
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_cancelling_a_running_flow_ends_cancelled_and_deletes_its_vm(vm_pool, vm_worker,
+                                                                     assert_nothing_left):
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper"))
+    _running_on_vm(flow_run_id)
+    cancelled_at = time.monotonic()
+    cli("flow-run", "cancel", flow_run_id)
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the cancellation", 120)
+    assert flow_run.state.is_cancelled(), flow_run.state
+    assert_nothing_left(vm_pool.pool, timeout=60)
+    print(f"cancel -> Cancelled and VM gone in {time.monotonic() - cancelled_at:.1f} s")
+
+
+def test_a_vm_deleted_under_a_running_flow_makes_it_crashed(vm_pool, vm_worker, localcloud,
+                                                            assert_nothing_left):
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure import vm as azure_vm
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper"))
+    group, name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
+    manifest = load_manifest("localcloud")
+
+    async def delete() -> None:
+        async with ArmClients(manifest) as clients:
+            await azure_vm.delete_vm(clients, group, name)
+
+    run_coro_as_sync(delete())   # as someone deleting it in the portal
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert f"VM {name} no longer exists" in flow_run.state.message
+    assert_nothing_left(vm_pool.pool)
