@@ -9,13 +9,17 @@ stream. fd 2 stays the SSH channel's stderr, which the driver reads line by line
 carries the agent's own crash output). On spot instances (`--imds URL`) it polls the IMDS
 scheduled events once a second and reports a Preempt naming its VM.
 
-Imports stay light (stdlib + cloudpickle): heavy libraries such as prefect are imported by the
-callables themselves, once, and then stay imported in this long-lived process.
+The agent's own imports stay light (stdlib + cloudpickle). Before it says HELLO it runs its
+warm-up (`--warm-up MODULE:FUNCTION`, by default Prefect's task engine imported and its models
+built, `prefect_azmanagers._remote_task:warm_up`), so a slot joins ready and the first task it
+runs pays nothing the later ones do not; `--warm-up none` skips it (plain callables only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import io
 import json
 import os
@@ -153,11 +157,12 @@ class Agent:
         self.running = 0
         self._running_lock = threading.Lock()
 
-    def hello(self) -> None:
+    def hello(self, warm_up_seconds: float = 0.0) -> None:
         self.channel.send(encode_json(Kind.HELLO, {
             "pid": os.getpid(), "pgid": os.getpgid(0), "hostname": socket.gethostname(),
             "python": sys.version.split()[0], "concurrency": self.concurrency,
             "versions": versions.local(),  # the driver refuses incompatible ones (versions.check)
+            "warm_up_s": round(warm_up_seconds, 3),
         }))
 
     def run_task(self, task_id: int, payload: bytes | Payload) -> None:
@@ -239,6 +244,34 @@ def watch_scheduled_events(channel: _Channel, base_url: str, interval: float = 1
         time.sleep(interval)
 
 
+DEFAULT_WARM_UP = "prefect_azmanagers._remote_task:warm_up"
+
+
+def warm_up(spec: str) -> float:
+    """Import MODULE and call FUNCTION() of `spec` ("MODULE:FUNCTION", or "none"); returns the
+    seconds it took. Runs before HELLO, while fd 1 may still be the protocol's stdout, so
+    whatever it prints goes to stderr. A failing warm-up is reported on stderr and the agent
+    goes on: the task that needs what failed says why when it runs."""
+    if spec == "none":
+        return 0.0
+    t0 = time.perf_counter()
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            module, _, function = spec.partition(":")
+            getattr(importlib.import_module(module), function)()
+    except Exception:
+        print(f"azmanagers agent: warm-up {spec} failed (the slot joins cold):", file=sys.stderr)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+    return time.perf_counter() - t0
+
+
 def _start_daemon(target: Callable[..., None], *args: Any) -> threading.Thread:
     thread = threading.Thread(target=target, args=args, daemon=True)
     thread.start()
@@ -258,13 +291,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m prefect_azmanagers.cluster.agent")
     parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once by this slot")
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    parser.add_argument("--warm-up", default=DEFAULT_WARM_UP, metavar="MODULE:FUNCTION",
+                        help="called before HELLO to make the slot ready for its first task "
+                             "(default: %(default)s); 'none' skips it")
     parser.add_argument("--imds", default=None,
                         help="IMDS base URL to poll for Preempt events (spot instances); "
                              f"${IMDS_URL_VARIABLE}, when set on the instance, wins")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.warm_up != "none" and ":" not in args.warm_up:
+        parser.error(f"--warm-up takes MODULE:FUNCTION or none, got {args.warm_up!r}")
 
+    warm_up_seconds = warm_up(args.warm_up)  # on every MPI rank: ranks > 0 run tasks too
     leader = mpi.leader_or_follow(args.concurrency)  # under mpirun, ranks > 0 stay inside
     reader, writer, stdout_pipe = _take_over_stdio()
     if leader is not None:
@@ -273,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     channel = _Channel(reader, writer)
     agent = Agent(channel, args.concurrency, **({"execute": leader.execute,
                                                  "after_call": leader.after_call} if leader else {}))
-    agent.hello()
+    agent.hello(warm_up_seconds)
     forwarder = _start_daemon(_forward_stdout, channel, stdout_pipe)
     _start_daemon(agent.heartbeat, args.heartbeat)
     if args.imds:

@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import asyncssh
@@ -38,10 +39,11 @@ from prefect_azmanagers.cluster import mpi, serialization
 from prefect_azmanagers.cluster.dispatch import Dispatcher
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle, spawner
-from prefect_azmanagers.cluster.members import WorkerInfo, WorkerState
+from prefect_azmanagers.cluster.members import Member, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership
 from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 from prefect_azmanagers.cluster.progress import JoinProgress
+from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.customenv import (
     EnvironmentSpec,
     capture_environment,
@@ -60,6 +62,13 @@ logger = logging.getLogger("prefect_azmanagers.cluster")
 worker_logger = logging.getLogger("prefect_azmanagers.worker")
 
 __all__ = ["AzureCluster", "ClusterOptions", "WorkerInfo", "WorkerState", "log_worker_output"]
+
+
+def _forget_deleted(host_keys: PinnedHostKeys, members: list[Member]) -> None:
+    """Deleted instances: their pinned keys go, and nothing connects to them again."""
+    host_keys.forget({m.vm_id for m in members})
+    for member in members:
+        InstanceConnection.mark_gone(member.vm_id)
 
 
 def log_worker_output(worker: WorkerInfo, stream: str, line: str) -> None:
@@ -109,8 +118,8 @@ class AzureCluster:
 
     @property
     def group(self) -> str:
-        """The scale set's name."""
-        return self.options.group
+        """The scale set's name: `group=`, or one of this cluster's own."""
+        return self.options.group or f"azm-{self.cluster_id}"
 
     @property
     def ppi(self) -> int:
@@ -298,14 +307,14 @@ class AzureCluster:
                              hooks=self._boot_hooks(admin, manifest.python))
         self._clients = ArmClients(manifest, subscription_id=template.subscription_id or None)
         self._scaleset = ScaleSet(
-            self._clients, manifest, template, options.group,
+            self._clients, manifest, template, self.group,
             custom_data=encode_custom_data(script), tags=ownership_tags(self.cluster_id),
             provisioning=options.provisioning)
         self._membership = Membership(
-            self._scaleset, name=options.group, join_timeout=options.join_timeout,
+            self._scaleset, name=self.group, join_timeout=options.join_timeout,
             replacements=options.replacements_for(self.n),
             replace_lost=options.replace_lost_workers,
-            on_deleted=lambda members: access.host_keys.forget({m.vm_id for m in members}))
+            on_deleted=partial(_forget_deleted, access.host_keys))
         self._lifecycle = Lifecycle(
             options, access, self._membership, self._dispatcher,
             progress=JoinProgress(self.n * self.ppi, show=options.progress),

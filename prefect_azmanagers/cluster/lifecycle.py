@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import asyncssh
 
+from prefect_azmanagers.cluster import versions
 from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
 from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership, Reconciliation
@@ -78,6 +79,7 @@ class Lifecycle:
         self.closing = False
         self._loop = asyncio.get_running_loop()
         self._worker_ids = itertools.count(1)
+        self._versions = versions.local()
         self._removals: set[asyncio.Task] = set()
 
     # -- watching the scale set -------------------------------------------------------------
@@ -104,6 +106,7 @@ class Lifecycle:
         for member in reconciliation.joins:
             self.spawn(self.join(member), member.tasks)
         for member in reconciliation.vanished:
+            InstanceConnection.mark_gone(member.vm_id)  # never connect to its address again
             self.spawn(self.lose(member, "the instance was deleted or evicted"))
         if reconciliation.dropped or reconciliation.failure is not None:
             self.dispatcher.fail_if_hopeless()
@@ -160,6 +163,7 @@ class Lifecycle:
             count = min(count + 1, joined)
             self.progress.worker_joined(worker.id, member.name, member.address or "",
                                         worker.slot, time.monotonic() - self.started_at, count)
+        self.membership.joined(member)
         self.membership.changed.set()
 
     async def _connect(self, member: Member, *, retry: bool) -> InstanceConnection:
@@ -210,6 +214,8 @@ class Lifecycle:
         if generation != worker.generation:
             agent.close()  # its exit callback carries a stale generation: ignored
             return
+        versions.check(self._versions, started.get("versions"),
+                       where=f"instance {member.name}", python=self.access.python)
         worker.pid, worker.pgid = started.get("pid"), started.get("pgid")
         worker.last_seen = time.monotonic()
         worker.free = asyncio.Semaphore(worker.concurrency)
@@ -223,9 +229,9 @@ class Lifecycle:
     async def _join_failed(self, member: Member, reason: str, *, replace: bool = True) -> None:
         tail = await self.boot_tail(member)
         member.failure = f"{reason}\n{tail}"
-        self.membership.last_join_failure = f"instance {member.name} did not join: {reason}"
         logger.warning("instance %s did not join: %s\n%s", member.name, reason, tail)
-        await self.lose(member, reason, replacement="did not join" if replace else None)
+        await self.lose(member, f"it did not join: {reason}",
+                        replacement="did not join" if replace else None, before_joining=True)
 
     async def boot_tail(self, member: Member) -> str:
         """The end of the instance's boot log, for error messages."""
@@ -337,21 +343,39 @@ class Lifecycle:
 
     async def _restart_slot(self, worker: Worker, lost_generation: int) -> None:
         """Start a new agent in a slot whose agent died, on the same connection if it lives,
-        unless something else (a reconnect) has restarted the slot since it was lost."""
-        worker.restarts += 1
-        if worker.restarts > MAX_AGENT_RESTARTS:
-            logger.error("worker %d: agent died %d times in a row; the slot is given up",
-                         worker.id, worker.restarts - 1)
-            self.progress.update(self.membership.joined_workers())
-            return
-        await asyncio.sleep(0.2)  # a dropped connection is noticed before reusing it
-        if (worker.generation != lost_generation or worker.member.state is not MemberState.JOINED
-                or worker.member.conn is None):
-            return
-        try:
-            await self._start_agent(worker)
-        except (asyncssh.Error, OSError, asyncio.TimeoutError, BootFailed) as exc:
-            logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
+        unless something else (a reconnect) has restarted the slot since it was lost. A slot
+        whose agent keeps dying, or cannot start any more, is given up."""
+        why = "its agent died"
+        while True:
+            worker.restarts += 1
+            if worker.restarts > MAX_AGENT_RESTARTS:
+                await self._give_up_slot(worker, f"{why} ({worker.restarts - 1} restarts in a row)")
+                return
+            await asyncio.sleep(0.2 * worker.restarts)  # a dropped connection is noticed first
+            if (worker.generation != lost_generation
+                    or worker.member.state is not MemberState.JOINED or worker.member.conn is None):
+                return
+            try:
+                await self._start_agent(worker)
+                return
+            except BootFailed as exc:  # it exited before it started: try again, up to the bound
+                logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
+                why, worker.state = str(exc), WorkerState.LOST
+                lost_generation = worker.generation
+            except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+                logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
+                return  # the connection's loss takes over
+
+    async def _give_up_slot(self, worker: Worker, why: str) -> None:
+        """The slot's agent cannot run here any more; an instance with no slot left is lost
+        (its calls go to other workers or a replacement), never left joined and idle."""
+        worker.state = WorkerState.FAILED
+        logger.error("worker %d: %s; the slot is given up", worker.id, why)
+        self.progress.update(self.membership.joined_workers())
+        member = worker.member
+        if all(w.state is WorkerState.FAILED for w in member.workers):
+            await self.lose(member, f"no agent can start on it any more: {why}",
+                            replacement="cannot run agents")
 
     def _connection_lost(self, member: Member, exc: Exception | None) -> None:
         # A joining member's join task sees its own failure.
@@ -438,17 +462,19 @@ class Lifecycle:
                     self._worker_lost(worker, f"no message from its agent for {timeout:.0f} s")
                     self._schedule_restart(worker)
 
-    async def lose(self, member: Member, reason: str, *,
-                   replacement: str | None = "was lost") -> None:
+    async def lose(self, member: Member, reason: str, *, replacement: str | None = "was lost",
+                   before_joining: bool = False) -> None:
         """The one way out for an instance: its slots' calls re-queued, its deletion, a
-        replacement (`instance X <replacement>`, within the budget; None for a failure that
-        another instance would repeat), and the queue failed if nothing is left or coming."""
+        replacement (`instance X <replacement>`, within the budget and the runaway failsafe;
+        None for a failure that another instance would repeat), and the queue failed if
+        nothing is left or coming (with `reason` as the last failure)."""
         if not member.state.live:
             return
         for worker in member.workers:
-            if worker.state not in (WorkerState.LOST, WorkerState.STOPPED):
+            if worker.state not in (WorkerState.LOST, WorkerState.FAILED, WorkerState.STOPPED):
                 self._worker_lost(worker, reason)
         logger.warning("instance %s lost: %s", member.name, reason)
+        self.membership.failed(member, reason, before_joining=before_joining)
         await self.remove([member], reason)
         if replacement is not None:
             await self._replace(1, f"instance {member.name} {replacement}")

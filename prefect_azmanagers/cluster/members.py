@@ -36,7 +36,8 @@ class WorkerState(str, enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     DRAINING = "draining"  # its instance got a Preempt: no new work
-    LOST = "lost"
+    LOST = "lost"          # its agent died or its connection dropped: being restarted
+    FAILED = "failed"      # its agent cannot start again on this instance: given up
     STOPPED = "stopped"
 
     @property

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("prefect_azmanagers.cluster")
 
+MAX_FAILURES_IN_A_ROW = 3  # instances lost before joining, in a row, before replacing stops
+
+
+def identity(instance: Instance) -> str:
+    """What tells one VM from every other: its vmId (names are reused by a scale set made
+    again under the same name)."""
+    return instance.vm_id or f"{instance.name}#{instance.instance_id}"
+
 
 class ScaleSetLike(Protocol):
     """What membership needs of a scale set."""
@@ -90,12 +98,15 @@ class Membership:
         self.replace_lost = replace_lost
         self.max_replacements = replacements
         self.replacements_left = replacements
+        # Keyed by identity (`identity(instance)`), not by name: a scale set deleted and made
+        # again (a failed grow's cleanup, then a replacement) reuses its instances' names.
         self.members: dict[str, Member] = {}
-        self.foreign: set[str] = set()  # instances of the scale set that are not ours
+        self.foreign: set[str] = set()  # identities of the scale set's instances not ours
         self.claims: deque[float] = deque()  # request times of instances not listed yet
         self.discard_on_arrival = 0
         self.provisioning_error: AzManagersError | None = None
-        self.last_join_failure: str | None = None
+        self.last_failure: str | None = None  # why the latest instance was lost
+        self.failures_in_a_row = 0  # instances lost before any instance joined since
         self.changed = asyncio.Event()  # membership changed: wakes waiters for workers
         self.wake = asyncio.Event()  # a grow was sent: list again soon
         self._growing = 0  # grow calls whose request is not sent yet
@@ -104,7 +115,7 @@ class Membership:
 
     async def know_existing(self) -> None:
         """Instances listed before the first grow are someone else's."""
-        self.foreign = {i.name for i in await self.scaleset.instances()}
+        self.foreign = {identity(i) for i in await self.scaleset.instances()}
 
     async def grow(self, count: int) -> None:
         """Claim `count` instances and request them in one grow."""
@@ -121,9 +132,27 @@ class Membership:
             self._growing -= 1
         self.wake.set()
 
+    def joined(self, member: Member) -> None:
+        """A member joined: the instances are not failing deterministically."""
+        self.failures_in_a_row = 0
+
+    def failed(self, member: Member, reason: str, *, before_joining: bool) -> None:
+        """A member is lost for `reason`; one lost before it (or any since) joined counts
+        toward the runaway failsafe."""
+        self.last_failure = f"instance {member.name}: {reason}"
+        if before_joining:
+            self.failures_in_a_row += 1
+
     def take_replacements(self, count: int, why: str) -> bool:
-        """Spend `count` of the replacement budget, if replacing is on and the budget lasts."""
+        """Spend `count` of the replacement budget, if replacing is on, the budget lasts and
+        instances are not failing one after another (the runaway failsafe: a broken image
+        or boot script is not replaced over and over)."""
         if not self.replace_lost:
+            return False
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            logger.error("%s; not replaced: %d instances in a row failed before joining "
+                         "(the last: %s). Fix the image, boot script or options and start "
+                         "again.", why, self.failures_in_a_row, self.last_failure)
             return False
         if self.replacements_left < count:
             logger.warning("%s; not replaced (max_replacements=%d reached)", why,
@@ -177,16 +206,17 @@ class Membership:
             time.monotonic() - self.join_timeout, "never appeared within join_timeout"))
         seen = set()
         for inst in instances:
-            seen.add(inst.name)
-            member = self.members.get(inst.name)
+            key = identity(inst)
+            seen.add(key)
+            member = self.members.get(key)
             if member is None:
-                if inst.name in self.foreign:
+                if key in self.foreign:
                     continue
                 if not self.claims:
-                    self.foreign.add(inst.name)
+                    self.foreign.add(key)
                     continue
                 member = Member(inst.name, inst.instance_id, inst.vm_id, self.claims.popleft())
-                self.members[inst.name] = member
+                self.members[key] = member
                 if self.discard_on_arrival:
                     self.discard_on_arrival -= 1
                     result.discards.append(member)
@@ -198,8 +228,8 @@ class Membership:
                 member.address = inst.private_ip
                 member.provisioning_state = inst.provisioning_state
                 member.changed.set()
-        result.vanished = [m for m in self.members.values()
-                           if m.name not in seen and m.state.live]
+        result.vanished = [m for key, m in self.members.items()
+                           if key not in seen and m.state.live]
         return result
 
     def drop_claims_before(self, moment: float, why: str) -> int:
@@ -233,7 +263,7 @@ class Membership:
         """Why no work can run any more, or None while some instance is joined or coming."""
         if not self.outlook().hopeless:
             return None
-        return str(self.provisioning_error or self.last_join_failure or "no instance could join")
+        return str(self.provisioning_error or self.last_failure or "no instance could join")
 
     def live(self) -> list[Member]:
         return [m for m in self.members.values() if m.state.live]

@@ -15,6 +15,7 @@ from prefect_azmanagers.exceptions import ConfigurationError
 
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SCALESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,10 @@ class ClusterOptions(ProvisioningOptions):
 
     Attributes (besides ProvisioningOptions' spot, priority-mix and image options):
         ppi: agent processes (worker slots) per instance.
-        group: the scale set's name (created if missing, then deleted when empty at close).
+        group: the scale set's name. Unset (the default), each cluster gets a scale set of
+            its own, `azm-<cluster id>`, so concurrent flows never share instances. Named,
+            it is created if missing and deleted when empty at close; while a live cluster
+            holds it (its lease tag is fresh), another cluster naming it is refused.
         customenv: build the driver's Python environment on the instances at boot: True
             captures it at start; an `EnvironmentSpec` (`capture_environment()`) is reused.
         mpi_ranks_per_worker, mpi_flags: each slot runs `mpirun -n K <flags>` agents.
@@ -41,7 +45,7 @@ class ClusterOptions(ProvisioningOptions):
     """
 
     ppi: int = 1
-    group: str = "azm"
+    group: str | None = None
     customenv: bool | EnvironmentSpec = False
     mpi_ranks_per_worker: int = 0
     mpi_flags: str | None = DEFAULT_MPI_FLAGS
@@ -91,6 +95,10 @@ class ClusterOptions(ProvisioningOptions):
                 raise ConfigurationError(
                     f"env: {name!r} is not a valid environment variable name (letters, digits "
                     "and _, not starting with a digit)")
+        if self.group is not None and not _SCALESET_NAME.match(str(self.group)):
+            raise ConfigurationError(
+                f"group: {self.group!r} is not a scale-set name (1-64 letters, digits, '-', '_' "
+                "or '.', starting with a letter or digit)")
         for port in self.forward_ports:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ConfigurationError(f"forward_ports: {port!r} is not a TCP port (1..65535)")

@@ -69,14 +69,15 @@ def test_instances_listed_before_the_first_grow_are_foreign():
 
     result = run(scenario())
     assert [m.name for m in result.joins] == ["azm_1"]
-    assert set(ours.members) == {"azm_1"} and ours.foreign == {"azm_0"}
+    assert [m.name for m in ours.members.values()] == ["azm_1"]
+    assert ours.foreign == {"vm-azm_0"}
     assert scaleset.grown == [1]
 
 
 def test_an_instance_without_a_claim_is_foreign_and_never_touched():
     ours = membership(FakeScaleSet())
     result = ours.reconcile([instance("azm_7")])
-    assert not result.joins and "azm_7" in ours.foreign and not ours.members
+    assert not result.joins and "vm-azm_7" in ours.foreign and not ours.members
 
 
 def test_claims_past_join_timeout_end_and_leave_nothing_coming():
@@ -196,3 +197,16 @@ def test_delete_everything_claims_requested_instances_and_deletes_the_empty_scal
     scaleset.listed = [instance("azm_0"), instance("azm_1")]
     run(ours.delete_everything())
     assert sorted(scaleset.deleted[0]) == ["0", "1"] and scaleset.deleted_if_empty
+
+
+def test_a_scale_set_made_again_reuses_names_but_its_instances_are_claimed_anew():
+    """A failed grow's cleanup deletes the emptied scale set; the replacement makes it again
+    and its first instance is named `_0` again: a new VM that takes the replacement's claim."""
+    ours = membership(FakeScaleSet())
+    ours.claims.append(time.monotonic())
+    [first] = ours.reconcile([instance("azm_0")]).joins
+    first.state = MemberState.GONE
+    ours.claims.append(time.monotonic())
+    again = Instance("azm_0", "0", "vm-new", "azm_0", "Creating", None, None, "Regular")
+    [second] = ours.reconcile([again]).joins
+    assert second is not first and second.vm_id == "vm-new" and not ours.claims

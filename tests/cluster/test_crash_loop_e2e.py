@@ -1,0 +1,79 @@
+"""A worker that cannot start again never takes healthy work down with it (issue 11).
+
+An instance's agent joined, then died, and every restart fails there (as after a broken
+environment): the instance counts as lost, its calls run on the healthy instance, and it is
+deleted. With nothing usable left or coming, the remaining calls fail at once with the agent's
+stderr tail, instead of hanging while the VMs bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncssh
+import pytest
+
+from prefect_azmanagers.blocks import load_manifest
+from prefect_azmanagers.cluster.cluster import AzureCluster
+from prefect_azmanagers.exceptions import WorkerLost
+from tests.cluster.test_engine_e2e import (
+    admin,  # noqa: F401  (the module's fixture)
+    assert_nothing_left,
+    group_name,
+    instances_of,
+    sleepy,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+# A module in the agent's working directory (its home) that shadows one it imports: every new
+# agent on that instance exits before it starts, as with a broken environment.
+BREAK_AND_KILL = ("printf 'raise ImportError(\"a broken environment on this instance\")\\n' "
+                  "> ~/cloudpickle.py && kill -KILL -- -{pgid}")
+
+
+def on_instance(ip: str, command: str) -> asyncssh.SSHCompletedProcess:
+    """Run a command on an instance over an SSH connection of the test's own."""
+    manifest = load_manifest("localcloud")
+
+    async def run() -> asyncssh.SSHCompletedProcess:
+        async with asyncssh.connect(
+                ip, port=manifest.ssh_port, username=manifest.ssh_user, known_hosts=None,
+                config=None, agent_path=None,
+                client_keys=[asyncssh.import_private_key(manifest.read_private_key())]) as conn:
+            return await conn.run(command)
+
+    return asyncio.run(run())
+
+
+def test_an_instance_whose_agents_cannot_restart_is_lost_and_its_work_runs_elsewhere(localcloud, admin):
+    group = group_name("crash")
+    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False,
+                      join_timeout=300, waitfor=True, max_replacements=0) as cluster:
+        addresses = {w.ip for w in cluster.workers}
+        futures = [cluster.submit(lambda i=i: sleepy(i, 1)) for i in range(12)]
+        wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 2, 60, "2 busy workers")
+        victim = cluster.workers[0]
+        on_instance(victim.ip, BREAK_AND_KILL.format(pgid=victim.pid))
+        # every call completes, on the healthy instance; the broken one is deleted
+        assert [f.result(timeout=120) for f in futures] == list(range(12))
+        wait_until(lambda: victim.instance not in {w.instance for w in cluster.workers}, 60,
+                   "the broken instance given up")
+        wait_until(lambda: len(instances_of(admin, group)) == 1, 60, "the broken instance deleted")
+        healthy = cluster.workers[0]
+        assert healthy.instance != victim.instance and healthy.tasks_run >= 11
+
+        # nothing usable left or coming: the queue fails at once, with the agent's stderr
+        futures = [cluster.submit(lambda i=i: sleepy(i, 2)) for i in range(4)]
+        wait_until(lambda: any(w.state == "busy" for w in cluster.workers), 60, "a busy worker")
+        started = time.monotonic()
+        on_instance(healthy.ip, BREAK_AND_KILL.format(pgid=healthy.pid))
+        for future in futures:
+            with pytest.raises(WorkerLost) as lost:
+                future.result(timeout=120)
+            assert "a broken environment on this instance" in str(lost.value)
+        assert time.monotonic() - started < 120
+        pids = {victim.pid, healthy.pid}
+    assert_nothing_left(admin, group, addresses, pids)
