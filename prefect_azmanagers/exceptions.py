@@ -69,6 +69,10 @@ class AuthenticationFailed(AzureError):
     """The credential was refused, or no credential could be obtained."""
 
 
+class ScaleSetInUse(ConfigurationError):
+    """Another live cluster holds the scale set named by `group=` (its lease tag is fresh)."""
+
+
 class CustomDataTooLarge(AzManagersError):
     """The boot script (customData) exceeds Azure's size limit."""
 
