@@ -187,13 +187,17 @@ class DetachedJob:
                 "writes exactly one, so the others were written through the Prefect API by "
                 "someone else; refused without unpickling any")
         signed = artifacts[0].data
-        if not isinstance(signed, dict) or not isinstance(signed.get("key_id"), str) \
-                or not flow_run.work_pool_name:
+        if not isinstance(signed, dict) or not all(
+                isinstance(signed.get(field), str) for field in ("vm", "key_id", "mac")):
             raise UntrustedPayload(
-                f"the result artifact of detached job {self.flow_run_id} carries no signature "
-                "(or the run has no detached VM's work pool): it was not written by a detached "
-                "VM; refused without unpickling")
-        key = load_driver_key(flow_run.work_pool_name, signed.get("key_id"))
+                f"the result artifact of detached job {self.flow_run_id} carries no signature: it "
+                "was not written by a detached VM; refused without unpickling")
+        # The run names its VM's pool until rmproc deletes the pool; then the key decides.
+        if flow_run.work_pool_name not in (None, signed["vm"]):
+            raise UntrustedPayload(
+                f"the result artifact of detached job {self.flow_run_id} claims detached VM "
+                f"{signed['vm']}, but the run belongs to {flow_run.work_pool_name}; refused")
+        key = load_driver_key(signed["vm"], signed["key_id"])
         return key.check_result(self.flow_run_id, signed)
 
     def result(self, timeout: float | None = None) -> Any:

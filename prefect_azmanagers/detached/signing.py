@@ -86,16 +86,17 @@ class JobKey:
                 "without unpickling")
 
     def sign_result(self, flow_run_id: str, data: dict[str, Any]) -> dict[str, Any]:
-        """`data` (ok, pickle, traceback) with the key id and the MAC over it and the run id."""
-        return {**data, "key_id": self.key_id,
-                "mac": self._mac("result", flow_run_id, body=_canonical(data))}
+        """`data` (ok, pickle, traceback) with the VM, key id and MAC over it and the run id."""
+        return {**data, "vm": self.vm, "key_id": self.key_id,
+                "mac": self._mac("result", self.vm, flow_run_id, body=_canonical(data))}
 
     def check_result(self, flow_run_id: str, signed: dict[str, Any]) -> dict[str, Any]:
         """The result data if `signed` carries this key's MAC for `flow_run_id`."""
         data = {k: signed.get(k) for k in ("ok", "pickle", "traceback")}
         mac = signed.get("mac")
-        if signed.get("key_id") != self.key_id or not isinstance(mac, str) or \
-                not hmac.compare_digest(mac, self._mac("result", flow_run_id, body=_canonical(data))):
+        expected = self._mac("result", self.vm, flow_run_id, body=_canonical(data))
+        if (signed.get("vm"), signed.get("key_id")) != (self.vm, self.key_id) or \
+                not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
             raise UntrustedPayload(
                 f"the result artifact of detached job {flow_run_id} is not signed by detached VM "
                 f"{self.vm} (forged, altered or copied from another run through the Prefect API); "

@@ -45,7 +45,8 @@ def test_a_signed_result_is_bound_to_its_run():
     for run, artifact in [(other_run, signed),                          # copied to another run
                           (RUN, {**signed, "ok": False}),              # altered
                           (RUN, {**signed, "pickle": "gAN9cQEu"}),
-                          (RUN, {**data, "key_id": "vm-id-1", "mac": "0" * 64})]:   # forged
+                          (RUN, {**signed, "vm": "azm-b"}),            # another VM's name
+                          (RUN, {**data, "vm": "azm-a", "key_id": "vm-id-1", "mac": "0" * 64})]:
         with pytest.raises(UntrustedPayload, match="not signed by detached VM azm-a"):
             key.check_result(run, artifact)
 

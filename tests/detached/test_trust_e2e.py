@@ -71,7 +71,7 @@ def test_a_forged_result_artifact_is_refused_before_unpickling(detached_vm, tmp_
     # The same with a made-up signature of the right shape.
     run = _flow_run(detached_vm, state=Completed())
     _write_artifact(run, {"ok": True, "pickle": forged, "traceback": None,
-                          "key_id": detached_vm.vm_id, "mac": "0" * 64})
+                          "vm": detached_vm.name, "key_id": detached_vm.vm_id, "mac": "0" * 64})
     with pytest.raises(UntrustedPayload, match=f"not signed by detached VM {detached_vm.name}"):
         DetachedJob(run).result()
     assert not marker.exists()
