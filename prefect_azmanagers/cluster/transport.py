@@ -190,7 +190,12 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
             self._protocol_failed(f"protocol error: {exc}")
             return
         for frame in frames:
-            self._on_frame(self._bounded(frame))
+            try:
+                frame = self._bounded(frame)
+            except (ValueError, AttributeError):
+                self._protocol_failed("protocol error: an OUTPUT frame that is not a JSON object")
+                return
+            self._on_frame(frame)
 
     def _protocol_failed(self, reason: str) -> None:
         self._broken = True

@@ -16,9 +16,14 @@ import pytest
 from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-from prefect_azmanagers.cluster.protocol import Frame, Kind
+from prefect_azmanagers.cluster.protocol import Frame, Kind, encode
 from prefect_azmanagers.cluster.serialization import dumps, dumps_payload, loads
-from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
+from prefect_azmanagers.cluster.transport import (
+    AgentProcess,
+    InstanceConnection,
+    agent_command,
+    read_boot_log,
+)
 from prefect_azmanagers.exceptions import HostKeyMismatch, InstanceGone, PayloadError
 
 pytestmark = pytest.mark.anyio
@@ -184,6 +189,21 @@ async def test_send_cut_short_closes_the_channel(sshd, tmp_path):
         # the agent never sees the rest of the frame: its input ends and it exits
         await asyncio.wait_for(got.exited, 30)
         assert not any(f.kind in (Kind.RESULT, Kind.ERROR) for f in got.frames)
+
+
+def test_line_and_frame_bounds_as_bytes_arrive():
+    frames, lines, exits = [], [], []
+    process = AgentProcess(frames.append, lines.append, exits.append, max_line=8, max_frame=64)
+    stderr = asyncssh.EXTENDED_DATA_STDERR
+    process.data_received(b"abc\ndefghijklmn", stderr)  # a line split across two reads
+    process.data_received(b"opq\n\nlast", stderr)
+    process.data_received(encode(Kind.OUTPUT, 0, b'{"stream": "stdout", "line": "0123456789"}'), None)
+    process.data_received(encode(Kind.OUTPUT, 0, b"not json, and longer than 8"), None)
+    process.data_received(encode(Kind.BYE), None)  # the stream is not read after a failure
+    process.connection_lost(None)
+    assert lines == ["abc", "defghijk... [line truncated: 6 more bytes]", "", "last"]
+    assert [f.json()["line"] for f in frames] == ["01234567... [line truncated: 2 more bytes]"]
+    assert exits == ["protocol error: an OUTPUT frame that is not a JSON object"]
 
 
 def _long_lines():
