@@ -1,0 +1,156 @@
+"""Cold start: an agent warms up before it says HELLO, and `WorkerWarmUp` readies a worker
+process under the driver's settings before its first task (issue 12, "No cold start").
+
+The agent runs as the driver starts it (a child process speaking frames on its stdin/stdout,
+no SSH); `WorkerWarmUp` runs in a fresh interpreter against the session's real Prefect server.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import cloudpickle
+import httpx
+import pytest
+
+from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster.protocol import HEADER, FrameDecoder, Kind, encode
+
+WARM_MODULE = textwrap.dedent("""
+    import os, sys
+
+    def noisy():
+        print("warm-up print")           # Python's stdout
+        os.write(1, b"warm-up raw fd 1\\n")  # the file descriptor itself (C code, children)
+
+    def boom():
+        raise RuntimeError("warm-up exploded")
+""")
+
+
+def _agent(tmp_path, *args: str) -> subprocess.Popen:
+    (tmp_path / "warmmod.py").write_text(WARM_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    return subprocess.Popen([sys.executable, "-m", "prefect_azmanagers.cluster.agent", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+
+
+def _first_frame(agent: subprocess.Popen) -> tuple[int, dict]:
+    length, kind, _ = HEADER.unpack(agent.stdout.read(HEADER.size))
+    return kind, json.loads(agent.stdout.read(length))
+
+
+def _stop(agent: subprocess.Popen) -> str:
+    agent.stdin.close()
+    agent.wait(30)
+    return agent.stderr.read().decode()
+
+
+def test_what_a_warm_up_prints_goes_to_stderr_not_into_the_protocol(tmp_path):
+    agent = _agent(tmp_path, "--warm-up", "warmmod:noisy")
+    try:
+        kind, hello = _first_frame(agent)
+    finally:
+        stderr = _stop(agent)
+    assert kind == Kind.HELLO
+    assert hello["warm_up_s"] >= 0
+    assert "warm-up print" in stderr and "warm-up raw fd 1" in stderr
+
+
+def test_a_failing_warm_up_is_reported_and_the_slot_still_joins(tmp_path):
+    agent = _agent(tmp_path, "--warm-up", "warmmod:boom")
+    try:
+        kind, _ = _first_frame(agent)
+    finally:
+        stderr = _stop(agent)
+    assert kind == Kind.HELLO
+    assert "warm-up warmmod:boom failed" in stderr and "RuntimeError: warm-up exploded" in stderr
+
+
+def test_a_warm_up_without_a_function_is_refused(tmp_path):
+    agent = _agent(tmp_path, "--warm-up", "warmmod")
+    stderr = _stop(agent)
+    assert agent.returncode == 2
+    assert "--warm-up takes MODULE:FUNCTION or none, got 'warmmod'" in stderr
+
+
+PROBE = ("sorted(m for m in ('prefect.task_engine', 'prefect.events.worker', 'prefect_dask') "
+         "if m in __import__('sys').modules)")
+
+
+def _modules_before_first_task(agent: subprocess.Popen) -> list[str]:
+    """What the agent had imported when its first call (a builtin: it imports nothing) ran."""
+    kind, _ = _first_frame(agent)
+    assert kind == Kind.HELLO
+    agent.stdin.write(encode(Kind.RUN, 1, serialization.dumps(functools.partial(eval, PROBE))))
+    agent.stdin.flush()
+    decoder, frames = FrameDecoder(), []
+    while not any(f.kind == Kind.RESULT for f in frames):
+        data = os.read(agent.stdout.fileno(), 65536)
+        assert data, "the agent closed its stdout"
+        frames += decoder.feed(data)
+    result = next(f for f in frames if f.kind == Kind.RESULT)
+    return serialization.loads(result.body)
+
+
+def test_the_default_warm_up_imports_the_engine_and_the_prefect_collections(tmp_path):
+    agent = _agent(tmp_path)
+    try:
+        modules = _modules_before_first_task(agent)
+    finally:
+        _stop(agent)
+    # prefect-dask (a test extra) is a `prefect.collections` entry point: loaded with them
+    assert modules == ["prefect.events.worker", "prefect.task_engine", "prefect_dask"]
+
+
+def test_warm_up_none_keeps_the_agent_light(tmp_path):
+    agent = _agent(tmp_path, "--warm-up", "none")
+    try:
+        modules = _modules_before_first_task(agent)
+    finally:
+        _stop(agent)
+    assert modules == []
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, cloudpickle
+    warm = cloudpickle.loads(sys.stdin.buffer.read())
+    warm()
+    from prefect_azmanagers import _remote_task
+    from prefect.settings import get_current_settings
+    cached = _remote_task._settings_cache
+    assert cached is not None and cached[0] == warm.settings, "settings not hydrated"
+    print(os.getpid())
+""")
+
+
+@pytest.mark.e2e
+def test_worker_warm_up_hydrates_the_settings_and_reaches_the_api(prefect_server, tmp_path):
+    from prefect_azmanagers._prefect_compat import serialize_settings
+    from prefect_azmanagers._remote_task import WorkerWarmUp
+
+    warm = WorkerWarmUp(serialize_settings())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "worker-home")  # nothing but what the driver sent
+    done = subprocess.run([sys.executable, "-c", WORKER], input=cloudpickle.dumps(warm),
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    pid = done.stdout.decode().split()[-1]
+    # the event it sent is in the API: its events connection was open under the driver's URL
+    deadline, found = time.monotonic() + 60, []
+    while not found and time.monotonic() < deadline:
+        answer = httpx.post(f"{prefect_server.api_url}/events/filter", json={
+            "filter": {"event": {"name": ["prefect-azmanagers.worker.ready"]},
+                       "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}, timeout=10)
+        answer.raise_for_status()
+        found = [e for e in answer.json()["events"]
+                 if e["resource"]["prefect.resource.id"].endswith(f".{pid}")]
+        time.sleep(0.5)
+    assert found, "the worker's ready event never reached the API"
