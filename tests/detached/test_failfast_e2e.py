@@ -15,34 +15,41 @@ import time
 import pytest
 
 from prefect_azmanagers.blocks import load_manifest
-from prefect_azmanagers.detached import addproc
+from prefect_azmanagers.detached import addproc, detach
 from prefect_azmanagers.exceptions import BootFailed, PrefectAPIUnreachable
 
 pytestmark = pytest.mark.e2e
 WORKER_TIMEOUT = 480  # below pytest's 600 s: today's code fails with BootFailed at it
 
 
-def _timed_addproc(manifest, name: str):
+def _timed_addproc(manifest, name: str, via: str = "addproc"):
     started = time.monotonic()
     try:
-        addproc("localcloud-vm", "localcloud-nic", manifest=manifest, name=name,
-                worker_timeout=WORKER_TIMEOUT)
+        if via == "addproc":
+            addproc("localcloud-vm", "localcloud-nic", manifest=manifest, name=name,
+                    worker_timeout=WORKER_TIMEOUT)
+        else:   # detach's own addproc, with the default worker_timeout (600 s)
+            detach(print, "never runs", vm_template="localcloud-vm", nic_template="localcloud-nic",
+                   manifest=manifest, name=name, persist=False)
     except Exception as exc:
         print(f"addproc {name}: {time.monotonic() - started:.1f} s to {type(exc).__name__}: {exc}")
         raise
 
 
-def test_worker_that_cannot_reach_the_api_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
+@pytest.mark.parametrize("via", ["addproc", "detach"])
+def test_worker_that_cannot_reach_the_api_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone,
+                                                                        via):
     # A closed port of the VM's own loopback (its network namespace): nothing answers there.
     manifest = load_manifest("localcloud").model_copy(
         update={"prefect_api_url_for_vms": "http://127.0.0.1:9/api"})
+    name = f"azmnoapi-{via}"
     with pytest.raises(PrefectAPIUnreachable) as info:
-        _timed_addproc(manifest, "azmnoapi-1")
+        _timed_addproc(manifest, name, via)
     message = str(info.value)
-    assert "http://127.0.0.1:9/api" in message and "azmnoapi-1" in message
+    assert "http://127.0.0.1:9/api" in message and name in message
     assert "prefect_api_url_for_vms" in message and "localcloud start --prefect-api-url" in message
     assert "Connection refused" in message or "ConnectionRefused" in message, message
-    assert_vm_gone("azmnoapi-1", timeout=60)
+    assert_vm_gone(name, timeout=60)
 
 
 def test_worker_that_keeps_exiting_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
