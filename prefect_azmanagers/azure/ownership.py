@@ -3,7 +3,8 @@
 Every scale set, VM and NIC this package creates carries tags: the creator (`user@host`), its pid,
 the cluster (or detached VM) id, and the creation time (ISO 8601, UTC). `find_orphans` lists
 the tagged resources of a resource group older than a threshold whose creating process is not
-alive on this host (the pid tag); `prefect-azmanagers cleanup` deletes them. Detached VMs are
+alive on this host (the pid tag) and that no live cluster holds (the lease tag, `lease.py`, renewed
+by a running cluster on any host); `prefect-azmanagers cleanup` deletes them. Detached VMs are
 meant to outlive their driver, so they are only orphans when asked for explicitly
 (`include_detached`); a NIC of ours attached to no VM always is one.
 """
@@ -18,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect_azmanagers.azure.errors import arm_errors
+from prefect_azmanagers.azure.lease import read_lease
 from prefect_azmanagers.azure.scaleset import delete_scaleset
 from prefect_azmanagers.azure.vm import delete_nic, delete_vm
 
@@ -97,6 +99,9 @@ async def find_orphans(clients: Any, resource_group: str, *, older_than: timedel
             return
         if _creator_alive(tags, me):
             return
+        lease = read_lease(tags)
+        if lease is not None and lease.live():
+            return  # a live cluster, on whichever host, still uses it
         created = _created(tags)
         if created is not None and created > cutoff:
             return

@@ -25,11 +25,14 @@ import asyncio
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from azure.core import MatchConditions
 
 from prefect_azmanagers.azure.bootscript import boot_log_tail
 from prefect_azmanagers.azure.clients import collect, delete_and_wait
 from prefect_azmanagers.azure.errors import arm_errors
+from prefect_azmanagers.azure.lease import LEASE_TAG, RENEW_EVERY, TTL, lease_tag, read_lease
 from prefect_azmanagers.azure.provisioning import ProvisioningOptions
 from prefect_azmanagers.azure.quota import ensure_quota, priority_split
 from prefect_azmanagers.exceptions import (
@@ -37,6 +40,7 @@ from prefect_azmanagers.exceptions import (
     AzureError,
     ConfigurationError,
     ResourceMissing,
+    ScaleSetInUse,
     TemplateError,
 )
 
@@ -111,7 +115,7 @@ class ScaleSet:
                  custom_data: str, tags: dict[str, str],
                  provisioning: ProvisioningOptions = ProvisioningOptions(),
                  eviction_policy: str = "Delete", quota_wait: float = 0.0,
-                 resource_group: str | None = None):
+                 resource_group: str | None = None, lease_holder: str | None = None):
         self.clients = clients
         self.manifest = manifest
         self.template = template
@@ -125,6 +129,8 @@ class ScaleSet:
         if eviction_policy not in ("Delete", "Deallocate"):
             raise ConfigurationError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
         self.eviction_policy = eviction_policy
+        self.lease_holder = lease_holder   # a cluster id: hold the scale set's lease (lease.py)
+        self._renewer: asyncio.Task | None = None
         self.quota_wait = quota_wait
         self.created = False
         self._id = (f"/subscriptions/{clients.subscription_id}"
@@ -178,7 +184,8 @@ class ScaleSet:
                 "rebuild it with build_sstemplate.") from None
         value["sku"]["capacity"] = capacity
         value.setdefault("location", self._location())
-        value["tags"] = {**(value.get("tags") or {}), **self.tags}
+        value["tags"] = {**(value.get("tags") or {}), **self.tags,
+                         **(lease_tag(self.lease_holder) if self.lease_holder else {})}
         # The driver logs in as manifest.ssh_user with the manifest's key: that is the admin.
         admin = self.manifest.ssh_user or os_profile.get("adminUsername")
         os_profile["adminUsername"] = admin
@@ -244,6 +251,8 @@ class ScaleSet:
         self._raise_failure()
         writes_seen = self._writes
         current = await self._get()
+        if current is not None and not self.created:
+            await self._take_lease(current)
         old = _capacity(current)
         regular, spot = self._new_instances(old, old + n)
         await ensure_quota(self.clients, (current or {}).get("location") or self._location(),
@@ -267,12 +276,18 @@ class ScaleSet:
             body = self.body(old + n)
             self.created = True
             try:
+                # If-None-Match: * -- a scale set another process created meanwhile is not
+                # overwritten (both would count the same instances as theirs).
                 with arm_errors(f"create scale set {self.name} with {n} instances"):
-                    poller = await vmss_ops.begin_create_or_update(self.resource_group, self.name, body)
-            except AzureError:
+                    poller = await vmss_ops.begin_create_or_update(
+                        self.resource_group, self.name, body, match_condition=MatchConditions.IfMissing)
+            except AzureError as exc:
                 self.created = False   # refused outright: nothing was made
+                if exc.status == 412 and (raced := await self._get()) is not None:
+                    await self._take_lease(raced)   # raises ScaleSetInUse if its holder lives
                 raise
             self._flexible = self.provisioning.priority_mix
+            self._keep_lease()
             return poller
         if self._preexisting is None and not self.created:
             self._preexisting = {i.instance_id for i in await self._list()}
@@ -394,7 +409,7 @@ class ScaleSet:
 
     async def delete(self) -> None:
         """Delete the scale set and all its instances, waiting for completion (idempotent)."""
-        await self.close()
+        await self.close(release_lease=False)
         await delete_scaleset(self.clients, self.resource_group, self.name)
         self.created = False
 
@@ -420,13 +435,63 @@ class ScaleSet:
         logger.warning("Scale set %s: %s; deleting what this process made", self.name, exc_type.__name__)
         await self.release()
 
-    async def close(self) -> None:
-        """Stop following grows in the background (nothing is deleted)."""
+    async def close(self, *, release_lease: bool = True) -> None:
+        """Stop following grows and renewing the lease in the background (nothing is
+        deleted); the lease is dropped unless the scale set is about to be deleted."""
         current = asyncio.current_task()
-        for task in list(self._watchers):
-            if task is not current:
-                task.cancel()
-        await asyncio.gather(*[t for t in self._watchers if t is not current], return_exceptions=True)
+        renewer, self._renewer = self._renewer, None
+        tasks = [t for t in (*self._watchers, renewer) if t is not None and t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if renewer is not None and release_lease:
+            try:
+                await self._write_tags(lambda tags: {k: v for k, v in tags.items() if k != LEASE_TAG})
+            except AzureError as exc:
+                logger.warning("Scale set %s: could not drop its lease (it expires in %.0f s): %s",
+                               self.name, TTL, exc)
+
+    # -- lease -----------------------------------------------------------------------------
+
+    async def _take_lease(self, current: dict) -> None:
+        """Before growing a scale set this object did not create: refuse one that another live
+        cluster holds, else take its lease and keep renewing it."""
+        if self.lease_holder is None or self._renewer is not None:
+            return
+        tags = current.get("tags") or {}
+        lease = read_lease(tags)
+        if lease is not None and lease.holder != self.lease_holder and lease.live():
+            raise ScaleSetInUse(
+                f"Scale set {self.name} is in use by {lease.describe()}, created by "
+                f"{tags.get('azmanagers-creator', 'someone else')}. Two clusters growing one "
+                "scale set would take each other's instances: leave group= unset (each cluster "
+                "then gets a scale set of its own), or name another scale set.")
+        await self._write_tags(lambda tags: {**tags, **lease_tag(self.lease_holder)})
+        self._keep_lease()
+
+    def _keep_lease(self) -> None:
+        if self.lease_holder is not None and self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_lease())
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                await self._write_tags(lambda tags: {**tags, **lease_tag(self.lease_holder)})
+            except ResourceMissing:
+                return
+            except AzureError as exc:  # the next renewal may work; the lease lasts TTL
+                logger.warning("Scale set %s: renewing its lease failed: %s", self.name, exc)
+
+    async def _write_tags(self, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        """Read the scale set's tags and PATCH them changed (a tags-only update)."""
+        current = await self._get()
+        if current is None:
+            return
+        with arm_errors(f"update the tags of scale set {self.name}"):
+            poller = await self.clients.compute.virtual_machine_scale_sets.begin_update(
+                self.resource_group, self.name, {"tags": change(dict(current.get("tags") or {}))})
+            await poller.result()
 
 
 def apply_image_override(storage: dict, image_name: str | None, image_version: str | None) -> None:

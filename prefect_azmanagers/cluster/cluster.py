@@ -214,9 +214,10 @@ class AzureCluster:
         return [w.info() for m in list(self._membership.members.values())
                 for w in list(m.workers) if w.state is not WorkerState.STOPPED]
 
-    def close(self) -> None:
+    def close(self, *, urgent: bool = False) -> None:
         """Stop the agents, delete the instances this cluster added (one request) and the scale
-        set if this cluster created it and it is empty. Idempotent."""
+        set if this cluster created it and it is empty. Idempotent. `urgent` (SIGTERM: the
+        process has seconds left) sends the deletion first and does not wait for agents."""
         with self._close_lock:
             if self._closed:
                 return
@@ -225,12 +226,12 @@ class AzureCluster:
         if self._loop is None:
             return
         if threading.current_thread() is self._thread:  # e.g. from an output handler
-            self._loop.create_task(self._close()).add_done_callback(
+            self._loop.create_task(self._close(urgent)).add_done_callback(
                 lambda _: self._loop.call_soon(self._loop.stop))
             return
         try:
             if self._loop.is_running():
-                self._wait_closed(asyncio.run_coroutine_threadsafe(self._close(), self._loop))
+                self._wait_closed(asyncio.run_coroutine_threadsafe(self._close(urgent), self._loop))
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread is not None and self._thread is not threading.current_thread():
@@ -309,7 +310,7 @@ class AzureCluster:
         self._scaleset = ScaleSet(
             self._clients, manifest, template, self.group,
             custom_data=encode_custom_data(script), tags=ownership_tags(self.cluster_id),
-            provisioning=options.provisioning)
+            provisioning=options.provisioning, lease_holder=self.cluster_id)
         self._membership = Membership(
             self._scaleset, name=self.group, join_timeout=options.join_timeout,
             replacements=options.replacements_for(self.n),
@@ -332,11 +333,11 @@ class AzureCluster:
         spec = customenv if isinstance(customenv, EnvironmentSpec) else capture_environment()
         return [customenv_hook(spec, admin_username=admin, python=python)]
 
-    async def _close(self) -> None:
+    async def _close(self, urgent: bool) -> None:
         errors = []
         if self._lifecycle is not None:
             try:
-                await self._lifecycle.teardown(self._tasks)
+                await self._lifecycle.teardown(self._tasks, urgent=urgent)
             except Exception as exc:
                 errors.append(exc)
         if self._scaleset is not None:
@@ -358,10 +359,10 @@ _open_clusters: "weakref.WeakSet[AzureCluster]" = weakref.WeakSet()
 _handlers_installed = False
 
 
-def _close_all() -> None:
+def _close_all(*, urgent: bool = False) -> None:
     for cluster in list(_open_clusters):
         try:
-            cluster.close()
+            cluster.close(urgent=urgent)
         except Exception:
             logger.exception("closing %r at exit failed", cluster)
 
@@ -378,7 +379,7 @@ def _install_exit_handlers() -> None:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        _close_all()
+        _close_all(urgent=True)
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:

@@ -549,14 +549,16 @@ class Lifecycle:
 
     # -- teardown -------------------------------------------------------------------------------
 
-    async def teardown(self, tasks: set[asyncio.Task]) -> None:
-        """Stop the agents and background `tasks`, then delete every instance added."""
+    async def teardown(self, tasks: set[asyncio.Task], *, urgent: bool = False) -> None:
+        """Stop the agents (they flush their Prefect logs) and background `tasks`, then delete
+        every instance added; `urgent` skips the agents: the deletion goes out first."""
         self.closing = True
         self.progress.stop()
         self.dispatcher.cancel_everything()
-        workers = [w for m in self.membership.members.values()
-                   if m.state in (MemberState.JOINED, MemberState.DRAINING)
-                   for w in m.workers if w.agent is not None and not w.exited.is_set()]
+        workers = [] if urgent else [
+            w for m in self.membership.members.values()
+            if m.state in (MemberState.JOINED, MemberState.DRAINING)
+            for w in m.workers if w.agent is not None and not w.exited.is_set()]
         for worker in workers:
             try:
                 await asyncio.wait_for(worker.agent.send(Kind.SHUTDOWN), 5)

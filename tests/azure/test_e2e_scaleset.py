@@ -120,3 +120,30 @@ def test_concurrent_grows_add_up(lc):
         await ss.wait_provisioned()
         assert len(await ss.instances()) == 3
     lc.run_with_scaleset(scenario)
+
+
+def test_cleanup_never_deletes_a_scale_set_a_live_cluster_holds_on_any_host(lc):
+    """Scale sets made by `someone@elsewhere` (whose pid this host cannot check): the one whose
+    lease is fresh is in use and kept; the one whose lease expired is an orphan."""
+    import time as clock
+
+    from prefect_azmanagers.azure.lease import LEASE_TAG, TTL
+    from prefect_azmanagers.azure.ownership import CREATOR_TAG, find_orphans, ownership_tags
+
+    async def scenario(clients):
+        elsewhere = {**ownership_tags(lc.prefix), CREATOR_TAG: "someone@elsewhere",
+                     "azmanagers-created": "2000-01-01T00:00:00+00:00"}
+        live = lc.scaleset(clients, "live", tags=elsewhere, lease_holder="c-live")
+        stale = lc.scaleset(clients, "stale", tags={
+            **elsewhere, LEASE_TAG: f"c-gone {clock.time() - TTL:.0f}"})
+        try:
+            await live.grow(1)
+            await stale.grow(1)
+            found = {o.name for o in await find_orphans(clients, lc.manifest.resource_group,
+                                                        all_creators=True)}
+            assert stale.name in found and live.name not in found
+        finally:
+            await live.delete()
+            await stale.delete()
+
+    lc.run(scenario)
