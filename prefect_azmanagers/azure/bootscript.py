@@ -187,7 +187,7 @@ async def boot_log_tail(target: Any, *, admin_username: str, manifest: Any = Non
             client_keys=[asyncssh.import_private_key(manifest.read_private_key())],
             known_hosts=([key], [], []),
             server_host_key_algs=[alg.decode() for alg in key.sig_algorithms],
-            config=None, agent_path=None, preferred_auth="publickey",
+            config=None, agent_path=None, x509_trusted_certs=None, preferred_auth="publickey",
             connect_timeout=connect_timeout,
         ) as conn:
             return await _run(conn, command)

@@ -339,6 +339,7 @@ class InstanceConnection:
             conn, _ = await asyncssh.create_connection(
                 factory, address, port=port, username=username, client_keys=[client_key],
                 known_hosts=_no_known_hosts, agent_path=None, config=None,
+                x509_trusted_certs=None,  # no ~/.ssh/ca-bundle.crt: only the pin vouches for a host
                 preferred_auth="publickey",
                 connect_timeout=connect_timeout, keepalive_interval=keepalive_interval,
                 keepalive_count_max=keepalive_count_max, window=8 << 20,
@@ -352,7 +353,9 @@ class InstanceConnection:
         client = holder["client"]
         try:
             cls._refuse_gone(vm_id, address)  # marked gone while connecting
-            assert client.presented is not None
+            if client.presented is None:  # no key went through the pin check: refuse
+                raise HostKeyMismatch(f"instance {vm_id} at {address} was accepted without its "
+                                      "host key being checked against the pin; refused")
             host_keys.pin(vm_id, client.presented, address)
         except BaseException:
             conn.close()
