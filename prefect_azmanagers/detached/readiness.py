@@ -34,7 +34,7 @@ API_ENV_FILE = ".azmanagers/prefect.env"  # the worker's API key, when the drive
 MAX_WORKER_EXITS = 3
 PROBE_PATIENCE = 15.0  # seconds of failing probes (at least PROBE_ATTEMPTS) before giving up
 PROBE_ATTEMPTS = 3
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
 _LOG_LINES = 15
 
 # Run on the VM by the interpreter the worker uses (stdlib only): prints {"status", "error"}.
