@@ -4,7 +4,8 @@ One place decides how this package talks to Azure Resource Manager (or the local
 is ARM-compatible: only the endpoint, the CA bundle and the credential differ):
 
 - credential from `manifest.credential`: "default" (azure-identity's DefaultAzureCredential),
-  "client_secret" (a service principal), "static" (a fixed bearer token, the local cloud's);
+  "client_secret" (a service principal), "managed_identity" (the VM's identity, from IMDS),
+  "static" (a fixed bearer token, the local cloud's); the local cloud serves all four offline;
 - retries on 408/429/5xx for every method, POST and PATCH included (our writes are idempotent:
   absolute capacities, explicit instance ids), honouring `Retry-After`;
 - a user agent `prefect-azmanagers/<version>`;
@@ -113,7 +114,12 @@ async def delete_and_wait(action: str, begin_delete: Awaitable[Any]) -> None:
 
 
 def make_credential(manifest: Any) -> Any:
-    """The async credential the manifest names; ConfigurationError if its fields are missing."""
+    """The async credential the manifest names; ConfigurationError if its fields are missing.
+
+    "client_secret" and "default" use the manifest's `authority_host` (an Entra authority other
+    than login.microsoftonline.com: then no instance discovery, which would ask Microsoft's host)
+    and its `ca_bundle`, so the local cloud's own token endpoint serves them offline.
+    """
     kind = (manifest.credential or "default").lower()
     if kind == "static":
         token = manifest.static_token.get_secret_value() if manifest.static_token else ""
@@ -122,6 +128,17 @@ def make_credential(manifest: Any) -> Any:
                 "The manifest's credential is 'static' but it has no static_token. Set static_token "
                 "(the local cloud saves it in its `localcloud` manifest) or use credential 'default'.")
         return StaticTokenCredential(token)
+    if kind == "managed_identity":
+        from azure.identity.aio import ManagedIdentityCredential
+
+        # the VM's system-assigned identity, or the user-assigned one named by client_id (IMDS)
+        return ManagedIdentityCredential(client_id=manifest.client_id) if manifest.client_id \
+            else ManagedIdentityCredential()
+    options: dict[str, Any] = {}
+    if getattr(manifest, "authority_host", None):
+        options.update(authority=manifest.authority_host, disable_instance_discovery=True)
+    if manifest.ca_bundle:
+        options["connection_verify"] = str(manifest.ca_bundle)
     if kind == "client_secret":
         missing = [f for f in ("tenant_id", "client_id", "client_secret") if not getattr(manifest, f, None)]
         if missing:
@@ -131,13 +148,14 @@ def make_credential(manifest: Any) -> Any:
         from azure.identity.aio import ClientSecretCredential
 
         return ClientSecretCredential(manifest.tenant_id, manifest.client_id,
-                                      manifest.client_secret.get_secret_value())
+                                      manifest.client_secret.get_secret_value(), **options)
     if kind == "default":
         from azure.identity.aio import DefaultAzureCredential
 
-        return DefaultAzureCredential()
+        return DefaultAzureCredential(**options)
     raise ConfigurationError(
-        f"Unknown manifest credential {manifest.credential!r}: use 'default', 'client_secret' or 'static'.")
+        f"Unknown manifest credential {manifest.credential!r}: use 'default', 'client_secret', "
+        "'managed_identity' or 'static'.")
 
 
 class ArmClients:

@@ -52,7 +52,7 @@ def _admin(state_dir: Path) -> LocalCloudAdmin:
 
 def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
     """The `localcloud` manifest and the example templates for a local cloud's localcloud.json
-    (name -> block, not saved): its endpoint, CA, key pair, SSH user and port."""
+    (name -> block, not saved): its endpoint, CA, credentials, key pair, SSH user and port."""
     from prefect_azmanagers.blocks import AzureManifest
     from prefect_azmanagers.templates import build_nictemplate, build_sstemplate, build_vmtemplate
 
@@ -63,6 +63,9 @@ def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
         ssh_public_key_file=info["ssh_public_key_file"],
         arm_endpoint=info["arm_endpoint"], ca_bundle=info["ca_cert"], credential="static",
         static_token=info["static_token"], prefect_api_url_for_vms=info.get("prefect_api_url_for_vms"),
+        # its service principal too: credential="client_secret" (or "default" with AZURE_* set) works
+        tenant_id=info["tenant_id"], client_id=info["client_id"], client_secret=info["client_secret"],
+        authority_host=info["authority_host"],
         known_hosts_file=info["known_hosts_file"], python=info["python"],
     )
     common = dict(subscription_id=sub, admin_username=info["ssh_user"], location=location, resource_group=rg,

@@ -8,6 +8,7 @@ quota numbers out of the message) behaves here as it does on Azure.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -184,3 +185,22 @@ def authentication_missing(authority: str) -> ArmError:
 def invalid_token(authority: str, message: str = "The access token is invalid.") -> ArmError:
     """401 InvalidAuthenticationToken: a token this cloud did not issue (or a malformed one)."""
     return ArmError(401, "InvalidAuthenticationToken", message, headers=_challenge(authority, message))
+
+
+def expired_token(authority: str, expiry: float, now: float) -> ArmError:
+    """401 ExpiredAuthenticationToken, with ARM's message (UTC times as it prints them)."""
+    def fmt(t: float) -> str:
+        return time.strftime("%m/%d/%Y %I:%M:%S %p", time.gmtime(t)).lstrip("0").replace("/0", "/")
+
+    message = f"The access token expiry UTC time '{fmt(expiry)}' is earlier than current UTC time '{fmt(now)}'."
+    return ArmError(401, "ExpiredAuthenticationToken", message,
+                    headers=_challenge(authority, "The access token has expired."))
+
+
+def wrong_audience(authority: str, audience: str, allowed: tuple[str, ...]) -> ArmError:
+    """401 InvalidAuthenticationTokenAudience naming the allowed audiences."""
+    listed = ",".join(f"'{a}'" for a in allowed)
+    message = (f"The access token has been obtained for wrong audience or resource '{audience}'. It should "
+               f"exactly match with one of the allowed audiences {listed}.")
+    return ArmError(401, "InvalidAuthenticationTokenAudience", message,
+                    headers=_challenge(authority, "The access token has been obtained for wrong audience."))

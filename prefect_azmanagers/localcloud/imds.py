@@ -11,7 +11,9 @@ an unprivileged port instead; instances learn the URL from AZMANAGERS_IMDS_URL.
 
 Served, with Azure's JSON shapes and rules (`Metadata: true` and `api-version` required, 400
 otherwise): GET /metadata/instance[/<path>][?format=text], GET /metadata/scheduledevents,
-POST /metadata/scheduledevents {"StartRequests": [{"EventId": ...}]} (acknowledgement).
+POST /metadata/scheduledevents {"StartRequests": [{"EventId": ...}]} (acknowledgement), and the
+managed-identity token endpoint GET /metadata/identity/oauth2/token?resource=... (a token from
+`token_for(key, resource)`; 400 "Identity not found" for a VM without a SystemAssigned identity).
 """
 
 from __future__ import annotations
@@ -117,8 +119,10 @@ class IMDSServer:
     """Serves one instance's metadata on a socket bound inside its namespace."""
 
     def __init__(self, key: str, metadata: InstanceMetadata,
-                 on_event_ack: Callable[[str, str], None] | None):
+                 on_event_ack: Callable[[str, str], None] | None,
+                 token_for: Callable[[str, str], dict | None] | None = None):
         self.key, self.metadata, self.on_event_ack = key, metadata, on_event_ack
+        self.token_for = token_for
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._pending: set[asyncio.TimerHandle] = set()
@@ -196,6 +200,8 @@ class IMDSServer:
         url = urlsplit(target)
         path = url.path.rstrip("/").lower()
         query = {k.lower(): v[-1] for k, v in parse_qs(url.query).items()}
+        if path == "/metadata/identity/oauth2/token":
+            return self._identity_token(method, headers, query)
         if headers.get("metadata", "").lower() != "true":
             return _error(400, "Bad request. Required metadata header not specified")
         if "x-forwarded-for" in headers:
@@ -215,6 +221,26 @@ class IMDSServer:
                 return _error(405, "Method not allowed")
             return self._instance(url.path.rstrip("/").split("/")[3:], query.get("format"))
         return _error(404, "Not found")
+
+    def _identity_token(self, method: str, headers: dict[str, str], query: dict[str, str]) -> Response:
+        """IMDS's managed-identity endpoint (its errors are OAuth-shaped, unlike the rest)."""
+        def refuse(description: str, status: int = 400) -> Response:
+            return _json(status, {"error": "invalid_request", "error_description": description})
+
+        if headers.get("metadata", "").lower() != "true":
+            return refuse("Required metadata header not specified")
+        if method != "GET":
+            return _error(405, "Method not allowed")
+        if "api-version" not in query:
+            return refuse("Required query variable 'api-version' is missing")
+        if not query.get("resource"):
+            return refuse("Required query variable 'resource' is missing")
+        if {"client_id", "object_id", "msi_res_id", "mi_res_id"} & set(query):
+            return refuse("Identity not found")  # user-assigned identities are not modelled
+        token = self.token_for(self.key, query["resource"]) if self.token_for is not None else None
+        if token is None:
+            return refuse("Identity not found")
+        return _json(200, token)
 
     def _instance(self, parts: list[str], fmt: str | None) -> Response:
         node: object = {"compute": self.metadata.compute, "network": self.metadata.network}

@@ -89,7 +89,7 @@ _OS_PROFILE = {
 }
 _SPOT = {"priority": _STR, "evictionPolicy": _STR, "billingProfile": {"maxPrice": _NUM}}
 _IP_CONFIG = {"name": _STR, "properties": {"subnet": {"id": _STR}, "primary": _BOOL}}
-_TOP = {"location": _STR, "tags": {}}
+_TOP = {"location": _STR, "tags": {}, "identity": {"type": _STR}}
 SCALE_SET_SHAPE = {
     **_TOP,
     "sku": {"name": _STR, "tier": _STR, "capacity": (int,)},
@@ -152,8 +152,17 @@ def _check_os_profile(os_profile: dict[str, Any], path: str) -> None:
         check_custom_data(os_profile["customData"], f"{path}.customData")
 
 
+def _check_identity(body: dict[str, Any]) -> None:
+    kind = (body.get("identity") or {}).get("type")
+    if kind not in (None, "None", "SystemAssigned"):
+        raise errors.invalid_parameter(
+            f"The identity type '{kind}' is not supported by the local cloud: use 'SystemAssigned' or 'None' "
+            "(user-assigned identities need Microsoft.ManagedIdentity, which it does not model).", "identity.type")
+
+
 def validate_scale_set(body: dict[str, Any]) -> None:
     check_shape(body, SCALE_SET_SHAPE)
+    _check_identity(body)
     require(body, "location")
     require(body, "sku.name")
     _capacity(require(body, "sku").get("capacity", 0), "sku.capacity")
@@ -204,6 +213,7 @@ def _check_priority(props: dict[str, Any], base: str) -> None:
 
 def validate_vm(body: dict[str, Any]) -> None:
     check_shape(body, VM_SHAPE)
+    _check_identity(body)
     require(body, "location")
     require(body, "properties.hardwareProfile.vmSize")
     require(body, "properties.storageProfile.imageReference")
@@ -256,7 +266,14 @@ def _provisioning_state(inst: Instance) -> str:
     return "Deleting" if inst.power_state == "deleting" else inst.provisioning_state
 
 
-def instance_doc(inst: Instance, expand_view: bool) -> dict[str, Any]:
+def identity_doc(identity: dict[str, str] | None, tenant_id: str) -> dict[str, Any]:
+    """The `identity` member of a VM / scale set document (empty when it has none)."""
+    if not identity:
+        return {}
+    return {"identity": {"type": identity["type"], "principalId": identity["principalId"], "tenantId": tenant_id}}
+
+
+def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str, Any]:
     """A VM document: a Uniform scale set VM or a standalone/Flexible VM."""
     network = {"networkInterfaces": [
         {"id": nic_id, "properties": {"primary": n == 0}} for n, nic_id in enumerate(inst.nic_ids)]}
@@ -277,6 +294,7 @@ def instance_doc(inst: Instance, expand_view: bool) -> dict[str, Any]:
         props["latestModelApplied"] = True
     else:
         doc["type"] = "Microsoft.Compute/virtualMachines"
+        doc |= identity_doc(inst.identity, tenant_id)
         props["priority"] = inst.priority
         if inst.is_spot:
             props["evictionPolicy"] = inst.eviction_policy or "Deallocate"
@@ -289,10 +307,10 @@ def instance_doc(inst: Instance, expand_view: bool) -> dict[str, Any]:
     return doc
 
 
-def scale_set_doc(ss: ScaleSet) -> dict[str, Any]:
+def scale_set_doc(ss: ScaleSet, tenant_id: str) -> dict[str, Any]:
     return {
         "id": ss.id, "name": ss.name, "type": "Microsoft.Compute/virtualMachineScaleSets",
-        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku),
+        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku), **identity_doc(ss.identity, tenant_id),
         "properties": {**ss.properties, "provisioningState": ss.provisioning_state,
                        "uniqueId": ss.unique_id, "timeCreated": ss.time_created,
                        "orchestrationMode": ss.orchestration_mode},
@@ -395,16 +413,16 @@ class ArmResponses:
         body = _body_dict(req, "VirtualMachineScaleSet")
         validate_scale_set(body)
         ss, op, created = self.backend.put_scale_set(self._rg(req), req.params["vmss"], body)
-        return ArmResponse(201 if created else 200, scale_set_doc(ss),
+        return ArmResponse(201 if created else 200, scale_set_doc(ss, self.backend.tenant_id),
                            self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
 
     def get_scale_set(self, req: ArmRequest) -> ArmResponse:
-        return ArmResponse(200, scale_set_doc(self.backend.scale_set(self._rg(req), req.params["vmss"])))
+        return ArmResponse(200, scale_set_doc(self.backend.scale_set(self._rg(req), req.params["vmss"]), self.backend.tenant_id))
 
     def list_scale_sets(self, req: ArmRequest) -> ArmResponse:
         rg = req.params.get("resource_group")
         items = [s for s in self.backend.scale_sets.values() if rg is None or s.resource_group.lower() == rg.lower()]
-        return self._page(req, items, scale_set_doc)
+        return self._page(req, items, lambda s: scale_set_doc(s, self.backend.tenant_id))
 
     def patch_scale_set(self, req: ArmRequest) -> ArmResponse:
         body = _body_dict(req, "VirtualMachineScaleSetUpdate")
@@ -412,7 +430,7 @@ class ArmResponses:
         if (body.get("sku") or {}).get("capacity") is not None:
             _capacity(body["sku"]["capacity"], "sku.capacity")
         ss, op = self.backend.patch_scale_set(self._rg(req), req.params["vmss"], body)
-        return ArmResponse(200, scale_set_doc(ss), self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
+        return ArmResponse(200, scale_set_doc(ss, self.backend.tenant_id), self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
 
     def delete_scale_set(self, req: ArmRequest) -> ArmResponse:
         try:
@@ -467,12 +485,12 @@ class ArmResponses:
                     "'PowerState') eq true', 'properties/latestModelApplied eq true|false'.", "$filter")
         expand = req.query.get("$expand", "").lower() == "instanceview" or \
             req.query.get("$select", "").lower().startswith("instanceview")
-        return self._page(req, members, lambda i: instance_doc(i, expand))
+        return self._page(req, members, lambda i: instance_doc(i, expand, self.backend.tenant_id))
 
     def get_scale_set_vm(self, req: ArmRequest) -> ArmResponse:
         self._uniform(req)
         inst = self.backend.scale_set_vm(self._rg(req), req.params["vmss"], req.params["instance_id"])
-        return ArmResponse(200, instance_doc(inst, req.query.get("$expand", "").lower() == "instanceview"))
+        return ArmResponse(200, instance_doc(inst, req.query.get("$expand", "").lower() == "instanceview", self.backend.tenant_id))
 
     def scale_set_vm_instance_view(self, req: ArmRequest) -> ArmResponse:
         self._uniform(req)
@@ -498,12 +516,12 @@ class ArmResponses:
         body = _body_dict(req, "VirtualMachine")
         validate_vm(body)
         inst, op, created = self.backend.put_vm(self._rg(req), req.params["vm"], body)
-        return ArmResponse(201 if created else 200, instance_doc(inst, False),
+        return ArmResponse(201 if created else 200, instance_doc(inst, False, self.backend.tenant_id),
                            self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
 
     def get_vm(self, req: ArmRequest) -> ArmResponse:
         inst = self.backend.vm(self._rg(req), req.params["vm"])
-        return ArmResponse(200, instance_doc(inst, req.query.get("$expand", "").lower() == "instanceview"))
+        return ArmResponse(200, instance_doc(inst, req.query.get("$expand", "").lower() == "instanceview", self.backend.tenant_id))
 
     def vm_instance_view(self, req: ArmRequest) -> ArmResponse:
         return ArmResponse(200, instance_view(self.backend.vm(self._rg(req), req.params["vm"])))
@@ -537,7 +555,7 @@ class ArmResponses:
         else:
             items = self.backend.vms(rg, scale_set_id)
         expand = req.query.get("$expand", "").lower() == "instanceview"
-        return self._page(req, items, lambda i: instance_doc(i, expand))
+        return self._page(req, items, lambda i: instance_doc(i, expand, self.backend.tenant_id))
 
     # NICs
     def put_nic(self, req: ArmRequest) -> ArmResponse:

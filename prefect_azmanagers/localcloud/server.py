@@ -34,6 +34,7 @@ from starlette.routing import Route
 from prefect_azmanagers.localcloud import urls
 from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
 from prefect_azmanagers.localcloud.config import load_config
+from prefect_azmanagers.localcloud.entra import entra_routes
 from prefect_azmanagers.localcloud.exceptions import ArmError
 from prefect_azmanagers.localcloud.identity import Identity
 from prefect_azmanagers.localcloud.keys import ensure_ssh_keypair, ensure_tls
@@ -112,7 +113,7 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
                                       "see localcloud.log in its state directory."))
         return _json(result.status, result.body, result.headers)
 
-    routes = admin_routes(backend, describe_host, identity) + [
+    routes = admin_routes(backend, describe_host, identity) + entra_routes(identity) + [
         Route("/{path:path}", arm, methods=["GET", "PUT", "PATCH", "DELETE", "POST"]),
     ]
     return Starlette(routes=routes)
@@ -156,11 +157,14 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
     tls = ensure_tls(state_dir)
     ssh = ensure_ssh_keypair(state_dir)
     store = Store(state_dir / STORE_FILE)
+    identity = Identity.create()
     backend_ref: list[Backend] = []
     host = SandboxHost(state_dir, network=network or config.network, address_block=config.address_block,
                        loopback_block=config.loopback_block, loopback_ssh_port=config.loopback_ssh_port,
                        loopback_imds_port=config.loopback_imds_port, prefect_api_url=prefect_api_url,
-                       on_event_ack=lambda key, event_id: backend_ref[0].event_acknowledged(key, event_id))
+                       on_event_ack=lambda key, event_id: backend_ref[0].event_acknowledged(key, event_id),
+                       token_for=lambda key, resource: _managed_identity_token(backend_ref[0], identity, key,
+                                                                               resource))
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,7 +174,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
     backend: Backend | None = None
     try:
         await host.start()
-        backend = Backend(config, store, host)
+        backend = Backend(config, store, host, tenant_id=identity.tenant_id)
         backend.bind_loop(loop)
         backend_ref.append(backend)
 
@@ -181,7 +185,6 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
         sock = _loopback_socket(port)
         bound = sock.getsockname()[1]
         endpoint = f"https://127.0.0.1:{bound}"
-        identity = Identity.create()
         identity.issuer_base = endpoint
         uv_config = uvicorn.Config(build_app(backend, describe_host, identity), lifespan="off", log_level="warning",
                                    ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
@@ -230,6 +233,15 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
         await host.stop()
         store.close()
         (state_dir / INFO_FILE).unlink(missing_ok=True)
+
+
+def _managed_identity_token(backend: Backend, identity: Identity, vm_id: str, resource: str) -> dict | None:
+    """IMDS's answer for the instance's SystemAssigned identity, or None when it has none."""
+    inst = backend.instance_by_vm_id(vm_id)
+    if inst is None or not inst.identity:
+        return None
+    return identity.managed_identity_token(resource, principal_id=inst.identity["principalId"],
+                                           client_id=inst.identity["clientId"], resource_id=inst.id)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -16,10 +16,10 @@ _SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 IMDS_URL_VARIABLE = "AZMANAGERS_IMDS_URL"  # set in every SSH session: where this instance's IMDS is
 
 
-def config(listen_ip: str, port: int, admin: str, imds_url: str) -> str:
+def config(listen_ip: str, port: int, admin: str, env: dict[str, str]) -> str:
     """sshd_config: OpenSSH's defaults (AcceptEnv only LANG LC_*, remote forwarding on,
     GatewayPorts off, MaxSessions 10) plus key-only login for the admin user, and the
-    instance's IMDS URL in every session's environment."""
+    instance's environment (its IMDS URL) in every session."""
     lines = [
         "# written by the local cloud; paths are as seen inside the instance",
         f"ListenAddress {listen_ip}:{port}",
@@ -37,7 +37,7 @@ def config(listen_ip: str, port: int, admin: str, imds_url: str) -> str:
         "GatewayPorts no",
         "X11Forwarding no",
         "PrintMotd no",
-        f"SetEnv {IMDS_URL_VARIABLE}={imds_url}",
+        "SetEnv " + " ".join(f"{name}={value}" for name, value in env.items()),
     ]
     if Path(_SFTP_SERVER).exists():
         lines.append(f"Subsystem sftp {_SFTP_SERVER}")
@@ -45,7 +45,7 @@ def config(listen_ip: str, port: int, admin: str, imds_url: str) -> str:
 
 
 async def prepare(ssh_dir: Path, home: Path, listen_ip: str, port: int, admin: str, uid: int, gid: int,
-                  public_keys: list[str], comment: str, imds_url: str) -> str:
+                  public_keys: list[str], comment: str, env: dict[str, str]) -> str:
     """Write /etc/ssh (config, a fresh ed25519 host key, the client config) and the admin's
     ~/.ssh/authorized_keys with exactly `public_keys`. Returns the host public key line."""
     keys = [k.strip() for k in public_keys]
@@ -53,7 +53,7 @@ async def prepare(ssh_dir: Path, home: Path, listen_ip: str, port: int, admin: s
         raise ValueError("osProfile.linuxConfiguration.ssh.publicKeys must hold at least one key, "
                          "each one OpenSSH public key line (e.g. 'ssh-ed25519 AAAA... comment')")
     ssh_dir.mkdir(mode=0o755, exist_ok=True)
-    (ssh_dir / "sshd_config").write_text(config(listen_ip, port, admin, imds_url))
+    (ssh_dir / "sshd_config").write_text(config(listen_ip, port, admin, env))
     if Path("/etc/ssh/ssh_config").exists():
         shutil.copyfile("/etc/ssh/ssh_config", ssh_dir / "ssh_config")
     key = ssh_dir / "ssh_host_ed25519_key"

@@ -43,7 +43,6 @@ def test_instance_document_and_leaves(imds):
     ({"metadata": "false"}, "/metadata/instance?api-version=1", 400, "Required metadata header"),
     ({**H, "x-forwarded-for": "1.2.3.4"}, "/metadata/instance?api-version=1", 400, "X-Forwarded-For"),
     (H, "/metadata/scheduledevents", 400, "api-version was not specified"),
-    (H, "/metadata/identity/oauth2/token?api-version=1", 404, "Not found"),
 ])
 def test_requests_azure_refuses(imds, headers, target, status, fragment):
     got, doc = call(imds, "GET", target, headers)
@@ -92,3 +91,30 @@ async def _approve_over_a_socket(imds):
         assert imds.acks == [("v", "E1")]
     finally:
         server.close()
+
+
+def test_managed_identity_endpoint_rules():
+    """/metadata/identity/oauth2/token answers as Azure's IMDS: OAuth-shaped 400s, the token
+    document with string numbers, "Identity not found" without an identity."""
+    asked = []
+
+    def token_for(key, resource):
+        asked.append((key, resource))
+        return None if resource == "none" else {"access_token": "t", "expires_in": "3600", "resource": resource,
+                                                "token_type": "Bearer"}
+
+    server = IMDSServer("v", InstanceMetadata(compute={}, network={}), None, token_for)
+    path = "/metadata/identity/oauth2/token"
+    assert call(server, "GET", f"{path}?api-version=2018-02-01&resource=r", headers={}) == (
+        400, {"error": "invalid_request", "error_description": "Required metadata header not specified"})
+    assert call(server, "GET", f"{path}?resource=r")[1]["error_description"] == \
+        "Required query variable 'api-version' is missing"
+    assert call(server, "GET", f"{path}?api-version=2018-02-01")[1]["error_description"] == \
+        "Required query variable 'resource' is missing"
+    assert call(server, "GET", f"{path}?api-version=2018-02-01&resource=none") == (
+        400, {"error": "invalid_request", "error_description": "Identity not found"})
+    assert call(server, "GET", f"{path}?api-version=2018-02-01&resource=r&client_id=x")[1]["error_description"] == \
+        "Identity not found"
+    status, doc = call(server, "GET", f"{path}?api-version=2018-02-01&resource=https://management.azure.com/")
+    assert status == 200 and doc["resource"] == "https://management.azure.com/" and doc["token_type"] == "Bearer"
+    assert asked == [("v", "none"), ("v", "https://management.azure.com/")]

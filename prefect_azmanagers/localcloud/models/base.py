@@ -15,8 +15,10 @@ from prefect_azmanagers.localcloud.store import Store
 class BackendBase:
     """All resources of one local cloud: the tables, the store they persist in, the sandboxes."""
 
-    def __init__(self, config: LocalCloudConfig, store: Store, sandboxes: InstanceSandboxes):
+    def __init__(self, config: LocalCloudConfig, store: Store, sandboxes: InstanceSandboxes, *,
+                 tenant_id: str = ""):
         self.config = config
+        self.tenant_id = tenant_id  # of managed identities (the local cloud's Entra tenant)
         self.store = store
         self.sandboxes = sandboxes
         self.scale_sets: dict[str, ScaleSet] = {}

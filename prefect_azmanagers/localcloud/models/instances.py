@@ -25,6 +25,9 @@ class Instances(Operations, Quotas):
                 return inst
         raise KeyError(f"no instance named {ref!r}; known: {sorted(i.name for i in self.instances.values())}")
 
+    def instance_by_vm_id(self, vm_id: str) -> Instance | None:
+        return next((i for i in self.instances.values() if i.vm_id == vm_id), None)
+
     def live_instances(self) -> int:
         return sum(1 for i in self.instances.values() if i.power_state == "running")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -51,6 +52,7 @@ class ScaleSet:
     id: str
     provisioning_state: str = "Creating"
     next_instance_id: int = 0
+    identity: dict[str, str] | None = None  # SystemAssigned: principalId, clientId (members share it)
 
     @property
     def orchestration_mode(self) -> str:
@@ -87,6 +89,7 @@ class Instance:
     provisioning_state: str = "Creating"
     power_state: str = "starting"       # starting | running | stopped | deallocated | deleting
     error: dict[str, Any] | None = None
+    identity: dict[str, str] | None = None  # SystemAssigned: principalId, clientId
 
     @property
     def is_spot(self) -> bool:
@@ -134,6 +137,13 @@ class Faults:
     fail_operation: str | None = None
     allocation_failures: int = 0
     boot_failures: int = 0
+
+
+def system_identity(body: dict[str, Any]) -> dict[str, str] | None:
+    """A new SystemAssigned managed identity if the body asks for one (identity.type)."""
+    if ((body.get("identity") or {}).get("type") or "None") != "SystemAssigned":
+        return None
+    return {"type": "SystemAssigned", "principalId": str(uuid.uuid4()), "clientId": str(uuid.uuid4())}
 
 
 def creation_order(inst: Instance) -> tuple[int, str]:

@@ -15,7 +15,7 @@ from prefect_azmanagers.localcloud.config import Sku
 from prefect_azmanagers.localcloud.models.instances import Instances
 from prefect_azmanagers.localcloud.models.quotas import check_max_price
 from prefect_azmanagers.localcloud.models.resources import (Instance, Nic, Operation, ScaleSet, creation_order, network_prefix,
-                                                            new_mac, public_keys, utcnow_iso)
+                                                            new_mac, public_keys, system_identity, utcnow_iso)
 
 
 class ScaleSets(Instances):
@@ -68,7 +68,7 @@ class ScaleSets(Instances):
                 name=name, resource_group=rg, location=body["location"],
                 sku={"name": sku.name, "tier": body["sku"].get("tier", "Standard"), "capacity": capacity},
                 properties=props, custom_data=custom_data, tags=dict(body.get("tags") or {}),
-                unique_id=str(uuid.uuid4()), time_created=utcnow_iso(), id=ss_id,
+                unique_id=str(uuid.uuid4()), time_created=utcnow_iso(), id=ss_id, identity=system_identity(body),
             )
             self._check_quota(sku, *self._plan_members(ss, capacity, 0))
             self.scale_sets[ss_id.lower()] = ss
@@ -173,7 +173,7 @@ class ScaleSets(Instances):
             priority=priority, eviction_policy=profile.get("evictionPolicy") if priority == "Spot" else None,
             max_price=(profile.get("billingProfile") or {}).get("maxPrice") if priority == "Spot" else None,
             tags=dict(ss.tags), properties=properties, nic_ids=[], time_created=utcnow_iso(),
-            scale_set_id=ss.id, instance_id=instance_id,
+            scale_set_id=ss.id, instance_id=instance_id, identity=ss.identity,
         )
         for config in profile.get("networkProfile", {}).get("networkInterfaceConfigurations", []):
             nic = self._member_nic(ss, inst, config)

@@ -9,7 +9,8 @@ from prefect_azmanagers.localcloud import exceptions as errors
 from prefect_azmanagers.localcloud.models.instances import Instances
 from prefect_azmanagers.localcloud.models.nics import Nics
 from prefect_azmanagers.localcloud.models.quotas import check_max_price
-from prefect_azmanagers.localcloud.models.resources import Instance, Operation, creation_order, public_keys, utcnow_iso
+from prefect_azmanagers.localcloud.models.resources import (Instance, Operation, creation_order, public_keys,
+                                                            system_identity, utcnow_iso)
 
 
 class Vms(Instances, Nics):
@@ -53,7 +54,7 @@ class Vms(Instances, Nics):
             priority="Spot" if spot else "Regular", eviction_policy=props.get("evictionPolicy") if spot else None,
             max_price=(props.get("billingProfile") or {}).get("maxPrice") if spot else None,
             tags=dict(body.get("tags") or {}), properties=props, nic_ids=[n.id for n in nics],
-            time_created=utcnow_iso(),
+            time_created=utcnow_iso(), identity=system_identity(body),
         )
         self.instances[inst.id.lower()] = inst
         primary = nics[0]

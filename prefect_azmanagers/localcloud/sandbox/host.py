@@ -42,10 +42,12 @@ class SandboxHost:
                  address_block: str = "10.213.0.0/16", loopback_block: str = "127.213.0.0/16",
                  loopback_ssh_port: int = 2222, loopback_imds_port: int = 8254,
                  prefect_api_url: str | None = None,
-                 on_event_ack: Callable[[str, str], None] | None = None):
+                 on_event_ack: Callable[[str, str], None] | None = None,
+                 token_for: Callable[[str, str], dict | None] | None = None):
         self.state_dir = Path(state_dir).resolve()
         self.prefect_api_url = prefect_api_url
         self.on_event_ack = on_event_ack
+        self.token_for = token_for  # IMDS's managed-identity tokens: (key, resource) -> response or None
         self._mode = make_mode(network, PythonTrees.of_this_interpreter(),
                                address_block=ipaddress.ip_network(address_block),
                                loopback_block=ipaddress.ip_network(loopback_block),
@@ -226,14 +228,14 @@ class SandboxHost:
         try:
             inst.host_key = await sshd.prepare(
                 layout["ssh"], layout["home"], inst.ip, self.ssh_port, admin, uid, gid,
-                spec.public_keys, comment=f"root@{spec.computer_name}", imds_url=self._mode.imds_url(inst))
+                spec.public_keys, comment=f"root@{spec.computer_name}", env=self._mode.instance_env(inst))
         except ValueError as exc:
             raise SandboxBootError(f"instance {spec.name}: {exc}") from None
         mac, imds_socket = await self._mode.attach(inst, spec.name)
         inst.metadata.compute = dict(spec.metadata)
         inst.metadata.network = network_document(
             inst.ip, str(self._network.subnet.network_address), self._network.subnet.prefixlen, mac)
-        inst.imds = IMDSServer(inst.key, inst.metadata, self.on_event_ack)
+        inst.imds = IMDSServer(inst.key, inst.metadata, self.on_event_ack, self.token_for)
         await inst.imds.start(imds_socket)
         if spec.boot_delay > 0:
             await asyncio.sleep(spec.boot_delay)
@@ -288,7 +290,7 @@ class SandboxHost:
         output = (layout["log"] / "cloud-init-output.log").open("ab")
         inst.logs.append(output)
         namespaces, extra_env = self._mode.boot_script_entry(admin)
-        env = {**CLEAN_ENV, sshd.IMDS_URL_VARIABLE: self._mode.imds_url(inst), **extra_env}
+        env = {**CLEAN_ENV, **self._mode.instance_env(inst), **extra_env}
         inst.boot_script = await asyncio.create_subprocess_exec(
             "nsenter", "-t", str(inst.sshd.pid), *namespaces, "--wd=/", "--",
             "/bin/bash", "/run/cloud-init/user-data",

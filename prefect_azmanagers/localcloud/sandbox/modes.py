@@ -58,6 +58,11 @@ class NetworkMode:
     def imds_url(self, inst: SandboxInstance) -> str:
         raise NotImplementedError
 
+    def instance_env(self, inst: SandboxInstance) -> dict[str, str]:
+        """Variables every SSH session and the boot script get (sshd.IMDS_URL_VARIABLE: where
+        the instance's IMDS is)."""
+        return {sshd.IMDS_URL_VARIABLE: self.imds_url(inst)}
+
     async def admin_ids(self, admin: str, cloud_id: str) -> tuple[int, int]:
         """uid, gid that own the admin user's home (and run the sshd sessions)."""
         raise NotImplementedError
@@ -179,6 +184,10 @@ class LoopbackMode(NetworkMode):
 
     def imds_url(self, inst: SandboxInstance) -> str:
         return f"http://{inst.ip}:{self.imds_port}"
+
+    def instance_env(self, inst: SandboxInstance) -> dict[str, str]:
+        # azure-identity's ManagedIdentityCredential reads IMDS's address from this variable
+        return {**super().instance_env(inst), "AZURE_POD_IDENTITY_AUTHORITY_HOST": self.imds_url(inst)}
 
     async def admin_ids(self, admin: str, cloud_id: str) -> tuple[int, int]:
         accounts.check_name(admin)
