@@ -1,7 +1,8 @@
 """The detached job's own process: `python -m prefect_azmanagers.detached.jobprocess JOB_DIR`.
 
 Started by the `run_detached` flow on the VM with its stdout/stderr on pipes. Reads
-`JOB_DIR/payload.pkl` (callable, args, kwargs, variablebundle), fills `variablebundle`, calls,
+`JOB_DIR/payload.pkl` (callable, args, kwargs, variablebundle; written by `run_detached` once
+its signature checked out), fills `variablebundle`, calls,
 and writes `JOB_DIR/outcome.pkl` (`ok`, the cloudpickled value or exception, the traceback).
 Imports nothing heavy: what the job needs, the job imports.
 """
