@@ -352,3 +352,55 @@ def test_runner_pickles_without_engine_and_duplicates_its_configuration(cluster)
             assert on_worker._cluster is None and on_worker._local is not None
     finally:
         ON_WORKER.reset(token)
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(ppi=0), "ppi must be an integer >= 1"),
+    (dict(concurrency=0), "concurrency must be an integer >= 1"),
+    (dict(join_timeout=-5), "join_timeout must be a positive number"),
+    (dict(heartbeat_timeout=0), "heartbeat_timeout must be a positive number"),
+    (dict(mpi_ranks_per_worker=-1), "mpi_ranks_per_worker must be an integer >= 0"),
+    (dict(mpi_ranks_per_worker=2, concurrency=2), "mpi_ranks_per_worker needs concurrency=1"),
+    (dict(spot=True, max_price=0), "max_price must be -1"),
+    (dict(max_price=0.5), "max_price applies to spot instances only"),
+    (dict(spot=True, spot_regular_percentage_above_base=101), "within 0..100"),
+    (dict(spot=True, spot_base_regular_priority_count=-1), ">= 0"),
+    (dict(spot_base_regular_priority_count=1), "pass spot=True too"),
+    (dict(env={"1BAD": "x"}), "'1BAD' is not a valid environment variable name"),
+    (dict(env={"A-B": "x"}), "'A-B' is not a valid environment variable name"),
+    (dict(group="has space"), "is not a scale-set name"),
+    (dict(os_disk_size=0), "os_disk_size must be a size in GB"),
+    (dict(max_replacements=-1), "max_replacements must be an integer >= 0"),
+    (dict(sppot=True), "unknown cluster option(s) sppot; the options are: concurrency"),
+])
+def test_bad_options_fail_at_construction_naming_the_option(options, named):
+    """Nothing is provisioned first: the runner and the cluster refuse the option when made."""
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+
+    for make in (lambda: AzureScaleSetTaskRunner("t", 1, **options),
+                 lambda: AzureCluster("t", 1, **options)):
+        with pytest.raises(ConfigurationError) as refused:
+            make()
+        assert named in str(refused.value)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_a_bad_instance_count_fails_at_construction(n):
+    with pytest.raises(ConfigurationError, match="n"):
+        AzureScaleSetTaskRunner("t", n)
+
+
+def test_a_manifest_object_never_travels_to_workers_with_the_runner():
+    """The runner is pickled into every task's context: its manifest's secrets stay home."""
+    from prefect_azmanagers.blocks import AzureManifest
+
+    secret = "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-material-1234\n"
+    manifest = AzureManifest(subscription_id="SUB", resource_group="rg", ssh_user="u",
+                             ssh_private_key=secret, client_secret="client-secret-5678")
+    blob = pickle.dumps(AzureScaleSetTaskRunner("t", 1, manifest=manifest))
+    assert b"secret-material-1234" not in blob and b"client-secret-5678" not in blob
+    twin = pickle.loads(blob)
+    assert twin.manifest is None   # an unsaved manifest: refused clearly if used elsewhere
+    with pytest.raises(ConfigurationError, match="unsaved AzureManifest"):
+        twin._create_cluster(None)
+    assert pickle.loads(pickle.dumps(AzureScaleSetTaskRunner("t", 1, manifest="prod"))).manifest == "prod"
