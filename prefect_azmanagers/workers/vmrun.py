@@ -371,14 +371,15 @@ async def adopt(worker: AzureVMWorker, task_group: anyio.abc.TaskGroup) -> list[
     """VMs of the worker's pool that no live worker follows: start following (in
     `task_group`) those whose run goes on, delete the others; returns their names.
 
-    The VMs are listed by tag in the resource group of every manifest that the pool's default
-    or an unfollowed unfinished run of the pool names.
+    The VMs are listed by tag in the resource group of every manifest that the pool's default,
+    a deployment of the pool or an unfollowed unfinished run of the pool names.
     """
     client, pool = worker.client, worker.work_pool
     default = (pool.base_job_template.get("variables", {}).get("properties", {})
                .get("manifest", {}).get("default")) or "default"
+    pool_filter = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool.name]))
     unfinished = await client.read_flow_runs(
-        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool.name])),
+        work_pool_filter=pool_filter,
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
             any_=[t for t in StateType if t not in _FINAL]))))
     configs: dict[UUID, AzureVMJobConfiguration] = {}
@@ -387,13 +388,16 @@ async def adopt(worker: AzureVMWorker, task_group: anyio.abc.TaskGroup) -> list[
             configs[flow_run.id] = await worker.job_configuration.resolve_for_flow_run(
                 flow_run, client=client, work_pool=pool, worker_name=worker.name,
                 worker_id=worker.backend_id)
+    manifests = {default, *(c.manifest for c in configs.values())}
+    for deployment in await client.read_deployments(work_pool_filter=pool_filter):
+        manifests.add((deployment.job_variables or {}).get("manifest") or default)
     now = datetime.now(timezone.utc)
     live = {w.name for w in await client.read_workers_for_work_pool(pool.name)
             if w.name != worker.name and w.last_heartbeat_time is not None
             and (now - w.last_heartbeat_time).total_seconds()
             <= OWNER_SILENT_HEARTBEATS * (w.heartbeat_interval_seconds or 30)}
     found = []
-    for manifest_name in sorted({default, *(c.manifest for c in configs.values())}):
+    for manifest_name in sorted(manifests):
         try:
             manifest = await aload_manifest(manifest_name)
         except ManifestNotFound:  # e.g. the pool's default names no saved manifest

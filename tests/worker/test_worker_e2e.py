@@ -121,3 +121,78 @@ def test_a_vm_deleted_under_a_running_flow_makes_it_crashed(vm_pool, vm_worker, 
     assert flow_run.state.is_crashed(), flow_run.state
     assert f"VM {name} no longer exists" in flow_run.state.message
     assert_nothing_left(vm_pool.pool)
+
+
+def test_a_spot_eviction_mid_run_ends_crashed_with_the_reason(vm_pool, vm_worker, localcloud,
+                                                              assert_nothing_left):
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "spot-sleeper", spot=True))
+    group, name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
+
+    async def evict() -> None:
+        async with ArmClients(load_manifest("localcloud")) as clients:
+            await clients.compute.virtual_machines.simulate_eviction(group, name)
+
+    with LocalCloudAdmin.from_info(localcloud) as admin:
+        notice = admin.status()["settings"]["eviction_notice"]
+        admin.settings(eviction_notice=3)
+        try:
+            run_coro_as_sync(evict())
+            flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
+        finally:
+            admin.settings(eviction_notice=notice)
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert f"VM {name} no longer exists (evicted or deleted)" in flow_run.state.message
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_a_killed_worker_restarted_mid_run_leaves_nothing_behind(vm_pool, tmp_path,
+                                                                 assert_nothing_left):
+    import signal
+
+    from tests.worker.conftest import WorkerProcess
+
+    deployment = vm_pool("flows.py:sleeper", "short-sleeper", parameters={"seconds": 90})
+    first = WorkerProcess(vm_pool.pool, tmp_path / "first.log")
+    first.start()
+    try:
+        flow_run_id = _run_deployment(deployment)
+        vm_name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)[1]
+    finally:
+        first.stop(signal.SIGKILL)   # no cleanup at all: the VM keeps running the flow
+    second = WorkerProcess(vm_pool.pool, tmp_path / "second.log")
+    second.start()
+    try:
+        flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the run's end", 300)
+        assert flow_run.state.is_completed(), flow_run.state
+        assert_nothing_left(vm_pool.pool, timeout=120)
+    finally:
+        second.stop()
+    assert f"adopts VM {vm_name}" in "\n".join(_messages(flow_run_id))
+
+
+def test_a_pool_concurrency_limit_of_2_bounds_the_vms(vm_pool, vm_worker, localcloud,
+                                                      assert_nothing_left):
+    from prefect import get_client
+
+    from tests.worker.conftest import leftovers
+
+    cli("work-pool", "set-concurrency-limit", vm_pool.pool, "2")
+    deployment = vm_pool("flows.py:hello", "hello-many")
+    flow_run_ids = [_run_deployment(deployment) for _ in range(5)]
+    most, deadline = 0, time.monotonic() + 900
+    with get_client(sync_client=True) as client:
+        while not all(client.read_flow_run(i).state.is_final() for i in flow_run_ids):
+            assert time.monotonic() < deadline, "the 5 runs did not end"
+            vms = [x for x in leftovers(localcloud, vm_pool.pool) if x.startswith("ARM VM ")]
+            most = max(most, len(vms))
+            assert most <= 2, vms
+            time.sleep(0.5)
+        assert all(client.read_flow_run(i).state.is_completed() for i in flow_run_ids)
+    print(f"at most {most} VMs at once for 5 runs with a pool limit of 2")
+    assert_nothing_left(vm_pool.pool)
