@@ -89,10 +89,6 @@ class AzureVMWorker(BaseWorker[AzureVMJobConfiguration, AzureVMVariables, AzureV
     type = WORKER_TYPE
     job_configuration = AzureVMJobConfiguration
     job_configuration_variables = AzureVMVariables
-    _description = ("Run each flow run on an Azure VM of its own (any SKU, Spot, custom images), "
-                    "deleted when the run ends. From prefect-azmanagers.")
-    _display_name = "Azure VM (prefect-azmanagers)"
-    _documentation_url = "https://github.com/prefect-azmanagers/prefect-azmanagers"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
