@@ -9,8 +9,10 @@ accepted but never returned.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
 
@@ -259,7 +261,35 @@ def instance_view(inst: Instance) -> dict[str, Any]:
                                 f"Provisioning {inst.provisioning_state.lower()}"))
     if inst.power_state in _POWER_DISPLAY:
         statuses.append(_status(f"PowerState/{inst.power_state}", _POWER_DISPLAY[inst.power_state]))
-    return {"computerName": inst.computer_name, "osName": "linux", "statuses": statuses}
+    statuses[0]["time"] = inst.time_created
+    if inst.power_state == "running":
+        agent = _status("ProvisioningState/succeeded", "Ready", message="GuestAgent is running and accepting new "
+                                                                         "configurations.", time=inst.time_created)
+    else:
+        agent = _status("ProvisioningState/Unavailable", "Not Ready", "Warning", message="VM Agent is unresponsive.")
+    os_name, os_version = _HOST_OS
+    return {
+        "platformUpdateDomain": 0, "platformFaultDomain": 0,
+        "computerName": inst.computer_name, "osName": os_name, "osVersion": os_version,
+        "vmAgent": {"vmAgentVersion": "localcloud", "statuses": [agent], "extensionHandlers": []},
+        "disks": [{"name": f"{inst.name}_OsDisk_1", "statuses": [
+            _status("ProvisioningState/succeeded", "Provisioning succeeded", time=inst.time_created)]}],
+        "hyperVGeneration": "V2",
+        "statuses": statuses,
+    }
+
+
+def _os_release() -> tuple[str, str]:
+    """(ID, VERSION_ID) of this machine's OS: an instance runs the host's (Azure reports the image's)."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, _, value = line.partition("=")
+            fields[key] = value.strip().strip('"')
+    return fields.get("ID", "linux"), fields.get("VERSION_ID", "")
+
+
+_HOST_OS = _os_release()
 
 
 def _provisioning_state(inst: Instance) -> str:
@@ -325,25 +355,38 @@ def nic_doc(nic: Nic) -> dict[str, Any]:
                      "privateIPAddressVersion": "IPv4", "primary": n == 0, "provisioningState": "Succeeded"}
         if n == 0:
             ip_props["privateIPAddress"] = nic.private_ip
-        ip_configs.append({"id": f"{nic.id}/ipConfigurations/{ipc['name']}", "name": ipc["name"],
-                           "properties": ip_props})
-    props = {k: v for k, v in nic.properties.items() if k != "ipConfigurations"}
+        ip_config = {"id": f"{nic.id}/ipConfigurations/{ipc['name']}", "name": ipc["name"], "etag": nic_etag(nic)}
+        if nic.scale_set_id is None:
+            ip_config["type"] = "Microsoft.Network/networkInterfaces/ipConfigurations"
+        ip_configs.append(ip_config | {"properties": ip_props})
+    props = {"dnsSettings": {"dnsServers": [], "appliedDnsServers": []}, "enableIPForwarding": False,
+             "hostedWorkloads": [], "tapConfigurations": []}
+    props |= {k: v for k, v in nic.properties.items() if k != "ipConfigurations"}
     props |= {"provisioningState": nic.provisioning_state, "resourceGuid": nic.resource_guid,
               "ipConfigurations": ip_configs, "macAddress": nic.mac_address,
               "primary": props.get("primary", True), "nicType": "Standard"}
     if nic.virtual_machine_id:
         props["virtualMachine"] = {"id": nic.virtual_machine_id}
-    doc = {"id": nic.id, "name": nic.name, "etag": f'W/"{nic.resource_guid}"', "location": nic.location,
+    doc = {"id": nic.id, "name": nic.name, "etag": nic_etag(nic), "location": nic.location,
            "tags": nic.tags, "properties": props}
     if nic.scale_set_id is None:
         doc["type"] = "Microsoft.Network/networkInterfaces"
     return doc
 
 
-def operation_doc(op: Operation) -> dict[str, Any]:
-    doc: dict[str, Any] = {"name": op.id, "startTime": op.start_time, "status": op.status}
-    if op.end_time:
-        doc["endTime"] = op.end_time
+def nic_etag(nic: Nic) -> str:
+    """A NIC's weak etag (Network's shape: W/"<guid>"), new after every write."""
+    return f'W/"{nic.etag}"'
+
+
+def operation_doc(op: Operation, provider: str) -> dict[str, Any]:
+    """An Azure-AsyncOperation status: Compute's names the operation and its times, Network's is
+    the status (and error) alone."""
+    doc: dict[str, Any] = {"status": op.status}
+    if provider.lower() == "microsoft.compute":
+        doc = {"name": op.id, "startTime": op.start_time, **doc}
+        if op.end_time:
+            doc["endTime"] = op.end_time
     if op.error:
         doc["error"] = op.error
     return doc
@@ -364,6 +407,8 @@ class ArmResponses:
         headers = {"Azure-AsyncOperation": f"{base}/operations/{op.id}?{urlencode({'api-version': api})}"}
         if with_location:
             headers["Location"] = f"{base}/operationResults/{op.id}?{urlencode({'api-version': api})}"
+        elif provider == "Microsoft.Compute":
+            headers["Azure-AsyncNotification"] = "Enabled"
         if config.lro_retry_after:
             headers["Retry-After"] = str(config.lro_retry_after)
         return headers
@@ -379,7 +424,7 @@ class ArmResponses:
         headers = {}
         if op.status not in ("Succeeded", "Failed", "Canceled") and self.backend.config.lro_retry_after:
             headers["Retry-After"] = str(self.backend.config.lro_retry_after)
-        return ArmResponse(200, operation_doc(op), headers)
+        return ArmResponse(200, operation_doc(op, req.params["provider"]), headers)
 
     def get_operation_result(self, req: ArmRequest) -> ArmResponse:
         op = self._operation(req)
@@ -566,7 +611,8 @@ class ArmResponses:
                            self._lro_headers(req, op, "Microsoft.Network", with_location=False))
 
     def get_nic(self, req: ArmRequest) -> ArmResponse:
-        return ArmResponse(200, nic_doc(self.backend.nic(self._rg(req), req.params["nic"])))
+        doc = nic_doc(self.backend.nic(self._rg(req), req.params["nic"]))
+        return ArmResponse(200, doc, {"ETag": doc["etag"]})
 
     def delete_nic(self, req: ArmRequest) -> ArmResponse:
         try:

@@ -62,31 +62,25 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
     responses = ArmResponses(backend)
     config = backend.config
 
-    def arm_error(exc: ArmError) -> Response:
-        return _json(exc.status, exc.body(), exc.headers)
-
     async def arm(request: Request) -> Response:
         path, method = request.url.path, request.method
+
+        def arm_error(exc: ArmError) -> Response:
+            return _json(request, exc.status, exc.body(), exc.headers)
+
         refused = identity.authenticate(request.headers.get("authorization"))
         if refused is not None:
             return arm_error(refused)
-        found = urls.match(method, path)
-        if found is None:
-            return arm_error(ArmError(404, "InvalidResourceType",
-                                      f"The resource type for '{method} {path}' could not be found."))
-        route, params = found
-        if not route.method:
-            return arm_error(ArmError(405, "MethodNotAllowed",
-                                      f"The requested resource does not support http method '{method}'."))
+        query = {k.lower() if k.lower() == "api-version" else k: v for k, v in request.query_params.items()}
+        refused = urls.front_door(method, path, query.get("api-version"), config.location)
+        if refused is not None:
+            return arm_error(refused)
+        route, params = urls.match(method, path)
         backend.count(route.operation)
         fault = backend.take_request_fault(route.operation)
         if fault is not None:
             return arm_error(fault)
-        query = {k.lower() if k.lower() == "api-version" else k: v for k, v in request.query_params.items()}
         try:
-            if "api-version" not in query:
-                raise ArmError(400, "MissingApiVersionParameter",
-                               "The api-version query parameter (?api-version=) is required for all requests.")
             if params["subscription"].lower() != config.subscription_id.lower():
                 raise ArmError(404, "SubscriptionNotFound",
                                f"The subscription '{params['subscription']}' could not be found.")
@@ -111,7 +105,7 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
             return arm_error(ArmError(500, "InternalServerError",
                                       f"The local cloud failed on this request ({type(exc).__name__}: {exc}); "
                                       "see localcloud.log in its state directory."))
-        return _json(result.status, result.body, result.headers)
+        return _json(request, result.status, result.body, result.headers)
 
     routes = admin_routes(backend, describe_host, identity) + entra_routes(identity) + [
         Route("/{path:path}", arm, methods=["GET", "PUT", "PATCH", "DELETE", "POST"]),
@@ -119,8 +113,22 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
     return Starlette(routes=routes)
 
 
-def _json(status: int, body: Any, headers: dict[str, str]) -> Response:
-    headers = {"x-ms-request-id": str(uuid.uuid4()), **headers}
+def _json(request: Request, status: int, body: Any, headers: dict[str, str]) -> Response:
+    """An ARM response with the headers ARM sends on every one (request, correlation and routing
+    ids, no caching, rate-limit budget), then the handler's."""
+    request_id = str(uuid.uuid4())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    budget = ("x-ms-ratelimit-remaining-subscription-reads", "11999") if request.method == "GET" else \
+        ("x-ms-ratelimit-remaining-subscription-writes", "1199")
+    headers = {
+        "x-ms-request-id": request_id,
+        "x-ms-correlation-request-id": request.headers.get("x-ms-correlation-request-id") or request_id,
+        "x-ms-routing-request-id": f"LOCALCLOUD:{stamp}:{request_id}",
+        "Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "-1",
+        "x-content-type-options": "nosniff", "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
+        budget[0]: budget[1],
+        **headers,
+    }
     if body is None or status == 204:
         return Response(status_code=status, headers=headers)
     return JSONResponse(body, status_code=status, headers=headers)

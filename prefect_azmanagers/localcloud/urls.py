@@ -7,7 +7,10 @@ and the admin API's per-operation faults use.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+
+from prefect_azmanagers.localcloud.exceptions import ArmError
 
 _SUB = r"/subscriptions/(?P<subscription>[^/]+)"
 _RG = _SUB + r"/resourceGroups/(?P<resource_group>[^/]+)"
@@ -17,7 +20,7 @@ _VMSS = _C + r"/virtualMachineScaleSets/(?P<vmss>[^/]+)"
 _VMSS_VM = _VMSS + r"/virtualMachines/(?P<instance_id>[^/]+)"
 _VM = _C + r"/virtualMachines/(?P<vm>[^/]+)"
 _NIC = _N + r"/networkInterfaces/(?P<nic>[^/]+)"
-_OPS = _SUB + r"/providers/Microsoft\.(?:Compute|Network)/locations/(?P<location>[^/]+)"
+_OPS = _SUB + r"/providers/(?P<provider>Microsoft\.(?:Compute|Network))/locations/(?P<location>[^/]+)"
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,46 @@ def match(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
             return route, found.groupdict()
         path_known = path_known or (Route("", route.pattern, route.operation, ""), found.groupdict())
     return path_known
+
+
+NAMESPACES = ("microsoft.compute", "microsoft.network")
+_API_VERSION = re.compile(r"(\d{4})-(\d{2})-(\d{2})(-preview)?")
+
+
+def resource_type(path: str) -> tuple[str, str] | None:
+    """(namespace, type) of an ARM path, e.g. ('Microsoft.Compute',
+    'virtualMachineScaleSets/virtualMachines'); None for a path without a provider."""
+    found = re.search(r"/providers/([^/]+)((?:/[^/]+)*)", path, re.IGNORECASE)
+    if found is None:
+        return None
+    parts = [p for p in found.group(2).split("/") if p]
+    return found.group(1), "/".join(parts[0::2])
+
+
+def front_door(method: str, path: str, api_version: str | None, location: str) -> ArmError | None:
+    """What ARM refuses before any provider sees the request (after authentication): a missing
+    or unknown api-version, an unknown namespace or type, a method the path does not have."""
+    if api_version is None:
+        return ArmError(400, "MissingApiVersionParameter",
+                        "The api-version query parameter (?api-version=) is required for all requests.")
+    kind = resource_type(path)
+    if kind is not None and kind[0].lower() not in NAMESPACES:
+        return ArmError(400, "InvalidResourceNamespace", f"The resource namespace '{kind[0]}' is invalid.")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    known = _API_VERSION.fullmatch(api_version)
+    if known is None or api_version[:10] > today:
+        type_name = kind[1].rsplit("/", 1)[-1] if kind else "resourceGroups"
+        return ArmError(400, "NoRegisteredProviderFound",
+                        f"No registered resource provider found for location '{location}' and API version "
+                        f"'{api_version}' for type '{type_name}'. The supported api-versions are 'YYYY-MM-DD "
+                        f"or YYYY-MM-DD-preview, up to {today}'. The supported locations are '{location}'.")
+    found = match(method, path)
+    if found is None:
+        if kind is None:
+            return ArmError(404, "InvalidResourceType",
+                            f"The resource type for '{method} {path}' could not be found.")
+        return ArmError(400, "InvalidResourceType", f"The resource type '{kind[1]}' could not be found in the "
+                                                    f"namespace '{kind[0]}' for api version '{api_version}'.")
+    if not found[0].method:
+        return ArmError(405, "MethodNotAllowed", f"The requested resource does not support http method '{method}'.")
+    return None

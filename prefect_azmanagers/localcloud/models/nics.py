@@ -29,6 +29,7 @@ class Nics(Operations):
         existing = self.nics.get(nic_id.lower())
         if existing is not None:
             existing.tags = dict(body.get("tags") or existing.tags)
+            existing.etag = str(uuid.uuid4())
             self._save(existing)
             nic, created = existing, False
         else:

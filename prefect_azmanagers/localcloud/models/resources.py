@@ -111,6 +111,7 @@ class Nic:
     virtual_machine_id: str | None = None
     scale_set_id: str | None = None     # set for a Uniform instance's NIC
     provisioning_state: str = "Succeeded"
+    etag: str = field(default_factory=lambda: str(uuid.uuid4()))  # a new one on every write
 
 
 @dataclass
