@@ -1,7 +1,7 @@
 """Each credential choice of the manifest, end to end on the local cloud with the real SDK:
 "static" (its token), "client_secret" and "default" (its Entra-compatible token endpoint, through
-azure-identity's authority host), "managed_identity" (IMDS on a VM); and ARM refuses tokens the
-local cloud did not sign or issued for another audience."""
+azure-identity's authority host), "managed_identity" and "default" on a VM (IMDS); and ARM refuses
+tokens the local cloud did not sign or issued for another audience."""
 
 from __future__ import annotations
 
@@ -116,13 +116,15 @@ MI_SCRIPT = textwrap.dedent("""
     from prefect_azmanagers.azure.clients import make_credential
 
     async def main():
-        credential = make_credential(SimpleNamespace(credential="managed_identity", client_id=None))
-        try:
-            print("TOKEN", (await credential.get_token("https://management.azure.com/.default")).token)
-        except Exception as exc:
-            print("FAILED", type(exc).__name__, str(exc).replace("\\n", " "))
-        finally:
-            await credential.close()
+        for kind in ("managed_identity", "default"):  # default: its chain reaches the VM's IMDS
+            credential = make_credential(SimpleNamespace(credential=kind, client_id=None, authority_host=None,
+                                                         ca_bundle=None))
+            try:
+                print(kind.upper(), "TOKEN", (await credential.get_token("https://management.azure.com/.default")).token)
+            except Exception as exc:
+                print(kind.upper(), "FAILED", type(exc).__name__, str(exc).replace("\\n", " "))
+            finally:
+                await credential.close()
 
     asyncio.run(main())
 """)
@@ -179,10 +181,13 @@ def test_managed_identity_on_a_vm(lc):
         return out
 
     out = lc.run(scenario)
-    assert "FAILED CredentialUnavailableError" in out["none"] and "Identity not found" in out["none"], out["none"]
-    assert out["none-principal"] is None
-    token = out["mi"].split("TOKEN ", 1)[-1].split()[0] if "TOKEN " in out["mi"] else pytest.fail(out["mi"])
+    assert "MANAGED_IDENTITY FAILED CredentialUnavailableError" in out["none"], out["none"]
+    assert "Identity not found" in out["none"] and out["none-principal"] is None
+    tokens = dict(line.split(" TOKEN ") for line in out["mi"].splitlines() if " TOKEN " in line)
+    assert set(tokens) == {"MANAGED_IDENTITY", "DEFAULT"}, out["mi"]
+    token = tokens["MANAGED_IDENTITY"]
     claims = _claims(token)
+    assert _claims(tokens["DEFAULT"])["oid"] == claims["oid"]
     assert claims["oid"] == out["mi-principal"] and out["mi-tenant"] == lc.info["tenant_id"]
     assert claims["xms_mirid"].endswith(f"/virtualMachines/{lc.name('mi')}")
     # the VM's token is good for ARM (the driver uses it here: an isolated VM cannot reach ARM)
