@@ -36,6 +36,7 @@ _EXPORTS = {
     "build_vmtemplate": "templates",
     "build_nictemplate": "templates",
     "AzureCluster": "cluster.cluster",
+    "Adapt": "cluster.adapt",
     "AzureScaleSetTaskRunner": "task_runner",
     "addproc": "detached",
     "rmproc": "detached",

@@ -116,21 +116,24 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         cluster: AzureCluster | None = None,
         **options: Any,
     ):
+        adaptive = options.get("adapt") is not None
         if cluster is None and (template is None or isinstance(n, bool) or not isinstance(n, int)
-                                or n < 1):
+                                or n < (0 if adaptive else 1)):
             raise ConfigurationError(
                 "AzureScaleSetTaskRunner needs a scale-set template and a number of instances "
                 f"n >= 1 (got template={template!r}, n={n!r}), e.g. "
                 "AzureScaleSetTaskRunner('cbox08', 4), or an existing cluster: "
                 "AzureScaleSetTaskRunner(cluster=my_cluster)."
             )
-        from prefect_azmanagers.cluster.options import ClusterOptions
+        from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 
         self.template = template
         self.n = n
         self.manifest = manifest
         # Checked now, at construction: a bad option fails before anything is provisioned.
         self.options = ClusterOptions.from_keywords(options)
+        if adaptive:
+            check_instance_count(n or None, self.options.adapt)
         self._given_cluster = cluster
         self._reset_runtime_state()
         super().__init__()
@@ -253,7 +256,27 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if cluster is self._given_cluster:
             cluster.output_handler = self._previous_output_handler
         else:
-            cluster.close()
+            try:
+                cluster.close()
+            finally:
+                self._report_usage(cluster)
+
+    def _report_usage(self, cluster: AzureCluster) -> None:
+        """At flow end: what the flow's cluster used, as a log line and a markdown artifact."""
+        report = cluster.usage()
+        logger = self._flow_logger or logging.getLogger("prefect_azmanagers.task_runner")
+        logger.info("Cluster %s %s", cluster.group, report.line())
+        if self._flow_run_id is None:
+            return
+        from prefect.artifacts import create_markdown_artifact
+
+        try:
+            self._flow_context.run(
+                create_markdown_artifact, markdown=report.markdown(f"Cluster {cluster.group}"),
+                key="azmanagers-usage", description="Instances, instance-hours by priority, "
+                "evictions, re-queued calls and workers of the flow's scale-set cluster")
+        except Exception as exc:  # the flow's outcome does not hang on a report
+            logger.warning("could not write the usage artifact: %s", exc)
 
     def cancel_all(self) -> None:
         """Stop this runner's remote work (Prefect calls it when the flow run is cancelled).
@@ -291,7 +314,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "(`manifest.save('name')`) and pass its name, manifest='name'."
             )
         cluster = AzureCluster(
-            self.template, self.n, manifest=self.manifest,
+            self.template, self.n or None, manifest=self.manifest,
             **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,)),
         )
         self._cluster = cluster

@@ -11,6 +11,7 @@ from prefect_azmanagers._lazy import lazy_exports
 
 _EXPORTS = {
     "AzureCluster": "cluster",
+    "Adapt": "adapt",
     "WorkerInfo": "cluster",
     "WorkerState": "cluster",
     "ClusterOptions": "options",

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import asyncssh
 
 from prefect_azmanagers.cluster import mpi, serialization
+from prefect_azmanagers.cluster.adapt import Adapt, AdaptivePolicy
 from prefect_azmanagers.cluster.dispatch import Dispatcher
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle, spawner
@@ -44,6 +45,8 @@ from prefect_azmanagers.cluster.membership import Membership
 from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.transport import InstanceConnection
+from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
+from prefect_azmanagers.cluster.usage import report as usage_report
 from prefect_azmanagers.customenv import (
     EnvironmentSpec,
     capture_environment,
@@ -61,7 +64,8 @@ T = TypeVar("T")
 logger = logging.getLogger("prefect_azmanagers.cluster")
 worker_logger = logging.getLogger("prefect_azmanagers.worker")
 
-__all__ = ["AzureCluster", "ClusterOptions", "WorkerInfo", "WorkerState", "log_worker_output"]
+__all__ = ["Adapt", "AzureCluster", "ClusterOptions", "UsageReport", "WorkerInfo", "WorkerState",
+           "log_worker_output"]
 
 
 def _forget_deleted(host_keys: PinnedHostKeys, members: list[Member]) -> None:
@@ -91,12 +95,12 @@ class AzureCluster:
             checked here: a bad value is a ConfigurationError before anything is provisioned.
     """
 
-    def __init__(self, template: str | ScaleSetTemplate, n: int, *,
+    def __init__(self, template: str | ScaleSetTemplate, n: int | None = None, *,
                  manifest: str | AzureManifest = "default", **options: Any):
         self.template = template
-        self.n = check_instance_count(n)
         self.manifest = manifest
         self.options = ClusterOptions.from_keywords(options)
+        self.n = check_instance_count(n, self.options.adapt)
         self.output_handler: Callable[[WorkerInfo, str, str], None] = log_worker_output
         self.cluster_id = uuid.uuid4().hex[:12]
 
@@ -199,12 +203,30 @@ class AzureCluster:
         self._call(self._lifecycle.cancel(list(self._dispatcher.items.values())))
 
     def scale(self, n: int) -> None:
-        """Grow to or shrink to `n` instances (a shrink deletes instances in one request)."""
+        """Grow to or shrink to `n` instances (a shrink deletes instances in one request); an
+        adaptive cluster stops adapting (as Dask's `scale` after `adapt`)."""
         self._require_started()
         if n < 0:
             raise ConfigurationError(f"scale(n) needs n >= 0, got {n}")
         self.n = n
+        self._lifecycle.policy = None
         self._call(self._lifecycle.scale(n))
+
+    def adapt(self, adapt: Adapt | None = None, **bounds: Any) -> None:
+        """Make capacity follow the work: `adapt(Adapt(...))` or `adapt(minimum=, maximum=,
+        idle_timeout=, ...)`; `scale(n)` returns to a fixed size."""
+        self._require_started()
+        policy = AdaptivePolicy(adapt if adapt is not None else Adapt(**bounds))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(
+            lambda: self._spawn(self._lifecycle.adapt(policy)))
+
+    def usage(self) -> UsageReport:
+        """Instances used, instance-hours by priority, evictions, re-queued calls, workers."""
+        if self._lifecycle is None:
+            return usage_report([], requeued=0, gauge=WorkerGauge())
+        return usage_report(list(self._membership.members.values()),
+                            requeued=self._dispatcher.requeued, gauge=self._lifecycle.gauge)
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -325,6 +347,8 @@ class AzureCluster:
         if self.n:
             await self._membership.grow(self.n)
         self._spawn(self._lifecycle.watch())
+        if options.adapt is not None:
+            self._spawn(self._lifecycle.adapt(AdaptivePolicy(options.adapt)))
 
     def _boot_hooks(self, admin: str, python: str) -> list[str]:
         customenv = self.options.customenv

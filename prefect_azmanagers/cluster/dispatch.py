@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine
@@ -89,6 +90,7 @@ class Dispatcher:
         self.spawn = spawn
         self.queue = WorkQueue()
         self.items: dict[concurrent.futures.Future, WorkItem] = {}
+        self.requeued = 0  # calls put back after losing their worker
         self._ids = itertools.count(1)
 
     def new_item(self, payload: bytes | Payload, label: str) -> WorkItem:
@@ -128,6 +130,7 @@ class Dispatcher:
             item.worker = worker
             worker.inflight[item.id] = item
             worker.state = WorkerState.BUSY
+            worker.member.last_active = time.monotonic()
             try:
                 await agent.send(Kind.RUN, item.id, item.payload)
             except (asyncssh.Error, OSError):
@@ -146,6 +149,7 @@ class Dispatcher:
             worker.state = WorkerState.IDLE
         worker.tasks_run += 1
         worker.restarts = 0
+        worker.member.last_active = time.monotonic()
         if item.future.done():
             return
         if frame.kind == Kind.ERROR:
@@ -173,6 +177,7 @@ class Dispatcher:
                     f"max_task_retries_on_lost_worker={self.max_task_retries_on_lost_worker}. "
                     "Raise that bound, or check what kills the workers."))
             else:
+                self.requeued += 1
                 self.queue.put(item, front=True)
         self.fail_if_hopeless()
 

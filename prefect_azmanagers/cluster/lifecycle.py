@@ -14,6 +14,7 @@ import email.utils
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine
 import asyncssh
 
 from prefect_azmanagers.cluster import versions
+from prefect_azmanagers.cluster.adapt import AdaptivePolicy, InstanceView, Snapshot
 from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
 from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership, Reconciliation
@@ -28,6 +30,7 @@ from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.protocol import Frame, Kind
 from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
+from prefect_azmanagers.cluster.usage import WorkerGauge, instance_hours
 from prefect_azmanagers.exceptions import (
     AzManagersError,
     BootFailed,
@@ -77,6 +80,9 @@ class Lifecycle:
         self.spawn = spawn
         self.started_at = started_at
         self.closing = False
+        self.gauge = WorkerGauge()
+        self.policy: AdaptivePolicy | None = None  # adaptive capacity (None: fixed n)
+        self._requests: deque[tuple[float, int]] = deque()  # (when, count) of recent grows
         self._loop = asyncio.get_running_loop()
         self._worker_ids = itertools.count(1)
         self._versions = versions.local()
@@ -107,6 +113,7 @@ class Lifecycle:
             self.spawn(self.join(member), member.tasks)
         for member in reconciliation.vanished:
             InstanceConnection.mark_gone(member.vm_id)  # never connect to its address again
+            member.evicted = member.priority == "Spot"
             self.spawn(self.lose(member, "the instance was deleted or evicted"))
         if reconciliation.dropped or reconciliation.failure is not None:
             self.dispatcher.fail_if_hopeless()
@@ -163,6 +170,7 @@ class Lifecycle:
             count = min(count + 1, joined)
             self.progress.worker_joined(worker.id, member.name, member.address or "",
                                         worker.slot, time.monotonic() - self.started_at, count)
+        self.gauge.set(joined)
         self.membership.joined(member)
         self.membership.changed.set()
 
@@ -371,7 +379,7 @@ class Lifecycle:
         (its calls go to other workers or a replacement), never left joined and idle."""
         worker.state = WorkerState.FAILED
         logger.error("worker %d: %s; the slot is given up", worker.id, why)
-        self.progress.update(self.membership.joined_workers())
+        self._workers_changed()
         member = worker.member
         if all(w.state is WorkerState.FAILED for w in member.workers):
             await self.lose(member, f"no agent can start on it any more: {why}",
@@ -391,7 +399,7 @@ class Lifecycle:
         for worker in member.workers:
             if worker.state not in (WorkerState.LOST, WorkerState.STOPPED):
                 self._worker_lost(worker, reason)
-        self.progress.update(self.membership.joined_workers())
+        self._workers_changed()
         member.conn = None
         for attempt in range(5):
             if self.closing or member.state is not MemberState.JOINING:
@@ -436,7 +444,7 @@ class Lifecycle:
         shortly before NotBefore, then re-queue the rest and give the instance up."""
         if member.preempted:
             return
-        member.preempted = True
+        member.preempted = member.evicted = True
         if member.state is MemberState.JOINED:
             member.state = MemberState.DRAINING
         for worker in member.workers:
@@ -482,6 +490,8 @@ class Lifecycle:
         self.membership.changed.set()
 
     async def _replace(self, count: int, why: str) -> None:
+        if self.policy is not None:
+            return  # adaptive: lost capacity comes back only while there is work for it
         if self.closing or not self.membership.take_replacements(count, why):
             return
         try:
@@ -489,6 +499,65 @@ class Lifecycle:
         except AzManagersError as exc:
             self.membership.provisioning_failed(exc)
             self.dispatcher.fail_if_hopeless()
+
+    def _workers_changed(self) -> None:
+        joined = self.membership.joined_workers()
+        self.progress.update(joined)
+        self.gauge.set(joined)
+
+    # -- adaptive capacity -----------------------------------------------------------------------
+
+    async def adapt(self, policy: AdaptivePolicy | None) -> None:
+        """Follow the work with `policy` (None: stop, keep the instances there are)."""
+        self.policy = policy
+        while self.policy is policy and policy is not None and not self.closing:
+            await self._decide(policy)
+            await asyncio.sleep(policy.adapt.interval)
+
+    def _snapshot(self, now: float) -> Snapshot:
+        while self._requests and self._requests[0][0] < now - 60:
+            self._requests.popleft()
+        membership = self.membership
+        views = [InstanceView(
+            key=m.vm_id, joined=m.state is MemberState.JOINED, inflight=m.inflight(),
+            idle_for=0.0 if m.inflight() else now - m.last_active, spot=m.priority == "Spot")
+            for m in membership.live()]
+        removing = sum(m.state is MemberState.REMOVING for m in membership.members.values())
+        return Snapshot(
+            queued=len(self.dispatcher.queue),
+            running=sum(m.inflight() for m in membership.live()),
+            instances=views, requested=len(membership.claims), removing=removing,
+            requested_last_minute=sum(count for _, count in self._requests),
+            instance_hours=sum(instance_hours(membership.members.values(), now).values()),
+            per_instance=self.options.ppi * self.options.concurrency)
+
+    async def _decide(self, policy: AdaptivePolicy) -> None:
+        now = time.monotonic()
+        snapshot = self._snapshot(now)
+        decision = policy.decide(snapshot)
+        current = len(snapshot.instances) + len(self.membership.claims)
+        if decision.budget_spent and not policy.told_budget:
+            policy.told_budget = True
+            logger.warning("not scaling up: %s (the cluster keeps %d instances)",
+                           decision.reason, current)
+        if decision.grow:
+            logger.info("scaling %d -> %d instances: %s", current, current + decision.grow,
+                        decision.reason)
+            self._requests.append((now, decision.grow))
+            self.progress.set_total((current + decision.grow) * self.options.ppi)
+            try:
+                await self.membership.grow(decision.grow)
+            except AzManagersError as exc:
+                self.membership.provisioning_failed(exc)
+                self.dispatcher.fail_if_hopeless()
+        elif decision.remove:
+            chosen = [m for m in self.membership.live() if m.vm_id in decision.remove
+                      and not m.inflight()]
+            if chosen:
+                logger.info("scaling %d -> %d instances: %s", current, current - len(chosen),
+                            decision.reason)
+                self.progress.set_total((current - len(chosen)) * self.options.ppi)
+                await self.remove(chosen, "idle: scaled down")
 
     # -- removal, cancel, scale -----------------------------------------------------------------
 
@@ -499,6 +568,7 @@ class Lifecycle:
             return
         for member in members:
             member.state = MemberState.REMOVING
+            member.ended_at = time.monotonic()
             for task in list(member.tasks):
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -516,7 +586,7 @@ class Lifecycle:
         try:
             await asyncio.shield(deletion)
         finally:
-            self.progress.update(self.membership.joined_workers())
+            self._workers_changed()
             self.membership.changed.set()
 
     async def _kill_agent(self, worker: Worker) -> None:

@@ -75,6 +75,10 @@ class Member:
     conn: InstanceConnection | None = None
     workers: list[Worker] = field(default_factory=list)
     preempted: bool = False
+    priority: str | None = None       # "Regular" | "Spot", as listed
+    evicted: bool = False             # lost to a spot eviction
+    last_active: float = field(default_factory=time.monotonic)  # last call sent or ended
+    ended_at: float | None = None     # when its removal was requested
     failure: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task] = field(default_factory=set)

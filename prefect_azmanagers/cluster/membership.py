@@ -215,7 +215,8 @@ class Membership:
                 if not self.claims:
                     self.foreign.add(key)
                     continue
-                member = Member(inst.name, inst.instance_id, inst.vm_id, self.claims.popleft())
+                member = Member(inst.name, inst.instance_id, inst.vm_id, self.claims.popleft(),
+                                priority=inst.priority)
                 self.members[key] = member
                 if self.discard_on_arrival:
                     self.discard_on_arrival -= 1

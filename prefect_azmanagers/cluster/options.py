@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from prefect_azmanagers.azure.provisioning import ProvisioningOptions
+from prefect_azmanagers.cluster.adapt import Adapt
 from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS
 from prefect_azmanagers.customenv import EnvironmentSpec
 from prefect_azmanagers.exceptions import ConfigurationError
@@ -42,6 +43,9 @@ class ClusterOptions(ProvisioningOptions):
         concurrency: callables one slot runs at once (threads in the agent).
         heartbeat_timeout: seconds without any frame from a busy agent before it counts as lost.
         imds_url: where spot agents poll scheduled events.
+        adapt: adaptive capacity (`Adapt(minimum=, maximum=, idle_timeout=, ...)`): the
+            cluster grows with queued and running work and removes idle instances; n is then
+            the initial size (default: the minimum).
     """
 
     ppi: int = 1
@@ -60,6 +64,7 @@ class ClusterOptions(ProvisioningOptions):
     concurrency: int = 1
     heartbeat_timeout: float = 300.0
     imds_url: str = DEFAULT_IMDS_URL
+    adapt: Adapt | None = None
 
     @classmethod
     def from_keywords(cls, options: Mapping[str, Any]) -> ClusterOptions:
@@ -95,6 +100,8 @@ class ClusterOptions(ProvisioningOptions):
                 raise ConfigurationError(
                     f"env: {name!r} is not a valid environment variable name (letters, digits "
                     "and _, not starting with a digit)")
+        if self.adapt is not None and not isinstance(self.adapt, Adapt):
+            raise ConfigurationError(f"adapt must be an Adapt(...), got {self.adapt!r}")
         if self.group is not None and not _SCALESET_NAME.match(str(self.group)):
             raise ConfigurationError(
                 f"group: {self.group!r} is not a scale-set name (1-64 letters, digits, '-', '_' "
@@ -122,7 +129,13 @@ def _at_least(name: str, value: Any, minimum: int) -> None:
         raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def check_instance_count(n: Any) -> int:
-    """`n` instances to add: an integer >= 0."""
+def check_instance_count(n: Any, adapt: Adapt | None = None) -> int:
+    """`n` instances to add: an integer >= 0 (with `adapt`, None means its minimum, and n
+    must lie within its bounds)."""
+    if n is None and adapt is not None:
+        return adapt.minimum
     _at_least("n (instances to add)", n, 0)
+    if adapt is not None and not adapt.minimum <= n <= adapt.maximum:
+        raise ConfigurationError(
+            f"n={n} lies outside adapt's bounds {adapt.minimum}..{adapt.maximum}")
     return n

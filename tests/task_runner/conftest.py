@@ -15,6 +15,9 @@ from typing import Any, Callable
 import cloudpickle
 import pytest
 
+from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
+from prefect_azmanagers.cluster.usage import report as usage_report
+
 from prefect_azmanagers.exceptions import PayloadError, WorkerLost
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 
@@ -90,6 +93,11 @@ class FakeCluster:
     def close(self) -> None:
         self.closed += 1
         self._pool.shutdown(wait=True)
+
+    group = "fake"
+
+    def usage(self) -> UsageReport:
+        return usage_report([], requeued=0, gauge=WorkerGauge())
 
 
 @pytest.fixture

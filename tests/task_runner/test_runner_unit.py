@@ -371,7 +371,7 @@ def test_runner_pickles_without_engine_and_duplicates_its_configuration(cluster)
     (dict(group="has space"), "is not a scale-set name"),
     (dict(os_disk_size=0), "os_disk_size must be a size in GB"),
     (dict(max_replacements=-1), "max_replacements must be an integer >= 0"),
-    (dict(sppot=True), "unknown cluster option(s) sppot; the options are: concurrency"),
+    (dict(sppot=True), "unknown cluster option(s) sppot; the options are: adapt, concurrency"),
 ])
 def test_bad_options_fail_at_construction_naming_the_option(options, named):
     """Nothing is provisioned first: the runner and the cluster refuse the option when made."""
