@@ -172,12 +172,16 @@ class Readiness:
         return PrefectAPIUnreachable(message)
 
 
-async def _observe(ssh: asyncssh.SSHClientConnection, admin: str) -> tuple[str | None, int]:
+def observe_command(admin: str) -> str:
+    """Prints the boot status (maybe nothing), then, always as the last line, the worker's exits."""
     status = shlex.quote(READY_STATUS_PATH.format(admin=admin))
-    result = await ssh.run(
-        f"cat {status} 2>/dev/null; echo; grep -c {shlex.quote(WORKER_EXIT_LINE)} "
-        f"{shlex.quote(WORKER_LOG)} 2>/dev/null || true", check=False)
-    *status_lines, exits = (result.stdout or "").rstrip("\n").split("\n")
+    return (f"cat {status} 2>/dev/null; echo; cat {shlex.quote(WORKER_LOG)} 2>/dev/null | "
+            f"grep -c {shlex.quote(WORKER_EXIT_LINE)}")
+
+
+def parse_observation(output: str) -> tuple[str | None, int]:
+    """(boot status or None while booting, worker exits) from `observe_command`'s output."""
+    *status_lines, exits = output.rstrip("\n").split("\n")
     boot_status = "\n".join(status_lines).strip() or None
     return boot_status, int(exits) if exits.strip().isdigit() else 0
 
@@ -192,7 +196,8 @@ async def wait_until_serving(ssh: asyncssh.SSHClientConnection, readiness: Readi
     """
     try:
         while not await worker_online():
-            boot_status, exits = await _observe(ssh, admin)
+            observed = await ssh.run(observe_command(admin), check=False)
+            boot_status, exits = parse_observation(observed.stdout or "")
             if readiness.needs_probe:
                 result = await ssh.run(probe_command(probe_python, readiness.api_url),
                                        check=False)

@@ -64,3 +64,18 @@ def test_worker_that_keeps_exiting_fails_fast_and_leaves_nothing(localcloud, ass
     assert "python" in message and "/usr/bin/python3" in message and "customenv" in message
     assert_vm_gone("azmexits-1", timeout=60)
 
+
+
+def test_a_failed_boot_script_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
+    # customenv builds its venv with the manifest's python, which the VM does not have: the
+    # boot script fails (boot.status "failed: ..."), so the worker is never started.
+    manifest = load_manifest("localcloud").model_copy(update={"python": "/nonexistent/python3"})
+    started = time.monotonic()
+    with pytest.raises(BootFailed) as info:
+        addproc("localcloud-vm", "localcloud-nic", manifest=manifest, name="azmbootsts-1",
+                customenv=True, worker_timeout=WORKER_TIMEOUT)
+    print(f"addproc azmbootsts-1: {time.monotonic() - started:.1f} s to {info.value}")
+    message = str(info.value)
+    assert "The boot script of detached VM azmbootsts-1 failed (failed: exit" in message, message
+    assert "/nonexistent/python3" in message   # the boot log's own words
+    assert_vm_gone("azmbootsts-1", timeout=60)

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from prefect_azmanagers.detached.readiness import (
-    MAX_WORKER_EXITS, PROBE_ATTEMPTS, PROBE_PATIENCE, Probe, Readiness, parse_probe,
-    probe_command, worker_log_tail,
+    MAX_WORKER_EXITS, PROBE_ATTEMPTS, PROBE_PATIENCE, WORKER_EXIT_LINE, WORKER_LOG, Probe,
+    Readiness, observe_command, parse_observation, parse_probe, probe_command, worker_log_tail,
 )
 from prefect_azmanagers.exceptions import BootFailed, PrefectAPIUnreachable
 
@@ -144,3 +144,24 @@ def test_a_probe_that_cannot_run_is_inconclusive():
     state = readiness()
     state.record_probe(None, now=0.0)
     assert state.needs_probe and error_of(state, now=PROBE_PATIENCE * 10) is None
+
+
+@pytest.mark.parametrize("status, log, expected", [
+    (None, None, (None, 0)),                                   # booting, no worker yet
+    ("failed: exit 127 at line 0 (customenv: failed)", None,   # the worker never started
+     ("failed: exit 127 at line 0 (customenv: failed)", 0)),
+    ("ready", "started\n", ("ready", 0)),
+    ("ready", f"{WORKER_EXIT_LINE} 1; restarting\n" * 2, ("ready", 2)),
+])
+def test_observation_of_boot_status_and_worker_exits(tmp_path, status, log, expected):
+    """observe_command run by bash on a fake home, parsed: every combination of files."""
+    home = tmp_path / "home" / "azureuser"
+    (home / ".azmanagers").mkdir(parents=True)
+    if status is not None:
+        (home / ".azmanagers" / "boot.status").write_text(status + "\n")
+    if log is not None:
+        (home / WORKER_LOG).write_text(log)
+    command = observe_command("azureuser").replace("/home/azureuser", str(home))
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=home,
+                         timeout=30)
+    assert parse_observation(out.stdout) == expected
