@@ -152,6 +152,10 @@ class Readiness:
                     "VM uses the driver's PREFECT_API_KEY, shipped to ~/.azmanagers/prefect.env")
             fix = "check the driver's PREFECT_API_KEY (`prefect config view`), or set " \
                   "prefect_api_url_for_vms to the workspace's API URL"
+        elif last.status >= 500:
+            what = (f"gets HTTP {last.status} from {self.api_url}/health: the server answers but "
+                    "fails (its own log says why)")
+            fix = "repair the server behind that URL, or set prefect_api_url_for_vms to another"
         else:
             what = (f"gets HTTP {last.status} from {self.api_url}/health: that URL is not a "
                     "Prefect API (it ends in /api, e.g. http://host:4200/api)")

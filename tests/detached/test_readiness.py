@@ -84,6 +84,7 @@ def test_one_good_probe_ends_probing():
 @pytest.mark.parametrize("status, words", [
     (401, ["refused by the Prefect API", "PREFECT_API_KEY"]),
     (404, ["HTTP 404", "is not a Prefect API", "/api"]),
+    (503, ["HTTP 503", "answers but fails"]),
 ])
 def test_an_api_that_answers_wrongly_says_what_to_fix(status, words):
     state = readiness()
