@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently:
 #   - Debian packages (when root): OpenSSH (the local cloud's instances run real sshd),
-#     iproute2 (network namespaces), Chromium (UI checks), Open MPI (mpi_ranks_per_worker).
+#     iproute2 (network namespaces), Chromium (UI checks), Open MPI (mpi_ranks_per_worker),
+#     PostgreSQL + Redis (a Prefect server for large runs: scripts/services.sh starts them).
 #   - a virtual environment in .venv with the package (editable) and its test/mpi extras.
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(openssh-server openssh-client iproute2 procps psmisc util-linux passwd
-                 chromium openmpi-bin libopenmpi-dev curl)
+                 chromium openmpi-bin libopenmpi-dev curl postgresql redis-server)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
