@@ -196,3 +196,60 @@ def test_a_pool_concurrency_limit_of_2_bounds_the_vms(vm_pool, vm_worker, localc
         assert all(client.read_flow_run(i).state.is_completed() for i in flow_run_ids)
     print(f"at most {most} VMs at once for 5 runs with a pool limit of 2")
     assert_nothing_left(vm_pool.pool)
+
+
+def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(localcloud, tmp_path,
+                                                                  assert_nothing_left):
+    """prefect.yaml's hello-vm: `prefect deploy`, then `deployment run --watch`; the VM clones
+    this repository (its committed HEAD, from a bare copy at a path the VMs see)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from prefect import get_client
+
+    from tests.worker.conftest import WorkerProcess
+
+    repo = Path(__file__).resolve().parents[2]
+    copy = Path(tempfile.mkdtemp(prefix="azm-worker-repo-", dir="/var/tmp"))
+    pool = f"azmyaml-{uuid.uuid4().hex[:6]}"
+    worker = WorkerProcess(pool, tmp_path / "worker.log")
+    try:
+        subprocess.run(["git", "clone", "-q", "--bare", "--depth", "1", f"file://{repo}",
+                        str(copy / "repo.git")], check=True)
+        (copy / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        cli("work-pool", "create", pool, "--type", "azure-vm")
+        worker.start()
+        env = dict(os.environ, AZM_VM_POOL=pool, AZM_GIT_REPO=f"file://{copy / 'repo.git'}")
+        deployed = subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "hello-vm"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        # Run-level job variables merge over prefect.yaml's (`prefect deploy --job-variable`
+        # would replace them all: prefect 3.9.1 resets job_variables when it is given).
+        run = cli("deployment", "run", "detached-hello/hello-vm", "--watch", "--watch-timeout",
+                  "400", "--job-variable", f"basename={pool}", "--job-variable",
+                  "env=" + json.dumps({"GIT_CONFIG_GLOBAL": str(copy / "gitconfig")}),
+                  timeout=500, check=False)
+        flow_run = _flow_run("hello-vm")
+        assert run.returncode == 0 and flow_run.state.is_completed(), (
+            run.stdout + "\n".join(_messages(flow_run.id)))
+        vm_name = flow_run.infrastructure_pid.split("/", 1)[1]
+        assert any(m.startswith(f"hello AZURE-VM WORLD from {vm_name}")
+                   for m in _messages(flow_run.id))
+        assert_nothing_left(pool)
+    finally:
+        worker.stop()
+        shutil.rmtree(copy, ignore_errors=True)
+        with get_client(sync_client=True) as client:
+            for deployment in client.read_deployments():
+                if deployment.work_pool_name == pool:
+                    client.delete_deployment(deployment.id)
+            client.delete_work_pool(pool)
