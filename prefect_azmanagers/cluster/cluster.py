@@ -113,12 +113,19 @@ class AzureCluster:
         self._spawn = spawner(self._tasks)
         self._dispatcher = Dispatcher(
             max_task_retries_on_lost_worker=self.options.max_task_retries_on_lost_worker,
-            hopeless=lambda: self._membership.hopeless_reason() if self._membership else None,
+            hopeless=self._hopeless,
             spawn=self._spawn)
         self._membership: Membership | None = None
         self._lifecycle: Lifecycle | None = None
         self._scaleset: ScaleSet | None = None
         self._clients: ArmClients | None = None
+
+    def _hopeless(self) -> str | None:
+        """Why queued work can never run (None while an instance is joined, coming, or an
+        adaptive policy may still add one)."""
+        if self._membership is None or (self._lifecycle is not None and self._lifecycle.may_grow()):
+            return None
+        return self._membership.hopeless_reason()
 
     @property
     def group(self) -> str:

@@ -25,7 +25,7 @@ from prefect_azmanagers.cluster import versions
 from prefect_azmanagers.cluster.adapt import AdaptivePolicy, InstanceView, Snapshot
 from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
 from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
-from prefect_azmanagers.cluster.membership import Membership, Reconciliation
+from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW, Membership, Reconciliation
 from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.protocol import Frame, Kind
@@ -514,6 +514,13 @@ class Lifecycle:
             await self._decide(policy)
             await asyncio.sleep(policy.adapt.interval)
 
+    def may_grow(self) -> bool:
+        """The adaptive policy will add capacity when work waits (so queued work is not
+        hopeless while nothing is joined): not while closing, nor past the runaway failsafe."""
+        return (self.policy is not None and not self.closing
+                and self.membership.failures_in_a_row < MAX_FAILURES_IN_A_ROW
+                and not self.policy.told_budget)
+
     def _snapshot(self, now: float) -> Snapshot:
         while self._requests and self._requests[0][0] < now - 60:
             self._requests.popleft()
@@ -540,6 +547,8 @@ class Lifecycle:
             policy.told_budget = True
             logger.warning("not scaling up: %s (the cluster keeps %d instances)",
                            decision.reason, current)
+        if decision.grow and self.membership.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            return  # the runaway failsafe: the queue has been failed (may_grow is False)
         if decision.grow:
             logger.info("scaling %d -> %d instances: %s", current, current + decision.grow,
                         decision.reason)
@@ -549,7 +558,10 @@ class Lifecycle:
                 await self.membership.grow(decision.grow)
             except AzManagersError as exc:
                 self.membership.provisioning_failed(exc)
+                self.membership.failures_in_a_row += 1  # the failsafe counts refused grows
                 self.dispatcher.fail_if_hopeless()
+        elif decision.budget_spent:
+            self.dispatcher.fail_if_hopeless()
         elif decision.remove:
             chosen = [m for m in self.membership.live() if m.vm_id in decision.remove
                       and not m.inflight()]

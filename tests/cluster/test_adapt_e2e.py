@@ -1,0 +1,110 @@
+"""Adaptive clusters end to end on the local cloud (issue 13): a bursty workload grows to the
+maximum, shrinks to the minimum in the idle gap and grows again; every result is right, no
+call is re-run because of a scale-down, the maximum is never exceeded; the runner reports."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+
+from prefect_azmanagers import Adapt, AzureScaleSetTaskRunner
+from prefect_azmanagers.cluster.cluster import AzureCluster
+from tests.cluster.test_engine_e2e import (
+    admin,  # noqa: F401  (the module's fixture)
+    assert_nothing_left,
+    group_name,
+    instances_of,
+    sleepy,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+class InstanceCounter:
+    """The local cloud's instance count of a scale set, sampled in the background: the peak."""
+
+    def __init__(self, admin, group: str):
+        self.admin, self.group, self.peak, self._stop = admin, group, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, len(instances_of(self.admin, self.group)))
+
+    def __enter__(self) -> "InstanceCounter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_bursty_workload_grows_to_the_maximum_shrinks_in_the_gap_and_grows_again(localcloud, admin):
+    group = group_name("adapt")
+    adapt = Adapt(minimum=0, maximum=3, idle_timeout=4, interval=0.5)
+    with InstanceCounter(admin, group) as counter, AzureCluster(
+            "localcloud-small", manifest="localcloud", group=group, progress=False,
+            join_timeout=300, adapt=adapt) as cluster:
+        assert instances_of(admin, group) == []     # minimum 0: nothing before work comes
+        first = [cluster.submit(lambda i=i: sleepy(i, 1.5)) for i in range(18)]
+        assert [f.result(timeout=300) for f in first] == list(range(18))
+        peak_first = counter.peak
+        wait_until(lambda: instances_of(admin, group) == [], 120, "the shrink to the minimum")
+        second = [cluster.submit(lambda i=i: sleepy(100 + i, 1.5)) for i in range(12)]
+        assert [f.result(timeout=300) for f in second] == [100 + i for i in range(12)]
+        usage = cluster.usage()
+        addresses = {m.address for m in cluster._membership.members.values() if m.address}
+    assert peak_first == 3 and counter.peak == 3    # grew to the maximum, never above it
+    assert usage.instances >= 4                      # grew again after the gap
+    assert usage.requeued == 0                       # no call re-run because of a scale-down
+    assert_nothing_left(admin, group, addresses)
+
+
+def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin):
+    """Calls trickle in at about the idle timeout: instances are removed while calls are being
+    handed out, and none is lost or re-run."""
+    group = group_name("race")
+    adapt = Adapt(minimum=0, maximum=2, idle_timeout=1, interval=0.2)
+    with AzureCluster("localcloud-small", manifest="localcloud", group=group, progress=False,
+                      join_timeout=300, adapt=adapt) as cluster:
+        futures = []
+        for i in range(10):
+            futures += [cluster.submit(lambda i=i, k=k: (i, k)) for k in range(2)]
+            time.sleep(1.0)
+        assert [f.result(timeout=300) for f in futures] == [(i, k) for i in range(10) for k in range(2)]
+        usage = cluster.usage()
+    assert usage.requeued == 0
+    assert_nothing_left(admin, group, set())
+
+
+@task
+def square(x: int) -> int:
+    time.sleep(0.5)
+    return x * x
+
+
+def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_server):
+    group = group_name("report")
+
+    @flow(task_runner=AzureScaleSetTaskRunner(
+        "localcloud-small", manifest="localcloud", group=group, join_timeout=300,
+        adapt=Adapt(minimum=0, maximum=2, idle_timeout=30, interval=0.5)))
+    def bursty():
+        return sum(square.map(range(8)).result())
+
+    state = bursty(return_state=True)
+    assert state.result() == sum(x * x for x in range(8))
+    with get_client(sync_client=True) as client:
+        artifacts = [a for a in client.read_artifacts() if a.key == "azmanagers-usage"
+                     and a.flow_run_id == state.state_details.flow_run_id]
+    assert len(artifacts) == 1
+    table = artifacts[0].data
+    assert "| instances used | 2 |" in table and "| evictions | 0 |" in table
+    assert "| re-queued calls | 0 |" in table and "| peak workers | 2 |" in table
+    assert_nothing_left(admin, group, set())
