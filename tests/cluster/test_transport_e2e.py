@@ -1,17 +1,28 @@
 """The transport's trust rules through AzureCluster on the local cloud: `env=` values reach
-the worker but no log line and no error message, and env.sh on the instance is 0600."""
+the worker but no log line and no error message, env.sh on the instance is 0600, and nothing
+connects to an instance's address once the cloud reported it deleted."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 
+import asyncssh
 import pytest
 
+from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.blocks import load_manifest
 from prefect_azmanagers.cluster.cluster import AzureCluster
+from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.exceptions import JoinTimeout
-from tests.cluster.test_engine_e2e import admin, assert_nothing_left, group_name  # noqa: F401
+from tests.cluster.test_engine_e2e import (  # noqa: F401
+    admin,
+    assert_nothing_left,
+    group_name,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -47,3 +58,41 @@ def test_an_agent_that_cannot_start_is_reported_without_env_values(localcloud, a
     assert "/nonexistent/python3" in message and "TOKEN=<redacted>" in message
     assert SECRET not in message and SECRET not in caplog.text
     assert_nothing_left(admin, group, set())
+
+
+async def _delete_instance(manifest, scale_set: str, name: str) -> None:
+    async with ArmClients(manifest) as arm:  # someone else deletes it, as the portal would
+        poller = await arm.compute.virtual_machine_scale_set_vms.begin_delete(
+            manifest.resource_group, scale_set, name.rsplit("_", 1)[1])
+        await poller.result()
+
+
+def test_nothing_connects_to_an_instance_once_the_cloud_deleted_it(localcloud, admin, monkeypatch):
+    attempts: list[tuple[str, float]] = []  # every SSH connection the driver opens
+    gone: list[tuple[str, float]] = []
+    real_connect, real_mark_gone = asyncssh.create_connection, InstanceConnection.mark_gone.__func__
+
+    async def connect(factory, host, *args, **kwargs):
+        attempts.append((host, time.monotonic()))
+        return await real_connect(factory, host, *args, **kwargs)
+
+    def mark_gone(cls, vm_id):
+        gone.append((vm_id, time.monotonic()))
+        real_mark_gone(cls, vm_id)
+
+    monkeypatch.setattr(asyncssh, "create_connection", connect)
+    monkeypatch.setattr(InstanceConnection, "mark_gone", classmethod(mark_gone))
+    manifest = load_manifest("localcloud")
+    group = group_name("gone")
+    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False,
+                      join_timeout=300, waitfor=True, max_replacements=0) as cluster:
+        addresses = {w.ip for w in cluster.workers}
+        victim = cluster.workers[0]
+        deleted = time.monotonic()
+        asyncio.run(_delete_instance(manifest, group, victim.instance))
+        wait_until(lambda: any(t > deleted for _, t in gone), 120, "the cluster to see it gone")
+        marked = min(t for _, t in gone if t > deleted)
+        time.sleep(15)  # reconnects, keepalives and diagnostics would have knocked by now
+        assert cluster.submit(lambda: "still working").result(timeout=60) == "still working"
+    assert [t for host, t in attempts if host == victim.ip and t > marked] == []
+    assert_nothing_left(admin, group, addresses)
