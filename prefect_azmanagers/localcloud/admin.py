@@ -101,7 +101,9 @@ def admin_routes(backend: Backend, describe_host: Any, identity: Identity) -> li
     async def counters(request: Request) -> dict[str, Any]:
         if request.method == "DELETE":
             backend.counters.clear()
-        return {"requests": dict(backend.counters), "live_instances": backend.live_instances()}
+        seconds = backend.instance_seconds()
+        return {"requests": dict(backend.counters), "live_instances": backend.live_instances(),
+                "instance_seconds": {"total": sum(seconds.values()), "by_instance": seconds}}
 
     async def instance_action(request: Request) -> dict[str, Any]:
         inst = backend.find_instance(request.path_params["ref"])
@@ -216,7 +218,8 @@ class LocalCloudAdmin:
         return self._call("GET", "/status")
 
     def counters(self) -> dict[str, Any]:
-        """{"requests": {operationId: n}, "live_instances": n}."""
+        """{"requests": {operationId: n}, "live_instances": n, "instance_seconds": {"total": s,
+        "by_instance": {vm name: s}}} (VM time since the start, deleted VMs included)."""
         return self._call("GET", "/counters")
 
     def reset_counters(self) -> None:

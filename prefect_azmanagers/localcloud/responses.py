@@ -324,6 +324,7 @@ def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str,
         props["latestModelApplied"] = True
     else:
         doc["type"] = "Microsoft.Compute/virtualMachines"
+        doc["etag"] = f'"{inst.generation}"'
         doc |= identity_doc(inst.identity, tenant_id)
         props["priority"] = inst.priority
         if inst.is_spot:
@@ -340,7 +341,8 @@ def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str,
 def scale_set_doc(ss: ScaleSet, tenant_id: str) -> dict[str, Any]:
     return {
         "id": ss.id, "name": ss.name, "type": "Microsoft.Compute/virtualMachineScaleSets",
-        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku), **identity_doc(ss.identity, tenant_id),
+        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku), "etag": f'"{ss.generation}"',
+        **identity_doc(ss.identity, tenant_id),
         "properties": {**ss.properties, "provisioningState": ss.provisioning_state,
                        "uniqueId": ss.unique_id, "timeCreated": ss.time_created,
                        "orchestrationMode": ss.orchestration_mode},

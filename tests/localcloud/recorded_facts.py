@@ -65,3 +65,7 @@ VM_AGENT_MEMBERS = {"vmAgentVersion", "statuses", "extensionHandlers"}
 VM_AGENT_READY = {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Ready",
                   "message": "GuestAgent is running and accepting new configurations."}
 # statuses: ProvisioningState/... carries a "time", PowerState/... does not
+
+# Compute resources carry a counter etag: "etag": "\"1\"" in `az vm show` / `az vm list` output
+# recorded in public transcripts (a Microsoft Learn sandbox's `az vm list`, a course's `az vm show`)
+COMPUTE_FIRST_ETAG = '"1"'

@@ -178,3 +178,23 @@ def test_instance_views_have_the_recorded_members(cloud: Cloud):
         assert model.platform_fault_domain == 0 and model.disks[0].name == view["disks"][0]["name"]
     finally:
         cloud.compute.virtual_machines.begin_delete(cloud.rg, name).result()
+
+
+def test_compute_etags_count_writes(cloud: Cloud):
+    from arm_harness import vm_body
+
+    name = unique("confet")
+    nic = cloud.network.network_interfaces.begin_create_or_update(cloud.rg, f"{name}-nic", nic_body(cloud)).result()
+    vm = cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, vm_body(cloud, nic.id, name)).result()
+    ss_name = unique("confetss")
+    ss = cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+        cloud.rg, ss_name, cloud.scale_set_body(0)).result()
+    try:
+        assert vm.etag == facts.COMPUTE_FIRST_ETAG and ss.etag == facts.COMPUTE_FIRST_ETAG
+        body = vm_body(cloud, nic.id, name) | {"tags": {"changed": "yes"}}
+        assert cloud.compute.virtual_machines.begin_create_or_update(cloud.rg, name, body).result().etag == '"2"'
+        cloud.compute.virtual_machine_scale_sets.begin_update(cloud.rg, ss_name, {"tags": {"a": "b"}}).result()
+        assert cloud.compute.virtual_machine_scale_sets.get(cloud.rg, ss_name).etag == '"2"'
+    finally:
+        cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, ss_name).result()
+        cloud.compute.virtual_machines.begin_delete(cloud.rg, name).result()

@@ -242,6 +242,33 @@ def test_scale_set_instances_over_openssh_boot_script_and_imds(lb: Cloud, user: 
                                                          for port in (2222, 8254)}
 
 
+MI_TOKEN = ("from azure.identity import ManagedIdentityCredential; "
+            "print(ManagedIdentityCredential().get_token('https://management.azure.com/.default').token)")
+
+
+def test_managed_identity_from_the_instance_imds(lb: Cloud, tmp_path: Path):
+    """azure-identity's ManagedIdentityCredential on a loopback instance: it finds the instance's
+    IMDS through AZURE_POD_IDENTITY_AUTHORITY_HOST, and ARM accepts the token."""
+    name = unique("lbmi")
+    nic = lb.network.network_interfaces.begin_create_or_update(lb.rg, f"{name}-nic", nic_body(lb)).result()
+    body = vm_body(lb, nic.id, name) | {"identity": {"type": "SystemAssigned"}}
+    vm = lb.compute.virtual_machines.begin_create_or_update(lb.rg, name, body).result()
+    try:
+        ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
+        sandbox = _sandbox(lb, name)
+        ran = _pinned_ssh(lb, ip, sandbox["host_key"], lb.info["ssh_private_key_file"],
+                          f"echo $AZURE_POD_IDENTITY_AUTHORITY_HOST; {lb.info['python']} -c \"{MI_TOKEN}\"", tmp_path)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        authority_host, token = ran.stdout.split()
+        assert authority_host == f"http://{ip}:8254"
+        with_token = ComputeManagementClient(StaticCredential(token), lb.info["subscription_id"],
+                                             base_url=lb.info["arm_endpoint"], connection_verify=lb.info["ca_cert"])
+        with with_token:
+            assert with_token.virtual_machines.get(lb.rg, name).identity.principal_id == vm.identity.principal_id
+    finally:
+        lb.compute.virtual_machines.begin_delete(lb.rg, name).result()
+
+
 def test_eviction_preempt_in_imds_then_the_instance_is_gone(lb: Cloud, tmp_path: Path):
     name = unique("lbev")
     lb.admin.settings(eviction_notice=4)

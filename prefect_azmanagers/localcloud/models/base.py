@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict
 from typing import Any, Awaitable
 
@@ -27,6 +28,8 @@ class BackendBase:
         self.operations: dict[str, Operation] = {}
         self.faults = Faults()
         self.counters: dict[str, int] = {}
+        self._existing_since: dict[str, tuple[str, float]] = {}  # instance id -> (name, since)
+        self._ended_seconds: dict[str, float] = {}  # VM name -> seconds it existed, once deleted
         self._tasks: set[asyncio.Task] = set()
         self._evictions: dict[str, tuple[str, asyncio.Event]] = {}  # vmId -> (EventId, acked)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,12 +61,26 @@ class BackendBase:
     def _save(self, obj: ScaleSet | Instance | Nic) -> None:
         if self._table(obj).get(obj.id.lower()) is not obj:
             return  # deleted meanwhile (e.g. a boot failing because its instance was deleted)
+        if isinstance(obj, Instance):
+            self._existing_since.setdefault(obj.id.lower(), (obj.name, time.monotonic()))
         kind = {ScaleSet: "scale_set", Instance: "instance", Nic: "nic"}[type(obj)]
         self.store.put(kind, obj.id, asdict(obj))
 
     def _forget(self, obj: ScaleSet | Instance | Nic) -> None:
         self._table(obj).pop(obj.id.lower(), None)
         self.store.delete(obj.id)
+        if (since := self._existing_since.pop(obj.id.lower(), None)) is not None:
+            name, started = since
+            self._ended_seconds[name] = self._ended_seconds.get(name, 0.0) + time.monotonic() - started
+
+    def instance_seconds(self) -> dict[str, float]:
+        """Seconds each VM has existed since this start (VM time, as billed), by VM name;
+        deleted VMs keep theirs. Tests and benches measure VM time with it, not a clock."""
+        now = time.monotonic()
+        seconds = dict(self._ended_seconds)
+        for name, started in self._existing_since.values():
+            seconds[name] = seconds.get(name, 0.0) + now - started
+        return seconds
 
     # ----- lifecycle ---------------------------------------------------------------------
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -53,6 +53,7 @@ class ScaleSet:
     provisioning_state: str = "Creating"
     next_instance_id: int = 0
     identity: dict[str, str] | None = None  # SystemAssigned: principalId, clientId (members share it)
+    generation: int = 1                 # Compute's etag ("\"1\"", one more per write)
 
     @property
     def orchestration_mode(self) -> str:
@@ -90,6 +91,7 @@ class Instance:
     power_state: str = "starting"       # starting | running | stopped | deallocated | deleting
     error: dict[str, Any] | None = None
     identity: dict[str, str] | None = None  # SystemAssigned: principalId, clientId
+    generation: int = 1                 # Compute's etag ("\"1\"", one more per write)
 
     @property
     def is_spot(self) -> bool:

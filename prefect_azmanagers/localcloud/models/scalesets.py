@@ -85,6 +85,7 @@ class ScaleSets(Instances):
             if custom_data is not None:
                 ss.custom_data = custom_data
             ss.provisioning_state = "Updating"
+            ss.generation += 1
         op = self._resize(ss, capacity, sku)
         return ss, op, existing is None
 
@@ -98,6 +99,7 @@ class ScaleSets(Instances):
         if "tags" in body:
             ss.tags = dict(body["tags"] or {})
         ss.provisioning_state = "Updating"
+        ss.generation += 1
         self._save(ss)
         return ss, op
 

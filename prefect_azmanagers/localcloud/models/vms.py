@@ -36,6 +36,7 @@ class Vms(Instances, Nics):
         if existing is not None:
             # Updates of a running VM: tags only (the rest of the model needs a redeploy).
             existing.tags = dict(body.get("tags") or existing.tags)
+            existing.generation += 1
             self._save(existing)
             return existing, self._done("VirtualMachines_CreateOrUpdate"), False
         spot = props.get("priority") == "Spot"
