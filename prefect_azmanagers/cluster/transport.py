@@ -297,14 +297,25 @@ class InstanceConnection:
         self.address = address
         self.vm_id = vm_id
         self._listeners: list[asyncssh.SSHListener] = []
+        self._loop = asyncio.get_running_loop()
         self._live.setdefault(vm_id, weakref.WeakSet()).add(self)
 
     @classmethod
     def mark_gone(cls, vm_id: str) -> None:
-        """The cloud reported the instance deleted: close its connections, refuse new ones."""
+        """The cloud reported the instance deleted: close its connections, refuse new ones.
+
+        Callable from any thread (each connection is closed on its own event loop).
+        """
         cls._gone.add(vm_id)
         for connection in list(cls._live.pop(vm_id, ())):
-            connection.close()
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if connection._loop is running:
+                connection.close()
+            elif not connection._loop.is_closed():
+                connection._loop.call_soon_threadsafe(connection.close)
 
     @classmethod
     def _refuse_gone(cls, vm_id: str, address: str) -> None:

@@ -340,6 +340,11 @@ async def test_an_instance_marked_gone_is_never_connected_to_again(sshd, tmp_pat
             await _open(sshd, known_hosts, vm_id="vm-gone")
         assert "InstanceGone" in await _read_boot_log(sshd, known_hosts, "vm-gone")
         assert (await other.run("echo still here")).stdout == "still here\n"
+        # from another thread (a cluster's loop thread marking an instance of this loop gone)
+        third = await _open(sshd, known_hosts, vm_id="vm-gone-too")
+        closed = asyncio.ensure_future(third.wait_closed())
+        await asyncio.to_thread(InstanceConnection.mark_gone, "vm-gone-too")
+        await asyncio.wait_for(closed, 10)
     finally:
         other.close()
         await other.wait_closed()
