@@ -63,6 +63,9 @@ def test_a_bursty_workload_grows_to_the_maximum_shrinks_in_the_gap_and_grows_aga
     assert peak_first == 3 and counter.peak == 3    # grew to the maximum, never above it
     assert usage.instances >= 4                      # grew again after the gap
     assert usage.requeued == 0                       # no call re-run because of a scale-down
+    vm_seconds = {name: s for name, s in admin.counters()["instance_seconds"]["by_instance"].items()
+                  if name.startswith(f"{group}_")}
+    assert len(vm_seconds) == usage.instances and all(s > 0 for s in vm_seconds.values())
     assert_nothing_left(admin, group, addresses)
 
 
