@@ -32,6 +32,7 @@ class ArmRequest:
     body: Any
     base_url: str                       # scheme://host:port of the endpoint
     path: str
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 @dataclass
@@ -240,6 +241,20 @@ def validate_nic(body: dict[str, Any]) -> None:
             raise errors.missing_parameter(f"properties.ipConfigurations[{n}].properties.subnet.id")
 
 
+def check_preconditions(req: ArmRequest, current_etag: str | None) -> None:
+    """If-Match / If-None-Match on a write, as Compute honours them: 412 PreconditionFailed when
+    the resource's etag (None: it does not exist) does not meet them."""
+    if_match, if_none_match = req.headers.get("if-match"), req.headers.get("if-none-match")
+    met = True
+    if if_match is not None:
+        met = current_etag is not None and (if_match.strip() == "*" or if_match.strip() == current_etag)
+    if if_none_match is not None and current_etag is not None:
+        met = met and if_none_match.strip() not in ("*", current_etag)
+    if not met:
+        raise errors.ArmError(412, "PreconditionFailed",
+                              "The condition specified using HTTP conditional header(s) is not met.")
+
+
 # ----- serialization ----------------------------------------------------------------------
 def _status(code: str, display: str, level: str = "Info", **extra: Any) -> dict[str, Any]:
     return {"code": code, "level": level, "displayStatus": display, **extra}
@@ -324,7 +339,7 @@ def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str,
         props["latestModelApplied"] = True
     else:
         doc["type"] = "Microsoft.Compute/virtualMachines"
-        doc["etag"] = f'"{inst.generation}"'
+        doc["etag"] = compute_etag(inst.generation)
         doc |= identity_doc(inst.identity, tenant_id)
         props["priority"] = inst.priority
         if inst.is_spot:
@@ -341,7 +356,7 @@ def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str,
 def scale_set_doc(ss: ScaleSet, tenant_id: str) -> dict[str, Any]:
     return {
         "id": ss.id, "name": ss.name, "type": "Microsoft.Compute/virtualMachineScaleSets",
-        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku), "etag": f'"{ss.generation}"',
+        "location": ss.location, "tags": ss.tags, "sku": dict(ss.sku), "etag": compute_etag(ss.generation),
         **identity_doc(ss.identity, tenant_id),
         "properties": {**ss.properties, "provisioningState": ss.provisioning_state,
                        "uniqueId": ss.unique_id, "timeCreated": ss.time_created,
@@ -374,6 +389,11 @@ def nic_doc(nic: Nic) -> dict[str, Any]:
     if nic.scale_set_id is None:
         doc["type"] = "Microsoft.Network/networkInterfaces"
     return doc
+
+
+def compute_etag(generation: int) -> str:
+    """A Compute resource's etag: its write count, quoted ("1", "2", ...)."""
+    return f'"{generation}"'
 
 
 def nic_etag(nic: Nic) -> str:
@@ -459,9 +479,16 @@ class ArmResponses:
     def put_scale_set(self, req: ArmRequest) -> ArmResponse:
         body = _body_dict(req, "VirtualMachineScaleSet")
         validate_scale_set(body)
+        check_preconditions(req, self._scale_set_etag(req))
         ss, op, created = self.backend.put_scale_set(self._rg(req), req.params["vmss"], body)
         return ArmResponse(201 if created else 200, scale_set_doc(ss, self.backend.tenant_id),
                            self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
+
+    def _scale_set_etag(self, req: ArmRequest) -> str | None:
+        try:
+            return compute_etag(self.backend.scale_set(self._rg(req), req.params["vmss"]).generation)
+        except errors.ArmError:
+            return None
 
     def get_scale_set(self, req: ArmRequest) -> ArmResponse:
         return ArmResponse(200, scale_set_doc(self.backend.scale_set(self._rg(req), req.params["vmss"]), self.backend.tenant_id))
@@ -476,6 +503,7 @@ class ArmResponses:
         check_shape(body, {"sku": {"capacity": (int,)}, "tags": {}})
         if (body.get("sku") or {}).get("capacity") is not None:
             _capacity(body["sku"]["capacity"], "sku.capacity")
+        check_preconditions(req, self._scale_set_etag(req))
         ss, op = self.backend.patch_scale_set(self._rg(req), req.params["vmss"], body)
         return ArmResponse(200, scale_set_doc(ss, self.backend.tenant_id), self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
 

@@ -96,7 +96,8 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
                     raise ArmError(400, "InvalidRequestContent",
                                    f"The request content was invalid and could not be deserialized: {exc}.") from None
             req = ArmRequest(method=method, params=params, query=query, body=body,
-                             base_url=f"{request.url.scheme}://{request.url.netloc}", path=path)
+                             base_url=f"{request.url.scheme}://{request.url.netloc}", path=path,
+                             headers={k.lower(): v for k, v in request.headers.items()})
             result = getattr(responses, route.handler)(req)
         except ArmError as exc:
             return arm_error(exc)

@@ -198,3 +198,28 @@ def test_compute_etags_count_writes(cloud: Cloud):
     finally:
         cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, ss_name).result()
         cloud.compute.virtual_machines.begin_delete(cloud.rg, name).result()
+
+
+def test_if_match_guards_scale_set_writes(cloud: Cloud):
+    """A capacity write with the etag it read succeeds; with a stale one it gets 412 and changes
+    nothing (what concurrent writers rely on); If-None-Match: * refuses to overwrite."""
+    name = unique("confim")
+    ss = cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+        cloud.rg, name, cloud.scale_set_body(0)).result()
+    try:
+        from azure.core import MatchConditions
+
+        unchanged = dict(etag=ss.etag, match_condition=MatchConditions.IfNotModified)  # If-Match: "1"
+        cloud.compute.virtual_machine_scale_sets.begin_update(cloud.rg, name, {"tags": {"n": "1"}},
+                                                              **unchanged).result()
+        with pytest.raises(HttpResponseError) as stale:
+            cloud.compute.virtual_machine_scale_sets.begin_update(cloud.rg, name, {"sku": {"capacity": 1}},
+                                                                  **unchanged)
+        assert stale.value.status_code == 412 and stale.value.error.code == "PreconditionFailed"
+        assert cloud.compute.virtual_machine_scale_sets.get(cloud.rg, name).sku.capacity == 0
+        with pytest.raises(HttpResponseError) as exists:
+            cloud.compute.virtual_machine_scale_sets.begin_create_or_update(
+                cloud.rg, name, cloud.scale_set_body(0), match_condition=MatchConditions.IfMissing)
+        assert exists.value.status_code == 412
+    finally:
+        cloud.compute.virtual_machine_scale_sets.begin_delete(cloud.rg, name).result()
