@@ -184,13 +184,29 @@ def leftovers(localcloud_info: dict, pool: str) -> list[str]:
     return found
 
 
+def eventually(probe, what: str, timeout: float, interval: float = 1.0):
+    """probe()'s first truthy result, polled every `interval` s; fails after `timeout` s
+    with `what` and probe's last result."""
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(interval)
+    return result
+
+
 @pytest.fixture
 def assert_nothing_left(localcloud):
     """Wait until the pool has no VM, NIC or instance left; fail with what remains."""
     def check(pool: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while remaining := leftovers(localcloud, pool):
-            assert time.monotonic() < deadline, f"left behind: {remaining}"
-            time.sleep(1)
+        remaining: list[str] = []
+
+        def nothing() -> bool:
+            remaining[:] = leftovers(localcloud, pool)
+            return not remaining
+
+        try:
+            eventually(nothing, "the deletion of the pool's VMs", timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; left behind: {remaining}") from None
 
     return check

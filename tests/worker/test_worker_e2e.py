@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.worker.conftest import cli
+from tests.worker.conftest import cli, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -58,16 +58,15 @@ def _run_deployment(deployment: str) -> str:
 
 
 def _wait_for(flow_run_id: str, predicate, what: str, timeout: float):
+    """The flow run once predicate(flow_run) holds."""
     from prefect import get_client
 
-    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        while True:
+        def probe():
             flow_run = client.read_flow_run(flow_run_id)
-            if predicate(flow_run):
-                return flow_run
-            assert time.monotonic() < deadline, f"{what} did not happen: {flow_run.state!r}"
-            time.sleep(1)
+            return flow_run if predicate(flow_run) else None
+
+        return eventually(probe, what, timeout)
 
 
 def _running_on_vm(flow_run_id: str, timeout: float = 300):
