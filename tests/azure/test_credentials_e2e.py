@@ -10,7 +10,6 @@ import base64
 import json
 import shlex
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 from azure.core.exceptions import ClientAuthenticationError
