@@ -252,3 +252,35 @@ def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(localcloud, tm
                 if deployment.work_pool_name == pool:
                     client.delete_deployment(deployment.id)
             client.delete_work_pool(pool)
+
+
+def test_a_vm_that_fails_to_boot_crashes_the_run_and_leaves_nothing(vm_pool, vm_worker,
+                                                                     localcloud,
+                                                                     assert_nothing_left):
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    deployment = vm_pool("flows.py:hello", "hello-bootfail")
+    with LocalCloudAdmin.from_info(localcloud) as admin:
+        admin.boot_fail(1)
+        try:
+            flow_run_id = _run_deployment(deployment)
+            flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
+        finally:
+            admin.clear_faults()
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert "boot failure injected" in flow_run.state.message
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_cancelling_a_run_whose_engine_has_not_started_deletes_its_vm(vm_pool, vm_worker,
+                                                                       assert_nothing_left):
+    """Cancelled once the VM exists but before the engine reports Running: Prefect's worker
+    cancellation (kill_infrastructure) or the follower deletes the VM."""
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper-early"))
+    flow_run = _wait_for(flow_run_id, lambda r: r.infrastructure_pid, "the VM", 300)
+    assert not flow_run.state.is_running(), "the engine started too soon for this test"
+    cli("flow-run", "cancel", flow_run_id)
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the cancellation", 120)
+    assert flow_run.state.is_cancelled(), flow_run.state
+    assert_nothing_left(vm_pool.pool)
+    print(f"cancelled before the engine started: {flow_run.state.message}")
