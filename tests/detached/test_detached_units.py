@@ -51,7 +51,9 @@ def test_api_url_the_vms_cannot_use_is_refused_with_the_fix(driver_api, words):
 
 
 def _recorder(path: Path, record: Path, then: str = "") -> None:
-    path.write_text(f"#!/bin/bash\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > {record}\n{then}\n")
+    # Written whole, then renamed: a reader waiting for the file never sees half of it.
+    path.write_text(f"#!/bin/bash\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > {record}.tmp\n"
+                    f"mv {record}.tmp {record}\n{then}\n")
     path.chmod(0o755)
 
 
