@@ -80,7 +80,8 @@ class AzureVMJobConfiguration(BaseJobConfiguration):
 
 
 class AzureVMWorkerResult(BaseWorkerResult):
-    """`identifier` is the VM (`resource_group/name`); `status_code` 0 if the run completed."""
+    """`identifier` is the VM (`resource_group/name`); `status_code` is 0 once the worker saw
+    the run to its end (the run's state says how it ended)."""
 
 
 class AzureVMWorker(BaseWorker[AzureVMJobConfiguration, AzureVMVariables, AzureVMWorkerResult]):
@@ -128,11 +129,13 @@ class AzureVMWorker(BaseWorker[AzureVMJobConfiguration, AzureVMVariables, AzureV
         self.following.add(flow_run.id)
         self.vm_count += 1
         try:
-            status = await vmrun.run_flow_run(self, flow_run, configuration, task_status)
+            vm = await vmrun.run_flow_run(self, flow_run, configuration, task_status)
         finally:
             self.vm_count -= 1
             self.following.discard(flow_run.id)
-        return AzureVMWorkerResult(identifier=status[0], status_code=status[1])
+        # 0 whatever the run's end: its state is final or rescheduled already; a non-zero code
+        # makes Prefect propose Crashed, which would end a rescheduled run
+        return AzureVMWorkerResult(identifier=vm, status_code=0)
 
     async def kill_infrastructure(self, infrastructure_pid: str,
                                   configuration: AzureVMJobConfiguration,

@@ -193,12 +193,19 @@ class VMRun:
         next_arm = time.monotonic() + ARM_POLL_SECONDS
         cancelling_since: float | None = None
         while True:
-            state = (await client.read_flow_run(self.flow_run.id)).state
+            flow_run = await client.read_flow_run(self.flow_run.id)
+            state = flow_run.state
             kind = state.type if state else StateType.PENDING
             now = time.monotonic()
             if kind in _FINAL:
                 self.run_logger.info("Flow run is %s; deleting VM %s", state.name, self.vm.name)
                 await self.delete(clients, keep=kind != StateType.COMPLETED)
+                return kind
+            if kind == StateType.SCHEDULED and self.engine_exit is not None:
+                # the engine gave the run back (SIGTERM with intent "reschedule"): a new VM
+                # serves its next attempt
+                self.run_logger.info("Flow run rescheduled; deleting VM %s", self.vm.name)
+                await self.delete(clients, keep=False)
                 return kind
             reason = None
             if kind == StateType.CANCELLING:
@@ -208,7 +215,7 @@ class VMRun:
                                           f"not end the run within {CANCEL_GRACE_SECONDS:.0f} s")
             elif self.boot_failure:
                 reason = f"the boot script of VM {self.vm.name} failed ({self.boot_failure})"
-            elif kind != StateType.RUNNING and now - self.created > self.config.boot_timeout:
+            elif flow_run.start_time is None and now - self.created > self.config.boot_timeout:
                 reason = (f"the flow run did not start on VM {self.vm.name} within "
                           f"{self.config.boot_timeout:.0f} s (boot_timeout)")
             elif (self.engine_exit is not None
@@ -268,8 +275,8 @@ async def _delete_vm(clients: ArmClients, manifest: AzureManifest, vm: azure_vm.
 
 
 async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVMJobConfiguration,
-                       task_status: Optional[anyio.abc.TaskStatus[str]]) -> tuple[str, int]:
-    """The whole life of one flow run's VM; returns (VM `group/name`, 0 if it completed)."""
+                       task_status: Optional[anyio.abc.TaskStatus[str]]) -> str:
+    """The whole life of one flow run's VM; returns the VM (`group/name`)."""
     manifest = await aload_manifest(config.manifest)
     if not config.vm_template:
         raise ConfigurationError(
@@ -310,8 +317,8 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
             raise
         run_logger.info("VM %s (%s) provisioned in %.1f s", name, run.vm.private_ip,
                         run.created - started)
-        state = await _run_on_vm(clients, run, env, task_status)
-    return run.pid, 0 if state == StateType.COMPLETED else 1
+        await _run_on_vm(clients, run, env, task_status)
+    return run.pid
 
 
 async def _run_on_vm(clients: ArmClients, run: VMRun, env: dict[str, str],

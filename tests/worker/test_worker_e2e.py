@@ -76,6 +76,14 @@ def _running_on_vm(flow_run_id: str, timeout: float = 300):
     return _wait_for(flow_run_id, lambda r: r.infrastructure_pid, "the infrastructure pid", 30)
 
 
+def _assert_state_stays(flow_run_id, state_type: str) -> None:
+    """The run's final state is still `state_type` a few seconds after its VM is gone, when
+    the worker is done with the run (it must not propose Crashed over it)."""
+    time.sleep(5)
+    state = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the final state", 10).state
+    assert state.type.value == state_type, state
+
+
 def test_failing_flow_ends_failed_and_its_vm_is_gone(vm_pool, vm_worker, assert_nothing_left):
     deployment = vm_pool("flows.py:fails", "fails")
     run = cli("deployment", "run", deployment, "--watch", "--watch-timeout", "400", timeout=500,
@@ -85,6 +93,7 @@ def test_failing_flow_ends_failed_and_its_vm_is_gone(vm_pool, vm_worker, assert_
     assert flow_run.state.is_failed(), flow_run.state
     assert any("this flow fails on purpose" in m for m in _messages(flow_run.id))
     assert_nothing_left(vm_pool.pool)
+    _assert_state_stays(flow_run.id, "FAILED")
 
 
 def test_cancelling_a_running_flow_ends_cancelled_and_deletes_its_vm(vm_pool, vm_worker,
@@ -97,6 +106,7 @@ def test_cancelling_a_running_flow_ends_cancelled_and_deletes_its_vm(vm_pool, vm
     assert flow_run.state.is_cancelled(), flow_run.state
     assert_nothing_left(vm_pool.pool, timeout=60)
     print(f"cancel -> Cancelled and VM gone in {time.monotonic() - cancelled_at:.1f} s")
+    _assert_state_stays(flow_run_id, "CANCELLED")
 
 
 def test_a_vm_deleted_under_a_running_flow_makes_it_crashed(vm_pool, vm_worker, localcloud,
