@@ -287,6 +287,7 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
     nic_template = await aload_nic_template(config.nic_template) if config.nic_template else None
     admin = manifest.ssh_user or vm_template.value["properties"]["osProfile"]["adminUsername"]
     env = vm_environment(config.env, api_url=api_url_for_vms(manifest), admin=admin)
+    env_file = "".join(f"{line}\n" for line in _env_lines(env)).encode()  # bad names fail here
     hooks, python = [], manifest.python
     if config.customenv:
         hooks.append(customenv_hook(capture_environment(), admin_username=admin, python=python))
@@ -317,19 +318,18 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
             raise
         run_logger.info("VM %s (%s) provisioned in %.1f s", name, run.vm.private_ip,
                         run.created - started)
-        await _run_on_vm(clients, run, env, task_status)
+        await _run_on_vm(clients, run, env_file, task_status)
     return run.pid
 
 
-async def _run_on_vm(clients: ArmClients, run: VMRun, env: dict[str, str],
+async def _run_on_vm(clients: ArmClients, run: VMRun, env_file: bytes,
                      task_status: Optional[anyio.abc.TaskStatus[str]]) -> StateType:
     shipped = False
     try:
         async with AsyncExitStack() as stack, anyio.create_task_group() as streams:
             connection = await run.connect(stack)
             streams.start_soon(lambda: run.stream(connection, boot=True))
-            await _write_private_file(connection, RUN_ENV_FILE,
-                                      "".join(f"{line}\n" for line in _env_lines(env)).encode())
+            await _write_private_file(connection, RUN_ENV_FILE, env_file)
             shipped = True
             if task_status is not None:
                 task_status.started(run.pid)
