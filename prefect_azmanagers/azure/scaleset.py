@@ -25,7 +25,7 @@ import asyncio
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from azure.core import MatchConditions
 
@@ -115,7 +115,8 @@ class ScaleSet:
                  custom_data: str, tags: dict[str, str],
                  provisioning: ProvisioningOptions = ProvisioningOptions(),
                  eviction_policy: str = "Delete", quota_wait: float = 0.0,
-                 resource_group: str | None = None, lease_holder: str | None = None):
+                 resource_group: str | None = None, lease_holder: str | None = None,
+                 boot_log: Callable[[Instance], Awaitable[str]] | None = None):
         self.clients = clients
         self.manifest = manifest
         self.template = template
@@ -130,6 +131,9 @@ class ScaleSet:
             raise ConfigurationError(f"eviction_policy must be 'Delete' or 'Deallocate', not {eviction_policy!r}.")
         self.eviction_policy = eviction_policy
         self.lease_holder = lease_holder   # a cluster id: hold the scale set's lease (lease.py)
+        # Reads a failed instance's boot log for the error (the data plane's pinned SSH);
+        # without one, an address is read only with a key already pinned for it.
+        self.boot_log = boot_log or self._boot_log_by_address
         self._renewer: asyncio.Task | None = None
         self.quota_wait = quota_wait
         self.created = False
@@ -316,14 +320,16 @@ class ScaleSet:
         instances = await self._list()
         failed = [i for i in instances if i.provisioning_state.lower() == "failed"]
         reachable = [i for i in failed if i.private_ip and read_logs][:MAX_FAILURE_LOGS]
-        tails = await asyncio.gather(*(boot_log_tail(
-            i.private_ip, admin_username=self.manifest.ssh_user, manifest=self.manifest,
-            connect_timeout=10, lines=30) for i in reachable))
+        tails = await asyncio.gather(*(self.boot_log(i) for i in reachable))
         if failed:
             await self.delete_instances([i.instance_id for i in failed])
         if self.created and len(failed) == len(instances):
             await self.delete()
         return "".join(f"\n\nBoot log of {i.name}:\n{tail}" for i, tail in zip(reachable, tails))
+
+    async def _boot_log_by_address(self, instance: Instance) -> str:
+        return await boot_log_tail(instance.private_ip, admin_username=self.manifest.ssh_user,
+                                   manifest=self.manifest, connect_timeout=10, lines=30)
 
     async def wait_provisioned(self) -> None:
         """Wait until every grow sent so far finished; raise its failure if one failed."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import signal
@@ -317,6 +318,8 @@ class AzureCluster:
     async def _start(self, started_at: float) -> None:
         from prefect_azmanagers.azure.bootscript import boot_script, encode_custom_data
         from prefect_azmanagers.azure.clients import ArmClients
+        from prefect_azmanagers.azure.fallback import SpotWithFallback
+        from prefect_azmanagers.azure.provisioning import ProvisioningOptions
         from prefect_azmanagers.azure.ownership import ownership_tags
         from prefect_azmanagers.azure.scaleset import ScaleSet
         from prefect_azmanagers.blocks import aload_manifest, aload_scaleset_template
@@ -336,10 +339,21 @@ class AzureCluster:
         script = boot_script(admin_username=admin, tempdisk=template.tempdisk, env=options.env,
                              hooks=self._boot_hooks(admin, manifest.python))
         self._clients = ArmClients(manifest, subscription_id=template.subscription_id or None)
-        self._scaleset = ScaleSet(
-            self._clients, manifest, template, self.group,
-            custom_data=encode_custom_data(script), tags=ownership_tags(self.cluster_id),
-            provisioning=options.provisioning, lease_holder=self.cluster_id)
+        def scaleset(name: str, provisioning: ProvisioningOptions) -> ScaleSet:
+            return ScaleSet(
+                self._clients, manifest, template, name, custom_data=encode_custom_data(script),
+                tags=ownership_tags(self.cluster_id), provisioning=provisioning,
+                lease_holder=self.cluster_id,
+                boot_log=lambda instance: access.boot_log(instance.private_ip, instance.vm_id,
+                                                          lines=30))
+
+        self._scaleset = scaleset(self.group, options.provisioning)
+        if options.spot_fallback:
+            regular = dataclasses.replace(options.provisioning, spot=False, max_price=-1,
+                                          spot_base_regular_priority_count=0,
+                                          spot_regular_percentage_above_base=0)
+            self._scaleset = SpotWithFallback(
+                self._scaleset, scaleset(f"{self.group}-regular"[:64], regular))
         self._membership = Membership(
             self._scaleset, name=self.group, join_timeout=options.join_timeout,
             replacements=options.replacements_for(self.n),
@@ -349,7 +363,8 @@ class AzureCluster:
             options, access, self._membership, self._dispatcher,
             progress=JoinProgress(self.n * self.ppi, show=options.progress),
             output=lambda info, stream, line: self.output_handler(info, stream, line),
-            spawn=self._spawn, started_at=started_at)
+            spawn=self._spawn, started_at=started_at,
+            fall_back=self._scaleset.fall_back if options.spot_fallback else None)
         await self._membership.know_existing()
         if self.n:
             await self._membership.grow(self.n)

@@ -160,8 +160,11 @@ class Dispatcher:
         else:
             settle(item.future, **_unpickled(frame.body))
 
-    def requeue(self, worker: Worker, reason: str, *, count_attempt: bool = True) -> None:
-        """The slot was lost: re-queue its calls at the front, or fail those past the bound."""
+    def requeue(self, worker: Worker, reason: str, *, count_attempt: bool = True,
+                then_check: bool = True) -> None:
+        """The slot was lost: re-queue its calls at the front, or fail those past the bound;
+        then fail the queue if hopeless (`then_check=False`: the caller checks once it has
+        requested a replacement)."""
         items, worker.inflight = list(worker.inflight.values()), {}
         if items:
             logger.warning("%s lost while running %d call(s): %s", worker.where, len(items), reason)
@@ -179,7 +182,8 @@ class Dispatcher:
             else:
                 self.requeued += 1
                 self.queue.put(item, front=True)
-        self.fail_if_hopeless()
+        if then_check:
+            self.fail_if_hopeless()
 
     def cancel(self, items: list[WorkItem]) -> set[Worker]:
         """Cancel these calls; returns the slots that were running some of them."""

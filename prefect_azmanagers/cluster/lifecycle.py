@@ -29,13 +29,14 @@ from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW, Members
 from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.protocol import Frame, Kind
-from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command
+from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
 from prefect_azmanagers.cluster.usage import WorkerGauge, instance_hours
 from prefect_azmanagers.exceptions import (
     AzManagersError,
     BootFailed,
     ConfigurationError,
     HostKeyMismatch,
+    InstanceGone,
     JoinTimeout,
 )
 
@@ -64,13 +65,21 @@ class Access:
     python: str
     launcher: list[str]
 
+    async def boot_log(self, address: str, vm_id: str, *, lines: int = 50) -> str:
+        """The boot log's tail over a connection of its own (pinned like every other)."""
+        return await asyncio.wait_for(read_boot_log(
+            address, vm_id=vm_id, host_keys=self.host_keys, port=self.manifest.ssh_port,
+            username=self.admin, client_key=self.client_key, admin_username=self.admin,
+            lines=lines, connect_timeout=10), 30)
+
 
 class Lifecycle:
     """Joins, agents, losses and removal of one cluster's members, on the cluster's loop."""
 
     def __init__(self, options: ClusterOptions, access: Access, membership: Membership,
                  dispatcher: Dispatcher, *, progress: JoinProgress, output: OutputHandler,
-                 spawn: Callable[..., asyncio.Task], started_at: float):
+                 spawn: Callable[..., asyncio.Task], started_at: float,
+                 fall_back: Callable[[], None] | None = None):
         self.options = options
         self.access = access
         self.membership = membership
@@ -80,6 +89,7 @@ class Lifecycle:
         self.spawn = spawn
         self.started_at = started_at
         self.closing = False
+        self._fall_back = fall_back  # spot_fallback: new instances regular from then on
         self.gauge = WorkerGauge()
         self.policy: AdaptivePolicy | None = None  # adaptive capacity (None: fixed n)
         self._requests: deque[tuple[float, int]] = deque()  # (when, count) of recent grows
@@ -133,7 +143,7 @@ class Lifecycle:
             await self._join_failed(member, reason)
         except (HostKeyMismatch, ConfigurationError) as exc:  # another instance fares no better
             await self._join_failed(member, str(exc), replace=False)
-        except (BootFailed, asyncssh.Error, OSError) as exc:
+        except (BootFailed, InstanceGone, asyncssh.Error, OSError) as exc:
             await self._join_failed(member, str(exc))
 
     async def _bring_up(self, member: Member) -> None:
@@ -183,7 +193,7 @@ class Lifecycle:
                     username=self.access.admin, client_key=self.access.client_key,
                     vm_id=member.vm_id, host_keys=self.access.host_keys,
                     on_lost=partial(self._connection_lost, member))
-            except HostKeyMismatch:
+            except (HostKeyMismatch, InstanceGone):
                 raise
             except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
                 if not retry:
@@ -250,10 +260,7 @@ class Lifecycle:
             if member.conn is not None:
                 return await asyncio.wait_for(boot_log_tail(member.conn.ssh, admin_username=admin), 30)
             if member.address:
-                pinned = self.access.host_keys.get(member.vm_id)
-                return await asyncio.wait_for(boot_log_tail(
-                    member.address, admin_username=admin, manifest=self.access.manifest,
-                    host_key=pinned.export_public_key().decode() if pinned else None), 30)
+                return await self.access.boot_log(member.address, member.vm_id)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
             return f"(boot log unavailable: {exc})"
         return f"(no boot log: the instance never got an address; state {member.provisioning_state})"
@@ -337,13 +344,14 @@ class Lifecycle:
         self._worker_lost(worker, reason)
         self._schedule_restart(worker)
 
-    def _worker_lost(self, worker: Worker, reason: str, *, count_attempt: bool = True) -> None:
+    def _worker_lost(self, worker: Worker, reason: str, *, count_attempt: bool = True,
+                     then_check: bool = True) -> None:
         """Mark a slot lost and re-queue (or fail, past the bound) what it was running."""
         worker.state = WorkerState.LOST
         worker.generation += 1  # late frames of the dead agent are ignored
         if worker.feeder is not None and worker.feeder is not asyncio.current_task():
             worker.feeder.cancel()
-        self.dispatcher.requeue(worker, reason, count_attempt=count_attempt)
+        self.dispatcher.requeue(worker, reason, count_attempt=count_attempt, then_check=then_check)
 
     def _schedule_restart(self, worker: Worker) -> None:
         if worker.member.state is MemberState.JOINED:
@@ -405,13 +413,14 @@ class Lifecycle:
             if self.closing or member.state is not MemberState.JOINING:
                 return
             if member.power_state in STOPPED_POWER_STATES:
+                member.evicted = member.priority == "Spot"  # a spot VM stopped under us
                 await self.lose(member, f"{reason}; the instance is {member.power_state}")
                 return
             try:
                 member.conn = await self._connect(member, retry=False)
                 break
-            except HostKeyMismatch as mismatch:
-                await self.lose(member, str(mismatch))
+            except (HostKeyMismatch, InstanceGone) as refused:
+                await self.lose(member, str(refused))
                 return
             except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
                 logger.info("instance %s: reconnect attempt %d failed: %s", member.name,
@@ -478,16 +487,27 @@ class Lifecycle:
         nothing is left or coming (with `reason` as the last failure)."""
         if not member.state.live:
             return
-        for worker in member.workers:
+        for worker in member.workers:  # the queue is checked once the replacement is asked for
             if worker.state not in (WorkerState.LOST, WorkerState.FAILED, WorkerState.STOPPED):
-                self._worker_lost(worker, reason)
+                self._worker_lost(worker, reason, then_check=False)
         logger.warning("instance %s lost: %s", member.name, reason)
         self.membership.failed(member, reason, before_joining=before_joining)
+        if member.evicted:
+            self._count_eviction()
         await self.remove([member], reason)
         if replacement is not None:
             await self._replace(1, f"instance {member.name} {replacement}")
         self.dispatcher.fail_if_hopeless()
         self.membership.changed.set()
+
+    def _count_eviction(self) -> None:
+        evictions = sum(m.evicted for m in self.membership.members.values())
+        if self._fall_back is not None and evictions >= self.options.spot_fallback_after:
+            self._fall_back()
+            self._fall_back = None
+            logger.warning("%d spot evictions: new instances are regular priority from now on "
+                           "(spot_fallback=True; scale set %s-regular)", evictions,
+                           self.membership.name)
 
     async def _replace(self, count: int, why: str) -> None:
         if self.policy is not None:

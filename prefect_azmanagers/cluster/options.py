@@ -32,7 +32,8 @@ class ClusterOptions(ProvisioningOptions):
         customenv: build the driver's Python environment on the instances at boot: True
             captures it at start; an `EnvironmentSpec` (`capture_environment()`) is reused.
         mpi_ranks_per_worker, mpi_flags: each slot runs `mpirun -n K <flags>` agents.
-        env: environment variables of the worker processes (values are quoted, not secrets).
+        env: environment variables of the worker processes (shell-quoted; redacted in logs
+            and errors, and ~/.azmanagers/env.sh on instances is 0600).
         join_timeout: seconds an instance may take from request to joined; `waitfor` deadline.
         max_task_retries_on_lost_worker: times a call is re-queued after losing its worker.
         replace_lost_workers: grow the scale set again for instances lost or failed.
@@ -46,6 +47,8 @@ class ClusterOptions(ProvisioningOptions):
         adapt: adaptive capacity (`Adapt(minimum=, maximum=, idle_timeout=, ...)`): the
             cluster grows with queued and running work and removes idle instances; n is then
             the initial size (default: the minimum).
+        spot_fallback, spot_fallback_after: with spot, after this many evictions new
+            instances are regular priority (a second scale set, `<group>-regular`).
     """
 
     ppi: int = 1
@@ -65,6 +68,8 @@ class ClusterOptions(ProvisioningOptions):
     heartbeat_timeout: float = 300.0
     imds_url: str = DEFAULT_IMDS_URL
     adapt: Adapt | None = None
+    spot_fallback: bool = False
+    spot_fallback_after: int = 3
 
     @classmethod
     def from_keywords(cls, options: Mapping[str, Any]) -> ClusterOptions:
@@ -100,6 +105,9 @@ class ClusterOptions(ProvisioningOptions):
                 raise ConfigurationError(
                     f"env: {name!r} is not a valid environment variable name (letters, digits "
                     "and _, not starting with a digit)")
+        _at_least("spot_fallback_after", self.spot_fallback_after, 1)
+        if self.spot_fallback and not self.spot:
+            raise ConfigurationError("spot_fallback falls back from spot instances: pass spot=True too.")
         if self.adapt is not None and not isinstance(self.adapt, Adapt):
             raise ConfigurationError(f"adapt must be an Adapt(...), got {self.adapt!r}")
         if self.group is not None and not _SCALESET_NAME.match(str(self.group)):

@@ -111,3 +111,68 @@ def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_serv
     assert "| instances used | 2 |" in table and "| evictions | 0 |" in table
     assert "| re-queued calls | 0 |" in table and "| peak workers | 2 |" in table
     assert_nothing_left(admin, group, set())
+
+
+def evict(cluster: AzureCluster, member_name: str) -> None:
+    """ARM's simulateEviction on one of the cluster's instances (the real SDK call)."""
+    member = next(m for m in cluster._membership.members.values() if m.name == member_name)
+
+    async def call() -> None:
+        await cluster._clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
+            cluster._scaleset.resource_group, cluster.group, member.instance_id)
+
+    cluster._call(call())
+
+
+def test_an_eviction_during_a_burst_is_replaced_and_one_during_idle_is_not(localcloud, admin):
+    group = group_name("aspot")
+    admin.settings(eviction_notice=5)
+    try:
+        adapt = Adapt(minimum=0, maximum=2, idle_timeout=600, interval=0.5)
+        with AzureCluster("localcloud-small", manifest="localcloud", group=group, spot=True,
+                          progress=False, join_timeout=300, adapt=adapt) as cluster:
+            futures = [cluster.submit(lambda i=i: sleepy(i, 3)) for i in range(16)]
+            wait_until(lambda: len({w.instance for w in cluster.workers}) == 2, 300, "2 instances")
+            victim = cluster.workers[0].instance
+            evict(cluster, victim)
+            assert [f.result(timeout=300) for f in futures] == list(range(16))
+            # during the burst the evicted instance was replaced
+            members = [(m.name, m.priority, m.evicted, m.preempted, m.state.value, m.failure)
+                       for m in cluster._membership.members.values()]
+            assert cluster.usage().instances == 3 and cluster.usage().evictions == 1, members
+            wait_until(lambda: len(cluster.workers) == 2, 300, "the replacement joined")
+            # idle now (idle_timeout is long): an eviction is not replaced
+            idle_victim = cluster.workers[0].instance
+            evict(cluster, idle_victim)
+            wait_until(lambda: idle_victim not in {w.instance for w in cluster.workers}, 120,
+                       "the idle instance evicted")
+            time.sleep(3)  # several decisions: none grows
+            usage = cluster.usage()
+            assert usage.instances == 3 and usage.evictions == 2
+            assert len(instances_of(admin, group)) == 1
+    finally:
+        admin.settings(eviction_notice=30)
+    assert_nothing_left(admin, group, set())
+
+
+def test_after_repeated_evictions_spot_fallback_adds_regular_instances(localcloud, admin, caplog):
+    group = group_name("fallback")
+    admin.settings(eviction_notice=5)
+    try:
+        with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, spot=True,
+                          spot_fallback=True, spot_fallback_after=1, progress=False,
+                          join_timeout=300, waitfor=True) as cluster:
+            first = cluster.workers[0].instance
+            futures = [cluster.submit(lambda i=i: sleepy(i, 2)) for i in range(6)]
+            evict(cluster, first)
+            assert [f.result(timeout=300) for f in futures] == list(range(6))
+            wait_until(lambda: any(w.instance.startswith(f"{group}-regular") for w in cluster.workers),
+                       300, "a regular replacement")
+            usage = cluster.usage()
+    finally:
+        admin.settings(eviction_notice=30)
+    assert usage.evictions == 1 and set(usage.instance_hours) == {"Spot", "Regular"}
+    assert any("new instances are regular priority from now on" in r.getMessage()
+               for r in caplog.records)
+    assert_nothing_left(admin, group, set())
+    assert_nothing_left(admin, f"{group}-regular", set())
