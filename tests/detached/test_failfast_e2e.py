@@ -16,10 +16,17 @@ import pytest
 
 from prefect_azmanagers.blocks import load_manifest
 from prefect_azmanagers.detached import addproc, detach
+from prefect_azmanagers.detached.signing import DRIVER_KEY_DIR
 from prefect_azmanagers.exceptions import BootFailed, PrefectAPIUnreachable
 
 pytestmark = pytest.mark.e2e
 WORKER_TIMEOUT = 480  # below pytest's 600 s: today's code fails with BootFailed at it
+
+
+def _assert_nothing_left(name: str, assert_vm_gone) -> None:
+    """Nothing in ARM, the local cloud or Prefect (`assert_vm_gone`), and no job key here."""
+    assert_vm_gone(name, timeout=60)
+    assert list(DRIVER_KEY_DIR.expanduser().glob(f"{name}.*")) == []
 
 
 def _timed_addproc(manifest, name: str, via: str = "addproc"):
@@ -49,7 +56,7 @@ def test_worker_that_cannot_reach_the_api_fails_fast_and_leaves_nothing(localclo
     assert "http://127.0.0.1:9/api" in message and name in message
     assert "prefect_api_url_for_vms" in message and "localcloud start --prefect-api-url" in message
     assert "Connection refused" in message or "ConnectionRefused" in message, message
-    assert_vm_gone(name, timeout=60)
+    _assert_nothing_left(name, assert_vm_gone)
 
 
 def test_worker_that_keeps_exiting_fails_fast_and_leaves_nothing(localcloud, assert_vm_gone):
@@ -62,7 +69,7 @@ def test_worker_that_keeps_exiting_fails_fast_and_leaves_nothing(localcloud, ass
     assert "keeps exiting" in message and "azmexits-1" in message, message
     assert "No module named prefect" in message  # the worker log's own words
     assert "python" in message and "/usr/bin/python3" in message and "customenv" in message
-    assert_vm_gone("azmexits-1", timeout=60)
+    _assert_nothing_left("azmexits-1", assert_vm_gone)
 
 
 
@@ -78,4 +85,4 @@ def test_a_failed_boot_script_fails_fast_and_leaves_nothing(localcloud, assert_v
     message = str(info.value)
     assert "The boot script of detached VM azmbootsts-1 failed (failed: exit" in message, message
     assert "/nonexistent/python3" in message   # the boot log's own words
-    assert_vm_gone("azmbootsts-1", timeout=60)
+    _assert_nothing_left("azmbootsts-1", assert_vm_gone)
