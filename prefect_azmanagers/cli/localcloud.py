@@ -50,6 +50,11 @@ def _admin(state_dir: Path) -> LocalCloudAdmin:
         exit_with_error(str(exc))
 
 
+def _without_secrets(info: dict[str, Any]) -> dict[str, Any]:
+    """localcloud.json as it may be printed (its token and client secret are read from the file)."""
+    return {k: v for k, v in info.items() if k not in localcloud_server.SECRET_FIELDS}
+
+
 def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
     """The `localcloud` manifest and the example templates for a local cloud's localcloud.json
     (name -> block, not saved): its endpoint, CA, credentials, key pair, SSH user and port."""
@@ -112,7 +117,7 @@ def start(
         info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url, network=network.value if network else None)
     except LocalCloudError as exc:
         exit_with_error(str(exc))
-    console.print_json(json.dumps({k: v for k, v in info.items() if k not in localcloud_server.SECRET_FIELDS}))
+    console.print_json(json.dumps(_without_secrets(info)))
     if info["mode"] == "loopback" and not info.get("prefect_api_url_for_vms"):
         console.print("[yellow]Loopback mode without --prefect-api-url[/yellow]: instances share this "
                       "machine's 127.0.0.1, so a task runner's SSH tunnel to a Prefect API on it cannot "
@@ -164,7 +169,7 @@ def status(state_dir: Path = StateDir, as_json: bool = typer.Option(False, "--js
     info = json.loads(info_path.read_text())
     doc = _admin_call(state_dir, lambda a: a.status())
     if as_json:
-        console.print_json(json.dumps({"info": info, **doc}))
+        console.print_json(json.dumps({"info": _without_secrets(info), **doc}))
         return
     mode = doc["host"]["mode"]
     console.print(f"[bold]Local cloud[/bold] pid {info['pid']}  mode [bold]{mode}[/bold] "

@@ -61,6 +61,9 @@ def test_blocks_saved_by_start_drive_the_local_cloud(localcloud):
         status = _cli("status", "--state-dir", localcloud["state_dir"])
         assert status.returncode == 0, status.output
         assert "isolated" in status.stdout and "clismall_0" in status.stdout and ip in status.stdout
+        as_json = _cli("status", "--json", "--state-dir", localcloud["state_dir"])
+        assert as_json.returncode == 0 and localcloud["arm_endpoint"] in as_json.stdout
+        assert localcloud["static_token"] not in as_json.stdout and localcloud["client_secret"] not in as_json.stdout
 
         kill = _cli("kill", "clismall_0", "--state-dir", localcloud["state_dir"])
         assert kill.returncode == 0, kill.output
