@@ -1,5 +1,6 @@
 """The services a benchmark needs, started the way the tests start them and always stopped:
-a `prefect server` on a free loopback port (SQLite in a temp dir) and the local cloud."""
+a `prefect server` on a free loopback port (SQLite in a temp dir, or PostgreSQL + Redis started
+by scripts/services.sh) and the local cloud."""
 
 from __future__ import annotations
 
@@ -22,14 +23,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
+
+
 @contextlib.contextmanager
-def prefect_server(root: Path, api_url: str) -> Iterator[str]:
-    """A Prefect server on loopback at `api_url` (http://127.0.0.1:PORT/api); yields it."""
+def database_services(root: Path, kind: str) -> Iterator[dict[str, str]]:
+    """The server environment for `kind`: "sqlite" (a file in `root`, nothing to start) or
+    "postgres" (PostgreSQL + Redis messaging from scripts/services.sh, stopped at the end)."""
+    if kind == "sqlite":
+        yield {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}"}
+        return
+    if kind != "postgres":
+        raise ValueError(f"server kind {kind!r}: use 'sqlite' or 'postgres'")
+    where = root / "services"
+    where.mkdir(parents=True)
+    root.chmod(0o711)  # PostgreSQL runs as the postgres account under root
+    script = ["bash", str(SERVICES_SCRIPT)]
+    subprocess.run(script + ["start", "--dir", str(where), "--pg-port", str(free_port()),
+                             "--redis-port", str(free_port())], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    try:
+        env = (where / "prefect-server.env").read_text().splitlines()
+        yield dict(line.split("=", 1) for line in env if "=" in line)
+    finally:
+        subprocess.run(script + ["stop", "--dir", str(where)], timeout=120,
+                       stdout=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, api_url: str, database: dict[str, str] | None = None
+                   ) -> Iterator[str]:
+    """A Prefect server on loopback at `api_url` (http://127.0.0.1:PORT/api); yields it.
+
+    `database`: the server's database/messaging environment (`database_services`); SQLite in
+    `root` by default. Its output is in `root`/prefect-server.log."""
     port = int(api_url.rsplit(":", 1)[1].split("/")[0])
     env = dict(os.environ, PREFECT_HOME=str(root / "server-home"),
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
                PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
                PREFECT_UI_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(database or {})
     log = root / "prefect-server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",

@@ -1,0 +1,156 @@
+"""Cold start as a user meets it: a fresh AzureScaleSetTaskRunner per flow run (nothing warmed
+by hand), beside a shared AzureCluster (its first flow run and the later ones) and Prefect's
+ThreadPoolTaskRunner(8), all on the same N-task flow in one run:
+
+    python -m bench.cold_start [--tasks 400] [--workers 4] [--rounds 2] [--server postgres]
+
+Each flow submits N trivial tasks at once. Timed from the first line of the flow's body (the
+runner has entered: with waitfor=True every worker has joined): the first result, the last
+one (tasks/s) and each task's start latency. The fresh runner's join (runner entered -> body)
+is reported beside it. Starts a Prefect server (SQLite, or `--server postgres`: PostgreSQL +
+Redis, which keeps server overload out of the figures) and the local cloud, and stops them.
+Results: a table on stdout and JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.services import database_services, free_port, local_cloud, prefect_server
+
+# Before prefect is imported (as bench.throughput does): the run's own API and home.
+os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
+else:
+    _OWN_HOME = None
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from prefect import flow, task  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@task
+def started(submitted_at: float) -> float:
+    return time.time() - submitted_at
+
+
+def timed_flow(task_runner, n: int) -> dict:
+    """One flow run of n trivial tasks: join (runner entered -> body), first result, tasks/s."""
+    @flow(task_runner=task_runner, name="bench-cold-start")
+    def cold_flow(count: int) -> tuple[float, float, float, list[float]]:
+        body = time.time()
+        t0 = time.perf_counter()
+        futures = [started.submit(time.time()) for _ in range(count)]
+        first = None
+        for done in as_completed(futures):
+            first = first or time.perf_counter() - t0
+        latencies = [f.result() for f in futures]
+        return body, first, time.perf_counter() - t0, latencies
+
+    entered = time.time()
+    body, first, seconds, latencies = cold_flow(n)
+    latencies.sort()
+    return {"join_s": round(body - entered, 2), "first_result_s": round(first, 3),
+            "seconds": round(seconds, 2), "tasks_per_s": round(n / seconds, 1),
+            "start_latency_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "start_latency_p95_ms": round(1000 * latencies[int(len(latencies) * 0.95)], 1)}
+
+
+def measure_cold_start(api_port: int, n: int, w: int, rounds: int) -> dict:
+    """Rows: ThreadPoolTaskRunner(8), `rounds` fresh runners, a shared cluster's first flow
+    run and `rounds` later ones. Each row is one flow run, timed as `timed_flow` says."""
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+    from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
+
+    rows: dict[str, list[dict]] = {"ThreadPoolTaskRunner(8)": [], "fresh": [],
+                                   "shared, first flow run": [], "shared, later flow runs": []}
+
+    def run(name: str, runner) -> None:
+        row = timed_flow(runner, n)
+        rows[name].append(row)
+        print(f"  {name:<26} {row['tasks_per_s']:>7} tasks/s  first result "
+              f"{row['first_result_s']:.3f} s  join {row['join_s']} s", flush=True)
+
+    for _ in range(rounds):
+        run("ThreadPoolTaskRunner(8)", ThreadPoolTaskRunner(8))
+        run("fresh", AzureScaleSetTaskRunner("localcloud-small", w, manifest="localcloud",
+                                             waitfor=True))
+    cluster = AzureCluster("localcloud-small", w, manifest="localcloud", forward_ports=[api_port],
+                           progress=False, waitfor=True, group="bench-cold").start()
+    try:
+        run("shared, first flow run", AzureScaleSetTaskRunner(cluster=cluster))
+        for _ in range(rounds):
+            run("shared, later flow runs", AzureScaleSetTaskRunner(cluster=cluster))
+    finally:
+        cluster.close()
+    return summarize(rows)
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict:
+    """Medians per row and each row's tasks/s beside ThreadPoolTaskRunner(8)'s."""
+    def median(name: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in rows[name]), 3)
+
+    pool = median("ThreadPoolTaskRunner(8)", "tasks_per_s")
+    table = {name: {"tasks_per_s": median(name, "tasks_per_s"),
+                    "vs_threadpool": round(median(name, "tasks_per_s") / pool, 2),
+                    "first_result_s": median(name, "first_result_s"),
+                    "start_latency_p50_ms": median(name, "start_latency_p50_ms"),
+                    "join_s": median(name, "join_s"), "flow_runs": rows[name]}
+             for name in rows}
+    print(f"\n{'runner':<28}{'tasks/s':>9}{'x pool':>8}{'first result s':>16}{'join s':>8}")
+    for name, r in table.items():
+        print(f"{name:<28}{r['tasks_per_s']:>9}{r['vs_threadpool']:>8}"
+              f"{r['first_result_s']:>16}{r['join_s']:>8}")
+    print("(medians of the flow runs; goals: fresh >= 1.0x ThreadPoolTaskRunner(8), "
+          "first result < 0.3 s)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="flow runs per row (medians)")
+    parser.add_argument("--server", choices=("sqlite", "postgres"), default="sqlite")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="azm-bench-"))
+    report: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "cpus": os.cpu_count(), "tasks": args.tasks, "workers": args.workers,
+                    "server": args.server}
+    try:
+        with database_services(root, args.server) as database, \
+                prefect_server(root, os.environ["PREFECT_API_URL"], database) as api_url, \
+                local_cloud(root, api_url):
+            api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+            print(f"{args.tasks} trivial tasks, {args.workers} workers, {os.cpu_count()} CPUs",
+                  flush=True)
+            report["runners"] = measure_cold_start(api_port, args.tasks, args.workers,
+                                                   args.rounds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if _OWN_HOME:
+            shutil.rmtree(_OWN_HOME, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"cold_start-{report['when'].replace(':', '')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
