@@ -74,7 +74,7 @@ class JobKey:
     def check_payload(self, payload: bytes, *, key_id: str | None, nonce: str | None,
                       mac: str | None) -> None:
         """UntrustedPayload unless `mac` is this key's MAC of `payload` (nothing unpickled)."""
-        if not (key_id and nonce and mac):
+        if not all(isinstance(field, str) and field for field in (key_id, nonce, mac)):
             raise UntrustedPayload(
                 "the job's payload is not signed (no key_id/nonce/mac parameters): only "
                 "detachat sends jobs to a detached VM; this flow run was made by something else")

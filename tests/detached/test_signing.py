@@ -34,6 +34,8 @@ def test_a_signed_payload_checks_and_any_change_is_refused():
         JobKey.new("azm-a", "vm-id-1").check_payload(b"pickle bytes", **signed)
     with pytest.raises(UntrustedPayload, match="not signed"):
         key.check_payload(b"pickle bytes", key_id=None, nonce=None, mac=None)
+    with pytest.raises(UntrustedPayload, match="not signed"):   # JSON parameters of other types
+        key.check_payload(b"pickle bytes", **{**signed, "mac": 0})
 
 
 def test_a_signed_result_is_bound_to_its_run():
