@@ -45,13 +45,17 @@ class SpotWithFallback:
     async def grow(self, count: int) -> None:
         await (self.regular if self.fallen_back else self.spot).grow(count)
 
-    async def delete_instances(self, instance_ids: list[str]) -> None:
+    async def delete_instances(self, instance_ids: list[str]) -> list[str]:
         regular = [i[len(REGULAR_PREFIX):] for i in instance_ids if i.startswith(REGULAR_PREFIX)]
         spot = [i for i in instance_ids if not i.startswith(REGULAR_PREFIX)]
-        if spot:
-            await self.spot.delete_instances(spot)
-        if regular:
-            await self.regular.delete_instances(regular)
+        gone = await self.spot.delete_instances(spot)
+        return gone + [REGULAR_PREFIX + i for i in await self.regular.delete_instances(regular)]
+
+    async def simulate_eviction(self, instance_id: str) -> None:
+        if instance_id.startswith(REGULAR_PREFIX):
+            await self.regular.simulate_eviction(instance_id[len(REGULAR_PREFIX):])
+        else:
+            await self.spot.simulate_eviction(instance_id)
 
     async def delete_if_empty(self) -> bool:
         spot = await self.spot.delete_if_empty()

@@ -381,11 +381,12 @@ class ScaleSet:
             ))
         return found
 
-    async def delete_instances(self, instance_ids: list[str]) -> None:
+    async def delete_instances(self, instance_ids: list[str]) -> list[str]:
         """Delete these instances in one request and wait; instances already gone are fine
-        (if some of a batch are gone, the rest are deleted in one more request)."""
+        (if some of a batch are gone, the rest are deleted in one more request). Returns the
+        ids that were gone already (deleted or evicted behind the caller's back)."""
         if not instance_ids:
-            return
+            return []
         try:
             with arm_errors(f"delete {len(instance_ids)} instances of scale set {self.name}"):
                 async with self._capacity_lock:   # the request lowers the capacity a grow reads
@@ -399,6 +400,18 @@ class ScaleSet:
             logger.debug("Scale set %s: some of %s already gone; deleting %s", self.name, instance_ids, remaining)
             if remaining and len(remaining) < len(instance_ids):
                 await self.delete_instances(remaining)
+            return [i for i in instance_ids if i not in present]
+        return []
+
+    async def simulate_eviction(self, instance_id: str) -> None:
+        """ARM's simulateEviction of one spot instance (Uniform: its instance id)."""
+        with arm_errors(f"simulate the eviction of instance {instance_id} of {self.name}"):
+            if self._flexible:
+                await self.clients.compute.virtual_machines.simulate_eviction(
+                    self.resource_group, instance_id)
+            else:
+                await self.clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
+                    self.resource_group, self.name, instance_id)
 
     async def delete_if_empty(self) -> bool:
         """Delete the scale set if this object created it and it has no instance left."""

@@ -41,7 +41,7 @@ from prefect_azmanagers.cluster.adapt import Adapt, AdaptivePolicy
 from prefect_azmanagers.cluster.dispatch import Dispatcher
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle, spawner
-from prefect_azmanagers.cluster.members import Member, WorkerInfo, WorkerState
+from prefect_azmanagers.cluster.members import InstanceInfo, Member, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership
 from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 from prefect_azmanagers.cluster.progress import JoinProgress
@@ -65,8 +65,8 @@ T = TypeVar("T")
 logger = logging.getLogger("prefect_azmanagers.cluster")
 worker_logger = logging.getLogger("prefect_azmanagers.worker")
 
-__all__ = ["Adapt", "AzureCluster", "ClusterOptions", "UsageReport", "WorkerInfo", "WorkerState",
-           "log_worker_output"]
+__all__ = ["Adapt", "AzureCluster", "ClusterOptions", "InstanceInfo", "UsageReport", "WorkerInfo",
+           "WorkerState", "log_worker_output"]
 
 
 def _forget_deleted(host_keys: PinnedHostKeys, members: list[Member]) -> None:
@@ -228,6 +228,24 @@ class AzureCluster:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             lambda: self._spawn(self._lifecycle.adapt(policy)))
+
+    @property
+    def instances(self) -> list[InstanceInfo]:
+        """The instances this cluster added (also those removed), with their states."""
+        if self._membership is None:
+            return []
+        return [m.info() for m in list(self._membership.members.values())]
+
+    def simulate_eviction(self, instance: str) -> None:
+        """Ask ARM to evict one of this cluster's spot instances (`simulateEviction`), to see
+        a flow survive evictions before they happen for real."""
+        self._require_started()
+        member = next((m for m in self._membership.members.values() if m.name == instance), None)
+        if member is None:
+            raise ConfigurationError(
+                f"{instance!r} is not an instance of this cluster; its instances: "
+                f"{', '.join(m.name for m in self._membership.members.values()) or 'none'}")
+        self._call(self._scaleset.simulate_eviction(member.instance_id))
 
     def usage(self) -> UsageReport:
         """Instances used, instance-hours by priority, evictions, re-queued calls, workers."""

@@ -492,9 +492,9 @@ class Lifecycle:
                 self._worker_lost(worker, reason, then_check=False)
         logger.warning("instance %s lost: %s", member.name, reason)
         self.membership.failed(member, reason, before_joining=before_joining)
-        if member.evicted:
-            self._count_eviction()
         await self.remove([member], reason)
+        if member.evicted:  # known once the deletion found it gone, at the latest
+            self._count_eviction()
         if replacement is not None:
             await self._replace(1, f"instance {member.name} {replacement}")
         self.dispatcher.fail_if_hopeless()

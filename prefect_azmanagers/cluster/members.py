@@ -60,6 +60,20 @@ class WorkerInfo:
     pid: int | None  # the agent process on the instance (changes when the slot restarts)
 
 
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A snapshot of one instance of a cluster (what `AzureCluster.instances` returns)."""
+
+    name: str
+    instance_id: str
+    vm_id: str
+    address: str | None
+    state: str
+    priority: str | None
+    preempted: bool
+    evicted: bool
+
+
 @dataclass(eq=False)
 class Member:
     """An instance this cluster added, from claim to removal."""
@@ -85,6 +99,10 @@ class Member:
 
     def inflight(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(self.name, self.instance_id, self.vm_id, self.address,
+                            self.state.value, self.priority, self.preempted, self.evicted)
 
 
 @dataclass(eq=False)

@@ -48,7 +48,8 @@ class ScaleSetLike(Protocol):
 
     async def grow(self, count: int) -> None: ...
 
-    async def delete_instances(self, instance_ids: list[str]) -> None: ...
+    async def delete_instances(self, instance_ids: list[str]) -> list[str] | None:
+        """Returns the ids that were gone already (None: not known)."""
 
     async def delete_if_empty(self) -> bool: ...
 
@@ -292,9 +293,11 @@ class Membership:
     async def delete(self, members: list[Member]) -> None:
         """Delete these members' instances in one request; they are gone once it succeeded
         (a failed removal stays REMOVING, and `delete_everything` retries it)."""
-        await self.scaleset.delete_instances([m.instance_id for m in members])
+        gone = set(await self.scaleset.delete_instances([m.instance_id for m in members]) or ())
         for member in members:
             member.state = MemberState.GONE
+            # a spot VM that vanished before our deletion: an eviction (with the Delete policy)
+            member.evicted |= member.instance_id in gone and member.priority == "Spot"
         self.on_deleted(members)
 
     async def claim_requested(self) -> None:

@@ -59,7 +59,7 @@ def test_a_bursty_workload_grows_to_the_maximum_shrinks_in_the_gap_and_grows_aga
         second = [cluster.submit(lambda i=i: sleepy(100 + i, 1.5)) for i in range(12)]
         assert [f.result(timeout=300) for f in second] == [100 + i for i in range(12)]
         usage = cluster.usage()
-        addresses = {m.address for m in cluster._membership.members.values() if m.address}
+        addresses = {i.address for i in cluster.instances if i.address}
     assert peak_first == 3 and counter.peak == 3    # grew to the maximum, never above it
     assert usage.instances >= 4                      # grew again after the gap
     assert usage.requeued == 0                       # no call re-run because of a scale-down
@@ -113,15 +113,9 @@ def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_serv
     assert_nothing_left(admin, group, set())
 
 
-def evict(cluster: AzureCluster, member_name: str) -> None:
+def evict(cluster: AzureCluster, instance: str) -> None:
     """ARM's simulateEviction on one of the cluster's instances (the real SDK call)."""
-    member = next(m for m in cluster._membership.members.values() if m.name == member_name)
-
-    async def call() -> None:
-        await cluster._clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
-            cluster._scaleset.resource_group, cluster.group, member.instance_id)
-
-    cluster._call(call())
+    cluster.simulate_eviction(instance)
 
 
 def test_an_eviction_during_a_burst_is_replaced_and_one_during_idle_is_not(localcloud, admin):
@@ -137,9 +131,7 @@ def test_an_eviction_during_a_burst_is_replaced_and_one_during_idle_is_not(local
             evict(cluster, victim)
             assert [f.result(timeout=300) for f in futures] == list(range(16))
             # during the burst the evicted instance was replaced
-            members = [(m.name, m.priority, m.evicted, m.preempted, m.state.value, m.failure)
-                       for m in cluster._membership.members.values()]
-            assert cluster.usage().instances == 3 and cluster.usage().evictions == 1, members
+            assert cluster.usage().instances == 3 and cluster.usage().evictions == 1, cluster.instances
             wait_until(lambda: len(cluster.workers) == 2, 300, "the replacement joined")
             # idle now (idle_timeout is long): an eviction is not replaced
             idle_victim = cluster.workers[0].instance

@@ -8,13 +8,10 @@ stderr tail, instead of hanging while the VMs bill.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import asyncssh
 import pytest
 
-from prefect_azmanagers.blocks import load_manifest
 from prefect_azmanagers.cluster.cluster import AzureCluster
 from prefect_azmanagers.exceptions import WorkerLost
 from tests.cluster.test_engine_e2e import (
@@ -22,6 +19,7 @@ from tests.cluster.test_engine_e2e import (
     assert_nothing_left,
     group_name,
     instances_of,
+    on_instance,
     sleepy,
     wait_until,
 )
@@ -32,20 +30,6 @@ pytestmark = pytest.mark.e2e
 # agent on that instance exits before it starts, as with a broken environment.
 BREAK_AND_KILL = ("printf 'raise ImportError(\"a broken environment on this instance\")\\n' "
                   "> ~/cloudpickle.py && kill -KILL -- -{pgid}")
-
-
-def on_instance(ip: str, command: str) -> asyncssh.SSHCompletedProcess:
-    """Run a command on an instance over an SSH connection of the test's own."""
-    manifest = load_manifest("localcloud")
-
-    async def run() -> asyncssh.SSHCompletedProcess:
-        async with asyncssh.connect(
-                ip, port=manifest.ssh_port, username=manifest.ssh_user, known_hosts=None,
-                config=None, agent_path=None,
-                client_keys=[asyncssh.import_private_key(manifest.read_private_key())]) as conn:
-            return await conn.run(command)
-
-    return asyncio.run(run())
 
 
 def test_an_instance_whose_agents_cannot_restart_is_lost_and_its_work_runs_elsewhere(localcloud, admin):

@@ -65,6 +65,26 @@ def assert_nothing_left(admin: LocalCloudAdmin, group: str, addresses: set[str],
     assert not [t for t in threading.enumerate() if t.name == "azm-cluster"]
 
 
+def on_instance(ip: str, command: str):
+    """Run a command on an instance over an SSH connection of the test's own."""
+    import asyncio
+
+    import asyncssh
+
+    from prefect_azmanagers.blocks import load_manifest
+
+    manifest = load_manifest("localcloud")
+
+    async def run():
+        async with asyncssh.connect(
+                ip, port=manifest.ssh_port, username=manifest.ssh_user, known_hosts=None,
+                config=None, agent_path=None,
+                client_keys=[asyncssh.import_private_key(manifest.read_private_key())]) as conn:
+            return await conn.run(command)
+
+    return asyncio.run(run())
+
+
 def square(x: int) -> int:
     return x * x
 
@@ -162,8 +182,7 @@ def test_results_tracebacks_output_tunnel_and_clean_close(localcloud, admin, loo
         assert {cluster.submit(lambda: fetch(url)).result(timeout=60) for _ in range(8)} == {
             "hello through the tunnel"}
         if localcloud["mode"] == "isolated":
-            member = next(iter(cluster._membership.members.values()))
-            probe = cluster._call(member.conn.run(
+            probe = on_instance(cluster.workers[0].ip, (
                 f"{localcloud['python']} -c 'import socket; socket.create_connection((\"{localcloud['prefect_api_url_for_vms'].split('//')[1].split(':')[0]}\", {port}), 3)'"))
             assert probe.exit_status != 0  # the same port on the host side is not reachable
         assert sum(w.tasks_run for w in cluster.workers) == 40 + 20 + 3 + 8
@@ -221,13 +240,12 @@ def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
         addresses = {w.ip for w in cluster.workers}
         futures = [cluster.submit(lambda i=i: sleepy(i, 4)) for i in range(12)]
         wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 4, 60, "4 busy workers")
-        victim = next(m for m in cluster._membership.members.values())
-        killed = victim.workers[0]
+        victim, other = (i for i in cluster.instances)
+        killed = next(w for w in cluster.workers if w.instance == victim.name)
         # kill -9 the agent process (from outside the engine, over a separate SSH session)
-        result = cluster._call(victim.conn.run(f"kill -9 {killed.pgid}"))
+        result = on_instance(victim.address, f"kill -9 -- -{killed.pid}")
         assert result.exit_status == 0
         # and cut every SSH connection of the other instance
-        other = next(m for m in cluster._membership.members.values() if m is not victim)
         admin.drop_ssh(other.name)
         assert [f.result(timeout=180) for f in futures] == list(range(12))
         wait_until(lambda: len([w for w in cluster.workers if w.state == "idle"]) == 4, 120,
@@ -275,13 +293,8 @@ def test_spot_eviction_drains_and_requeues(localcloud, admin):
             addresses = {w.ip for w in cluster.workers}
             futures = [cluster.submit(lambda i=i: sleepy(i, 8)) for i in range(6)]
             wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 2, 60, "busy workers")
-            victim = next(iter(cluster._membership.members.values()))
-
-            async def evict():
-                await cluster._clients.compute.virtual_machine_scale_set_vms.simulate_eviction(
-                    cluster._scaleset.resource_group, group, victim.instance_id)
-
-            cluster._call(evict())
+            victim = cluster.instances[0]
+            cluster.simulate_eviction(victim.name)
             wait_until(lambda: any(w.preempted for w in cluster.workers), 30, "the Preempt")
             assert [f.result(timeout=300) for f in futures] == list(range(6))
             # the evicted instance was given up and replaced by a new one
@@ -305,7 +318,7 @@ def test_cancel_stops_remote_work(localcloud, admin):
                       progress=False, join_timeout=300, waitfor=True,
                       heartbeat_timeout=20) as cluster:
         addresses = {w.ip for w in cluster.workers}
-        member = next(iter(cluster._membership.members.values()))
+        ip = cluster.workers[0].ip
         pidfiles = [f"/tmp/cancel-{uuid.uuid4().hex}" for _ in range(2)]
         running = [cluster.submit(lambda p=p: write_pid_and_sleep(p)) for p in pidfiles]
         queued = cluster.submit(lambda: "never")
@@ -315,7 +328,7 @@ def test_cancel_stops_remote_work(localcloud, admin):
             probe = (f"test -s {path} || {{ echo none; exit; }}; "
                      f"grep -qs '^State:[[:space:]]*[RSDT]' /proc/$(cat {path})/status "
                      "&& echo alive || echo gone")
-            return cluster._call(member.conn.run(probe)).stdout.strip()
+            return on_instance(ip, probe).stdout.strip()
 
         wait_until(lambda: all(remote_alive(p) == "alive" for p in pidfiles), 60, "tasks running")
         cluster.cancel(running[0])
@@ -332,7 +345,7 @@ def test_cancel_stops_remote_work(localcloud, admin):
         future = cluster.submit(lambda: sleepy("survived", 2))
         wait_until(lambda: any(w.state == "busy" for w in cluster.workers), 60, "a busy worker")
         hung = next(w for w in cluster.workers if w.state == "busy")
-        cluster._call(member.conn.run(f"kill -STOP {hung.pid}"))
+        on_instance(ip, f"kill -STOP {hung.pid}")
         assert future.result(timeout=120) == "survived"
         wait_until(lambda: not agent_alive(hung.pid), 30, "the hung agent killed")
         pids = {w.pid for w in cluster.workers}
