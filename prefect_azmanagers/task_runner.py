@@ -69,6 +69,7 @@ from prefect_azmanagers._remote_task import (
     ON_WORKER,
     RemoteTaskRun,
     RunNotStarted,
+    WorkerWarmUp,
 )
 from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.exceptions import (
@@ -317,6 +318,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self.template, self.n or None, manifest=self.manifest,
             **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,)),
         )
+        # Each slot gets ready as it joins, so the first task pays nothing extra (issue 12).
+        cluster.on_join(WorkerWarmUp(self._worker_settings()))
         self._cluster = cluster
         return cluster.start()
 
@@ -470,16 +473,20 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         engine_context = compat.current_engine_context()
         cached = self._shared
         if cached is None or cached[0] is not settings_source or cached[1] is not engine_context:
-            settings = compat.serialize_settings()
-            if self._api_url_for_workers and settings:
-                settings = dict(settings, settings=dict(settings["settings"]))
-                settings["settings"]["api"] = dict(
-                    settings["settings"].get("api", {}), url=self._api_url_for_workers
-                )
-            shared = compat.flow_run_scoped_context(settings)
+            shared = compat.flow_run_scoped_context(self._worker_settings())
             cached = self._shared = (settings_source, engine_context,
                                      serialization.dumps(shared, what="the flow run's context"))
         return cached[2]
+
+    def _worker_settings(self) -> dict[str, Any]:
+        """The driver's serialized settings as workers get them (their API URL)."""
+        settings = compat.serialize_settings()
+        if self._api_url_for_workers and settings:
+            settings = dict(settings, settings=dict(settings["settings"]))
+            settings["settings"]["api"] = dict(
+                settings["settings"].get("api", {}), url=self._api_url_for_workers
+            )
+        return settings
 
     def _pickled_task(self, task: Task[Any, Any]) -> bytes:
         """The task pickled once per runner (by value when its module is not installed)."""

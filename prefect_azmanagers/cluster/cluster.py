@@ -45,6 +45,7 @@ from prefect_azmanagers.cluster.members import InstanceInfo, Member, WorkerInfo,
 from prefect_azmanagers.cluster.membership import Membership
 from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 from prefect_azmanagers.cluster.progress import JoinProgress
+from prefect_azmanagers.cluster.protocol import Payload
 from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
 from prefect_azmanagers.cluster.usage import report as usage_report
@@ -118,6 +119,7 @@ class AzureCluster:
             spawn=self._spawn)
         self._membership: Membership | None = None
         self._lifecycle: Lifecycle | None = None
+        self._join_setup: bytes | Payload | None = None
         self._scaleset: ScaleSet | None = None
         self._clients: ArmClients | None = None
 
@@ -142,6 +144,13 @@ class AzureCluster:
         return tuple(self.options.forward_ports)
 
     # -- public API (any thread) -------------------------------------------------------------
+
+    def on_join(self, setup: Callable[[], Any]) -> None:
+        """Run `setup()` on every worker slot as it joins (and after each agent restart),
+        before it takes work: e.g. a warm-up, so the first call pays nothing extra."""
+        if self._started:
+            raise AzManagersError("on_join() must be called before start()")
+        self._join_setup = serialization.dumps_payload(setup, what="the join setup")
 
     def start(self) -> AzureCluster:
         """Begin provisioning (returns at once; with `waitfor`, blocks until all workers joined).
@@ -382,7 +391,8 @@ class AzureCluster:
             progress=JoinProgress(self.n * self.ppi, show=options.progress),
             output=lambda info, stream, line: self.output_handler(info, stream, line),
             spawn=self._spawn, started_at=started_at,
-            fall_back=self._scaleset.fall_back if options.spot_fallback else None)
+            fall_back=self._scaleset.fall_back if options.spot_fallback else None,
+            join_setup=self._join_setup)
         await self._membership.know_existing()
         if self.n:
             await self._membership.grow(self.n)

@@ -35,6 +35,7 @@ class WorkItem:
     label: str
     lost_attempts: int = 0
     worker: Worker | None = None
+    pinned: bool = False  # for one slot only (its setup): cancelled, never re-queued, if lost
 
 
 class WorkQueue:
@@ -93,10 +94,10 @@ class Dispatcher:
         self.requeued = 0  # calls put back after losing their worker
         self._ids = itertools.count(1)
 
-    def new_item(self, payload: bytes | Payload, label: str) -> WorkItem:
-        """Register a call (any thread); `enqueue` it on the loop."""
+    def new_item(self, payload: bytes | Payload, label: str, *, pinned: bool = False) -> WorkItem:
+        """Register a call (any thread); `enqueue` it on the loop (or `send_to` one slot)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        item = WorkItem(next(self._ids), payload, future, label)
+        item = WorkItem(next(self._ids), payload, future, label, pinned=pinned)
         self.items[future] = item
         future.add_done_callback(lambda done: self.items.pop(done, None))
         return item
@@ -136,6 +137,15 @@ class Dispatcher:
             except (asyncssh.Error, OSError):
                 return  # the channel closed: the exit callback re-queues the item
 
+    async def send_to(self, worker: Worker, item: WorkItem) -> None:
+        """Run a pinned item on this slot, ahead of the queue (its feeder is not started)."""
+        assert worker.free is not None and worker.agent is not None
+        await worker.free.acquire()
+        item.worker = worker
+        worker.inflight[item.id] = item
+        worker.state = WorkerState.BUSY
+        await worker.agent.send(Kind.RUN, item.id, item.payload)
+
     def on_outcome(self, worker: Worker, frame: Frame) -> None:
         """A RESULT or ERROR frame from this slot's agent."""
         item = worker.inflight.pop(frame.task_id, None)
@@ -170,6 +180,9 @@ class Dispatcher:
             logger.warning("%s lost while running %d call(s): %s", worker.where, len(items), reason)
         for item in reversed(items):
             if item.future.done():
+                continue
+            if item.pinned:
+                item.future.cancel()
                 continue
             item.lost_attempts += count_attempt
             item.worker = None

@@ -28,7 +28,7 @@ from prefect_azmanagers.cluster.members import Member, MemberState, Worker, Work
 from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW, Membership, Reconciliation
 from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
-from prefect_azmanagers.cluster.protocol import Frame, Kind
+from prefect_azmanagers.cluster.protocol import Frame, Kind, Payload
 from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
 from prefect_azmanagers.cluster.usage import WorkerGauge, instance_hours
 from prefect_azmanagers.exceptions import (
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("prefect_azmanagers.cluster")
 
 AGENT_HELLO_TIMEOUT = 120.0
+SETUP_TIMEOUT = 120.0  # the join setup (e.g. a warm-up) of one agent
 DRAIN_MARGIN = 5.0  # seconds before a Preempt's NotBefore by which in-flight work is re-queued
 MAX_AGENT_RESTARTS = 5  # consecutive restarts of one slot without a completed call
 STOPPED_POWER_STATES = ("stopped", "deallocated", "deallocating", "stopping")
@@ -79,7 +80,8 @@ class Lifecycle:
     def __init__(self, options: ClusterOptions, access: Access, membership: Membership,
                  dispatcher: Dispatcher, *, progress: JoinProgress, output: OutputHandler,
                  spawn: Callable[..., asyncio.Task], started_at: float,
-                 fall_back: Callable[[], None] | None = None):
+                 fall_back: Callable[[], None] | None = None,
+                 join_setup: bytes | Payload | None = None):
         self.options = options
         self.access = access
         self.membership = membership
@@ -89,6 +91,7 @@ class Lifecycle:
         self.spawn = spawn
         self.started_at = started_at
         self.closing = False
+        self.join_setup = join_setup  # a pickled callable each new agent runs before any work
         self._fall_back = fall_back  # spot_fallback: new instances regular from then on
         self.gauge = WorkerGauge()
         self.policy: AdaptivePolicy | None = None  # adaptive capacity (None: fixed n)
@@ -238,7 +241,25 @@ class Lifecycle:
         worker.last_seen = time.monotonic()
         worker.free = asyncio.Semaphore(worker.concurrency)
         worker.state = WorkerState.IDLE
+        if self.join_setup is not None:
+            await self._run_setup(worker)
+            if generation != worker.generation:
+                return  # lost during its setup: the restart or reconnect takes over
         worker.feeder = self.spawn(self.dispatcher.feed(worker, self._usable), member.tasks)
+
+    async def _run_setup(self, worker: Worker) -> None:
+        """The cluster's join setup (`AzureCluster.on_join`) on a new agent, before any work:
+        e.g. the task runner's warm-up. Its failure is logged; the slot joins anyway."""
+        item = self.dispatcher.new_item(self.join_setup, "the join setup", pinned=True)
+        try:
+            await self.dispatcher.send_to(worker, item)
+            await asyncio.wait_for(asyncio.wrap_future(item.future), SETUP_TIMEOUT)
+        except asyncio.CancelledError:
+            if not item.future.cancelled():
+                raise
+        except (Exception, asyncio.TimeoutError) as exc:
+            logger.warning("worker %d: its join setup failed (it joins anyway): %s",
+                           worker.id, exc)
 
     def _usable(self, worker: Worker) -> bool:
         return (not self.closing and worker.state.running
