@@ -157,9 +157,10 @@ class Dispatcher:
             worker.free.release()
         if not worker.inflight and worker.state == WorkerState.BUSY:
             worker.state = WorkerState.IDLE
-        worker.tasks_run += 1
-        worker.restarts = 0
         worker.member.last_active = time.monotonic()
+        if not item.pinned:  # a setup is not a task, nor proof that the slot's agent works
+            worker.tasks_run += 1
+            worker.restarts = 0
         if item.future.done():
             return
         if frame.kind == Kind.ERROR:
