@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar
 
 import asyncssh
 
@@ -40,7 +40,7 @@ from prefect_azmanagers.cluster import mpi, serialization
 from prefect_azmanagers.cluster.adapt import Adapt, AdaptivePolicy
 from prefect_azmanagers.cluster.dispatch import Dispatcher
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle, spawner
+from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle
 from prefect_azmanagers.cluster.members import InstanceInfo, Member, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership
 from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
@@ -425,6 +425,24 @@ class AzureCluster:
             logger.error("closing cluster %s left resources behind: %s; run "
                          "`prefect-azmanagers cleanup` to find them by tag", self.cluster_id, errors)
             raise errors[0]
+
+
+def spawner(tasks: set[asyncio.Task]) -> Callable[..., asyncio.Task]:
+    """`spawn(coro, owner=None)`: run `coro` as a task kept in `tasks` (and `owner`), its
+    failure logged."""
+    def spawn(coro: Coroutine[Any, Any, Any], owner: set[asyncio.Task] | None = None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        for group in (tasks, owner) if owner is not None else (tasks,):
+            group.add(task)
+            task.add_done_callback(group.discard)
+        task.add_done_callback(_log_task_failure)
+        return task
+    return spawn
+
+
+def _log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("cluster background task failed", exc_info=task.exception())
 
 
 # -- interpreter exit and SIGTERM: close every open cluster --------------------------------

@@ -14,15 +14,14 @@ import email.utils
 import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from typing import TYPE_CHECKING, Callable
 
 import asyncssh
 
 from prefect_azmanagers.cluster import versions
-from prefect_azmanagers.cluster.adapt import AdaptivePolicy, InstanceView, Snapshot
+from prefect_azmanagers.cluster.adapt import AdaptivePolicy
 from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
 from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW, Membership, Reconciliation
@@ -30,7 +29,8 @@ from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
 from prefect_azmanagers.cluster.protocol import Frame, Kind, Payload
 from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
-from prefect_azmanagers.cluster.usage import WorkerGauge, instance_hours
+from prefect_azmanagers.cluster.scaling import AdaptiveScaling
+from prefect_azmanagers.cluster.usage import WorkerGauge
 from prefect_azmanagers.exceptions import (
     AzManagersError,
     BootFailed,
@@ -95,7 +95,6 @@ class Lifecycle:
         self._fall_back = fall_back  # spot_fallback: new instances regular from then on
         self.gauge = WorkerGauge()
         self.policy: AdaptivePolicy | None = None  # adaptive capacity (None: fixed n)
-        self._requests: deque[tuple[float, int]] = deque()  # (when, count) of recent grows
         self._loop = asyncio.get_running_loop()
         self._worker_ids = itertools.count(1)
         self._versions = versions.local()
@@ -551,9 +550,8 @@ class Lifecycle:
     async def adapt(self, policy: AdaptivePolicy | None) -> None:
         """Follow the work with `policy` (None: stop, keep the instances there are)."""
         self.policy = policy
-        while self.policy is policy and policy is not None and not self.closing:
-            await self._decide(policy)
-            await asyncio.sleep(policy.adapt.interval)
+        if policy is not None:
+            await AdaptiveScaling(self, policy).run()
 
     def may_grow(self) -> bool:
         """The adaptive policy will add capacity when work waits (so queued work is not
@@ -561,56 +559,6 @@ class Lifecycle:
         return (self.policy is not None and not self.closing
                 and self.membership.failures_in_a_row < MAX_FAILURES_IN_A_ROW
                 and not self.policy.told_budget)
-
-    def _snapshot(self, now: float) -> Snapshot:
-        while self._requests and self._requests[0][0] < now - 60:
-            self._requests.popleft()
-        membership = self.membership
-        views = [InstanceView(
-            key=m.vm_id, joined=m.state is MemberState.JOINED, inflight=m.inflight(),
-            idle_for=0.0 if m.inflight() else now - m.last_active, spot=m.priority == "Spot")
-            for m in membership.live()]
-        removing = sum(m.state is MemberState.REMOVING for m in membership.members.values())
-        return Snapshot(
-            queued=len(self.dispatcher.queue),
-            running=sum(m.inflight() for m in membership.live()),
-            instances=views, requested=len(membership.claims), removing=removing,
-            requested_last_minute=sum(count for _, count in self._requests),
-            instance_hours=sum(instance_hours(membership.members.values(), now).values()),
-            per_instance=self.options.ppi * self.options.concurrency)
-
-    async def _decide(self, policy: AdaptivePolicy) -> None:
-        now = time.monotonic()
-        snapshot = self._snapshot(now)
-        decision = policy.decide(snapshot)
-        current = len(snapshot.instances) + len(self.membership.claims)
-        if decision.budget_spent and not policy.told_budget:
-            policy.told_budget = True
-            logger.warning("not scaling up: %s (the cluster keeps %d instances)",
-                           decision.reason, current)
-        if decision.grow and self.membership.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            return  # the runaway failsafe: the queue has been failed (may_grow is False)
-        if decision.grow:
-            logger.info("scaling %d -> %d instances: %s", current, current + decision.grow,
-                        decision.reason)
-            self._requests.append((now, decision.grow))
-            self.progress.set_total((current + decision.grow) * self.options.ppi)
-            try:
-                await self.membership.grow(decision.grow)
-            except AzManagersError as exc:
-                self.membership.provisioning_failed(exc)
-                self.membership.failures_in_a_row += 1  # the failsafe counts refused grows
-                self.dispatcher.fail_if_hopeless()
-        elif decision.budget_spent:
-            self.dispatcher.fail_if_hopeless()
-        elif decision.remove:
-            chosen = [m for m in self.membership.live() if m.vm_id in decision.remove
-                      and not m.inflight()]
-            if chosen:
-                logger.info("scaling %d -> %d instances: %s", current, current - len(chosen),
-                            decision.reason)
-                self.progress.set_total((current - len(chosen)) * self.options.ppi)
-                await self.remove(chosen, "idle: scaled down")
 
     # -- removal, cancel, scale -----------------------------------------------------------------
 
@@ -709,21 +657,3 @@ def _seconds_until(http_date: str) -> float:
         return email.utils.parsedate_to_datetime(http_date).timestamp() - time.time()
     except (TypeError, ValueError):
         return 0.0
-
-
-def spawner(tasks: set[asyncio.Task]) -> Callable[..., asyncio.Task]:
-    """`spawn(coro, owner=None)`: run `coro` as a task kept in `tasks` (and `owner`), its
-    failure logged."""
-    def spawn(coro: Coroutine[Any, Any, Any], owner: set[asyncio.Task] | None = None) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        for group in (tasks, owner) if owner is not None else (tasks,):
-            group.add(task)
-            task.add_done_callback(group.discard)
-        task.add_done_callback(_log_task_failure)
-        return task
-    return spawn
-
-
-def _log_task_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("cluster background task failed", exc_info=task.exception())
