@@ -28,18 +28,13 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from prefect_azmanagers.cluster import serialization
-from prefect_azmanagers.exceptions import PayloadError
+from prefect_azmanagers.exceptions import RunNotStarted
 
 ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "prefect_azmanagers_on_worker", default=False
 )
 """True while a task run executes on a worker: the flow's task runner, re-entered there by
 `hydrated_context`, then runs nested submits locally instead of provisioning a cluster."""
-
-
-class RunNotStarted(PayloadError):
-    """What the driver sent for a task run cannot be rebuilt on the worker (an argument, the
-    task, the flow run's context), so Prefect's task engine never started there."""
 
 
 class RemoteTaskRun:

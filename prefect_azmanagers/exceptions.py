@@ -1,11 +1,13 @@
 """The project's exception types: each says what went wrong and how to fix it.
 
 Every error a user can cause or meet derives from `AzManagersError`, so callers can catch the
-project's errors without catching programming mistakes. Subclasses live next to the concept
-they belong to only when they carry extra fields; the plain ones are here.
+project's errors without catching programming mistakes. Every type is here but those that
+need their concept's own types (`cluster.protocol.FrameTooLarge` names a frame `Kind`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class AzManagersError(Exception):
@@ -115,3 +117,30 @@ class DetachedJobError(AzManagersError):
 
 class UntrustedPayload(AzManagersError):
     """A detached job's payload or result failed its authentication (missing, forged, duplicated)."""
+
+
+class ProtocolError(AzManagersError):
+    """The byte stream is not a sequence of valid frames (corruption or a foreign writer)."""
+
+
+class RunNotStarted(PayloadError):
+    """What the driver sent for a task run cannot be rebuilt on the worker (an argument, the
+    task, the flow run's context), so Prefect's task engine never started there."""
+
+
+class MPIRankError(AzManagersError):
+    """A rank other than 0 raised while running a call; the message holds its traceback."""
+
+    def __init__(self, rank: int, size: int, error_type: str, message: str, remote_traceback: str):
+        super().__init__(
+            f"MPI rank {rank} of {size} failed: {error_type}: {message}\n"
+            f"--- traceback on rank {rank} ---\n{remote_traceback}")
+        self.rank = rank
+        self.size = size
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        message = str(self).split("\n", 1)[0].split(": ", 2)[-1]
+        return (MPIRankError, (self.rank, self.size, self.error_type, message,
+                               self.remote_traceback))

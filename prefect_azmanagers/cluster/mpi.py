@@ -41,7 +41,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from prefect_azmanagers.cluster.protocol import Payload, load_payload
-from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
+from prefect_azmanagers.exceptions import ConfigurationError, MPIRankError
 
 # Portable for Open MPI (Debian's MPI): K ranks may exceed the instance's cores (the original's
 # `-bind-to core:$OMP_NUM_THREADS --map-by numa` assumes whole-machine HPC sizes).
@@ -76,24 +76,6 @@ class _Backoff:
         if time.monotonic() - self._since > _HOT_SECONDS:
             self._sleep = min(self._sleep * 2, _MAX_IDLE_SLEEP)
         return self._sleep
-
-
-class MPIRankError(AzManagersError):
-    """A rank other than 0 raised while running a call; the message holds its traceback."""
-
-    def __init__(self, rank: int, size: int, error_type: str, message: str, remote_traceback: str):
-        super().__init__(
-            f"MPI rank {rank} of {size} failed: {error_type}: {message}\n"
-            f"--- traceback on rank {rank} ---\n{remote_traceback}")
-        self.rank = rank
-        self.size = size
-        self.error_type = error_type
-        self.remote_traceback = remote_traceback
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        message = str(self).split("\n", 1)[0].split(": ", 2)[-1]
-        return (MPIRankError, (self.rank, self.size, self.error_type, message,
-                               self.remote_traceback))
 
 
 def launcher(ranks: int, flags: str = DEFAULT_MPI_FLAGS) -> list[str]:

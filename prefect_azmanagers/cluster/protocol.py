@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Union
 
+from prefect_azmanagers.exceptions import ProtocolError
+
 HEADER = struct.Struct("!QBQ")
 MAX_BODY = 1 << 40  # refuses a corrupted length prefix instead of allocating it (the agent's
 # bound; the driver reads with a much lower one, transport.MAX_FRAME)
@@ -41,10 +43,6 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 14  # JSON: running task count
     PREEMPT = 15  # JSON: event_id, not_before (the IMDS scheduled event's NotBefore text)
     BYE = 16  # the agent flushed and is about to exit
-
-
-class ProtocolError(Exception):
-    """The byte stream is not a sequence of valid frames (corruption or a foreign writer)."""
 
 
 class FrameTooLarge(ProtocolError):
