@@ -29,8 +29,10 @@ from pathlib import Path
 
 from bench.services import database_services, free_port, local_cloud, prefect_server
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="azm-bench-home-"))
-_OWN_HOME = os.environ["PREFECT_HOME"] if "azm-bench-home-" in os.environ["PREFECT_HOME"] else None
+if "PREFECT_HOME" not in os.environ:  # the run's own, removed at its end
+    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
+else:
+    _OWN_HOME = None
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
