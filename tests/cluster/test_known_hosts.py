@@ -11,6 +11,7 @@ import asyncssh
 import pytest
 
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.exceptions import HostKeyMismatch
 
 KEY = asyncssh.generate_private_key("ssh-ed25519")
 KEY_FIELDS = KEY.export_public_key().decode().split()[:2]
@@ -105,3 +106,17 @@ def test_a_crash_mid_write_leaves_the_old_file_whole(tmp_path, operation):
     lines = _assert_whole(path)
     assert lines[-1].startswith("after ") and not any(line.startswith("doomed ") for line in lines)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_pinned_host_keys(tmp_path):
+    store = PinnedHostKeys(tmp_path / "sub" / "known_hosts")
+    first, second = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    assert store.get("vm-1") is None and store.check("vm-1", first, "10.0.0.4") is False
+    store.pin("vm-1", first, "10.0.0.4")
+    store.pin("vm-2", second, "10.0.0.4")  # same address, another instance
+    assert oct((tmp_path / "sub" / "known_hosts").stat().st_mode & 0o777) == "0o600"
+    assert store.check("vm-1", first, "10.0.0.4") and store.check("vm-2", second, "10.0.0.4")
+    with pytest.raises(HostKeyMismatch, match="vm-1 at 10.0.0.9.*delete the line"):
+        store.check("vm-1", second, "10.0.0.9")
+    store.forget({"vm-1"})
+    assert store.get("vm-1") is None and store.get("vm-2") is not None
