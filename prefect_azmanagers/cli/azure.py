@@ -32,7 +32,7 @@ from prefect_azmanagers.azure.ownership import (
 from prefect_azmanagers.azure.scaleset import delete_scaleset, list_scalesets
 from prefect_azmanagers.azure.vm import list_vms
 from prefect_azmanagers.blocks import load_manifest
-from prefect_azmanagers.cli import MANIFEST_OPTION
+from prefect_azmanagers.cli import MANIFEST_OPTION, exit_with_error
 
 scalesets_app = typer.Typer(no_args_is_help=True, help="Scale sets created by prefect-azmanagers.")
 vms_app = typer.Typer(no_args_is_help=True, help="Standalone (detached) VMs created by prefect-azmanagers.")
@@ -156,3 +156,26 @@ def cleanup(
     orphans = _with_clients(manifest, work)
     verb = "Would delete" if dry_run else "Deleted"
     _console.print(f"{verb} {len(orphans)} resource(s).")
+
+
+def usage(
+    cluster_id: str = typer.Argument(None, help="A cluster id (default: the most recent clusters)."),
+    last: int = typer.Option(5, "--last", help="How many recent clusters to show."),
+) -> None:
+    """What clusters on this machine used: instances, instance-hours by priority, evictions,
+    re-queued calls, peak and mean workers (saved every minute while they run, and at close)."""
+    from prefect_azmanagers.cluster.usage import saved
+
+    records = [r for r in saved() if cluster_id in (None, r["cluster_id"])][: 1 if cluster_id else last]
+    if not records:
+        exit_with_error(f"no usage saved for cluster {cluster_id}" if cluster_id else
+                        "no usage saved yet: clusters save theirs under ~/.azmanagers/usage")
+    table = Table("cluster", "scale set", "updated", "instances", "instance-hours", "evictions",
+                  "re-queued", "workers peak / mean")
+    for record in records:
+        report = record["usage"]
+        hours = ", ".join(f"{p.lower()} {h:.3f}" for p, h in sorted(report.instance_hours.items()))
+        table.add_row(record["cluster_id"], record["group"], record["updated"], str(report.instances),
+                      hours or "0", str(report.evictions), str(report.requeued),
+                      f"{report.peak_workers} / {report.mean_workers:.1f}")
+    _console.print(table)

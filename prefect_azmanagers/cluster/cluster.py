@@ -49,6 +49,7 @@ from prefect_azmanagers.cluster.protocol import Payload
 from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
 from prefect_azmanagers.cluster.usage import report as usage_report
+from prefect_azmanagers.cluster.usage import save as save_usage
 from prefect_azmanagers.customenv import (
     EnvironmentSpec,
     capture_environment,
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from prefect_azmanagers.blocks import AzureManifest, ScaleSetTemplate
 
 T = TypeVar("T")
+USAGE_SAVE_SECONDS = 60.0  # a running cluster's report is saved this often (and at close)
 logger = logging.getLogger("prefect_azmanagers.cluster")
 worker_logger = logging.getLogger("prefect_azmanagers.worker")
 
@@ -256,6 +258,20 @@ class AzureCluster:
                 f"{', '.join(m.name for m in self._membership.members.values()) or 'none'}")
         self._call(self._scaleset.simulate_eviction(member.instance_id))
 
+    def _save_usage(self) -> None:
+        """Keep the latest report where `prefect-azmanagers usage` finds it."""
+        if self._lifecycle is None:
+            return
+        try:
+            save_usage(self.cluster_id, self.group, self.usage())
+        except OSError as exc:
+            logger.warning("could not save the usage report of cluster %s: %s", self.cluster_id, exc)
+
+    async def _save_usage_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self._save_usage)
+
     def usage(self) -> UsageReport:
         """Instances used, instance-hours by priority, evictions, re-queued calls, workers."""
         if self._lifecycle is None:
@@ -397,6 +413,7 @@ class AzureCluster:
         if self.n:
             await self._membership.grow(self.n)
         self._spawn(self._lifecycle.watch())
+        self._spawn(self._save_usage_every(USAGE_SAVE_SECONDS))
         if options.adapt is not None:
             self._spawn(self._lifecycle.adapt(AdaptivePolicy(options.adapt)))
 
@@ -421,6 +438,7 @@ class AzureCluster:
                 errors.append(exc)
         if self._clients is not None:
             await self._clients.close()
+        self._save_usage()
         if errors:
             logger.error("closing cluster %s left resources behind: %s; run "
                          "`prefect-azmanagers cleanup` to find them by tag", self.cluster_id, errors)

@@ -1,14 +1,22 @@
 """What a cluster used: instances, instance-hours by priority, evictions, re-queued calls,
 peak and mean workers. Read from the members' records; the report is a table for a Prefect
-artifact and one log line."""
+artifact and one log line, and each cluster keeps its latest report in
+`~/.azmanagers/usage/<cluster id>.json` (0600) for `prefect-azmanagers usage`."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
 
 from prefect_azmanagers.cluster.members import Member
+
+USAGE_DIR = Path("~/.azmanagers/usage")
 
 
 @dataclass
@@ -79,3 +87,31 @@ def report(members: Iterable[Member], *, requeued: int, gauge: WorkerGauge,
         instances=len(members), instance_hours=instance_hours(members, now),
         evictions=sum(m.evicted for m in members), requeued=requeued, peak_workers=gauge.peak,
         mean_workers=gauge.mean(now), seconds=now - gauge.started)
+
+
+def save(cluster_id: str, group: str, usage: UsageReport, directory: Path = USAGE_DIR) -> Path:
+    """Write a cluster's latest report (atomically, 0600: it names the scale set)."""
+    directory = directory.expanduser()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{cluster_id}.json"
+    temporary = path.with_suffix(".tmp")
+    record = {"cluster_id": cluster_id, "group": group, "updated": datetime.now(
+        timezone.utc).isoformat(timespec="seconds"), "usage": dataclasses.asdict(usage)}
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle)
+    os.replace(temporary, path)
+    return path
+
+
+def saved(directory: Path = USAGE_DIR) -> list[dict[str, Any]]:
+    """The reports saved by clusters on this machine, newest first (`usage` a UsageReport)."""
+    records = []
+    for path in directory.expanduser().glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+            record["usage"] = UsageReport(**record["usage"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # a record being replaced, or not one of ours
+        records.append(record)
+    return sorted(records, key=lambda r: r["updated"], reverse=True)

@@ -65,3 +65,14 @@ def test_bad_bounds_are_refused():
                 dict(idle_timeout=0), dict(max_instances_per_minute=0), dict(max_instance_hours=0)):
         with pytest.raises(ConfigurationError, match="Adapt"):
             Adapt(**bad)
+
+
+def test_a_saved_usage_report_reads_back_and_is_private(tmp_path):
+    from prefect_azmanagers.cluster.usage import UsageReport, save, saved
+
+    report = UsageReport(3, {"Spot": 0.5, "Regular": 0.25}, 1, 2, 6, 4.5, 120.0)
+    path = save("c-1", "azm-c-1", report, tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    [record] = saved(tmp_path)
+    assert record["usage"] == report and record["group"] == "azm-c-1"
+    assert "spot 0.500" in report.line() and "| evictions | 1 |" in report.markdown()

@@ -111,6 +111,14 @@ def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_serv
     assert "| instances used | 2 |" in table and "| evictions | 0 |" in table
     assert "| re-queued calls | 0 |" in table and "| peak workers | 2 |" in table
     assert_nothing_left(admin, group, set())
+    # `prefect-azmanagers usage` prints the same for the flow's cluster
+    from typer.testing import CliRunner
+
+    from prefect_azmanagers.cli import app
+    printed = CliRunner().invoke(app, ["usage", "--last", "20"], env={"COLUMNS": "250"})
+    assert printed.exit_code == 0, printed.output
+    row = next(line for line in printed.output.splitlines() if group in line)
+    assert "│ 2 " in row and "2 / " in row, printed.output
 
 
 def evict(cluster: AzureCluster, instance: str) -> None:
