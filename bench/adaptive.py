@@ -12,21 +12,15 @@ pays). Results: a table on stdout and JSON under bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.services import free_port, local_cloud, prefect_server
+from bench.services import bench_environment, local_cloud, prefect_server, write_results
 
-os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="azm-bench-home-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-RESULTS = Path(__file__).resolve().parent / "results"
+_OWN_HOME = bench_environment()  # before prefect is imported
 
 
 def work(i: int, seconds: float) -> int:
@@ -89,10 +83,8 @@ def main() -> None:
     saved = 1 - adaptive["instance_seconds"] / fixed["instance_seconds"]
     slower = adaptive["completion_s"] / fixed["completion_s"] - 1
     print(f"adaptive: {saved:.0%} fewer instance-seconds, completion {slower:+.0%} vs fixed")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S%z")
-    (RESULTS / f"adaptive-{stamp}.json").write_text(json.dumps(
-        {"args": vars(args), "rows": rows, "saved": saved, "slower": slower}, indent=2))
+    write_results("adaptive", {"args": vars(args), "rows": rows, "saved": saved, "slower": slower},
+                  datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S%z"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Results: a table on stdout and JSON under bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,22 +24,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.services import database_services, free_port, local_cloud, prefect_server
+from bench.services import (
+    bench_environment,
+    database_services,
+    local_cloud,
+    prefect_server,
+    write_results,
+)
 
-# Before prefect is imported (as bench.throughput does): the run's own API and home.
-os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-if "PREFECT_HOME" not in os.environ:
-    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
-else:
-    _OWN_HOME = None
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+_OWN_HOME = bench_environment()  # before prefect is imported
 
 from prefect import flow, task  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @task
@@ -145,10 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         if _OWN_HOME:
             shutil.rmtree(_OWN_HOME, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cold_start-{report['when'].replace(':', '')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {out}")
+    write_results("cold_start", report, report["when"])
     return report
 
 

@@ -27,14 +27,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.services import database_services, free_port, local_cloud, prefect_server
+from bench.services import (
+    bench_environment,
+    database_services,
+    free_port,
+    local_cloud,
+    prefect_server,
+    write_results,
+)
 
-if "PREFECT_HOME" not in os.environ:  # the run's own, removed at its end
-    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
-else:
-    _OWN_HOME = None
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+_OWN_HOME = bench_environment()  # before prefect is imported
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
@@ -42,7 +44,6 @@ from prefect import flow, task  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1 << 20
 STATES = ("Completed", "Failed", "Crashed", "Cancelled", "Running", "Pending", "Scheduled")
 
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{', '.join(f'{k} {v}' for k, v in api.items())[:27]:<28}"
                   f"{r['dropping_message_lines']:>6}{r.get('driver_rss_MB_per_1000_tasks', '-')!s:>10}"
                   f"{r['server_cpu_s']:>10}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"scale-{report['when'].replace(':', '')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {out}")
+    write_results("scale", report, report["when"])
     return report
 
 

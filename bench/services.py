@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bench_environment() -> str | None:
+    """Before prefect is imported: every process of the run (children inherit it) sees one
+    API URL and a Prefect home of the run's own, unless given. Returns that home (None if the
+    caller gave one), for the bench to remove at its end."""
+    os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if "PREFECT_HOME" in os.environ:
+        return None
+    os.environ["PREFECT_HOME"] = home = tempfile.mkdtemp(prefix="azm-bench-home-")
+    return home
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(name: str, report: dict, when: str) -> Path:
+    """A bench's report as JSON under bench/results/, named after it and its start time."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}-{when.replace(':', '')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return out
 
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"

@@ -33,17 +33,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.services import free_port, local_cloud, prefect_server  # noqa: E402  (no prefect)
+from bench.services import bench_environment, local_cloud, prefect_server  # noqa: E402  (no prefect)
 
-# Before prefect is imported: every process of the run (this one, process-pool and Dask
-# workers, which import this module too and inherit the environment) sees the same API.
-os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-if "PREFECT_HOME" not in os.environ:  # the run's own, removed at its end (children inherit it)
-    os.environ["PREFECT_HOME"] = _OWN_HOME = tempfile.mkdtemp(prefix="azm-bench-home-")
-else:
-    _OWN_HOME = None
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+_OWN_HOME = bench_environment()  # before prefect is imported
 
 import asyncssh  # noqa: E402
 import psutil  # noqa: E402
