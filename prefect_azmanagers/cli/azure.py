@@ -159,16 +159,17 @@ def cleanup(
 
 
 def usage(
-    cluster_id: str = typer.Argument(None, help="A cluster id (default: the most recent clusters)."),
+    cluster: str = typer.Argument(None, help="A cluster id or scale-set name (default: the "
+                                  "most recent clusters)."),
     last: int = typer.Option(5, "--last", help="How many recent clusters to show."),
 ) -> None:
     """What clusters on this machine used: instances, instance-hours by priority, evictions,
     re-queued calls, peak and mean workers (saved every minute while they run, and at close)."""
     from prefect_azmanagers.cluster.usage import saved
 
-    records = [r for r in saved() if cluster_id in (None, r["cluster_id"])][: 1 if cluster_id else last]
+    records = [r for r in saved() if cluster in (None, r["cluster_id"], r["group"])][:last]
     if not records:
-        exit_with_error(f"no usage saved for cluster {cluster_id}" if cluster_id else
+        exit_with_error(f"no usage saved for cluster {cluster}" if cluster else
                         "no usage saved yet: clusters save theirs under ~/.azmanagers/usage")
     table = Table("cluster", "scale set", "updated", "instances", "instance-hours", "evictions",
                   "re-queued", "workers peak / mean")

@@ -115,7 +115,7 @@ def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_serv
     from typer.testing import CliRunner
 
     from prefect_azmanagers.cli import app
-    printed = CliRunner().invoke(app, ["usage", "--last", "20"], env={"COLUMNS": "250"})
+    printed = CliRunner().invoke(app, ["usage", group], env={"COLUMNS": "250"})
     assert printed.exit_code == 0, printed.output
     row = next(line for line in printed.output.splitlines() if group in line)
     assert "│ 2 " in row and "2 / " in row, printed.output

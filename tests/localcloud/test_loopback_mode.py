@@ -200,7 +200,7 @@ def test_scale_set_instances_over_openssh_boot_script_and_imds(lb: Cloud, user: 
             sandbox = _sandbox(lb, vm_name)
             key = lb.info["ssh_private_key_file"]
             _wait(lambda: _pinned_ssh(lb, ip, sandbox["host_key"], key, "cat ~/.azmanagers/boot.status",
-                                      tmp_path).stdout.strip() == "ready", 60, f"{vm_name}'s boot script")
+                                      tmp_path).stdout.strip() == "ready", 180, f"{vm_name}'s boot script")
             probe = _pinned_ssh(lb, ip, sandbox["host_key"], key, "; ".join([
                 "id -un", "echo $HOME", "pwd", "echo ${PYTHONPATH-unset}", "echo $AZMANAGERS_IMDS_URL",
                 f"test -e {Path(__file__)} && echo source-visible || echo source-hidden",
