@@ -162,15 +162,23 @@ def usage(
     cluster: str = typer.Argument(None, help="A cluster id or scale-set name (default: the "
                                   "most recent clusters)."),
     last: int = typer.Option(5, "--last", help="How many recent clusters to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
 ) -> None:
     """What clusters on this machine used: instances, instance-hours by priority, evictions,
     re-queued calls, peak and mean workers (saved every minute while they run, and at close)."""
+    import dataclasses
+    import json
+
     from prefect_azmanagers.cluster.usage import saved
 
     records = [r for r in saved() if cluster in (None, r["cluster_id"], r["group"])][:last]
     if not records:
         exit_with_error(f"no usage saved for cluster {cluster}" if cluster else
                         "no usage saved yet: clusters save theirs under ~/.azmanagers/usage")
+    if as_json:
+        typer.echo(json.dumps([dict(r, usage=dataclasses.asdict(r["usage"])) for r in records],
+                              indent=2))
+        return
     table = Table("cluster", "scale set", "updated", "instances", "instance-hours", "evictions",
                   "re-queued", "workers peak / mean")
     for record in records:

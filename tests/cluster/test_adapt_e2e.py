@@ -4,6 +4,7 @@ call is re-run because of a scale-down, the maximum is never exceeded; the runne
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -115,10 +116,12 @@ def test_the_runner_reports_usage_as_an_artifact(localcloud, admin, prefect_serv
     from typer.testing import CliRunner
 
     from prefect_azmanagers.cli import app
-    printed = CliRunner().invoke(app, ["usage", group], env={"COLUMNS": "250"})
+    printed = CliRunner().invoke(app, ["usage", group, "--json"])
     assert printed.exit_code == 0, printed.output
-    row = next(line for line in printed.output.splitlines() if group in line)
-    assert "│ 2 " in row and "2 / " in row, printed.output
+    [record] = json.loads(printed.output)
+    assert record["group"] == group and record["usage"]["instances"] == 2
+    assert record["usage"]["peak_workers"] == 2 and record["usage"]["requeued"] == 0
+    assert CliRunner().invoke(app, ["usage", group]).exit_code == 0  # the table (at its width)
 
 
 def evict(cluster: AzureCluster, instance: str) -> None:
