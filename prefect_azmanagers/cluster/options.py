@@ -117,7 +117,7 @@ class ClusterOptions(ProvisioningOptions):
         for port in self.forward_ports:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ConfigurationError(f"forward_ports: {port!r} is not a TCP port (1..65535)")
-        # Frozen: normalise the containers in place once, so the options compare and hash sanely.
+        # Frozen: normalise the containers once, so that equal options compare equal.
         object.__setattr__(self, "env", dict(self.env))
         object.__setattr__(self, "forward_ports", tuple(self.forward_ports))
 
