@@ -53,23 +53,25 @@ def _stop(agent: subprocess.Popen) -> str:
     return agent.stderr.read().decode()
 
 
-def test_what_a_warm_up_prints_goes_to_stderr_not_into_the_protocol(tmp_path):
-    agent = _agent(tmp_path, "--warm-up", "warmmod:noisy")
+def _first_frame_and_stderr(tmp_path, warm_up: str) -> tuple[Kind, dict, str]:
+    """An agent with this warm-up: its first frame, then its stderr once stopped."""
+    agent = _agent(tmp_path, "--warm-up", warm_up)
     try:
         kind, hello = _first_frame(agent)
     finally:
         stderr = _stop(agent)
+    return kind, hello, stderr
+
+
+def test_what_a_warm_up_prints_goes_to_stderr_not_into_the_protocol(tmp_path):
+    kind, hello, stderr = _first_frame_and_stderr(tmp_path, "warmmod:noisy")
     assert kind == Kind.HELLO
     assert hello["warm_up_s"] >= 0
     assert "warm-up print" in stderr and "warm-up raw fd 1" in stderr
 
 
 def test_a_failing_warm_up_is_reported_and_the_slot_still_joins(tmp_path):
-    agent = _agent(tmp_path, "--warm-up", "warmmod:boom")
-    try:
-        kind, _ = _first_frame(agent)
-    finally:
-        stderr = _stop(agent)
+    kind, _, stderr = _first_frame_and_stderr(tmp_path, "warmmod:boom")
     assert kind == Kind.HELLO
     assert "warm-up warmmod:boom failed" in stderr and "RuntimeError: warm-up exploded" in stderr
 
