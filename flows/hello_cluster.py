@@ -26,9 +26,13 @@ def hello(i: int) -> str:
     return where
 
 
-@flow(task_runner=AzureScaleSetTaskRunner(TEMPLATE, 2, manifest=MANIFEST, ppi=2))
+@flow(task_runner=AzureScaleSetTaskRunner(TEMPLATE, 2, manifest=MANIFEST, ppi=2, waitfor=True))
 def hello_cluster(n: int = 8) -> list[str]:
-    """Runs `n` greetings on 2 instances x 2 workers; returns the distinct places they ran."""
+    """Runs `n` greetings on 2 instances x 2 workers; returns the distinct places they ran.
+
+    `waitfor=True` starts the flow once all four workers joined, so the greetings spread over
+    them (idle workers take queued calls in turn); without it the first worker to join may run
+    them all before the others arrive."""
     return sorted(set(hello.map(range(n)).result()))
 
 
