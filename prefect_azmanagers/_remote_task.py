@@ -137,6 +137,7 @@ class RemoteTaskRun:
                 flush_events()  # inside the context: its settings name the API
             except (OSError, httpx.TransportError) as exc:
                 raise _api_unreachable(settings, exc) from exc
+            state = _result_by_reference(state, task)
         _note_remote_traceback(state)
         return state
 
@@ -332,6 +333,24 @@ def _keep_api_records_off_stderr() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and _SENT_TO_API not in handler.filters:
             handler.addFilter(_SENT_TO_API)
+
+
+def _result_by_reference(state: Any, task: Any) -> Any:
+    """A result persisted in the shared default result storage (the manifest's blob container)
+    goes back as its record's metadata, not its value: the driver reads it from the storage
+    only when asked (Prefect's own path for a state's `ResultRecordMetadata`), so a large
+    result the user asked to persist does not travel through the SSH channel too."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultRecord, get_default_result_storage
+
+    record = state.data
+    if task.persist_result is not True or not isinstance(record, ResultRecord):
+        return state
+    storage = get_default_result_storage()
+    shared_id = getattr(storage, "_block_document_id", None)
+    if shared_id is None or isinstance(storage, LocalFileSystem) or record.metadata.storage_block_id != shared_id:
+        return state
+    return state.model_copy(update={"data": record.metadata})
 
 
 def _note_remote_traceback(state: Any) -> None:

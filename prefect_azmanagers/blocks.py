@@ -207,6 +207,18 @@ class AzureManifest(Block):
         default="~/.azmanagers/known_hosts", description="Pinned SSH host keys of the instances."
     )
     python: str = Field(default="python3", description="Python interpreter on the instances.")
+    blob_container: str | None = Field(
+        default=None,
+        description="Name of a saved prefect-azure AzureBlobStorageContainer block: the default "
+                    "result storage of task runs on the workers (results and cache records, read "
+                    "from anywhere) and where detached jobs store their results. Workers load it "
+                    "from the Prefect API, so its credential never travels in customData.",
+    )
+
+    @property
+    def result_storage_slug(self) -> str | None:
+        """`blob_container` as Prefect's result-storage setting names a block."""
+        return f"azure-blob-storage-container/{self.blob_container}" if self.blob_container else None
 
     def known_hosts_path(self) -> Path:
         """The known-hosts file, with `~` expanded."""

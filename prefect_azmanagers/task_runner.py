@@ -153,6 +153,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._shared: tuple[Any, Any, bytes] | None = None
         self._task_blobs: dict[int, tuple[Any, bytes]] = {}
         self._api_url_for_workers: str | None = None
+        self._result_storage: str | None = None  # the manifest's blob container, as a block slug
         self._flow_logger: Any = None
         self._flow_context = contextvars.Context()
         self._previous_output_handler: Any = None
@@ -333,7 +334,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "(`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
                 "or use Prefect Cloud."
             )
-        for_vms = self._manifest_api_url_for_vms()
+        manifest = self._manifest()
+        self._result_storage = getattr(manifest, "result_storage_slug", None)
+        for_vms = getattr(manifest, "prefect_api_url_for_vms", None)
         if for_vms and for_vms != api_url:
             self._api_url_for_workers = for_vms
             return None
@@ -342,14 +345,12 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             return parts.port or (443 if parts.scheme == "https" else 80)
         return None  # a routable URL (e.g. Prefect Cloud): workers reach it directly
 
-    def _manifest_api_url_for_vms(self) -> str | None:
+    def _manifest(self) -> AzureManifest | None:
         if self._given_cluster is not None:
-            manifest = getattr(self._given_cluster, "manifest", None)
-        else:
-            from prefect_azmanagers.blocks import load_manifest
+            return getattr(self._given_cluster, "manifest", None)
+        from prefect_azmanagers.blocks import load_manifest
 
-            manifest = load_manifest(self.manifest)
-        return getattr(manifest, "prefect_api_url_for_vms", None)
+        return load_manifest(self.manifest)
 
     # -- submission --------------------------------------------------------------------
 
@@ -474,17 +475,26 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         cached = self._shared
         if cached is None or cached[0] is not settings_source or cached[1] is not engine_context:
             shared = compat.flow_run_scoped_context(self._worker_settings())
+            if self._result_storage:
+                _leave_result_storage_to_workers(shared)
             cached = self._shared = (settings_source, engine_context,
                                      serialization.dumps(shared, what="the flow run's context"))
         return cached[2]
 
     def _worker_settings(self) -> dict[str, Any]:
-        """The driver's serialized settings as workers get them (their API URL)."""
+        """The driver's serialized settings as workers get them: their API URL, and the
+        manifest's blob container as their default result storage (Prefect's own setting)."""
         settings = compat.serialize_settings()
-        if self._api_url_for_workers and settings:
-            settings = dict(settings, settings=dict(settings["settings"]))
+        if not settings:
+            return settings
+        settings = dict(settings, settings=dict(settings["settings"]))
+        if self._api_url_for_workers:
             settings["settings"]["api"] = dict(
                 settings["settings"].get("api", {}), url=self._api_url_for_workers
+            )
+        if self._result_storage:
+            settings["settings"]["results"] = dict(
+                settings["settings"].get("results", {}), default_storage_block=self._result_storage
             )
         return settings
 
@@ -658,6 +668,20 @@ def _settle(future: concurrent.futures.Future[State], state: State) -> None:
         future.set_result(state)
     except concurrent.futures.InvalidStateError:
         pass  # already settled (e.g. cancelled first)
+
+
+def _leave_result_storage_to_workers(shared: dict[str, Any]) -> None:
+    """Drop the driver's default result storage from the flow run context workers get, so their
+    task runs fall back to the default result storage of their settings (the blob container).
+
+    The driver's flow run resolved its default (a LocalFileSystem on the driver's disk) before
+    the runner started; a storage the flow sets itself (`@flow(result_storage=...)`) stays.
+    """
+    flow_run = shared.get("flow_run_context") or {}
+    flow = flow_run.get("flow")
+    if getattr(flow, "result_storage", None) is None and "result_store" in flow_run:
+        flow_run["result_store"] = {
+            k: v for k, v in flow_run["result_store"].items() if k != "result_storage"}
 
 
 def _manifest_name(manifest: str | AzureManifest | None) -> str | None:

@@ -28,6 +28,19 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# Node.js for Azurite (the local cloud's Blob Storage): Debian's nodejs + npm unless a node
+# and npm are already on PATH (e.g. NodeSource's nodejs, which ships npm itself).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup: installing Debian packages: nodejs npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  else
+    echo "setup: Node.js is missing (install Debian's nodejs and npm as root): the local cloud runs without Blob Storage" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv with $($PYTHON --version)"
@@ -38,10 +51,22 @@ want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "setup: installing the package and its test extras into .venv (log: .venv/install.log)"
   if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -e ".[test,mpi]"; } > .venv/install.log 2>&1; then
+         .venv/bin/python -m pip install -e ".[test,mpi,blob]"; } > .venv/install.log 2>&1; then
     tail -40 .venv/install.log >&2
     echo "setup: pip install failed (full log: .venv/install.log)" >&2
     exit 1
   fi
   echo "$want" > "$stamp"
+fi
+
+# Azurite, Microsoft's Blob Storage emulator, from npm into the venv (the local cloud finds it
+# there: prefect_azmanagers/localcloud/blob.py).
+azurite=.venv/azurite/node_modules/.bin/azurite-blob
+if [[ ! -x $azurite ]] && command -v npm >/dev/null 2>&1; then
+  echo "setup: installing Azurite from npm into .venv/azurite (log: .venv/azurite-install.log)"
+  if ! npm install --prefix .venv/azurite --no-audit --no-fund "azurite@3" > .venv/azurite-install.log 2>&1; then
+    tail -20 .venv/azurite-install.log >&2
+    echo "setup: npm install azurite failed (full log: .venv/azurite-install.log)" >&2
+    exit 1
+  fi
 fi

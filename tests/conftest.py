@@ -123,7 +123,7 @@ def localcloud(prefect_server):
     state_dir = _SESSION_DIR / "localcloud"
     cli = [sys.executable, "-m", "prefect_azmanagers.cli"]
     subprocess.run(
-        cli + ["localcloud", "start", "--background", "--state-dir", str(state_dir),
+        cli + ["localcloud", "start", "--background", "--blob", "--state-dir", str(state_dir),
                "--prefect-api-url", prefect_server.api_url],
         check=True, env=dict(os.environ, PREFECT_API_URL=prefect_server.api_url), timeout=180,
     )

@@ -30,6 +30,10 @@ app = typer.Typer(no_args_is_help=True, help="The offline, ARM-compatible local 
 console = Console()
 
 MANIFEST_BLOCK = "localcloud"
+# prefect-azure's Blob Storage blocks, saved under the manifest's name (keys of localcloud_blocks)
+BLOB_CREDENTIALS = "blob-credentials"
+BLOB_CONTAINER = "blob-container"
+_NAMED_LIKE_THE_MANIFEST = (MANIFEST_BLOCK, BLOB_CREDENTIALS, BLOB_CONTAINER)
 LOCALCLOUD_TEMPDISK = "mkdir -m 777 -p /mnt/scratch"  # a sandbox's /mnt is its own; / is not
 
 
@@ -72,10 +76,12 @@ def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
         tenant_id=info["tenant_id"], client_id=info["client_id"], client_secret=info["client_secret"],
         authority_host=info["authority_host"],
         known_hosts_file=info["known_hosts_file"], python=info["python"],
+        blob_container=MANIFEST_BLOCK if info.get("blob_url") else None,
     )
     common = dict(subscription_id=sub, admin_username=info["ssh_user"], location=location, resource_group=rg,
                   image_gallery="localcloud-gallery", image_name="ubuntu", tempdisk=LOCALCLOUD_TEMPDISK)
     return {
+        **_blob_blocks(info),
         MANIFEST_BLOCK: manifest,
         "localcloud-small": build_sstemplate("localcloud-small", vnet="localcloud-vnet", subnet="default",
                                              sku_name="Standard_D2s_v3", **common),
@@ -87,13 +93,29 @@ def localcloud_blocks(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _blob_blocks(info: dict[str, Any]) -> dict[str, Any]:
+    """prefect-azure's blocks for the local cloud's Blob Storage (Azurite), named like the
+    manifest: `azure-blob-storage-container/localcloud` and its credentials; none without it."""
+    if not info.get("blob_url"):
+        return {}
+    from prefect_azure import AzureBlobStorageContainer, AzureBlobStorageCredentials
+
+    from prefect_azmanagers.localcloud.blob import BlobEndpoint
+
+    endpoint = BlobEndpoint(info["blob_url"], info["blob_account"], info["blob_key"], info["blob_container"])
+    credentials = AzureBlobStorageCredentials(connection_string=endpoint.connection_string)
+    return {BLOB_CREDENTIALS: credentials,
+            BLOB_CONTAINER: AzureBlobStorageContainer(container_name=endpoint.container, credentials=credentials)}
+
+
 def save_blocks(info: dict[str, Any]) -> list[str]:
     """Save the `localcloud` manifest and the example templates in the current Prefect API."""
     from prefect_azmanagers.blocks import template_block_name
 
     blocks = localcloud_blocks(info)
     for name, block in blocks.items():
-        block.save(MANIFEST_BLOCK if name == MANIFEST_BLOCK else template_block_name(name), overwrite=True)
+        block.save(MANIFEST_BLOCK if name in _NAMED_LIKE_THE_MANIFEST else template_block_name(name),
+                   overwrite=True)
     return list(blocks)
 
 
@@ -104,6 +126,10 @@ def start(
     port: int = typer.Option(0, "--port", help="Loopback port of the ARM endpoint (0 = a free one)."),
     prefect_api_url: Optional[str] = typer.Option(
         None, "--prefect-api-url", help="A loopback Prefect API the VMs should reach (detached VMs)."),
+    blob: Optional[bool] = typer.Option(
+        None, "--blob/--no-blob",
+        help="Blob Storage (Azurite) beside the ARM endpoint: --blob requires it, --no-blob skips "
+             "it; by default it starts when installed."),
     network: Optional[Network] = typer.Option(
         None, "--network", case_sensitive=False,
         help="isolated: a network namespace per instance (root); loopback: 127.x.y.z addresses, "
@@ -114,7 +140,8 @@ def start(
     Example: prefect-azmanagers localcloud start --background --prefect-api-url http://127.0.0.1:4200/api
     """
     try:
-        info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url, network=network.value if network else None)
+        info = localcloud_server.start(state_dir, port=port, prefect_api_url=prefect_api_url, network=network.value if network else None,
+                                       blob={True: "on", False: "off", None: "auto"}[blob])
     except LocalCloudError as exc:
         exit_with_error(str(exc))
     console.print_json(json.dumps(_without_secrets(info)))
@@ -124,11 +151,16 @@ def start(
                       "listen there; restart with --prefect-api-url URL to run flows on the instances.")
     try:
         saved = save_blocks(info)
-        console.print(f"Saved Prefect blocks: manifest '{saved[0]}', templates {', '.join(saved[1:])}.")
+        templates = [name for name in saved if name not in _NAMED_LIKE_THE_MANIFEST]
+        storage = (f"; Blob Storage (Azurite at {info['blob_url']}): azure-blob-storage-container/"
+                   f"{MANIFEST_BLOCK}" if BLOB_CONTAINER in saved else "")
+        console.print(f"Saved Prefect blocks: manifest '{MANIFEST_BLOCK}', templates {', '.join(templates)}{storage}.")
     except Exception as exc:  # the cloud is useful without the blocks: say so and keep it running
         console.print(f"[yellow]The local cloud runs, but its Prefect blocks were NOT saved[/yellow] "
                       f"({type(exc).__name__}: {exc}). Point PREFECT_API_URL at a running Prefect server "
                       "and run `prefect-azmanagers localcloud start` again after `stop`.")
+    if info.get("blob_not_started"):
+        console.print(f"[yellow]Blob Storage not started[/yellow]: {info['blob_not_started']}")
     if background:
         return
     stop_requested = []

@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from prefect_azmanagers.localcloud import urls
 from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
+from prefect_azmanagers.localcloud.blob import Azurite, AzuriteError
 from prefect_azmanagers.localcloud.config import load_config
 from prefect_azmanagers.localcloud.entra import entra_routes
 from prefect_azmanagers.localcloud.exceptions import ArmError
@@ -48,7 +49,7 @@ DEFAULT_STATE_DIR = Path("~/.azmanagers/localcloud")
 INFO_FILE = "localcloud.json"
 PID_FILE = "localcloud.pid"
 LOG_FILE = "localcloud.log"
-SECRET_FIELDS = ("static_token", "client_secret")  # of localcloud.json: never printed or logged
+SECRET_FIELDS = ("static_token", "client_secret", "blob_key")  # of localcloud.json: never printed or logged
 
 
 class LocalCloudError(RuntimeError):
@@ -159,7 +160,8 @@ def _loopback_socket(port: int) -> socket.socket:
     return sock
 
 
-async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, network: str | None) -> None:
+async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, network: str | None,
+                 blob: str = "auto") -> None:
     from prefect_azmanagers.localcloud.sandbox import SandboxHost
 
     config = load_config(state_dir)
@@ -181,8 +183,12 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
     server: _Server | None = None
     serving: asyncio.Task | None = None
     backend: Backend | None = None
+    azurite = Azurite(state_dir)
     try:
         await host.start()
+        blob_info = await _start_blob(azurite, blob)
+        if azurite.endpoint is not None:
+            host.loopback_services.append(azurite.endpoint.port)
         backend = Backend(config, store, host, tenant_id=identity.tenant_id)
         backend.bind_loop(loop)
         backend_ref.append(backend)
@@ -223,6 +229,7 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
             "ssh_public_key_file": str(ssh.public_key),
             "known_hosts_file": str(state_dir / "known_hosts"),
             "state_dir": str(state_dir),
+            **blob_info,
         }
         _write_atomic(state_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
         print(json.dumps({k: v for k, v in info.items() if k not in SECRET_FIELDS}, indent=2), flush=True)
@@ -240,8 +247,25 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
         if backend is not None:
             await backend.shutdown()
         await host.stop()
+        await azurite.stop()
         store.close()
         (state_dir / INFO_FILE).unlink(missing_ok=True)
+
+
+async def _start_blob(azurite: Azurite, blob: str) -> dict[str, Any]:
+    """Start Azurite unless `blob` is "off"; localcloud.json's blob fields (or, with "auto",
+    why it did not start: the cloud serves VMs without it)."""
+    if blob == "off":
+        return {}
+    try:
+        endpoint = await azurite.start()
+    except (AzuriteError, ImportError) as exc:
+        if blob == "on":
+            raise LocalCloudError(f"Blob Storage: {exc}") from None
+        logger.warning("Blob Storage (Azurite) not started: %s", exc)
+        return {"blob_not_started": str(exc)}
+    return {"blob_url": endpoint.url, "blob_account": endpoint.account, "blob_key": endpoint.key,
+            "blob_container": endpoint.container}
 
 
 def _managed_identity_token(backend: Backend, identity: Identity, vm_id: str, resource: str) -> dict | None:
@@ -274,13 +298,14 @@ def _claim_pid_file(state_dir: Path) -> Path:
 
 
 def run(state_dir: Path, *, port: int = 0, prefect_api_url: str | None = None,
-        network: str | None = None) -> None:
+        network: str | None = None, blob: str = "auto") -> None:
     """Serve in the foreground until SIGINT/SIGTERM, then remove every instance and process.
-    `network`: "isolated" | "loopback" (default: config.json's, else isolated as root)."""
+    `network`: "isolated" | "loopback" (default: config.json's, else isolated as root).
+    `blob`: Blob Storage (Azurite) "on" (an error if it cannot start), "off", or "auto"."""
     state_dir = prepare_state_dir(state_dir)
     pid_file = _claim_pid_file(state_dir)
     try:
-        asyncio.run(_serve(state_dir, port, prefect_api_url, network))
+        asyncio.run(_serve(state_dir, port, prefect_api_url, network, blob))
     finally:
         with contextlib.suppress(FileNotFoundError):
             if pid_file.read_text().strip() == str(os.getpid()):
@@ -314,9 +339,9 @@ def running_pid(state_dir: Path) -> int | None:
 
 # ----- background start / stop ----------------------------------------------------------------
 def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_api_url: str | None = None,
-          network: str | None = None, timeout: float = 120) -> dict[str, Any]:
+          network: str | None = None, blob: str = "auto", timeout: float = 120) -> dict[str, Any]:
     """Start the local cloud as a background process; return its localcloud.json document.
-    `network`: "isolated" | "loopback" (default: config.json's, else isolated as root)."""
+    `network`, `blob`: as for `run`."""
     state_dir = prepare_state_dir(state_dir)
     running = running_pid(state_dir)
     if running is not None:
@@ -332,6 +357,7 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, port: int = 0, prefect_a
         argv += ["--prefect-api-url", prefect_api_url]
     if network:
         argv += ["--network", network]
+    argv += ["--blob", blob]
     log_path = state_dir / LOG_FILE
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -419,12 +445,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--prefect-api-url", default=None)
     parser.add_argument("--network", choices=["isolated", "loopback"], default=None)
+    parser.add_argument("--blob", choices=["auto", "on", "off"], default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from prefect_azmanagers.localcloud.sandbox import SandboxError
 
     try:
-        run(Path(args.state_dir), port=args.port, prefect_api_url=args.prefect_api_url, network=args.network)
+        run(Path(args.state_dir), port=args.port, prefect_api_url=args.prefect_api_url, network=args.network,
+            blob=args.blob)
     except (LocalCloudError, SandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -1,14 +1,16 @@
-"""A TCP forwarder from the virtual network's gateway address to one loopback service.
+"""A TCP forwarder from an address instances reach to one service on the driver's loopback.
 
 It stands in for a Prefect server that Azure VMs reach over their VNet: detached VMs' workers
 use http://<gateway>:<port>/api, which arrives at the driver's loopback Prefect server. Only
 that one port is forwarded; the host's 127.0.0.1 stays unreachable from instances otherwise.
+Blob Storage goes the same way from a socket on each instance's own 127.0.0.1 (`start_on`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 
 class TCPForwarder:
@@ -26,6 +28,11 @@ class TCPForwarder:
             self._server = await asyncio.start_server(self._handle, host, 0)
         self.address = self._server.sockets[0].getsockname()[:2]
         return self.address
+
+    async def start_on(self, sock: socket.socket) -> None:
+        """Serve an already listening socket (one bound inside an instance's namespace)."""
+        self._server = await asyncio.start_server(self._handle, sock=sock)
+        self.address = sock.getsockname()[:2]
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self._tasks.add(asyncio.current_task())

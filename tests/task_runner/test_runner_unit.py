@@ -306,7 +306,7 @@ def test_owned_cluster_is_closed_and_cancelled_through_the_template(
         return made[-1]
 
     monkeypatch.setattr(AzureScaleSetTaskRunner, "_create_cluster", fake_create)
-    monkeypatch.setattr(AzureScaleSetTaskRunner, "_manifest_api_url_for_vms", lambda self: None)
+    monkeypatch.setattr(AzureScaleSetTaskRunner, "_manifest", lambda self: None)
     template = AzureScaleSetTaskRunner("localcloud-small", 2)
     with template.duplicate():
         assert made[0].forward_ports == (prefect_server.port,)

@@ -46,6 +46,7 @@ class SandboxInstance:
     sshd: asyncio.subprocess.Process | None = None
     boot_script: asyncio.subprocess.Process | None = None
     imds: IMDSServer | None = None
+    forwarders: list = field(default_factory=list)  # TCPForwarders of loopback services into it
     host_key: str | None = None
     mount_ns: int | None = None  # loopback mode: an fd on the instance's mount namespace
     boot_task: asyncio.Task | None = None

@@ -67,6 +67,9 @@ class SandboxHost:
         self._last_index = 0
         self._state_dir_lock: int | None = None
         self._forwarder: TCPForwarder | None = None
+        # ports of services on the driver's 127.0.0.1 that instances reach at that same address
+        # (Blob Storage, as every machine reaches Azure's public endpoint)
+        self.loopback_services: list[int] = []
 
     @property
     def _network(self) -> netns.VirtualNetwork | loopback.LoopbackNetwork | None:
@@ -237,6 +240,11 @@ class SandboxHost:
             inst.ip, str(self._network.subnet.network_address), self._network.subnet.prefixlen, mac)
         inst.imds = IMDSServer(inst.key, inst.metadata, self.on_event_ack, self.token_for)
         await inst.imds.start(imds_socket)
+        for port in self.loopback_services:
+            if (sock := await self._mode.bind_loopback(inst, port)) is not None:
+                forwarder = TCPForwarder("127.0.0.1", port)
+                inst.forwarders.append(forwarder)
+                await forwarder.start_on(sock)
         if spec.boot_delay > 0:
             await asyncio.sleep(spec.boot_delay)
         auth_log = (layout["log"] / "auth.log").open("ab")
@@ -372,6 +380,9 @@ class SandboxHost:
         if inst.imds is not None:  # its socket would keep the namespace alive
             await inst.imds.close()
             inst.imds = None
+        for forwarder in inst.forwarders:  # so would theirs
+            await forwarder.close()
+        inst.forwarders.clear()
         await self._mode.teardown(inst, grace)
         for proc in (inst.sshd, inst.boot_script):
             if proc is not None:

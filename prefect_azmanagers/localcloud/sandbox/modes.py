@@ -67,6 +67,12 @@ class NetworkMode:
         """uid, gid that own the admin user's home (and run the sshd sessions)."""
         raise NotImplementedError
 
+    async def bind_loopback(self, inst: SandboxInstance, port: int) -> socket.socket | None:
+        """A listening socket on the instance's own 127.0.0.1:port, for a host service the
+        instance reaches at the driver's address (Blob Storage); None where the instance
+        shares the driver's loopback already."""
+        return None
+
     async def attach(self, inst: SandboxInstance, vm_name: str) -> tuple[str, socket.socket]:
         """Put the instance on the network; its MAC and a listening socket for its IMDS."""
         raise NotImplementedError
@@ -136,6 +142,9 @@ class IsolatedMode(NetworkMode):
         out = await run("ip", "-n", self.network.instance_ns(inst.index), "-j", "link", "show", "eth0")
         mac = json.loads(out)[0]["address"]
         return mac, await self._binder.bind(inst.netns_file, netns.IMDS_ADDRESS, 80)
+
+    async def bind_loopback(self, inst: SandboxInstance, port: int) -> socket.socket:
+        return await self._binder.bind(inst.netns_file, "127.0.0.1", port)
 
     def sshd_command(self, inst, admin, computer_name, sshd_argv, marker):
         setup = setup_script(inst.sandbox, admin, computer_name, self.trees, sshd_argv, marker=marker)
