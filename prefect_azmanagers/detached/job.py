@@ -10,6 +10,7 @@ the VM is gone.
 from __future__ import annotations
 
 import base64
+import hashlib
 import sys
 import sysconfig
 import time
@@ -200,6 +201,21 @@ class DetachedJob:
         key = load_driver_key(signed["vm"], signed["key_id"])
         return key.check_result(self.flow_run_id, signed)
 
+    def _result_bytes(self, data: dict[str, Any]) -> bytes | None:
+        """The pickled outcome: in the signed artifact, or in the result storage it names
+        (checked against the signed SHA-256 before anything unpickles it)."""
+        blob = data.get("blob")
+        if not blob:
+            return base64.b64decode(data["pickle"]) if data["pickle"] else None
+        from prefect.blocks.core import Block
+
+        pickled = Block.load(blob["block"]).read_path(blob["path"])
+        if hashlib.sha256(pickled).hexdigest() != blob["sha256"]:
+            raise UntrustedPayload(
+                f"the result of detached job {self.flow_run_id} in {blob['block']} at {blob['path']} "
+                "is not the one its VM signed (changed in the storage); refused without unpickling")
+        return pickled
+
     def result(self, timeout: float | None = None) -> Any:
         """The job's return value; waits for the end. Raises DetachedJobFailed if it raised,
         UntrustedPayload if its result artifact is not the one its VM signed (see `signing`)."""
@@ -207,8 +223,9 @@ class DetachedJob:
         if status == "cancelled":
             raise DetachedJobError(f"detached job {self.flow_run_id} was cancelled")
         data = self._signed_result(status)
+        pickled = self._result_bytes(data)
         try:
-            value = cloudpickle.loads(base64.b64decode(data["pickle"])) if data["pickle"] else None
+            value = cloudpickle.loads(pickled) if pickled else None
         except Exception as exc:
             if data["ok"]:
                 raise DetachedJobError(

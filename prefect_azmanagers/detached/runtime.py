@@ -16,7 +16,9 @@ path, so no code is shipped beyond the installed package). The flow:
    same bytes are kept in `~/.azmanagers/jobs/<flow run id>/stdout|stderr` on the VM;
 4. stores the return value (or the exception) cloudpickled in a flow-run artifact of type
    `azmanagers-result`, signed with the VM's key, which the driver checks before it unpickles
-   (a refused payload gets a signed failure naming why);
+   (a refused payload gets a signed failure naming why); with a default result storage (the
+   manifest's blob container) the pickle goes there instead, and the signed artifact names its
+   path and SHA-256, which the driver checks after reading it;
 5. fails the flow run when the job raised, with the job's traceback in its stderr.
 
 Cancelling the flow run (`DetachedJob.kill`) makes the worker terminate the flow process; the
@@ -27,6 +29,7 @@ parent-death signal as a last resort).
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import subprocess
@@ -121,10 +124,12 @@ def _load_payload(payload: str | None, payload_file: str | None) -> bytes:
 
 
 def _store_result(key: JobKey, flow_run_id: str, outcome: dict[str, Any]) -> None:
+    pickled = outcome.get("pickle")
+    blob = _put_in_result_storage(flow_run_id, pickled) if pickled is not None else None
     data = {"ok": outcome["ok"],
-            "pickle": base64.b64encode(outcome["pickle"]).decode()
-            if outcome.get("pickle") is not None else None,
-            "traceback": outcome.get("traceback")}
+            "pickle": base64.b64encode(pickled).decode() if pickled is not None and blob is None else None,
+            "traceback": outcome.get("traceback"),
+            "blob": blob}
     with get_client(sync_client=True) as client:
         client.create_artifact(ArtifactCreate(
             type=RESULT_ARTIFACT_TYPE, flow_run_id=flow_run_id,
@@ -132,6 +137,20 @@ def _store_result(key: JobKey, flow_run_id: str, outcome: dict[str, Any]) -> Non
                         "VM); read it with `DetachedJob.from_flow_run_id(id).result()`.",
             data=key.sign_result(flow_run_id, data),
         ))
+
+
+def _put_in_result_storage(flow_run_id: str, pickled: bytes) -> dict[str, str] | None:
+    """Write the pickled outcome to the default result storage block, if one is set; returns
+    where it is and its digest (for the signed artifact)."""
+    from prefect.blocks.core import Block
+    from prefect.settings import get_current_settings
+
+    slug = get_current_settings().results.default_storage_block
+    if not slug:
+        return None
+    path = f"azmanagers-detached/{flow_run_id}/result.pkl"
+    Block.load(slug).write_path(path, pickled)
+    return {"block": slug, "path": path, "sha256": hashlib.sha256(pickled).hexdigest()}
 
 
 def _run_job_process(job_dir: Path, flow_run_id: str) -> dict[str, Any]:

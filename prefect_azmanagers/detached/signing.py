@@ -86,13 +86,13 @@ class JobKey:
                 "without unpickling")
 
     def sign_result(self, flow_run_id: str, data: dict[str, Any]) -> dict[str, Any]:
-        """`data` (ok, pickle, traceback) with the VM, key id and MAC over it and the run id."""
+        """`data` (ok, pickle, traceback, blob) with the VM, key id and MAC over it and the run id."""
         return {**data, "vm": self.vm, "key_id": self.key_id,
                 "mac": self._mac("result", self.vm, flow_run_id, body=_canonical(data))}
 
     def check_result(self, flow_run_id: str, signed: dict[str, Any]) -> dict[str, Any]:
         """The result data if `signed` carries this key's MAC for `flow_run_id`."""
-        data = {k: signed.get(k) for k in ("ok", "pickle", "traceback")}
+        data = {k: signed.get(k) for k in ("ok", "pickle", "traceback", "blob")}
         mac = signed.get("mac")
         expected = self._mac("result", self.vm, flow_run_id, body=_canonical(data))
         if (signed.get("vm"), signed.get("key_id")) != (self.vm, self.key_id) or \

@@ -176,11 +176,14 @@ def code_dir(admin: str) -> str:
     return f"/home/{admin}/{CODE_DIR}"
 
 
-def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
+def worker_hook(*, admin: str, python: str, pool: str, api_url: str,
+                result_storage: str | None = None) -> str:
     """Bash fragment for the boot script: the VM's Prefect worker, as `admin`, in a restart loop.
 
     Every value is shell-quoted. `~/.azmanagers/prefect.env` (written over SSH, 0600) is read
     at each (re)start, so an API key can arrive after boot without being in customData.
+    `result_storage` (the manifest's blob container as a block slug, not a secret: its
+    credential stays in the Prefect API) is the flow runs' default result storage.
     """
     home = f"/home/{admin}"
     state = f"{home}/.azmanagers"
@@ -188,6 +191,8 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str) -> str:
            "PREFECT_HOME": f"{home}/.prefect",
            "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
            "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS)}
+    if result_storage:
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = result_storage
     worker = shlex.join([python, "-m", "prefect", "worker", "start", "--pool", pool,
                          "--type", "process", "--name", pool])
     env_file = shlex.quote(f"{home}/{API_ENV_FILE}")
@@ -425,7 +430,8 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
         hooks.append(customenv_hook(capture_environment(), admin_username=admin, python=python))
         python = env_python(admin)
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
-        *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url)])
+        *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url,
+                            result_storage=manifest.result_storage_slug)])
     custom_data = encode_custom_data(script)
     code = _code_path(code) if code is not None else None
     vm: DetachedVM | None = None

@@ -360,3 +360,55 @@ def test_worker_survives_a_prefect_server_restart(detached_vm, prefect_server):
     job = detachat(detached_vm, hello, 5)
     assert job.wait(timeout=300) == "done"
     assert job.result() == 10
+
+
+def test_a_jobs_result_is_in_the_container_and_checked_against_its_signature(detached_vm):
+    """With the manifest's blob container, the result travels through Blob Storage (issue 15):
+    the signed artifact names its path and digest; a result changed there is refused."""
+    import cloudpickle
+    from prefect_azure import AzureBlobStorageContainer
+
+    from prefect_azmanagers.exceptions import UntrustedPayload
+
+    job = detachat(detached_vm, hello, 5)
+    assert job.wait(timeout=300) == "done"
+    assert job.result() == 10
+    blob = job._signed_result("done")["blob"]
+    assert blob["block"] == "azure-blob-storage-container/localcloud"
+    container = AzureBlobStorageContainer.load("localcloud")
+    assert blob["path"] in container.list_blobs()
+    container.write_path(blob["path"], cloudpickle.dumps(11))
+    with pytest.raises(UntrustedPayload, match="not the one its VM signed"):
+        job.result()
+
+
+def test_deployment_code_is_pushed_to_and_pulled_from_the_container(detached_vm):
+    """prefect.yaml's hello-blob: prefect-azure's push step uploads the code at deploy time, the
+    VM's worker pulls it before the run (issue 15)."""
+    from prefect_azure import AzureBlobStorageContainer
+
+    folder = f"code/{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, AZM_VM=detached_vm.name, AZM_CODE_FOLDER=folder)
+    deployed = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "hello-blob"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    pushed = AzureBlobStorageContainer.load("localcloud").list_blobs()
+    assert f"{folder}/flows/detached_hello.py" in pushed
+    assert not any(name.startswith(f"{folder}/.venv/") for name in pushed)  # .prefectignore
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "detached-hello/hello-blob",
+         "--watch", "--watch-timeout", "300"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Completed" in run.stdout
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["hello-blob"])))
+        deployment = client.read_deployment(flow_run.deployment_id)
+    step = deployment.pull_steps[0]["prefect_azure.deployments.steps.pull_from_azure_blob_storage"]
+    assert step["folder"] == folder
+    assert "AccountKey" not in str(deployment.pull_steps)  # resolved on the VM, from the API

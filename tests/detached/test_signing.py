@@ -40,13 +40,14 @@ def test_a_signed_payload_checks_and_any_change_is_refused():
 
 def test_a_signed_result_is_bound_to_its_run():
     key = JobKey.new("azm-a", "vm-id-1")
-    data = {"ok": True, "pickle": "gAN9cQAu", "traceback": None}
+    data = {"ok": True, "pickle": "gAN9cQAu", "traceback": None, "blob": None}
     signed = key.sign_result(RUN, data)
     assert key.check_result(RUN, signed) == data
     other_run = RUN.replace("1", "2")
     for run, artifact in [(other_run, signed),                          # copied to another run
                           (RUN, {**signed, "ok": False}),              # altered
                           (RUN, {**signed, "pickle": "gAN9cQEu"}),
+                          (RUN, {**signed, "blob": {"block": "b", "path": "p", "sha256": "0"}}),
                           (RUN, {**signed, "vm": "azm-b"}),            # another VM's name
                           (RUN, {**data, "vm": "azm-a", "key_id": "vm-id-1", "mac": "0" * 64})]:
         with pytest.raises(UntrustedPayload, match="not signed by detached VM azm-a"):
