@@ -163,7 +163,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
         twin = object.__new__(type(self))
         twin.__setstate__(self.__getstate__())
-        twin._given_cluster = self._given_cluster
+        # In-process copies keep what pickling reduces: the cluster and the manifest object
+        # itself (an unsaved or locally changed one is what the flow asked for).
+        twin._given_cluster, twin.manifest = self._given_cluster, self.manifest
         with self._lock:
             self._duplicates = [d for d in self._duplicates if d._started]
             self._duplicates.append(twin)

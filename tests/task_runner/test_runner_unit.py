@@ -404,3 +404,12 @@ def test_a_manifest_object_never_travels_to_workers_with_the_runner():
     with pytest.raises(ConfigurationError, match="unsaved AzureManifest"):
         twin._create_cluster(None)
     assert pickle.loads(pickle.dumps(AzureScaleSetTaskRunner("t", 1, manifest="prod"))).manifest == "prod"
+
+
+def test_the_flow_engines_duplicate_keeps_the_manifest_object():
+    """Prefect duplicates the runner at every flow start, in process: an unsaved manifest (or a
+    changed copy of a saved one) is what the flow runs with, not None or the saved block."""
+    from prefect_azmanagers.blocks import AzureManifest
+
+    manifest = AzureManifest(subscription_id="SUB", resource_group="rg", ssh_user="u")
+    assert AzureScaleSetTaskRunner("t", 1, manifest=manifest).duplicate().manifest is manifest
