@@ -394,6 +394,7 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout: float = 60) -> b
             while _alive(pid):
                 time.sleep(0.05)
     asyncio.run(_remove_leftovers(state_dir))
+    Azurite(state_dir).remove_leftover()
     (state_dir / PID_FILE).unlink(missing_ok=True)
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     return pid is not None

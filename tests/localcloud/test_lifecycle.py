@@ -98,18 +98,48 @@ def test_state_survives_restart_and_stop_leaves_nothing(state_dir: Path):
 
 
 def test_stop_cleans_up_after_a_crashed_run(state_dir: Path):
-    info = start(state_dir)
+    info = start(state_dir, blob="on")
     cloud = _open(info)
     cloud.compute.virtual_machine_scale_sets.begin_create_or_update(cloud.rg, "crash", cloud.scale_set_body(1)).result()
     pids = _instance_pids(cloud)
+    azurite = int((state_dir / "azurite.pid").read_text())
     os.kill(info["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and Path(f"/proc/{info['pid']}").exists():
         time.sleep(0.1)
     port = int(info["arm_endpoint"].rsplit(":", 1)[1])
+    blob_port = int(info["blob_url"].split(":")[2].split("/")[0])
     assert _leftovers(state_dir, port, pids)["netns"], "a crash leaves namespaces behind"
+    assert _leftovers(state_dir, blob_port, [azurite])["processes"], "and Azurite running"
     assert stop(state_dir) is False  # nothing was running ...
     assert _leftovers(state_dir, port, pids) == NOTHING  # ... and all is gone
+    assert _leftovers(state_dir, blob_port, [azurite]) == NOTHING
+
+
+def test_blob_storage_starts_and_stops_with_the_cloud(state_dir: Path):
+    """Azurite (issue 15): an account of this start's own, a container ready, the key never
+    printed, and nothing of it left listening or running after stop."""
+    from azure.storage.blob import BlobServiceClient
+
+    from prefect_azmanagers.localcloud.blob import BlobEndpoint
+
+    info = start(state_dir, blob="on")
+    endpoint = BlobEndpoint(info["blob_url"], info["blob_account"], info["blob_key"], info["blob_container"])
+    assert endpoint.key != "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    with BlobServiceClient.from_connection_string(endpoint.connection_string) as service:
+        service.get_container_client(endpoint.container).upload_blob("probe", b"ok")
+    assert endpoint.key not in (state_dir / "localcloud.log").read_text()
+    azurite = int((state_dir / "azurite.pid").read_text())
+    assert stop(state_dir) is True
+    assert _leftovers(state_dir, endpoint.port, [azurite]) == NOTHING
+
+
+def test_a_missing_node_is_a_clear_error(monkeypatch):
+    from prefect_azmanagers.localcloud.blob import AzuriteError, find_azurite
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(AzuriteError, match="needs Node.js.*nodejs and npm.*--no-blob"):
+        find_azurite()
 
 
 def test_foreground_process_cleans_up_on_sigterm(state_dir: Path):
