@@ -394,11 +394,18 @@ class Lifecycle:
             try:
                 await self._start_agent(worker)
                 return
-            except BootFailed as exc:  # it exited before it started: try again, up to the bound
-                logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
-                why, worker.state = str(exc), WorkerState.LOST
-                lost_generation = worker.generation
-            except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            except (BootFailed, asyncio.TimeoutError) as exc:
+                # it exited before it started, or never said HELLO: try again, up to the bound
+                why = str(exc) or f"its agent sent no HELLO within {AGENT_HELLO_TIMEOUT:.0f} s"
+                logger.warning("worker %d: agent restart failed (%s)", worker.id, why)
+                worker.generation += 1  # a hung agent's exit, once closed, is ignored
+                if worker.agent is not None:
+                    worker.agent.close()
+                worker.state, lost_generation = WorkerState.LOST, worker.generation
+            except ConfigurationError as exc:  # e.g. VersionMismatch: no restart can fix it
+                await self._give_up_slot(worker, str(exc))
+                return
+            except (asyncssh.Error, OSError) as exc:
                 logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
                 return  # the connection's loss takes over
 
@@ -459,13 +466,17 @@ class Lifecycle:
             worker.restarts = 0
         starts = await asyncio.gather(*(self._start_agent(w) for w in member.workers),
                                       return_exceptions=True)
+        member.state = MemberState.JOINED
         for worker, outcome in zip(member.workers, starts):
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if isinstance(outcome, BaseException):
+                # restarted up to the bound, then given up (and the instance lost with its
+                # last slot), never left joined with no agent while the queue waits
                 logger.warning("worker %d: agent start after the reconnect failed (%s)",
                                worker.id, outcome)
-        member.state = MemberState.JOINED
+                worker.state = WorkerState.LOST
+                self._schedule_restart(worker)
         self._announce_joined(member)
 
     async def _drain(self, member: Member, event: dict) -> None:

@@ -61,3 +61,27 @@ def test_an_instance_whose_agents_cannot_restart_is_lost_and_its_work_runs_elsew
         assert time.monotonic() - started < 120
         pids = {victim.pid, healthy.pid}
     assert_nothing_left(admin, group, addresses, pids)
+
+
+def test_an_instance_that_reconnects_into_a_broken_environment_is_lost_not_left_joined(localcloud, admin):
+    """Its SSH connection drops, the reconnect works, but no agent can start there any more:
+    the slot is restarted up to the bound, then given up and the instance lost, so the queue
+    fails with the agent's stderr instead of waiting for a joined instance that runs nothing."""
+    group = group_name("reconnect")
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+                      join_timeout=300, waitfor=True, max_replacements=0) as cluster:
+        [victim] = cluster.workers
+        addresses = {victim.ip}
+        on_instance(victim.ip, BREAK_AND_KILL.split(" && ")[0])  # break, leave the agent running
+        admin.drop_ssh(victim.instance)  # its agent ends with the connection
+        futures = [cluster.submit(lambda i=i: sleepy(i, 1)) for i in range(3)]
+        started = time.monotonic()
+        for future in futures:
+            with pytest.raises(WorkerLost) as lost:
+                future.result(timeout=180)
+            assert "a broken environment on this instance" in str(lost.value)
+        print(f"reconnect into a broken environment: the queue failed after "
+              f"{time.monotonic() - started:.1f} s")
+        wait_until(lambda: not instances_of(admin, group), 60, "the broken instance deleted")
+        pids = {victim.pid}
+    assert_nothing_left(admin, group, addresses, pids)
