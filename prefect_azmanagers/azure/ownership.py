@@ -115,9 +115,11 @@ async def find_orphans(clients: Any, resource_group: str, *, older_than: timedel
             raw = item.as_dict()
             if (raw.get("properties") or {}).get("virtualMachineScaleSet"):
                 continue  # a Flexible scale set's member: goes with its scale set
-            detached = (raw.get("tags") or {}).get(KIND_TAG) == "detached"
-            if not detached or include_detached:
-                consider("vm", raw, "detached VM" if detached else "VM")
+            kind = (raw.get("tags") or {}).get(KIND_TAG)
+            if kind == "azure-vm":
+                continue  # a flow run's VM: its pool's worker deletes it, after a restart too
+            if kind != "detached" or include_detached:
+                consider("vm", raw, "detached VM" if kind == "detached" else "VM")
         async for item in clients.network.network_interfaces.list(resource_group):
             raw = item.as_dict()
             if not (raw.get("properties") or {}).get("virtualMachine"):

@@ -52,3 +52,42 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(typer.BadParameter, match="not a duration"):
         parse_duration(text)
+
+
+class _Listed:
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def as_dict(self) -> dict:
+        return self.raw
+
+
+class _Lister:
+    def __init__(self, *raws: dict):
+        self.raws = raws
+
+    async def list(self, resource_group: str):
+        for raw in self.raws:
+            yield _Listed(raw)
+
+
+def test_cleanup_never_takes_a_flow_runs_vm_and_detached_ones_only_when_asked():
+    """An azure-vm worker's VM belongs to its pool's worker (which adopts it after a restart),
+    whatever process tag it carries; a dead creator's plain VM is an orphan."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect_azmanagers.azure.ownership import find_orphans
+
+    def vm(name: str, kind: str) -> dict:
+        tags = {**ownership_tags(f"c-{name}", kind=kind), PID_TAG: "999999999"}  # creator gone
+        return {"name": name, "tags": tags, "properties": {}}
+
+    clients = SimpleNamespace(
+        compute=SimpleNamespace(virtual_machine_scale_sets=_Lister(),
+                                virtual_machines=_Lister(vm("run-vm", "azure-vm"), vm("job-vm", "detached"),
+                                                         vm("plain", "cluster"))),
+        network=SimpleNamespace(network_interfaces=_Lister()))
+    names = lambda **kw: sorted(o.name for o in asyncio.run(find_orphans(clients, "rg", **kw)))  # noqa: E731
+    assert names() == ["plain"]
+    assert names(include_detached=True) == ["job-vm", "plain"]
