@@ -78,6 +78,7 @@ from prefect_azmanagers.exceptions import (
     PrefectAPIUnreachable,
     WorkerLost,
 )
+from prefect_azmanagers.storage import result_storage
 
 if TYPE_CHECKING:
     from prefect.tasks import Task
@@ -337,7 +338,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "or use Prefect Cloud."
             )
         manifest = self._manifest()
-        self._result_storage = getattr(manifest, "result_storage_slug", None)
+        self._result_storage = result_storage(manifest)
         for_vms = getattr(manifest, "prefect_api_url_for_vms", None)
         if for_vms and for_vms != api_url:
             self._api_url_for_workers = for_vms

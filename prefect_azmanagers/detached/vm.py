@@ -64,6 +64,7 @@ from prefect_azmanagers.detached.signing import (
 from prefect_azmanagers.exceptions import (
     AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
 )
+from prefect_azmanagers.storage import result_storage
 
 logger = logging.getLogger("prefect_azmanagers.detached")
 
@@ -431,7 +432,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
         python = env_python(admin)
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url,
-                            result_storage=manifest.result_storage_slug)])
+                            result_storage=result_storage(manifest))])
     custom_data = encode_custom_data(script)
     code = _code_path(code) if code is not None else None
     vm: DetachedVM | None = None

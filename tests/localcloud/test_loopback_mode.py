@@ -547,8 +547,10 @@ def prefect_cloud(prefect_server, user: NonRootUser):
     try:
         prefix = f"lbtest-{uuid.uuid4().hex[:6]}"
         names = {}
-        for name, block in localcloud_blocks(info).items():
+        for name, block in localcloud_blocks(info).items():  # the blob blocks before the manifest
             names[name] = prefix if name == "localcloud" else f"{prefix}-{name.removeprefix('localcloud-')}"
+            if name == "localcloud" and block.blob_container:
+                block.blob_container = names["blob-container"]
             block.save(names[name])
         yield names, {"PREFECT_API_URL": prefect_server.api_url, "PREFECT_HOME": str(user.base / "prefect-home")}
     finally:

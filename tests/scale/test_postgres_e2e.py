@@ -53,7 +53,7 @@ def blocks_on_postgres(localcloud, postgres_prefect_server):
     """The local cloud's manifest and small template, saved in the PostgreSQL-backed server."""
     manifest = load_manifest("localcloud")
     template = load_scaleset_template("localcloud-small")
-    fields = manifest.model_dump(exclude={"prefect_api_url_for_vms"})
+    fields = manifest.model_dump(exclude={"prefect_api_url_for_vms", "blob_container"})
     with temporary_settings(updates={PREFECT_API_URL: postgres_prefect_server.api_url}):
         AzureManifest(**fields).save("localcloud-direct", overwrite=True)
         ScaleSetTemplate(**template.model_dump()).save("localcloud-small", overwrite=True)

@@ -103,3 +103,20 @@ def _holds(path: Path, secret: str) -> bool:
         return secret.encode() in path.read_bytes()
     except OSError:
         return False
+
+
+def test_a_blob_container_that_is_not_saved_fails_before_anything_is_provisioned(localcloud, admin):
+    from prefect_azmanagers.blocks import load_manifest
+    from prefect_azmanagers.exceptions import ConfigurationError
+
+    manifest = load_manifest("localcloud").model_copy(update={"blob_container": "nowhere"})
+
+    @flow(task_runner=AzureScaleSetTaskRunner("localcloud-small", 1, manifest=manifest))
+    def nothing() -> int:
+        return 1
+
+    scale_sets = {s["name"] for s in admin.status()["scale_sets"]}
+    with pytest.raises(ConfigurationError, match=r"'nowhere' names no saved AzureBlobStorageContainer "
+                                                 r"block in this Prefect API \(saved: \['localcloud'\]\)"):
+        nothing()
+    assert {s["name"] for s in admin.status()["scale_sets"]} == scale_sets
