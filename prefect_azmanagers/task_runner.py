@@ -488,18 +488,16 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         """The driver's serialized settings as workers get them: their API URL, and the
         manifest's blob container as their default result storage (Prefect's own setting)."""
         settings = compat.serialize_settings()
-        if not settings:
-            return settings
-        settings = dict(settings, settings=dict(settings["settings"]))
+        sections = settings.get("settings", {})
+        updates = {}
         if self._api_url_for_workers:
-            settings["settings"]["api"] = dict(
-                settings["settings"].get("api", {}), url=self._api_url_for_workers
-            )
+            updates["api"] = dict(sections.get("api", {}), url=self._api_url_for_workers)
         if self._result_storage:
-            settings["settings"]["results"] = dict(
-                settings["settings"].get("results", {}), default_storage_block=self._result_storage
-            )
-        return settings
+            updates["results"] = dict(sections.get("results", {}),
+                                      default_storage_block=self._result_storage)
+        if not settings or not updates:
+            return settings  # shared: copied only to change it
+        return dict(settings, settings={**sections, **updates})
 
     def _pickled_task(self, task: Task[Any, Any]) -> bytes:
         """The task pickled once per runner (by value when its module is not installed)."""
