@@ -21,6 +21,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench.services import bench_environment, local_cloud, prefect_server, write_results
 
@@ -63,7 +64,7 @@ def main() -> None:
     with prefect_server(root, os.environ["PREFECT_API_URL"]), \
             local_cloud(root, os.environ["PREFECT_API_URL"]):
         with AzureCluster("localcloud-small", 1, manifest="localcloud", waitfor=True, progress=False,
-                          forward_ports=(int(os.environ["PREFECT_API_URL"].split(":")[2].split("/")[0]),),
+                          forward_ports=(urlsplit(os.environ["PREFECT_API_URL"]).port,),
                           join_timeout=600) as cluster:
             timed(cluster, plain, 1024, True)  # the slot's first task run (engine set-up) is not timed
             for mb in args.sizes_mb:

@@ -178,12 +178,12 @@ def code_dir(admin: str) -> str:
 
 
 def worker_hook(*, admin: str, python: str, pool: str, api_url: str,
-                result_storage: str | None = None) -> str:
+                default_storage_block: str | None = None) -> str:
     """Bash fragment for the boot script: the VM's Prefect worker, as `admin`, in a restart loop.
 
     Every value is shell-quoted. `~/.azmanagers/prefect.env` (written over SSH, 0600) is read
     at each (re)start, so an API key can arrive after boot without being in customData.
-    `result_storage` (the manifest's blob container as a block slug, not a secret: its
+    `default_storage_block` (the manifest's blob container as a block slug, not a secret: its
     credential stays in the Prefect API) is the flow runs' default result storage.
     """
     home = f"/home/{admin}"
@@ -192,8 +192,8 @@ def worker_hook(*, admin: str, python: str, pool: str, api_url: str,
            "PREFECT_HOME": f"{home}/.prefect",
            "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
            "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS)}
-    if result_storage:
-        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = result_storage
+    if default_storage_block:
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = default_storage_block
     worker = shlex.join([python, "-m", "prefect", "worker", "start", "--pool", pool,
                          "--type", "process", "--name", pool])
     env_file = shlex.quote(f"{home}/{API_ENV_FILE}")
@@ -432,7 +432,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
         python = env_python(admin)
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url,
-                            result_storage=result_storage(manifest))])
+                            default_storage_block=result_storage(manifest))])
     custom_data = encode_custom_data(script)
     code = _code_path(code) if code is not None else None
     vm: DetachedVM | None = None

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect_azmanagers.localcloud.sandbox.common import tail
 
@@ -49,7 +50,7 @@ class BlobEndpoint:
 
     @property
     def port(self) -> int:
-        return int(self.url.split(":")[2].split("/")[0])
+        return urlsplit(self.url).port
 
     @property
     def connection_string(self) -> str:
@@ -69,8 +70,8 @@ def find_azurite() -> str:
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise AzuriteError("Azurite (the local cloud's Blob Storage) is not installed: "
-                          + INSTALL_HINT.format(prefix=_setup_prefix()) + "; or start with --no-blob")
+    raise AzuriteError(f"Azurite (the local cloud's Blob Storage) is not installed: "
+                       f"{INSTALL_HINT.format(prefix=_setup_prefix())}; or start with --no-blob")
 
 
 def _setup_prefix() -> Path:
