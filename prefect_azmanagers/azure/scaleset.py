@@ -48,6 +48,7 @@ logger = logging.getLogger("prefect_azmanagers.azure")
 
 FLEXIBLE_NETWORK_API_VERSION = "2020-11-01"
 MAX_FAILURE_LOGS = 3   # failed instances whose boot log goes into the error message
+MAX_TAG_WRITES = 5     # tag updates refused with 412 (written meanwhile) before giving up
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,7 @@ class ScaleSet:
         await asyncio.gather(*tasks, return_exceptions=True)
         if renewer is not None and release_lease:
             try:
-                await self._write_tags(lambda tags: {k: v for k, v in tags.items() if k != LEASE_TAG})
+                await self._write_tags(self._unleased)
             except AzureError as exc:
                 logger.warning("Scale set %s: could not drop its lease (it expires in %.0f s): %s",
                                self.name, TTL, exc)
@@ -474,10 +475,15 @@ class ScaleSet:
 
     async def _take_lease(self, current: dict) -> None:
         """Before growing a scale set this object did not create: refuse one that another live
-        cluster holds, else take its lease and keep renewing it."""
+        cluster holds, else take its lease and keep renewing it. `current` is the scale set
+        as the caller read it; the lease is written only if it is unchanged since (If-Match)."""
         if self.lease_holder is None or self._renewer is not None:
             return
-        tags = current.get("tags") or {}
+        await self._write_tags(self._leased, current)
+        self._keep_lease()
+
+    def _leased(self, tags: dict[str, str]) -> dict[str, str]:
+        """`tags` with this object's lease, renewed; ScaleSetInUse if another live cluster holds it."""
         lease = read_lease(tags)
         if lease is not None and lease.holder != self.lease_holder and lease.live():
             raise ScaleSetInUse(
@@ -485,8 +491,14 @@ class ScaleSet:
                 f"{tags.get('azmanagers-creator', 'someone else')}. Two clusters growing one "
                 "scale set would take each other's instances: leave group= unset (each cluster "
                 "then gets a scale set of its own), or name another scale set.")
-        await self._write_tags(lambda tags: {**tags, **lease_tag(self.lease_holder)})
-        self._keep_lease()
+        return {**tags, **lease_tag(self.lease_holder)}
+
+    def _unleased(self, tags: dict[str, str]) -> dict[str, str]:
+        """`tags` without this object's lease (another holder's, taken after ours expired, stays)."""
+        lease = read_lease(tags)
+        if lease is None or lease.holder != self.lease_holder:
+            return tags
+        return {k: v for k, v in tags.items() if k != LEASE_TAG}
 
     def _keep_lease(self) -> None:
         if self.lease_holder is not None and self._renewer is None:
@@ -496,21 +508,44 @@ class ScaleSet:
         while True:
             await asyncio.sleep(RENEW_EVERY)
             try:
-                await self._write_tags(lambda tags: {**tags, **lease_tag(self.lease_holder)})
+                await self._write_tags(self._leased)
             except ResourceMissing:
+                return
+            except ScaleSetInUse as exc:   # ours expired (e.g. ARM unreachable for TTL) and was taken
+                logger.error("Scale set %s: its lease was lost: %s", self.name, exc)
                 return
             except AzureError as exc:  # the next renewal may work; the lease lasts TTL
                 logger.warning("Scale set %s: renewing its lease failed: %s", self.name, exc)
 
-    async def _write_tags(self, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
-        """Read the scale set's tags and PATCH them changed (a tags-only update)."""
-        current = await self._get()
-        if current is None:
-            return
-        with arm_errors(f"update the tags of scale set {self.name}"):
-            poller = await self.clients.compute.virtual_machine_scale_sets.begin_update(
-                self.resource_group, self.name, {"tags": change(dict(current.get("tags") or {}))})
-            await poller.result()
+    async def _write_tags(self, change: Callable[[dict[str, str]], dict[str, str]],
+                          current: dict | None = None) -> None:
+        """PATCH the scale set's tags to `change(tags)`, only if the scale set is unchanged since
+        it was read (If-Match on its etag): a concurrent write (another cluster's lease, a
+        capacity change) makes ARM answer 412, and the scale set is read again and `change`
+        applied anew, so it always decides on what it overwrites. `current`: a fresh read to
+        start from. `change` may raise to refuse; nothing is written when it changes nothing."""
+        for _ in range(MAX_TAG_WRITES):
+            if current is None:
+                current = await self._get()
+            if current is None:
+                return
+            tags = dict(current.get("tags") or {})
+            changed = change(tags)
+            if changed == tags:
+                return
+            try:
+                with arm_errors(f"update the tags of scale set {self.name}"):
+                    poller = await self.clients.compute.virtual_machine_scale_sets.begin_update(
+                        self.resource_group, self.name, {"tags": changed},
+                        etag=current["etag"], match_condition=MatchConditions.IfNotModified)
+                    await poller.result()
+                return
+            except AzureError as exc:
+                if exc.status != 412:
+                    raise
+                current = None   # written meanwhile: read it again
+        raise AzureError(f"Scale set {self.name}: its tags changed under each of {MAX_TAG_WRITES} "
+                         "updates in a row; another process keeps writing it. Try again.")
 
 
 def apply_image_override(storage: dict, image_name: str | None, image_version: str | None) -> None:

@@ -147,3 +147,31 @@ def test_cleanup_never_deletes_a_scale_set_a_live_cluster_holds_on_any_host(lc):
             await stale.delete()
 
     lc.run(scenario)
+
+
+def test_two_clusters_taking_one_existing_scale_set_at_once_exactly_one_wins(lc):
+    """Two clusters name one pre-existing scale set (no lease on it) at the same moment: the
+    lease is written with If-Match on the etag each read, so one takes it and grows, the other
+    is refused with ScaleSetInUse and adds nothing (read-then-PATCH let both take it)."""
+    from prefect_azmanagers.azure.lease import LEASE_TAG, read_lease
+    from prefect_azmanagers.exceptions import ScaleSetInUse
+
+    async def scenario(clients, owner):
+        await owner.grow(1)                    # made by a process that holds no lease
+        contenders = [lc.scaleset(clients, lease_holder=f"c-{who}") for who in ("a", "b")]
+        try:
+            outcomes = await asyncio.gather(*(c.grow(1) for c in contenders), return_exceptions=True)
+            refused = [o for o in outcomes if isinstance(o, ScaleSetInUse)]
+            assert len(refused) == 1 and outcomes.count(None) == 1, outcomes
+            winner = contenders[outcomes.index(None)]
+            assert "is in use by cluster " + winner.lease_holder in str(refused[0])
+            await winner.wait_provisioned()
+            model = (await clients.compute.virtual_machine_scale_sets.get(owner.resource_group, owner.name)).as_dict()
+            assert read_lease(model["tags"]).holder == winner.lease_holder
+            assert model["sku"]["capacity"] == 2   # the owner's instance and the winner's, no more
+        finally:
+            for contender in contenders:
+                await contender.close()
+        tags = (await clients.compute.virtual_machine_scale_sets.get(owner.resource_group, owner.name)).tags
+        assert LEASE_TAG not in (tags or {})   # the winner dropped its lease at close
+    lc.run_with_scaleset(scenario)
