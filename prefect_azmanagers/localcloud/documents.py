@@ -4,6 +4,8 @@ operations), shaped field by field as Azure's (docs/localcloud.md; tests/localcl
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,11 @@ def instance_view(inst: Instance) -> dict[str, Any]:
     else:
         agent = status_entry("ProvisioningState/Unavailable", "Not Ready", "Warning", message="VM Agent is unresponsive.")
     os_name, os_version = _HOST_OS
+    # a Uniform member names its scale set's (single) placement group, as recorded for scale-set VMs
+    placement = {"placementGroupId": str(uuid.uuid5(uuid.NAMESPACE_URL, inst.scale_set_id.lower()))} \
+        if inst.instance_id is not None and inst.scale_set_id else {}
     return {
+        **placement,
         "platformUpdateDomain": 0, "platformFaultDomain": 0,
         "computerName": inst.computer_name, "osName": os_name, "osVersion": os_version,
         "vmAgent": {"vmAgentVersion": "localcloud", "statuses": [agent], "extensionHandlers": []},
@@ -86,14 +92,14 @@ def instance_doc(inst: Instance, expand_view: bool, tenant_id: str) -> dict[str,
                       "computerName": inst.computer_name, "adminUsername": inst.admin_username},
         "networkProfile": inst.properties.get("networkProfile") if inst.scale_set_id is None else network,
     }
-    doc: dict[str, Any] = {"name": inst.name, "id": inst.id, "location": inst.location, "tags": inst.tags}
+    doc: dict[str, Any] = {"name": inst.name, "id": inst.id, "location": inst.location, "tags": inst.tags,
+                           "etag": compute_etag(inst.generation)}
     if inst.instance_id is not None:
         doc |= {"instanceId": inst.instance_id, "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
                 "sku": {"name": inst.size, "tier": "Standard"}}
-        props["latestModelApplied"] = True
+        props |= {"latestModelApplied": True, "modelDefinitionApplied": "VirtualMachineScaleSet"}
     else:
         doc["type"] = "Microsoft.Compute/virtualMachines"
-        doc["etag"] = compute_etag(inst.generation)
         doc |= identity_doc(inst.identity, tenant_id)
         props["priority"] = inst.priority
         if inst.is_spot:
@@ -130,8 +136,9 @@ def nic_doc(nic: Nic) -> dict[str, Any]:
         if nic.scale_set_id is None:
             ip_config["type"] = "Microsoft.Network/networkInterfaces/ipConfigurations"
         ip_configs.append(ip_config | {"properties": ip_props})
-    props = {"dnsSettings": {"dnsServers": [], "appliedDnsServers": []}, "enableIPForwarding": False,
-             "hostedWorkloads": [], "tapConfigurations": []}
+    props = {"dnsSettings": {"dnsServers": [], "appliedDnsServers": [],
+                             "internalDomainNameSuffix": internal_domain_name_suffix(nic)},
+             "enableIPForwarding": False, "hostedWorkloads": [], "tapConfigurations": []}
     props |= {k: v for k, v in nic.properties.items() if k != "ipConfigurations"}
     props |= {"provisioningState": nic.provisioning_state, "resourceGuid": nic.resource_guid,
               "ipConfigurations": ip_configs, "macAddress": nic.mac_address,
@@ -143,6 +150,21 @@ def nic_doc(nic: Nic) -> dict[str, Any]:
     if nic.scale_set_id is None:
         doc["type"] = "Microsoft.Network/networkInterfaces"
     return doc
+
+
+def internal_domain_name_suffix(nic: Nic) -> str:
+    """The NIC's `dnsSettings.internalDomainNameSuffix`: Azure's is one per virtual network
+    (`<26 characters>.<2 letters>.internal.cloudapp.net`), so this one is derived from the VNet of
+    the NIC's first subnet (else its resource group)."""
+    configs = nic.properties.get("ipConfigurations") or [{}]
+    subnet = ((configs[0].get("properties") or {}).get("subnet") or {}).get("id") or ""
+    vnet = subnet.lower().split("/subnets/")[0] or nic.id.lower().split("/providers/")[0]
+    digest = int.from_bytes(hashlib.sha256(vnet.encode()).digest(), "big")
+    label = ""
+    for _ in range(26):
+        digest, digit = divmod(digest, 36)
+        label += "0123456789abcdefghijklmnopqrstuvwxyz"[digit]
+    return f"{label}.lc.internal.cloudapp.net"
 
 
 def compute_etag(generation: int) -> str:

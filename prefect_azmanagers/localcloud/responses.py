@@ -71,14 +71,20 @@ class ArmResponses:
         self.backend = backend
 
     # LRO plumbing
-    def _lro_headers(self, req: ArmRequest, op: Operation, provider: str, with_location: bool) -> dict[str, str]:
+    def _lro_headers(self, req: ArmRequest, op: Operation, provider: str, *, with_location: bool,
+                     notify: bool) -> dict[str, str]:
+        """Azure-AsyncOperation (and for DELETE/POST a Location) of a running write, as each provider
+        words them: Compute's Location is the operation URL with `monitor=true`, Network's an
+        operationResults URL. `notify`: Azure-AsyncNotification, which the recordings show on
+        writes of top-level resources only (not on child resources or POST actions)."""
         config = self.backend.config
         base = f"{req.base_url}/subscriptions/{config.subscription_id}/providers/{provider}/locations/{config.location}"
-        api = req.query.get("api-version", "")
-        headers = {"Azure-AsyncOperation": f"{base}/operations/{op.id}?{urlencode({'api-version': api})}"}
+        api = urlencode({'api-version': req.query.get("api-version", "")})
+        headers = {"Azure-AsyncOperation": f"{base}/operations/{op.id}?{api}"}
         if with_location:
-            headers["Location"] = f"{base}/operationResults/{op.id}?{urlencode({'api-version': api})}"
-        elif provider == "Microsoft.Compute":
+            headers["Location"] = (f"{base}/operations/{op.id}?monitor=true&{api}" if provider == "Microsoft.Compute"
+                                   else f"{base}/operationResults/{op.id}?{api}")
+        if notify:
             headers["Azure-AsyncNotification"] = "Enabled"
         if config.lro_retry_after:
             headers["Retry-After"] = str(config.lro_retry_after)
@@ -91,6 +97,10 @@ class ArmResponses:
         return op
 
     def get_operation(self, req: ArmRequest) -> ArmResponse:
+        """The operation's status document, or with `monitor=true` (Compute's Location URL) its
+        result: 200 with no body once done."""
+        if req.query.get("monitor", "").lower() == "true":
+            return self._operation_result(req, done_status=200)
         op = self._operation(req)
         headers = {}
         if op.status not in ("Succeeded", "Failed", "Canceled") and self.backend.config.lro_retry_after:
@@ -98,6 +108,10 @@ class ArmResponses:
         return ArmResponse(200, operation_doc(op, req.params["provider"]), headers)
 
     def get_operation_result(self, req: ArmRequest) -> ArmResponse:
+        """Network's Location URL (operationResults): 204 once done."""
+        return self._operation_result(req, done_status=204)
+
+    def _operation_result(self, req: ArmRequest, done_status: int) -> ArmResponse:
         op = self._operation(req)
         if op.status == "InProgress":
             headers = {"Location": f"{req.base_url}{req.path}?{urlencode(req.query)}"}
@@ -106,7 +120,7 @@ class ArmResponses:
             return ArmResponse(202, None, headers)
         if op.status == "Failed" and op.error:
             return ArmResponse(400, {"error": op.error})
-        return ArmResponse(204)
+        return ArmResponse(done_status)
 
     # paging
     def _page(self, req: ArmRequest, items: list[Any], render: Callable[[Any], dict]) -> ArmResponse:
@@ -131,7 +145,7 @@ class ArmResponses:
         check_preconditions(req, self._scale_set_etag(req))
         ss, op, created = self.backend.put_scale_set(self._rg(req), req.params["vmss"], body)
         return ArmResponse(201 if created else 200, scale_set_doc(ss, self.backend.tenant_id),
-                           self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
+                           self._lro_headers(req, op, "Microsoft.Compute", with_location=False, notify=True))
 
     def _scale_set_etag(self, req: ArmRequest) -> str | None:
         try:
@@ -154,7 +168,8 @@ class ArmResponses:
             check_capacity(body["sku"]["capacity"], "sku.capacity")
         check_preconditions(req, self._scale_set_etag(req))
         ss, op = self.backend.patch_scale_set(self._rg(req), req.params["vmss"], body)
-        return ArmResponse(200, scale_set_doc(ss, self.backend.tenant_id), self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
+        return ArmResponse(200, scale_set_doc(ss, self.backend.tenant_id),
+                           self._lro_headers(req, op, "Microsoft.Compute", with_location=False, notify=True))
 
     def delete_scale_set(self, req: ArmRequest) -> ArmResponse:
         try:
@@ -163,7 +178,7 @@ class ArmResponses:
             if exc.status == 404:
                 return ArmResponse(204)
             raise
-        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True))
+        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True, notify=True))
 
     def delete_scale_set_instances(self, req: ArmRequest) -> ArmResponse:
         body = _body_dict(req, "VirtualMachineScaleSetVMInstanceRequiredIDs")
@@ -171,7 +186,7 @@ class ArmResponses:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise errors.invalid_parameter("instanceIds must be a list of instance id strings.", "instanceIds")
         op = self.backend.delete_scale_set_instances(self._rg(req), req.params["vmss"], ids)
-        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True))
+        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True, notify=False))
 
     def scale_set_instance_view(self, req: ArmRequest) -> ArmResponse:
         ss = self.backend.scale_set(self._rg(req), req.params["vmss"])
@@ -224,7 +239,7 @@ class ArmResponses:
     def delete_scale_set_vm(self, req: ArmRequest) -> ArmResponse:
         self._uniform(req)
         op = self.backend.delete_scale_set_vm(self._rg(req), req.params["vmss"], req.params["instance_id"])
-        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True))
+        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True, notify=False))
 
     def simulate_scale_set_vm_eviction(self, req: ArmRequest) -> ArmResponse:
         self.backend.simulate_eviction(
@@ -241,7 +256,7 @@ class ArmResponses:
         validate_vm(body)
         inst, op, created = self.backend.put_vm(self._rg(req), req.params["vm"], body)
         return ArmResponse(201 if created else 200, instance_doc(inst, False, self.backend.tenant_id),
-                           self._lro_headers(req, op, "Microsoft.Compute", with_location=False))
+                           self._lro_headers(req, op, "Microsoft.Compute", with_location=False, notify=True))
 
     def get_vm(self, req: ArmRequest) -> ArmResponse:
         inst = self.backend.vm(self._rg(req), req.params["vm"])
@@ -257,7 +272,7 @@ class ArmResponses:
             if exc.status == 404:
                 return ArmResponse(204)
             raise
-        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True))
+        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Compute", with_location=True, notify=True))
 
     def simulate_vm_eviction(self, req: ArmRequest) -> ArmResponse:
         self.backend.simulate_eviction(self.backend.vm(self._rg(req), req.params["vm"]))
@@ -287,7 +302,7 @@ class ArmResponses:
         validate_nic(body)
         nic, op, created = self.backend.put_nic(self._rg(req), req.params["nic"], body)
         return ArmResponse(201 if created else 200, nic_doc(nic),
-                           self._lro_headers(req, op, "Microsoft.Network", with_location=False))
+                           self._lro_headers(req, op, "Microsoft.Network", with_location=False, notify=True))
 
     def get_nic(self, req: ArmRequest) -> ArmResponse:
         doc = nic_doc(self.backend.nic(self._rg(req), req.params["nic"]))
@@ -300,7 +315,7 @@ class ArmResponses:
             if exc.status == 404:
                 return ArmResponse(204)
             raise
-        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Network", with_location=True))
+        return ArmResponse(202, None, self._lro_headers(req, op, "Microsoft.Network", with_location=True, notify=False))
 
     def list_nics(self, req: ArmRequest) -> ArmResponse:
         return self._page(req, self.backend.nics_in_group(self._rg(req)), nic_doc)

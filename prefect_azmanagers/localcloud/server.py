@@ -66,8 +66,10 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
     async def arm(request: Request) -> Response:
         path, method = request.url.path, request.method
 
+        provider: dict[str, str] = {}  # the headers of the provider, once the request reached one
+
         def arm_error(exc: ArmError) -> Response:
-            return _json(request, exc.status, exc.body(), exc.headers)
+            return _json(request, exc.status, exc.body(), provider | exc.headers)
 
         refused = identity.authenticate(request.headers.get("authorization"))
         if refused is not None:
@@ -77,6 +79,7 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
         if refused is not None:
             return arm_error(refused)
         route, params = urls.match(method, path)
+        provider.update(_provider_headers(path, route.operation))
         backend.count(route.operation)
         fault = backend.take_request_fault(route.operation)
         if fault is not None:
@@ -107,7 +110,7 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
             return arm_error(ArmError(500, "InternalServerError",
                                       f"The local cloud failed on this request ({type(exc).__name__}: {exc}); "
                                       "see localcloud.log in its state directory."))
-        return _json(request, result.status, result.body, result.headers)
+        return _json(request, result.status, result.body, provider | result.headers)
 
     routes = admin_routes(backend, describe_host, identity) + entra_routes(identity) + [
         Route("/{path:path}", arm, methods=["GET", "PUT", "PATCH", "DELETE", "POST"]),
@@ -115,17 +118,63 @@ def build_app(backend: Backend, describe_host: Any, identity: Identity) -> Starl
     return Starlette(routes=routes)
 
 
+# Compute's throttling policy per operation, as x-ms-ratelimit-remaining-resource names them
+# (policy, 3-minute budget, 30-minute budget), and whether the answer carries x-ms-request-charge.
+# Recorded: tests/localcloud/recorded_facts.py COMPUTE_RESOURCE_BUDGETS; the rest follow them.
+_COMPUTE_POLICIES: dict[str, tuple[str, int, int, bool]] = {
+    "VirtualMachineScaleSets_CreateOrUpdate": ("CreateVMScaleSet", 60, 300, True),
+    "VirtualMachineScaleSets_Update": ("CreateVMScaleSet", 60, 300, True),
+    "VirtualMachineScaleSets_Get": ("GetVMScaleSet", 400, 2600, False),
+    "VirtualMachineScaleSets_List": ("GetVMScaleSet", 400, 2600, False),
+    "VirtualMachineScaleSets_ListAll": ("GetVMScaleSet", 400, 2600, False),
+    "VirtualMachineScaleSets_GetInstanceView": ("GetVMScaleSet", 400, 2600, False),
+    "VirtualMachineScaleSets_Delete": ("DeleteVMScaleSet", 80, 400, True),
+    "VirtualMachineScaleSets_DeleteInstances": ("VMScaleSetActions", 240, 1200, True),
+    "VirtualMachineScaleSetVMs_Get": ("GetVMScaleSetVM", 1000, 5000, True),
+    "VirtualMachineScaleSetVMs_List": ("GetVMScaleSetVM", 1000, 5000, True),
+    "VirtualMachineScaleSetVMs_GetInstanceView": ("GetVMScaleSetVM", 1000, 5000, True),
+    "VirtualMachineScaleSetVMs_Delete": ("DeleteVMScaleSetVM", 240, 1200, True),
+    "VirtualMachineScaleSetVMs_SimulateEviction": ("VMScaleSetVMActions", 200, 1000, True),
+    "VirtualMachines_CreateOrUpdate": ("PutVM", 240, 1200, True),
+    "VirtualMachines_Delete": ("DeleteVM", 240, 1200, True),
+    "VirtualMachines_SimulateEviction": ("PutVM", 240, 1200, True),
+    "AsyncOperation_Get": ("GetOperation", 15000, 30000, False),
+    "OperationResult_Get": ("GetOperation", 15000, 30000, False),
+}
+
+
+def _provider_headers(path: str, operation: str) -> dict[str, str]:
+    """Headers the resource provider adds: Compute its throttling budget (and request charge),
+    Network its own request id."""
+    kind = urls.resource_type(path)
+    namespace = kind[0].lower() if kind else ""
+    if namespace == "microsoft.network":
+        return {"x-ms-arm-service-request-id": str(uuid.uuid4())}
+    if namespace != "microsoft.compute":
+        return {}
+    policy, short, long, charged = _COMPUTE_POLICIES.get(operation, ("LowCostGet", 4000, 32000, False))
+    headers = {"x-ms-ratelimit-remaining-resource":
+               f"Microsoft.Compute/{policy}3Min;{short - 1},Microsoft.Compute/{policy}30Min;{long - 1}"}
+    if charged:
+        headers["x-ms-request-charge"] = "1"
+    return headers
+
+
+_BUDGETS = {"GET": ("x-ms-ratelimit-remaining-subscription-reads", "11999"),
+            "DELETE": ("x-ms-ratelimit-remaining-subscription-deletes", "14999")}
+
+
 def _json(request: Request, status: int, body: Any, headers: dict[str, str]) -> Response:
     """An ARM response with the headers ARM sends on every one (request, correlation and routing
-    ids, no caching, rate-limit budget), then the handler's."""
+    ids, no caching, the subscription's read/write/delete budget), then the handler's."""
     request_id = str(uuid.uuid4())
+    correlation_id = request.headers.get("x-ms-correlation-request-id") or str(uuid.uuid4())
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    budget = ("x-ms-ratelimit-remaining-subscription-reads", "11999") if request.method == "GET" else \
-        ("x-ms-ratelimit-remaining-subscription-writes", "1199")
+    budget = _BUDGETS.get(request.method, ("x-ms-ratelimit-remaining-subscription-writes", "1199"))
     headers = {
         "x-ms-request-id": request_id,
-        "x-ms-correlation-request-id": request.headers.get("x-ms-correlation-request-id") or request_id,
-        "x-ms-routing-request-id": f"LOCALCLOUD:{stamp}:{request_id}",
+        "x-ms-correlation-request-id": correlation_id,
+        "x-ms-routing-request-id": f"LOCALCLOUD:{stamp}:{correlation_id}",
         "Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "-1",
         "x-content-type-options": "nosniff", "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
         budget[0]: budget[1],

@@ -110,11 +110,14 @@ def front_door(method: str, path: str, api_version: str | None, location: str) -
     today = time.strftime("%Y-%m-%d", time.gmtime())
     known = _API_VERSION.fullmatch(api_version)
     if known is None or api_version[:10] > today:
-        type_name = kind[1].rsplit("/", 1)[-1] if kind else "resourceGroups"
+        supported = f"YYYY-MM-DD or YYYY-MM-DD-preview, up to {today}"
+        if kind is None:  # ARM's own resources (subscriptions, resource groups): no provider to name
+            return ArmError(400, "InvalidApiVersionParameter", f"The api-version '{api_version}' is invalid. "
+                                                               f"The supported versions are '{supported}'.")
         return ArmError(400, "NoRegisteredProviderFound",
                         f"No registered resource provider found for location '{location}' and API version "
-                        f"'{api_version}' for type '{type_name}'. The supported api-versions are 'YYYY-MM-DD "
-                        f"or YYYY-MM-DD-preview, up to {today}'. The supported locations are '{location}'.")
+                        f"'{api_version}' for type '{kind[1]}'. The supported api-versions are '{supported}'. "
+                        f"The supported locations are '{location}'.")
     found = match(method, path)
     if found is None:
         if kind is None:

@@ -34,10 +34,7 @@ class ScaleSets(Instances):
         for inst in self.scale_set_members(ss):
             if instance_id in (inst.instance_id, inst.name):
                 return inst
-        raise errors.not_found(
-            f"The Resource 'Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{instance_id}' "
-            f"under resource group '{rg}' was not found."
-        )
+        raise errors.not_found("The entity was not found in this Azure location.")  # CRP's words for it
 
     def scale_set_nics(self, ss: ScaleSet) -> list[Nic]:
         return [self.nics[n.lower()] for inst in self.scale_set_members(ss) for n in inst.nic_ids
