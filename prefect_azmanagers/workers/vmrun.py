@@ -10,7 +10,10 @@ the Prefect API at `api_url_for_vms(manifest)`, as detached VMs do.
 
 The worker streams, over the same SSH connection, the VM's boot log into the run's log and
 the engine's output into its own; it reads the run's state every STATE_POLL_SECONDS and the
-VM's power state from ARM every ARM_POLL_SECONDS. It ends the run itself where the VM cannot:
+VM's power state from ARM every ARM_POLL_SECONDS. A Prefect API that does not answer (no
+connection, 5xx, 429) is retried with backoff for API_RETRY_SECONDS; then the worker stops
+following, leaving the VM running for adoption once the API answers again (deleting it would
+leave its run Running with nothing under it). It ends the run itself where the VM cannot:
 Crashed when the VM is gone, stopped or deallocated, when the boot script failed, when the run
 did not start within boot_timeout, or when the engine exited without a final state; Cancelled
 (VM deleted) when a Cancelling run's engine did not end it within CANCEL_GRACE_SECONDS. Once
@@ -31,11 +34,13 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import asyncssh
+import httpx
 from prefect.client.schemas.filters import (
     FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.exceptions import InfrastructureNotFound, ObjectNotFound
 from prefect.states import Cancelled, Crashed
 
@@ -48,8 +53,9 @@ from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
 from prefect_azmanagers.detached.vm import ADMIN_TAG, MANIFEST_TAG, api_url_for_vms, ssh_connection
 from prefect_azmanagers.exceptions import (
-    AzManagersError, ConfigurationError, ManifestNotFound, ResourceMissing,
+    AzManagersError, ConfigurationError, ManifestNotFound, PrefectAPIUnreachable, ResourceMissing,
 )
+from prefect_azmanagers.storage import result_storage
 from prefect_azmanagers.workers.azure_vm import AzureVMJobConfiguration, AzureVMWorker
 
 KIND = "azure-vm"                      # ownership kind of the VMs the worker makes
@@ -69,18 +75,26 @@ ARM_POLL_SECONDS = 10.0
 CANCEL_GRACE_SECONDS = 30.0       # for the VM's engine to end a Cancelling run itself
 ENGINE_EXIT_GRACE_SECONDS = 20.0  # for a final state to arrive after the engine exited
 OWNER_SILENT_HEARTBEATS = 3       # a worker silent this long no longer follows its VMs
+API_RETRY_SECONDS = 300.0         # how long a follower retries a Prefect API that does not answer
+API_BACKOFF_FIRST, API_BACKOFF_MAX = 1.0, 30.0  # seconds between those retries (doubling)
 # The worker machine's own settings, which must not reach the VM.
 _WORKER_LOCAL = {"PREFECT_HOME", "PREFECT_PROFILES_PATH", "PREFECT_API_URL", "PREFECT_UI_URL"}
 
 
-def vm_environment(env: dict[str, Any], *, api_url: str, admin: str) -> dict[str, str]:
+def vm_environment(env: dict[str, Any], *, api_url: str, admin: str,
+                   default_storage_block: str | None = None) -> dict[str, str]:
     """The run's environment on the VM: the job's env without the worker machine's paths,
-    server settings and API URL, plus the API URL VMs use and the admin user's home."""
+    server settings and API URL, plus the API URL VMs use and the admin user's home.
+
+    `default_storage_block` (the manifest's blob container as a block slug) becomes the flow
+    run's default result storage, as on detached VMs, unless the job's env names one."""
     out = {k: str(v) for k, v in env.items()
            if v is not None and k not in _WORKER_LOCAL and not k.startswith("PREFECT_SERVER_")}
     home = f"/home/{admin}"
     out.update(PREFECT_API_URL=api_url, HOME=home, USER=admin, LOGNAME=admin,
                PREFECT_HOME=f"{home}/.prefect")
+    if default_storage_block:
+        out.setdefault("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", default_storage_block)
     return out
 
 
@@ -124,6 +138,13 @@ def parse_infrastructure_pid(pid: str) -> tuple[str, str]:
     return group, name
 
 
+def _transient(exc: BaseException) -> bool:
+    """A Prefect API error worth retrying: no answer, or a server-side (5xx) or rate (429) one."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
 @dataclass
 class VMRun:
     """One flow run on its VM, as the worker follows it."""
@@ -156,7 +177,8 @@ class VMRun:
             except (OSError, asyncssh.Error) as exc:
                 if time.monotonic() >= deadline:
                     raise AzManagersError(f"VM {self.vm.name} did not accept SSH within "
-                                          f"{self.config.boot_timeout:.0f} s: {exc}") from exc
+                                          f"{self.config.boot_timeout:.0f} s (boot_timeout): "
+                                          f"{exc}") from exc
                 await anyio.sleep(2)
 
     async def stream(self, connection: Any, *, boot: bool) -> None:
@@ -189,11 +211,10 @@ class VMRun:
     async def follow(self, clients: ArmClients) -> StateType:
         """Poll the run's state until it is final, ending it where the VM cannot, then delete
         the VM; returns the final state's type."""
-        client = self.worker.client
         next_arm = time.monotonic() + ARM_POLL_SECONDS
         cancelling_since: float | None = None
         while True:
-            flow_run = await client.read_flow_run(self.flow_run.id)
+            flow_run = await self.read_flow_run()
             state = flow_run.state
             kind = state.type if state else StateType.PENDING
             now = time.monotonic()
@@ -229,6 +250,36 @@ class VMRun:
                 return await self.end(clients, reason)
             await anyio.sleep(STATE_POLL_SECONDS)
 
+    async def read_flow_run(self) -> FlowRun:
+        """The run as the API has it now, retried while the API does not answer (see `api`)."""
+        return await self.api(lambda: self.worker.client.read_flow_run(self.flow_run.id),
+                              "read the flow run's state")
+
+    async def api(self, call: Any, what: str) -> Any:
+        """`await call()`, retried with doubling backoff while the Prefect API does not answer
+        (no connection, 5xx, 429), for API_RETRY_SECONDS; then PrefectAPIUnreachable, with
+        the VM left running for adoption. Other errors are raised at once."""
+        delay, deadline = API_BACKOFF_FIRST, None
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + API_RETRY_SECONDS
+                if now >= deadline:
+                    raise PrefectAPIUnreachable(
+                        f"Stopped following VM {self.vm.name} (flow run {self.flow_run.id}): "
+                        f"the Prefect API did not answer for {API_RETRY_SECONDS:.0f} s when the "
+                        f"worker tried to {what} (last error: {exc!r}). The VM keeps running; "
+                        f"a worker of pool {self.worker.work_pool.name} adopts it once the API "
+                        "answers and deletes it when the run has ended.") from exc
+                self.worker.log.warning("cannot %s for VM %s (%r); retrying in %.0f s", what,
+                                        self.vm.name, exc, delay)
+                await anyio.sleep(min(delay, deadline - now))
+                delay = min(2 * delay, API_BACKOFF_MAX)
+
     async def lost_reason(self, clients: ArmClients) -> str | None:
         """Why ARM says the VM can no longer run the flow, or None while it can."""
         try:
@@ -246,8 +297,7 @@ class VMRun:
     async def end(self, clients: ArmClients, reason: str) -> StateType:
         """End a run its VM cannot finish: Crashed with the reason (Cancelled when it was
         being cancelled; a final state that arrived meanwhile stands), then delete the VM."""
-        client = self.worker.client
-        state = (await client.read_flow_run(self.flow_run.id)).state
+        state = (await self.read_flow_run()).state
         if state is not None and state.type in _FINAL:
             await self.delete(clients, keep=state.type != StateType.COMPLETED)
             return state.type
@@ -256,9 +306,15 @@ class VMRun:
         else:
             final = Crashed(message=f"Flow run crashed: {reason}")
         self.run_logger.error("%s: %s", final.name, reason)
-        await client.set_flow_run_state(self.flow_run.id, final, force=True)
+        await self.set_state(final)
         await self.delete(clients, keep=final.type == StateType.CRASHED)
         return final.type
+
+    async def set_state(self, state: State) -> None:
+        """Force the run's state (retried as `api` retries)."""
+        await self.api(lambda: self.worker.client.set_flow_run_state(self.flow_run.id, state,
+                                                                     force=True),
+                       f"set the flow run {state.name}")
 
     async def delete(self, clients: ArmClients, *, keep: bool) -> None:
         """Delete VM + NIC (idempotent), after keep_on_failure seconds if `keep`."""
@@ -286,7 +342,9 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
     vm_template = await aload_vm_template(config.vm_template)
     nic_template = await aload_nic_template(config.nic_template) if config.nic_template else None
     admin = manifest.ssh_user or vm_template.value["properties"]["osProfile"]["adminUsername"]
-    env = vm_environment(config.env, api_url=api_url_for_vms(manifest), admin=admin)
+    env = vm_environment(config.env, api_url=api_url_for_vms(manifest), admin=admin,
+                         default_storage_block=await anyio.to_thread.run_sync(result_storage,
+                                                                              manifest))
     env_file = "".join(f"{line}\n" for line in _env_lines(env)).encode()  # bad names fail here
     hooks, python = [], manifest.python
     if config.customenv:
@@ -324,7 +382,7 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
 
 async def _run_on_vm(clients: ArmClients, run: VMRun, env_file: bytes,
                      task_status: Optional[anyio.abc.TaskStatus[str]]) -> StateType:
-    shipped = False
+    shipped, gave_up = False, None
     try:
         async with AsyncExitStack() as stack, anyio.create_task_group() as streams:
             connection = await run.connect(stack)
@@ -333,9 +391,17 @@ async def _run_on_vm(clients: ArmClients, run: VMRun, env_file: bytes,
             shipped = True
             if task_status is not None:
                 task_status.started(run.pid)
-            state = await run.follow(clients)
+            try:
+                state = await run.follow(clients)
+            except PrefectAPIUnreachable as exc:  # caught here: the task group would wrap it
+                gave_up = exc
             streams.cancel_scope.cancel()
+        if gave_up is not None:
+            raise gave_up
         return state
+    except PrefectAPIUnreachable as exc:  # the VM stays, for adoption (see `VMRun.api`)
+        run.worker.log.error("%s", exc)
+        raise
     except anyio.get_cancelled_exc_class():
         if shipped:  # the worker stops while the run goes on: the next worker adopts the VM
             run.run_logger.warning(
@@ -421,6 +487,7 @@ async def adopt(worker: AzureVMWorker, task_group: anyio.abc.TaskGroup) -> list[
                 run = await _adoptable(worker, clients, manifest, vm, run_id, configs.get(run_id))
                 if run is not None:
                     worker.following.add(run_id)
+                    worker.vm_count += 1
                     task_group.start_soon(_follow_adopted, run)
     return found
 
@@ -450,6 +517,8 @@ async def _adoptable(worker: AzureVMWorker, clients: ArmClients, manifest: Azure
 
 
 async def _follow_adopted(run: VMRun) -> None:
+    """Follow an adopted VM to its run's end; an error ends only this follow (the adoption
+    loop and the other adopted runs go on, and the next round looks at the VM again)."""
     try:
         async with ArmClients(run.manifest) as clients, AsyncExitStack() as stack, \
                 anyio.create_task_group() as streams:
@@ -458,7 +527,13 @@ async def _follow_adopted(run: VMRun) -> None:
                 streams.start_soon(lambda: run.stream(connection, boot=False))
             except AzManagersError as exc:
                 run.worker.log.warning("no output from adopted VM %s: %s", run.vm.name, exc)
-            await run.follow(clients)
+            try:  # caught here: the task group would wrap it
+                await run.follow(clients)
+            except Exception as exc:  # noqa: BLE001 - reported; the next adoption round retries
+                run.worker.log.error("following adopted VM %s failed: %s", run.vm.name, exc)
             streams.cancel_scope.cancel()
+    except Exception as exc:  # noqa: BLE001 - e.g. no ARM client; the next round retries
+        run.worker.log.error("following adopted VM %s failed: %s", run.vm.name, exc)
     finally:
+        run.worker.vm_count -= 1
         run.worker.following.discard(run.flow_run.id)

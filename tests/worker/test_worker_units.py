@@ -47,6 +47,19 @@ def test_the_vm_environment_drops_the_worker_machines_own_settings():
                    "PREFECT_HOME": "/home/azureuser/.prefect"}
 
 
+def test_the_manifests_blob_container_is_the_runs_default_result_storage_unless_env_names_one():
+    slug = "azure-blob-storage-container/localcloud"
+    env = vmrun.vm_environment({}, api_url="http://10.0.0.4:4200/api", admin="azureuser",
+                               default_storage_block=slug)
+    assert env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == slug
+    own = {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/mine"}
+    env = vmrun.vm_environment(own, api_url="http://10.0.0.4:4200/api", admin="azureuser",
+                               default_storage_block=slug)
+    assert env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "local-file-system/mine"
+    env = vmrun.vm_environment({}, api_url="http://10.0.0.4:4200/api", admin="azureuser")
+    assert "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK" not in env
+
+
 def test_the_engine_command_is_prefects_unless_the_job_names_another():
     run_id = uuid.uuid4()
     default = f"/opt/py/bin/python -m prefect flow-run execute {run_id}"
