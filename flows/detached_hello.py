@@ -1,7 +1,7 @@
 """An example flow for a detached VM: `prefect deployment run detached-hello/hello --watch`.
 
 Deployed by prefect.yaml onto the work pool of a detached VM made with
-`prefect-azmanagers vm add localcloud-vm --manifest localcloud --code flows`; its code reaches
+`prefect-azmanagers detached add localcloud-vm --manifest localcloud --code flows`; its code reaches
 the VM through `--code flows` (copied over SFTP into the pool's working directory).
 """
 

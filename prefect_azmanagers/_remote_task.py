@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster.mpi.ranks import RankedCall, RankZero
 from prefect_azmanagers.exceptions import RunNotStarted
 
 ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -37,7 +38,7 @@ ON_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
 `hydrated_context`, then runs nested submits locally instead of provisioning a cluster."""
 
 
-class RemoteTaskRun:
+class RemoteTaskRun(RankedCall):
     """One task run, shipped to a worker: `RemoteTaskRun(...)()` returns the final State."""
 
     def __init__(
@@ -113,7 +114,9 @@ class RemoteTaskRun:
         finally:
             ON_WORKER.reset(token)
 
-    def __call__(self) -> Any:
+    def lead(self, ranks: RankZero | None) -> Any:
+        """Run the task run with Prefect's engine; under MPI (`ranks`), each attempt of its
+        body also runs on the other ranks."""
         import httpx
         from prefect.task_engine import run_task_async, run_task_sync
 
@@ -122,7 +125,7 @@ class RemoteTaskRun:
         context, task, parameters = self.context, self.task, self.parameters
         with self._in_flow_run(context) as (settings, _):
             kwargs = dict(
-                task=checking_other_ranks(task),  # MPI seam: rank 0 waits for the others
+                task=checking_other_ranks(task, ranks),  # MPI: every rank runs each attempt
                 task_run_id=self.task_run_id,
                 parameters=parameters,
                 wait_for=self.wait_for,
@@ -141,9 +144,9 @@ class RemoteTaskRun:
         _note_remote_traceback(state)
         return state
 
-    def __azm_mpi_follower__(self, attempt: dict[str, Any]) -> None:
-        """On ranks > 0 of an MPI worker (cluster/mpi.py), once per attempt rank 0's engine
-        makes: the bare task function in that attempt's task run context (`attempt`, from
+    def follow(self, attempt: dict[str, Any]) -> None:
+        """On ranks > 0 of an MPI worker, once per attempt rank 0's engine makes: the bare task
+        function in that attempt's task run context (`attempt`, from
         `prefect_azmanagers.mpi.checking_other_ranks`); rank 0 runs Prefect's engine, so the
         task run's states are reported once."""
         from prefect_azmanagers.mpi import run_task_function

@@ -28,12 +28,8 @@ import functools
 import inspect
 from typing import Any
 
-from prefect_azmanagers.cluster.mpi import (
-    begin_attempt,
-    launched_by_mpi,
-    own_failure_stands,
-    wait_for_ranks,
-)
+from prefect_azmanagers.cluster.mpi import launched_by_mpi
+from prefect_azmanagers.cluster.mpi.ranks import RankZero
 from prefect_azmanagers.exceptions import ConfigurationError
 
 __all__ = ["comm"]
@@ -58,8 +54,9 @@ def comm() -> Any:
     return MPI.COMM_WORLD
 
 
-def checking_other_ranks(task: Any) -> Any:
-    """On rank 0: a copy of the Prefect `task` whose function runs each attempt on every rank.
+def checking_other_ranks(task: Any, ranks: RankZero | None) -> Any:
+    """On rank 0 (`ranks`): a copy of the Prefect `task` whose function runs each attempt on
+    every rank.
 
     Prefect's engine calls the function once per attempt (none when the result comes from the
     cache): the copy first starts the attempt on ranks > 0 with this task run's context, so
@@ -74,26 +71,26 @@ def checking_other_ranks(task: Any) -> Any:
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def with_ranks_async(*args: Any, **kwargs: Any) -> Any:
-            await asyncio.to_thread(begin_attempt, _attempt_context())
+            await asyncio.to_thread(ranks.begin_attempt, _attempt_context())
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
-                own_failure_stands()
+                ranks.own_failure_stands()
                 raise
-            await asyncio.to_thread(wait_for_ranks)
+            await asyncio.to_thread(ranks.wait_for_ranks)
             return result
 
         wrapper: Any = with_ranks_async
     else:
         @functools.wraps(fn)
         def with_ranks(*args: Any, **kwargs: Any) -> Any:
-            begin_attempt(_attempt_context())
+            ranks.begin_attempt(_attempt_context())
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
-                own_failure_stands()
+                ranks.own_failure_stands()
                 raise
-            wait_for_ranks()
+            ranks.wait_for_ranks()
             return result
 
         wrapper = with_ranks

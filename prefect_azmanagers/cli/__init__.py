@@ -5,6 +5,7 @@ prefect-azmanagers manifest write --subscription-id SUB --resource-group my-rg -
 prefect-azmanagers import-azmanagers            # ~/.azmanagers/*.json -> Prefect blocks
 prefect-azmanagers localcloud start --background
 prefect-azmanagers --verbose scalesets list     # --verbose logs every ARM request
+prefect-azmanagers detached add localcloud-vm --manifest localcloud   # a detached VM
 ```
 
 A user mistake (any `AzManagersError`) prints one red line and exits 1, never a traceback.
@@ -13,25 +14,14 @@ A user mistake (any `AzManagersError`) prints one red line and exits 1, never a 
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
+from prefect_azmanagers.cli import azure, config, detached, localcloud
+from prefect_azmanagers.cli.common import exit_with_error
 from prefect_azmanagers.exceptions import AzManagersError
-
-_stderr = Console(stderr=True)
-
-# The --manifest option of every command that talks to Azure.
-MANIFEST_OPTION = typer.Option("default", "--manifest", "-m", help="Name of the AzureManifest block.")
-
-
-def exit_with_error(message: str) -> NoReturn:
-    """Print `message` as a red error on stderr and exit with status 1."""
-    _stderr.print(f"[red]Error:[/red] {escape(message)}")
-    raise typer.Exit(1)
 
 
 class _ErrorHandlingGroup(TyperGroup):
@@ -68,9 +58,6 @@ def _root(
             logger.addHandler(handler)
 
 
-# Sub-apps are imported after `app` and `exit_with_error` exist: they use the latter.
-from prefect_azmanagers.cli import azure, config, detached, localcloud  # noqa: E402
-
 app.add_typer(config.manifest_app, name="manifest")
 app.add_typer(config.template_app, name="template")
 app.command("import-azmanagers")(config.import_azmanagers)
@@ -78,8 +65,9 @@ app.command("export-azmanagers")(config.export_azmanagers)
 app.command("keygen")(config.keygen)
 app.add_typer(localcloud.app, name="localcloud")
 app.add_typer(azure.scalesets_app, name="scalesets")
-app.add_typer(azure.vms_app, name="vms")
+app.add_typer(azure.vms_app, name="vms")  # what ARM lists; `detached` manages detached VMs
 app.command("cleanup")(azure.cleanup)
 app.command("usage")(azure.usage)
-app.add_typer(detached.vm_app, name="vm")
+app.add_typer(detached.vm_app, name="detached")
+app.add_typer(detached.vm_app, name="vm", hidden=True)  # the former name, easily taken for `vms`
 app.add_typer(detached.job_app, name="job")

@@ -32,7 +32,7 @@ from prefect_azmanagers.azure.ownership import (
 from prefect_azmanagers.azure.scaleset import delete_scaleset, list_scalesets
 from prefect_azmanagers.azure.vm import list_vms
 from prefect_azmanagers.blocks import load_manifest
-from prefect_azmanagers.cli import MANIFEST_OPTION, exit_with_error
+from prefect_azmanagers.cli.common import MANIFEST_OPTION, exit_with_error
 
 scalesets_app = typer.Typer(no_args_is_help=True, help="Scale sets created by prefect-azmanagers.")
 vms_app = typer.Typer(no_args_is_help=True, help="Standalone (detached) VMs created by prefect-azmanagers.")

@@ -28,7 +28,7 @@ from prefect_azmanagers.blocks import (
     template_block_name,
     template_name_from_block,
 )
-from prefect_azmanagers.cli import exit_with_error
+from prefect_azmanagers.cli.common import exit_with_error
 from prefect_azmanagers.exceptions import KeyFileError
 from prefect_azmanagers.templates import (
     DEFAULT_AZMANAGERS_DIR,

@@ -1,14 +1,14 @@
 """`prefect-azmanagers vm|job ...`: detached VMs and the jobs running on them.
 
 ```
-prefect-azmanagers vm add localcloud-vm --manifest localcloud --name analysis-1 --code flows
-prefect-azmanagers vm list --manifest localcloud
+prefect-azmanagers detached add localcloud-vm --manifest localcloud --name analysis-1 --code flows
+prefect-azmanagers detached list --manifest localcloud
 prefect deployment run azmanagers-detached/analysis-1 ...   # or flows of prefect.yaml
 prefect-azmanagers job status 0691e3c1-...                  # starting|running|done|failed|cancelled
 prefect-azmanagers job logs 0691e3c1-... --stderr
 prefect-azmanagers job wait 0691e3c1-... --timeout 600      # exit code 1 unless done
 prefect-azmanagers job kill 0691e3c1-...
-prefect-azmanagers vm rm analysis-1 --manifest localcloud
+prefect-azmanagers detached rm analysis-1 --manifest localcloud
 ```
 """
 
@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prefect_azmanagers.cli import MANIFEST_OPTION, exit_with_error
+from prefect_azmanagers.cli.common import MANIFEST_OPTION, exit_with_error
 
 if TYPE_CHECKING:
     from prefect_azmanagers.detached.job import DetachedJob
@@ -45,7 +45,7 @@ def vm_add(
 ) -> None:
     """Create a detached VM whose Prefect worker serves the work pool of the same name.
 
-    Example: prefect-azmanagers vm add localcloud-vm --nic localcloud-nic --manifest localcloud
+    Example: prefect-azmanagers detached add localcloud-vm --nic localcloud-nic --manifest localcloud
     """
     from prefect_azmanagers.detached.vm import addproc
 
@@ -61,7 +61,7 @@ def vm_rm(
 ) -> None:
     """Delete a detached VM, its NIC, its work pool and deployments (also if partly gone).
 
-    Example: prefect-azmanagers vm rm azm-x1y2z3 --manifest localcloud
+    Example: prefect-azmanagers detached rm azm-x1y2z3 --manifest localcloud
     """
     from prefect_azmanagers.detached.vm import rmproc
 
@@ -73,7 +73,7 @@ def vm_rm(
 def vm_list(manifest: str = MANIFEST_OPTION) -> None:
     """List the detached VMs of the manifest's resource group.
 
-    Example: prefect-azmanagers vm list --manifest localcloud
+    Example: prefect-azmanagers detached list --manifest localcloud
     """
     from prefect_azmanagers.detached.vm import list_detached_vms
 

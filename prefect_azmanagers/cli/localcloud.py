@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prefect_azmanagers.cli import exit_with_error
+from prefect_azmanagers.cli.common import exit_with_error
 from prefect_azmanagers.localcloud import AdminError, LocalCloudAdmin, LocalCloudError
 from prefect_azmanagers.localcloud import server as localcloud_server
 

@@ -34,7 +34,8 @@ from typing import Any, BinaryIO, Callable
 
 import cloudpickle
 
-from prefect_azmanagers.cluster import mpi, versions
+from prefect_azmanagers.cluster import versions
+from prefect_azmanagers.cluster.mpi.leader import leader_or_follow
 from prefect_azmanagers.cluster.protocol import (
     HEADER,
     Buffer,
@@ -148,7 +149,7 @@ class Agent:
     def __init__(self, channel: _Channel, concurrency: int, *,
                  execute: Callable[[int, bytes | Payload], Any] = _run_pickled,
                  after_call: Callable[[], None] | None = None):
-        # execute/after_call: the MPI seam (cluster/mpi.py runs each call on every rank)
+        # execute/after_call: the MPI seam (cluster/mpi/leader.py runs each call on every rank)
         self.execute = execute
         self.after_call = after_call
         self.channel = channel
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--warm-up takes MODULE:FUNCTION or none, got {args.warm_up!r}")
 
     warm_up_seconds = warm_up(args.warm_up)  # on every MPI rank: ranks > 0 run tasks too
-    leader = mpi.leader_or_follow(args.concurrency)  # under mpirun, ranks > 0 stay inside
+    leader = leader_or_follow(args.concurrency, run_flush_hooks)  # ranks > 0 stay inside
     reader, writer, stdout_pipe = _take_over_stdio()
     if leader is not None:
         leader.tag_output()

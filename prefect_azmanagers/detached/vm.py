@@ -116,7 +116,7 @@ async def _from_name(name: str, manifest: str | AzureManifest) -> DetachedVM:
     if info.tags.get(KIND_TAG) != DETACHED_KIND:
         raise ConfigurationError(
             f"VM {name!r} in resource group {manifest.resource_group!r} is not a detached VM "
-            "(it was not made by addproc); use `prefect-azmanagers vm list` to see those.")
+            "(it was not made by addproc); use `prefect-azmanagers detached list` to see those.")
     return _detached_vm(info, manifest, manifest_name)
 
 
@@ -455,7 +455,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
                 PinnedHostKeys(manifest.known_hosts_path()).forget({vm.vm_id})
         except Exception as cleanup_error:  # keep the original error; say what is left
             logger.error("Could not remove detached VM %s after a failure: %s. Remove it with "
-                         "`prefect-azmanagers vm rm %s`.", name, cleanup_error, name)
+                         "`prefect-azmanagers detached rm %s`.", name, cleanup_error, name)
         raise
 
 

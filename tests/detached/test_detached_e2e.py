@@ -157,7 +157,7 @@ def _cli(*args: str):
 
 
 def test_cli_vm_list_and_job_commands(detached_vm):
-    listed = _cli("vm", "list", "--manifest", "localcloud")
+    listed = _cli("detached", "list", "--manifest", "localcloud")
     assert listed.exit_code == 0 and detached_vm.name in listed.stdout
 
     def two_streams():
@@ -255,7 +255,7 @@ def test_cli_vm_add_reports_a_failed_boot_and_leaves_nothing(localcloud, assert_
     with LocalCloudAdmin.from_info(localcloud) as admin:
         admin.boot_fail(1)
         try:
-            added = _cli("vm", "add", "localcloud-vm", "--nic", "localcloud-nic",
+            added = _cli("detached", "add", "localcloud-vm", "--nic", "localcloud-nic",
                          "--manifest", "localcloud", "--name", "azmbootfail-2")
         finally:
             admin.clear_faults()

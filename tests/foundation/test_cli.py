@@ -49,8 +49,15 @@ def test_build_commands_take_every_builder_keyword_with_its_default(command: str
 def test_root_lists_every_noun() -> None:
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
     for noun in ["manifest", "template", "import-azmanagers", "export-azmanagers", "keygen",
-                 "localcloud", "scalesets", "vms", "vm", "job"]:
+                 "localcloud", "scalesets", "vms", "detached", "job"]:
         assert f" {noun} " in result.output, noun
+    assert " vm " not in result.output  # a hidden alias: `vm` and `vms` were easy to confuse
+
+
+def test_vm_stays_an_alias_of_detached() -> None:
+    for noun in ("vm", "detached"):
+        result = CliRunner().invoke(app, [noun, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "addproc" in result.output, result.output
 
 
 def run_module(*args: str, api_url: str) -> subprocess.CompletedProcess:

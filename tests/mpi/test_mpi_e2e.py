@@ -11,7 +11,7 @@ import cloudpickle
 import pytest
 
 from prefect_azmanagers.cluster.cluster import AzureCluster
-from prefect_azmanagers.cluster.mpi import MPIRankError
+from prefect_azmanagers.exceptions import MPIRankError
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -15,7 +15,7 @@ from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
 
-from prefect_azmanagers.cluster.mpi import MPIRankError
+from prefect_azmanagers.exceptions import MPIRankError
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

@@ -14,7 +14,9 @@ import time
 import cloudpickle
 import pytest
 
-from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS, MPIRankError, launcher
+from prefect_azmanagers.cluster.mpi import DEFAULT_MPI_FLAGS, launcher
+from prefect_azmanagers.cluster.mpi.ranks import RankedCall, RankZero
+from prefect_azmanagers.exceptions import MPIRankError
 from prefect_azmanagers.cluster.protocol import HEADER, Frame, Kind, encode, parse_header
 from prefect_azmanagers.cluster.transport import agent_command
 
@@ -229,22 +231,27 @@ def test_launcher_quotes_flags_and_refuses_bad_input():
         launcher(2, "--oops 'unterminated")
 
 
-def _surfacing():
-    from prefect_azmanagers.cluster.mpi import MPIRankError, wait_for_ranks
-    from prefect_azmanagers.mpi import comm
+class _Surfacing(RankedCall):
+    """One attempt that fails on rank 2 only; rank 0 surfaces that failure itself."""
 
-    if comm().Get_rank() == 2:
-        raise KeyError("only on rank 2")
-    try:
-        wait_for_ranks()
-    except MPIRankError as exc:
-        return f"rank {exc.rank} failed: {exc.error_type}"
-    return "no failure"
+    def lead(self, ranks: RankZero | None) -> str:
+        ranks.begin_attempt(None)
+        try:
+            ranks.wait_for_ranks()
+        except MPIRankError as exc:
+            return f"rank {exc.rank} failed: {exc.error_type}"
+        return "no failure"
+
+    def follow(self, announcement: None) -> None:
+        from prefect_azmanagers.mpi import comm
+
+        if comm().Get_rank() == 2:
+            raise KeyError("only on rank 2")
 
 
 def test_a_call_can_surface_other_ranks_failures_itself(agents):
     agent = agents(3)
-    frame, _ = agent.call(_surfacing)
+    frame, _ = agent.call(_Surfacing())
     assert frame.kind == Kind.RESULT
     assert cloudpickle.loads(frame.body) == "rank 2 failed: builtins.KeyError"
     frame, _ = agent.call(_allreduce, 2)
@@ -252,8 +259,8 @@ def test_a_call_can_surface_other_ranks_failures_itself(agents):
     assert agent.shutdown() == 0
 
 
-class _Attempts:
-    """A call with a follower part, made of `attempts` attempts announced by rank 0 as a task
+class _Attempts(RankedCall):
+    """A ranked call made of `attempts` attempts announced by rank 0 as a task
     run's are: an attempt fails on the ranks listed for it in `failing`, after the attempt's
     collective or (`before_collective`) instead of it. Rank 0 returns what became of each."""
 
@@ -263,32 +270,25 @@ class _Attempts:
         self.failing = failing or {}
         self.before_collective = before_collective
 
-    def __call__(self) -> list[tuple]:
-        from prefect_azmanagers.cluster.mpi import (
-            MPIRankError,
-            begin_attempt,
-            own_failure_stands,
-            wait_for_ranks,
-        )
-
+    def lead(self, ranks: RankZero | None) -> list[tuple]:
         results = []
         for number in range(1, self.attempts + 1):
-            begin_attempt({"attempt": number})
+            ranks.begin_attempt({"attempt": number})
             try:
                 value = self._attempt(number)
             except ValueError as exc:
-                own_failure_stands()
+                ranks.own_failure_stands()
                 results.append(("failed on rank 0", number, str(exc)))
                 continue
             try:
-                wait_for_ranks()
+                ranks.wait_for_ranks()
             except MPIRankError as exc:
                 results.append(("failed on rank", number, exc.rank))
                 continue
             results.append(("done", number, value))
         return results
 
-    def __azm_mpi_follower__(self, announcement: dict) -> None:
+    def follow(self, announcement: dict) -> None:
         self._attempt(announcement["attempt"])
 
     def _attempt(self, number: int) -> list[int]:
