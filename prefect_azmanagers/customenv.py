@@ -131,6 +131,18 @@ def env_python(admin_username: str) -> str:
     return ENV_DIR.format(admin=admin_username) + "/bin/python"
 
 
+def boot_hooks(customenv: bool | EnvironmentSpec, *, admin_username: str,
+               python: str) -> tuple[list[str], str]:
+    """The boot hooks that build the customenv environment on an instance (none when
+    `customenv` is false), and the interpreter that runs there afterwards. `True` captures the
+    driver's environment now; an `EnvironmentSpec` is reused."""
+    if not customenv:
+        return [], python
+    spec = customenv if isinstance(customenv, EnvironmentSpec) else capture_environment()
+    return ([customenv_hook(spec, admin_username=admin_username, python=python)],
+            env_python(admin_username))
+
+
 def customenv_hook(spec: EnvironmentSpec, *, admin_username: str, python: str) -> str:
     """A bash fragment for boot_script(hooks=[...]) that builds the spec's environment.
 

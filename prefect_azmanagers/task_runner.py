@@ -39,45 +39,47 @@ created when the flow starts and torn down when it ends; pass `cluster=` to shar
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import contextvars
 import logging
 import sys
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import RunInput
-from prefect.context import FlowRunContext, SettingsContext
-from prefect.exceptions import ObjectNotFound
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
 from prefect.logging import get_run_logger
 from prefect.settings import get_current_settings
-from prefect.states import Cancelled, Crashed, Failed, State
+from prefect.states import Cancelled, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
 from typing_extensions import Self
 
 from prefect_azmanagers import _prefect_compat as compat
+from prefect_azmanagers._log_relay import MembershipLogRelay
 from prefect_azmanagers._remote_task import (
     ON_WORKER,
     RemoteTaskRun,
     RunNotStarted,
     WorkerWarmUp,
 )
+from prefect_azmanagers._task_states import (
+    Submission,
+    futures_to_states,
+    record_state,
+    settle,
+    state_for_error,
+)
 from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.exceptions import (
     ConfigurationError,
     PayloadError,
     PrefectAPIUnreachable,
-    WorkerLost,
 )
+from prefect_azmanagers.network import is_loopback
 from prefect_azmanagers.storage import result_storage
 
 if TYPE_CHECKING:
@@ -86,7 +88,6 @@ if TYPE_CHECKING:
     from prefect_azmanagers.blocks import AzureManifest, ScaleSetTemplate
     from prefect_azmanagers.cluster.cluster import AzureCluster
 
-_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _RESOLVER_THREADS = 64
 _RECORDER_THREADS = 4
 
@@ -158,7 +159,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._flow_logger: Any = None
         self._flow_context = contextvars.Context()
         self._previous_output_handler: Any = None
-        self._membership_log: _MembershipLogRelay | None = None
+        self._membership_log: MembershipLogRelay | None = None
 
     def duplicate(self) -> Self:
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
@@ -206,7 +207,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._local = ThreadPoolTaskRunner(max_workers=sys.maxsize).__enter__()
             return self
         try:
-            self._membership_log = _MembershipLogRelay.install()  # before waitfor's joins
+            self._membership_log = MembershipLogRelay.install()  # before waitfor's joins
             forward_port = self._plan_api_access()
             self._cluster = self._given_cluster or self._create_cluster(forward_port)
             if self._given_cluster is not None and forward_port is not None:
@@ -302,7 +303,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 self._cluster.cancel_all()
         for future in outstanding:
             if not future.done():
-                _settle(future, Cancelled(message="Cancelled with the flow run."))
+                settle(future, Cancelled(message="Cancelled with the flow run."))
 
     def _create_cluster(self, forward_port: int | None) -> AzureCluster:
         from prefect_azmanagers.cluster.cluster import AzureCluster
@@ -344,7 +345,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._api_url_for_workers = for_vms
             return None
         parts = urlsplit(api_url)
-        if parts.hostname in _LOOPBACK_HOSTS:
+        if is_loopback(api_url):
             return parts.port or (443 if parts.scheme == "https" else 80)
         return None  # a routable URL (e.g. Prefect Cloud): workers reach it directly
 
@@ -381,7 +382,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         merged = {k: set(v) for k, v in upstream.items()}
         for key, inputs in (dependencies or {}).items():
             merged[key] = merged.get(key, set()) | set(inputs)
-        run = _Submission(
+        run = Submission(
             outer=concurrent.futures.Future(), task=task, task_run_id=compat.new_task_run_id(),
             parameters=parameters, wait_for=list(wait_for) if wait_for else None,
             dependencies=merged, context=compat.task_scoped_context(),
@@ -397,7 +398,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._dispatch(run)
         return PrefectConcurrentFuture(task_run_id=run.task_run_id, wrapped_future=run.outer)
 
-    def _dispatch(self, run: _Submission) -> None:
+    def _dispatch(self, run: Submission) -> None:
         """Wait for upstream futures, then hand the task run to the engine."""
         try:
             wait_for_states = None
@@ -406,7 +407,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 wait_for_states = [f.state for f in run.wait_for]
             # Futures do not pickle; their final States do, and the remote engine resolves
             # them as it would futures (a failed upstream gives Pending("NotReady")).
-            parameters = _futures_to_states(run.parameters)
+            parameters = futures_to_states(run.parameters)
             remote = RemoteTaskRun(
                 self._pickled_task(run.task), run.task.name, run.task_run_id, parameters,
                 wait_for_states, run.dependencies, run.context, run.shared,
@@ -416,28 +417,28 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             assert self._cluster is not None
             engine_future = self._cluster.submit(remote, label=f"{run.task.name} {run.task_run_id}")
         except BaseException as exc:
-            self._end_here(run, _state_for_error(exc))
+            self._end_here(run, state_for_error(exc))
             return
         with self._lock:
             self._engine_futures.add(engine_future)
         engine_future.add_done_callback(lambda done: self._on_engine_done(done, run))
 
-    def _on_engine_done(self, done: concurrent.futures.Future[Any], run: _Submission) -> None:
+    def _on_engine_done(self, done: concurrent.futures.Future[Any], run: Submission) -> None:
         # On the cluster's event loop thread: keep it quick (API writes go to the recorder).
         with self._lock:
             self._engine_futures.discard(done)
         if done.cancelled():
             self._end_here(run, Cancelled(message="Cancelled with the flow run."))
         elif (exc := done.exception()) is None:
-            _settle(run.outer, done.result())
+            settle(run.outer, done.result())
         elif isinstance(exc, PayloadError) and not isinstance(exc, RunNotStarted):
             # The call returned, but its State cannot travel back: the worker's engine
             # already reported the task run's final state, which stays as it is.
-            _settle(run.outer, _state_for_error(exc))
+            settle(run.outer, state_for_error(exc))
         else:
-            self._end_here(run, _state_for_error(exc))
+            self._end_here(run, state_for_error(exc))
 
-    def _end_here(self, run: _Submission, state: State) -> None:
+    def _end_here(self, run: Submission, state: State) -> None:
         """End a task run with a state built here (no worker reported it): record the state
         in the Prefect API first, then settle the future, so both agree when it resolves."""
         if run.outer.done():
@@ -448,19 +449,19 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 raise RuntimeError("the runner is closing")
             recorder.submit(self._record_and_settle, run, state)
         except RuntimeError:  # closing: the state is not recorded, the flow still gets it
-            _settle(run.outer, state)
+            settle(run.outer, state)
 
-    def _record_and_settle(self, run: _Submission, state: State) -> None:
+    def _record_and_settle(self, run: Submission, state: State) -> None:
         try:
             if not run.outer.done():
-                _record_state(run, state, self._flow_run_id, self._flow_settings)
+                record_state(run, state, self._flow_run_id, self._flow_settings)
         except Exception as exc:  # noqa: BLE001 - the flow still gets the state
             self.logger.warning(
                 "Could not record task run %s (%s) as %s in the Prefect API: %s: %s",
                 run.task_run_id, run.task.name, state.name, type(exc).__name__, exc,
             )
         finally:
-            _settle(run.outer, state)
+            settle(run.outer, state)
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -522,153 +523,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         )
 
 
-class _MembershipLogRelay(logging.Handler):
-    """Puts the cluster's membership lines (joins, lost and replaced workers) in the flow
-    run's log, and so in the UI; lines logged before the flow run is known are kept until then.
-    """
-
-    _LOGGER = "prefect_azmanagers.cluster"
-    _MAX_PENDING = 1000
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self._lock_pending = threading.Lock()
-        self._pending: list[logging.LogRecord] = []
-        self._target: tuple[Any, contextvars.Context] | None = None
-        self._raised_level = False
-
-    @classmethod
-    def install(cls) -> _MembershipLogRelay:
-        relay = cls()
-        logger = logging.getLogger(cls._LOGGER)
-        if not logger.isEnabledFor(logging.INFO):
-            # Raised for the relay only: the lines must not also reach the root's handlers,
-            # which were not asking for them (they would print twice on the console).
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-            relay._raised_level = True
-        logger.addHandler(relay)
-        return relay
-
-    def uninstall(self) -> None:
-        logger = logging.getLogger(self._LOGGER)
-        logger.removeHandler(self)
-        if self._raised_level:
-            logger.setLevel(logging.NOTSET)
-            logger.propagate = True
-
-    def attach(self, flow_logger: Any, context: contextvars.Context) -> None:
-        with self._lock_pending:
-            self._target = (flow_logger, context)
-            pending, self._pending = self._pending, []
-        for record in pending:
-            self._forward(record)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._lock_pending:
-            if self._target is None:
-                if len(self._pending) < self._MAX_PENDING:
-                    self._pending.append(record)
-                return
-        self._forward(record)
-
-    def _forward(self, record: logging.LogRecord) -> None:
-        assert self._target is not None
-        flow_logger, context = self._target
-        context.copy().run(flow_logger.log, record.levelno, "%s", record.getMessage())
-
-
 _CONFIGURATION = ("template", "n", "manifest", "options", "_given_cluster", "logger", "_started")
-
-
-def _futures_to_states(parameters: dict[str, Any]) -> dict[str, Any]:
-    futures: list[PrefectFuture[Any]] = []
-    visit_collection(
-        parameters,
-        lambda x: futures.append(x) if isinstance(x, PrefectFuture) else None,
-        return_data=False,
-    )
-    if not futures:
-        return parameters
-    wait(futures)
-    return visit_collection(
-        parameters,
-        lambda x: x.state if isinstance(x, PrefectFuture) else x,
-        return_data=True,
-    )
-
-
-def _state_for_error(exc: BaseException) -> State:
-    """The final State of a task run the runner could not complete (the task did not raise):
-    Failed when what was sent cannot travel, Crashed when the infrastructure failed."""
-    if isinstance(exc, PayloadError):
-        return Failed(message=str(exc), data=exc)
-    if isinstance(exc, WorkerLost):
-        return Crashed(message=str(exc), data=exc)
-    if isinstance(exc, concurrent.futures.CancelledError):
-        return Cancelled(message="Cancelled with the flow run.")
-    return Crashed(message=f"{type(exc).__name__}: {exc}", data=exc)
-
-
-@dataclass
-class _Submission:
-    """One submitted task run, from `submit` until its future is settled."""
-
-    outer: concurrent.futures.Future[State]
-    task: Task[Any, Any]
-    task_run_id: uuid.UUID
-    parameters: dict[str, Any]
-    wait_for: list[PrefectFuture[Any]] | None
-    dependencies: dict[str, set[RunInput]]
-    context: dict[str, Any]
-    shared: bytes
-
-
-def _record_state(run: _Submission, state: State, flow_run_id: uuid.UUID | None,
-                  settings: SettingsContext | None) -> None:
-    """Write a state the runner built for `run` to the Prefect API, as the task engine would
-    have: the task run's state if it exists (forced, as the engine forces its crashes), or a
-    new task run holding it. A final state the API already holds (the worker's) is kept; one
-    still on its way (sent just before the worker died) is not seen and gets overwritten.
-
-    Runs on a recorder thread with the flow's settings (they say where the API is) and a
-    client of its own: the flow's client is not to be entered from another thread.
-    """
-    with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
-          else contextlib.nullcontext()), get_client(sync_client=True) as client:
-        try:
-            current = client.read_task_run(run.task_run_id)
-        except ObjectNotFound:  # the engine never ran, or its first event was lost with it
-            try:
-                client.create_task_run(
-                    task=run.task, flow_run_id=flow_run_id, id=run.task_run_id,
-                    **compat.task_run_identity(run.task, run.parameters),
-                    extra_tags=run.context.get("tags_context", {}).get("current_tags", ()),
-                    state=state, task_inputs=_task_inputs(run),
-                )
-                return
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 409:
-                    raise
-                current = client.read_task_run(run.task_run_id)  # its events arrived meanwhile
-        if current.state is not None and current.state.is_final():
-            return
-        client.set_task_run_state(run.task_run_id, state, force=True)
-
-
-def _task_inputs(run: _Submission) -> dict[str, list[RunInput]]:
-    """The task run's inputs (data edges and wait_for) as the engine records them."""
-    inputs = {name: list(found) for name, found in run.dependencies.items()}
-    if run.wait_for:
-        inputs["wait_for"] = list(collect_task_run_inputs_sync(run.wait_for))
-    return inputs
-
-
-def _settle(future: concurrent.futures.Future[State], state: State) -> None:
-    try:
-        future.set_result(state)
-    except concurrent.futures.InvalidStateError:
-        pass  # already settled (e.g. cancelled first)
 
 
 def _leave_result_storage_to_workers(shared: dict[str, Any]) -> None:

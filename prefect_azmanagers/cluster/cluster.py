@@ -50,12 +50,7 @@ from prefect_azmanagers.cluster.transport import InstanceConnection
 from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
 from prefect_azmanagers.cluster.usage import report as usage_report
 from prefect_azmanagers.cluster.usage import save as save_usage
-from prefect_azmanagers.customenv import (
-    EnvironmentSpec,
-    capture_environment,
-    customenv_hook,
-    env_python,
-)
+from prefect_azmanagers.customenv import boot_hooks
 from prefect_azmanagers.exceptions import AzManagersError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -213,13 +208,13 @@ class AzureCluster:
         if item is None or self._lifecycle is None or self._closed:
             future.cancel()
             return
-        self._call(self._lifecycle.cancel([item]))
+        self._call(self._lifecycle.slots.cancel([item]))
 
     def cancel_all(self) -> None:
         """Cancel every queued and running call (running ones stop: their agents are killed)."""
         if self._lifecycle is None or self._closed:
             return
-        self._call(self._lifecycle.cancel(list(self._dispatcher.items.values())))
+        self._call(self._lifecycle.slots.cancel(list(self._dispatcher.items.values())))
 
     def scale(self, n: int) -> None:
         """Grow to or shrink to `n` instances (a shrink deletes instances in one request); an
@@ -372,15 +367,16 @@ class AzureCluster:
         template: ScaleSetTemplate = await aload_scaleset_template(self.template)
         os_profile = template.value["properties"]["virtualMachineProfile"]["osProfile"]
         admin = manifest.ssh_user or os_profile["adminUsername"]
+        hooks, python = boot_hooks(options.customenv, admin_username=admin, python=manifest.python)
         access = Access(
             manifest=manifest, admin=admin,
             client_key=asyncssh.import_private_key(manifest.read_private_key()),
             host_keys=PinnedHostKeys(manifest.known_hosts_path()),
-            python=env_python(admin) if options.customenv else manifest.python,
+            python=python,
             launcher=mpi.launcher(options.mpi_ranks_per_worker, options.mpi_flags)
             if options.mpi_ranks_per_worker else [])
         script = boot_script(admin_username=admin, tempdisk=template.tempdisk, env=options.env,
-                             hooks=self._boot_hooks(admin, manifest.python))
+                             hooks=hooks)
         self._clients = ArmClients(manifest, subscription_id=template.subscription_id or None)
         def scaleset(name: str, provisioning: ProvisioningOptions) -> ScaleSet:
             return ScaleSet(
@@ -416,13 +412,6 @@ class AzureCluster:
         self._spawn(self._save_usage_every(USAGE_SAVE_SECONDS))
         if options.adapt is not None:
             self._spawn(self._lifecycle.adapt(AdaptivePolicy(options.adapt)))
-
-    def _boot_hooks(self, admin: str, python: str) -> list[str]:
-        customenv = self.options.customenv
-        if not customenv:
-            return []
-        spec = customenv if isinstance(customenv, EnvironmentSpec) else capture_environment()
-        return [customenv_hook(spec, admin_username=admin, python=python)]
 
     async def _close(self, urgent: bool) -> None:
         errors = []

@@ -1,10 +1,10 @@
 """Instance lifecycle: the I/O that carries out membership's decisions and feeds dispatch.
 
 Per member: join (SSH with the host key pinned per vmId, the boot script's `ready`, port
-forwards, `ppi` agents), restart of dead agents, reconnect after a dropped connection, drain on
-a Preempt, heartbeats, the boot log's tail for diagnostics, and one way out: `lose(member,
-reason)` (re-queue its calls, delete it, replace it within the budget, fail the queue if nothing
-is left or coming). Also the watcher that lists the scale set, scaling, and the teardown.
+forwards, `ppi` agents started by `slots.Slots`), reconnect after a dropped connection, drain
+on a Preempt, the boot log's tail for diagnostics, and one way out: `lose(member, reason)`
+(re-queue its calls, delete it, replace it within the budget, fail the queue if nothing is left
+or coming). Also the watcher that lists the scale set, scaling, and the teardown.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Callable
 
 import asyncssh
 
-from prefect_azmanagers.cluster import versions
 from prefect_azmanagers.cluster.adapt import AdaptivePolicy
-from prefect_azmanagers.cluster.dispatch import Dispatcher, WorkItem
-from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerInfo, WorkerState
+from prefect_azmanagers.cluster.dispatch import Dispatcher
+from prefect_azmanagers.cluster.members import Member, MemberState, Worker, WorkerState
 from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW, Membership, Reconciliation
 from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.progress import JoinProgress
-from prefect_azmanagers.cluster.protocol import Frame, Kind, Payload
-from prefect_azmanagers.cluster.transport import InstanceConnection, agent_command, read_boot_log
+from prefect_azmanagers.cluster.protocol import Kind, Payload
 from prefect_azmanagers.cluster.scaling import AdaptiveScaling
+from prefect_azmanagers.cluster.slots import OutputHandler, Slots
+from prefect_azmanagers.cluster.transport import InstanceConnection, read_boot_log
 from prefect_azmanagers.cluster.usage import WorkerGauge
 from prefect_azmanagers.exceptions import (
     AzManagersError,
@@ -46,13 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("prefect_azmanagers.cluster")
 
-AGENT_HELLO_TIMEOUT = 120.0
-SETUP_TIMEOUT = 120.0  # the join setup (e.g. a warm-up) of one agent
 DRAIN_MARGIN = 5.0  # seconds before a Preempt's NotBefore by which in-flight work is re-queued
-MAX_AGENT_RESTARTS = 5  # consecutive restarts of one slot without a completed call
 STOPPED_POWER_STATES = ("stopped", "deallocated", "deallocating", "stopping")
-
-OutputHandler = Callable[[WorkerInfo, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -87,17 +82,17 @@ class Lifecycle:
         self.membership = membership
         self.dispatcher = dispatcher
         self.progress = progress
-        self.output = output
         self.spawn = spawn
         self.started_at = started_at
         self.closing = False
-        self.join_setup = join_setup  # a pickled callable each new agent runs before any work
         self._fall_back = fall_back  # spot_fallback: new instances regular from then on
         self.gauge = WorkerGauge()
         self.policy: AdaptivePolicy | None = None  # adaptive capacity (None: fixed n)
+        self.slots = Slots(options, access, dispatcher, spawn=spawn, output=output,
+                           closing=lambda: self.closing, lose=self.lose, drain=self._drain,
+                           workers_changed=self._workers_changed, join_setup=join_setup)
         self._loop = asyncio.get_running_loop()
         self._worker_ids = itertools.count(1)
-        self._versions = versions.local()
         self._removals: set[asyncio.Task] = set()
 
     # -- watching the scale set -------------------------------------------------------------
@@ -109,7 +104,7 @@ class Lifecycle:
             reconciliation = await self.membership.refresh()
             if reconciliation is not None:
                 self.carry_out(reconciliation)
-            self.check_heartbeats()
+            self.slots.check_heartbeats(self.membership.members.values())
             busy = self.membership.outlook().coming
             delay = 1.0 if busy else min(delay * 2, 10.0)
             self.membership.wake.clear()
@@ -170,7 +165,7 @@ class Lifecycle:
             await member.conn.forward_ports(self.options.forward_ports)
         member.workers = [Worker(next(self._worker_ids), member, slot, self.options.concurrency)
                           for slot in range(1, self.options.ppi + 1)]
-        await asyncio.gather(*(self._start_agent(w) for w in member.workers))
+        await asyncio.gather(*(self.slots.start(w) for w in member.workers))
         member.state = MemberState.JOINED
         self._announce_joined(member)
 
@@ -202,67 +197,6 @@ class Lifecycle:
                     raise
                 logger.debug("instance %s not reachable yet: %s", member.name, exc)
                 await asyncio.sleep(1.0)
-
-    async def _start_agent(self, worker: Worker) -> None:
-        """Start the slot's agent; a start overtaken by another one (a reconnect racing a
-        restart) closes the agent it made and leaves the slot to the newer start."""
-        member = worker.member
-        assert member.conn is not None
-        if worker.feeder is not None and worker.feeder is not asyncio.current_task():
-            worker.feeder.cancel()  # at most one feeder per slot, bound to the current agent
-        if worker.hello is not None and not worker.hello.done():
-            worker.hello.set_result(None)  # wakes an older start: it sees it was overtaken
-        worker.generation += 1
-        generation = worker.generation
-        worker.state = WorkerState.STARTING
-        hello = worker.hello = self._loop.create_future()
-        worker.exited = asyncio.Event()
-        options = self.options
-        command = agent_command(
-            self.access.python, worker_id=worker.id, concurrency=worker.concurrency,
-            env=options.env, imds_url=options.imds_url if options.spot and worker.slot == 1 else None,
-            launcher=self.access.launcher)
-        worker.command = command
-        worker.stderr_tail.clear()
-        agent = await member.conn.start_agent(
-            command, on_frame=partial(self._on_frame, worker, generation),
-            on_stderr=partial(self._on_stderr, worker),
-            on_exit=partial(self._on_agent_exit, worker, generation))
-        if generation == worker.generation:
-            worker.agent = agent
-            started = await asyncio.wait_for(asyncio.shield(hello), AGENT_HELLO_TIMEOUT)
-        if generation != worker.generation:
-            agent.close()  # its exit callback carries a stale generation: ignored
-            return
-        versions.check(self._versions, started.get("versions"),
-                       where=f"instance {member.name}", python=self.access.python)
-        worker.pid, worker.pgid = started.get("pid"), started.get("pgid")
-        worker.last_seen = time.monotonic()
-        worker.free = asyncio.Semaphore(worker.concurrency)
-        worker.state = WorkerState.IDLE
-        if self.join_setup is not None:
-            await self._run_setup(worker)
-            if generation != worker.generation:
-                return  # lost during its setup: the restart or reconnect takes over
-        worker.feeder = self.spawn(self.dispatcher.feed(worker, self._usable), member.tasks)
-
-    async def _run_setup(self, worker: Worker) -> None:
-        """The cluster's join setup (`AzureCluster.on_join`) on a new agent, before any work:
-        e.g. the task runner's warm-up. Its failure is logged; the slot joins anyway."""
-        item = self.dispatcher.new_item(self.join_setup, "the join setup", pinned=True)
-        try:
-            await self.dispatcher.send_to(worker, item)
-            await asyncio.wait_for(asyncio.wrap_future(item.future), SETUP_TIMEOUT)
-        except asyncio.CancelledError:
-            if not item.future.cancelled():
-                raise
-        except (Exception, asyncio.TimeoutError) as exc:
-            logger.warning("worker %d: its join setup failed (it joins anyway): %s",
-                           worker.id, exc)
-
-    def _usable(self, worker: Worker) -> bool:
-        return (not self.closing and worker.state.running
-                and worker.member.state in (MemberState.JOINING, MemberState.JOINED))
 
     async def _join_failed(self, member: Member, reason: str, *, replace: bool = True) -> None:
         tail = await self.boot_tail(member)
@@ -317,109 +251,6 @@ class Lifecycle:
         lines.append("Raise join_timeout if instances boot slowly, or fix the boot failure shown.")
         return "\n".join(lines)
 
-    # -- agents' frames and output ------------------------------------------------------------
-
-    def _on_frame(self, worker: Worker, generation: int, frame: Frame) -> None:
-        if generation != worker.generation:
-            return
-        worker.last_seen = time.monotonic()
-        kind = frame.kind
-        if kind in (Kind.RESULT, Kind.ERROR):
-            self.dispatcher.on_outcome(worker, frame)
-        elif kind == Kind.OUTPUT:
-            message = frame.json()
-            self._emit_output(worker, message["stream"], message["line"])
-        elif kind == Kind.HELLO and worker.hello is not None and not worker.hello.done():
-            worker.hello.set_result(frame.json())
-        elif kind == Kind.PREEMPT:
-            self.spawn(self._drain(worker.member, frame.json()))
-
-    def _on_stderr(self, worker: Worker, line: str) -> None:
-        worker.stderr_tail.append(line)
-        self._emit_output(worker, "stderr", line)
-
-    def _emit_output(self, worker: Worker, stream: str, line: str) -> None:
-        try:
-            self.output(worker.info(), stream, line)
-        except Exception:
-            logger.exception("the output handler failed")
-
-    # -- failures -------------------------------------------------------------------------------
-
-    def _on_agent_exit(self, worker: Worker, generation: int, reason: str) -> None:
-        if generation != worker.generation:
-            return
-        worker.exited.set()
-        if self.closing:
-            worker.state = WorkerState.STOPPED
-            return
-        if worker.state in (WorkerState.LOST, WorkerState.STOPPED):
-            return
-        if worker.hello is not None and not worker.hello.done():
-            tail = "\n".join(worker.stderr_tail) or "(nothing on stderr)"
-            worker.hello.set_exception(BootFailed(
-                f"the agent on instance {worker.member.name} exited before it started: {reason}. "
-                f"Command: {worker.command}\nIts stderr:\n{tail}"))
-            return
-        self._worker_lost(worker, reason)
-        self._schedule_restart(worker)
-
-    def _worker_lost(self, worker: Worker, reason: str, *, count_attempt: bool = True,
-                     then_check: bool = True) -> None:
-        """Mark a slot lost and re-queue (or fail, past the bound) what it was running."""
-        worker.state = WorkerState.LOST
-        worker.generation += 1  # late frames of the dead agent are ignored
-        if worker.feeder is not None and worker.feeder is not asyncio.current_task():
-            worker.feeder.cancel()
-        self.dispatcher.requeue(worker, reason, count_attempt=count_attempt, then_check=then_check)
-
-    def _schedule_restart(self, worker: Worker) -> None:
-        if worker.member.state is MemberState.JOINED:
-            self.spawn(self._restart_slot(worker, worker.generation), worker.member.tasks)
-
-    async def _restart_slot(self, worker: Worker, lost_generation: int) -> None:
-        """Start a new agent in a slot whose agent died, on the same connection if it lives,
-        unless something else (a reconnect) has restarted the slot since it was lost. A slot
-        whose agent keeps dying, or cannot start any more, is given up."""
-        why = "its agent died"
-        while True:
-            worker.restarts += 1
-            if worker.restarts > MAX_AGENT_RESTARTS:
-                await self._give_up_slot(worker, f"{why} ({worker.restarts - 1} restarts in a row)")
-                return
-            await asyncio.sleep(0.2 * worker.restarts)  # a dropped connection is noticed first
-            if (worker.generation != lost_generation
-                    or worker.member.state is not MemberState.JOINED or worker.member.conn is None):
-                return
-            try:
-                await self._start_agent(worker)
-                return
-            except (BootFailed, asyncio.TimeoutError) as exc:
-                # it exited before it started, or never said HELLO: try again, up to the bound
-                why = str(exc) or f"its agent sent no HELLO within {AGENT_HELLO_TIMEOUT:.0f} s"
-                logger.warning("worker %d: agent restart failed (%s)", worker.id, why)
-                worker.generation += 1  # a hung agent's exit, once closed, is ignored
-                if worker.agent is not None:
-                    worker.agent.close()
-                worker.state, lost_generation = WorkerState.LOST, worker.generation
-            except ConfigurationError as exc:  # e.g. VersionMismatch: no restart can fix it
-                await self._give_up_slot(worker, str(exc))
-                return
-            except (asyncssh.Error, OSError) as exc:
-                logger.warning("worker %d: agent restart failed (%s)", worker.id, exc)
-                return  # the connection's loss takes over
-
-    async def _give_up_slot(self, worker: Worker, why: str) -> None:
-        """The slot's agent cannot run here any more; an instance with no slot left is lost
-        (its calls go to other workers or a replacement), never left joined and idle."""
-        worker.state = WorkerState.FAILED
-        logger.error("worker %d: %s; the slot is given up", worker.id, why)
-        self._workers_changed()
-        member = worker.member
-        if all(w.state is WorkerState.FAILED for w in member.workers):
-            await self.lose(member, f"no agent can start on it any more: {why}",
-                            replacement="cannot run agents")
-
     def _connection_lost(self, member: Member, exc: Exception | None) -> None:
         # A joining member's join task sees its own failure.
         if self.closing or member.state is not MemberState.JOINED:
@@ -433,7 +264,7 @@ class Lifecycle:
         member.state = MemberState.JOINING
         for worker in member.workers:
             if worker.state not in (WorkerState.LOST, WorkerState.STOPPED):
-                self._worker_lost(worker, reason)
+                self.slots.lost(worker, reason)
         self._workers_changed()
         member.conn = None
         for attempt in range(5):
@@ -464,7 +295,7 @@ class Lifecycle:
                 return
         for worker in member.workers:
             worker.restarts = 0
-        starts = await asyncio.gather(*(self._start_agent(w) for w in member.workers),
+        starts = await asyncio.gather(*(self.slots.start(w) for w in member.workers),
                                       return_exceptions=True)
         member.state = MemberState.JOINED
         for worker, outcome in zip(member.workers, starts):
@@ -476,7 +307,7 @@ class Lifecycle:
                 logger.warning("worker %d: agent start after the reconnect failed (%s)",
                                worker.id, outcome)
                 worker.state = WorkerState.LOST
-                self._schedule_restart(worker)
+                self.slots.schedule_restart(worker)
         self._announce_joined(member)
 
     async def _drain(self, member: Member, event: dict) -> None:
@@ -499,17 +330,6 @@ class Lifecycle:
         await self.lose(member, f"its spot instance {member.name} is being evicted",
                         replacement="was evicted")
 
-    def check_heartbeats(self) -> None:
-        now = time.monotonic()
-        timeout = self.options.heartbeat_timeout
-        for member in list(self.membership.members.values()):
-            for worker in member.workers:
-                if worker.inflight and now - worker.last_seen > timeout:
-                    worker.last_seen = now
-                    self.spawn(self._kill_agent(worker))
-                    self._worker_lost(worker, f"no message from its agent for {timeout:.0f} s")
-                    self._schedule_restart(worker)
-
     async def lose(self, member: Member, reason: str, *, replacement: str | None = "was lost",
                    before_joining: bool = False) -> None:
         """The one way out for an instance: its slots' calls re-queued, its deletion, a
@@ -520,7 +340,7 @@ class Lifecycle:
             return
         for worker in member.workers:  # the queue is checked once the replacement is asked for
             if worker.state not in (WorkerState.LOST, WorkerState.FAILED, WorkerState.STOPPED):
-                self._worker_lost(worker, reason, then_check=False)
+                self.slots.lost(worker, reason, then_check=False)
         logger.warning("instance %s lost: %s", member.name, reason)
         self.membership.failed(member, reason, before_joining=before_joining)
         await self.remove([member], reason)
@@ -586,7 +406,7 @@ class Lifecycle:
                     task.cancel()
             for worker in member.workers:
                 if worker.inflight:
-                    self._worker_lost(worker, reason)
+                    self.slots.lost(worker, reason)
                 worker.state = WorkerState.STOPPED
             if member.conn is not None:
                 member.conn.close()
@@ -600,26 +420,6 @@ class Lifecycle:
         finally:
             self._workers_changed()
             self.membership.changed.set()
-
-    async def _kill_agent(self, worker: Worker) -> None:
-        conn = worker.member.conn
-        if conn is None or worker.pgid is None:
-            return
-        try:
-            await conn.run(f"kill -KILL -- -{int(worker.pgid)}", timeout=15)
-        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
-            logger.warning("worker %d: could not kill its agent: %s", worker.id, exc)
-
-    async def cancel(self, items: list[WorkItem]) -> None:
-        """Cancel these calls; the agents running some of them are killed and restarted."""
-        for worker in self.dispatcher.cancel(items):
-            if worker.state not in (WorkerState.BUSY, WorkerState.DRAINING):
-                continue
-            worker.generation += 1  # its exit is ours: not a lost worker
-            await self._kill_agent(worker)
-            # other calls the slot ran are re-queued; a cancel is not their loss
-            self._worker_lost(worker, "cancelled", count_attempt=False)
-            self._schedule_restart(worker)
 
     async def scale(self, n: int) -> None:
         plan = self.membership.plan_scale(n)

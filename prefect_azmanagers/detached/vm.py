@@ -18,7 +18,6 @@ the package being installed on every instance), through which `detachat` runs jo
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shlex
@@ -30,7 +29,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 from uuid import UUID
 
 import asyncssh
@@ -53,7 +51,7 @@ from prefect_azmanagers.azure.ownership import KIND_TAG, ownership_tags
 from prefect_azmanagers.blocks import AzureManifest, load_manifest, load_nic_template, load_vm_template
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
 from prefect_azmanagers.cluster.transport import InstanceConnection
-from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
+from prefect_azmanagers.customenv import boot_hooks
 from prefect_azmanagers.detached.readiness import (
     API_ENV_FILE, WORKER_EXIT_LINE, WORKER_LOG, Readiness, wait_until_serving,
 )
@@ -61,6 +59,7 @@ from prefect_azmanagers.detached.runtime import FLOW_NAME, PAYLOAD_DIR, run_deta
 from prefect_azmanagers.detached.signing import (
     VM_KEY_FILE, JobKey, forget_driver_key, save_driver_key,
 )
+from prefect_azmanagers.network import is_loopback
 from prefect_azmanagers.exceptions import (
     AzManagersError, BootFailed, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
 )
@@ -127,16 +126,6 @@ def _detached_vm(info: Any, manifest: AzureManifest, manifest_name: str | None) 
                       manifest=info.tags.get(MANIFEST_TAG) or manifest_name)
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def api_url_for_vms(manifest: AzureManifest) -> str:
     """The Prefect API URL a VM of this manifest uses; PrefectAPIUnreachable if none works.
 
@@ -152,7 +141,7 @@ def api_url_for_vms(manifest: AzureManifest) -> str:
             "No Prefect API is configured (PREFECT_API_URL is unset), so a detached VM's worker "
             "would have nothing to poll. Point PREFECT_API_URL at a Prefect server or Prefect "
             "Cloud, or set prefect_api_url_for_vms in the manifest.")
-    if _is_loopback(driver_url) and not _is_loopback(manifest.arm_endpoint):
+    if is_loopback(driver_url) and not is_loopback(manifest.arm_endpoint):
         raise PrefectAPIUnreachable(
             f"PREFECT_API_URL is {driver_url}, a loopback address of this machine, which Azure "
             "VMs cannot reach: the detached job would never start. Run the Prefect server where "
@@ -426,10 +415,8 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
     _check_driver_api()
     name = name or azure_vm.vm_name(basename)
     admin = vm_template.value["properties"]["osProfile"]["adminUsername"]
-    hooks, python = [], manifest.python
-    if customenv:  # seam owned by customenv: the venv is built before the worker starts
-        hooks.append(customenv_hook(capture_environment(), admin_username=admin, python=python))
-        python = env_python(admin)
+    # seam owned by customenv: the venv is built before the worker starts
+    hooks, python = boot_hooks(customenv, admin_username=admin, python=manifest.python)
     script = boot_script(admin_username=admin, tempdisk=vm_template.tempdisk, hooks=[
         *hooks, worker_hook(admin=admin, python=python, pool=name, api_url=api_url,
                             default_storage_block=result_storage(manifest))])
@@ -443,7 +430,7 @@ def addproc(vm_template: str | Any, nic_template: str | Any | None = None, *,
         key = JobKey.new(vm.name, vm.vm_id)
         save_driver_key(key)
         readiness = Readiness(vm=name, api_url=api_url, url_source=url_source, python=python,
-                              local_cloud=_is_loopback(manifest.arm_endpoint),
+                              local_cloud=is_loopback(manifest.arm_endpoint),
                               timeout=worker_timeout, now=time.monotonic())
         run_coro_as_sync(_prepare(vm, manifest, key, code, readiness))
         return vm

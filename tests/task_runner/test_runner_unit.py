@@ -255,7 +255,7 @@ def test_success_path_makes_no_extra_api_call(cluster, monkeypatch):
     from prefect_azmanagers import task_runner
 
     recorded = []
-    monkeypatch.setattr(task_runner, "_record_state", lambda *args: recorded.append(args))
+    monkeypatch.setattr(task_runner, "record_state", lambda *args: recorded.append(args))
 
     @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
     def fine():
