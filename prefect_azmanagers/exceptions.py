@@ -48,7 +48,15 @@ class AzureError(AzManagersError):
 
 
 class QuotaExceeded(AzureError):
-    """The subscription's quota is too small for the request (the message gives the numbers)."""
+    """The subscription's quota is too small for the request (the message gives the numbers).
+
+    `fits`: how many of the requested instances the quota has room for now (None: not known),
+    so adaptive capacity can grow up to the quota instead of failing."""
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 fits: int | None = None):
+        super().__init__(message, code=code, status=status)
+        self.fits = fits
 
 
 class AllocationFailed(AzureError):

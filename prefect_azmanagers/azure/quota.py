@@ -79,6 +79,16 @@ def shortfalls(sku: Sku, usages: dict[str, Usage], *, regular: int, spot: int) -
     return short
 
 
+def instances_that_fit(sku: Sku, usages: dict[str, Usage], *, regular: int, spot: int) -> int:
+    """The most of `regular` + `spot` instances (kept in that proportion) the quotas allow now."""
+    total = regular + spot
+    for count in range(total, 0, -1):
+        part_regular = math.ceil(regular * count / total)
+        if not shortfalls(sku, usages, regular=part_regular, spot=count - part_regular):
+            return count
+    return 0
+
+
 async def sku_info(clients: Any, location: str, sku_name: str) -> Sku:
     """vCPUs and family of a VM size in a region; SkuNotAvailable if absent or restricted there."""
     key = (location.lower(), sku_name.lower())
@@ -127,7 +137,8 @@ async def ensure_quota(clients: Any, location: str, sku_name: str, *, regular: i
     sku = await sku_info(clients, location, sku_name)
     deadline = time.monotonic() + wait
     while True:
-        short = shortfalls(sku, await usages(clients, location), regular=regular, spot=spot)
+        found = await usages(clients, location)
+        short = shortfalls(sku, found, regular=regular, spot=spot)
         if not short:
             return
         remaining = deadline - time.monotonic()
@@ -141,4 +152,5 @@ async def ensure_quota(clients: Any, location: str, sku_name: str, *, regular: i
         f"Not enough quota in {location} for {regular} regular + {spot} spot {sku_name} "
         f"({sku.vcpus} vCPUs each){waited}: " + "; ".join(map(str, short)) +
         ". Request an increase (Azure portal: Subscriptions > Usage + quotas), ask for fewer "
-        "instances, free capacity, or pass quota_wait to wait for it.", code="QuotaExceeded")
+        "instances, free capacity, or pass quota_wait to wait for it.", code="QuotaExceeded",
+        fits=instances_that_fit(sku, found, regular=regular, spot=spot))

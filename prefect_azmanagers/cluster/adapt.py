@@ -120,7 +120,7 @@ class AdaptivePolicy:
             room = max(adapt.max_instances_per_minute - now.requested_last_minute, 0)
             grow = min(wanted - current, adapt.maximum - current - now.removing, room)
             return Decision(grow=grow, wanted=wanted,
-                            reason=f"{now.queued} calls queued, {now.running} running")
+                            reason=f"{now.queued} tasks queued, {now.running} running")
         idle = [i for i in now.instances if i.joined and not i.inflight
                 and i.idle_for >= adapt.idle_timeout]
         excess = current - max(wanted, adapt.minimum)

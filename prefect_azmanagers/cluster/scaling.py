@@ -1,6 +1,7 @@
 """Adaptive scaling carried out: every `interval`, a Snapshot of the lifecycle's members and
 queue goes to the policy (`adapt.py`, pure) and its Decision is carried out, one grow or one
-removal at a time, with a progress line ("scaling 4 -> 12 instances: 96 calls queued")."""
+removal at a time, with a progress line ("scaling 4 -> 12 instances: 96 tasks queued"). The
+quota caps growth (a grow asks for what fits) instead of failing it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from prefect_azmanagers.cluster.adapt import AdaptivePolicy, InstanceView, Snaps
 from prefect_azmanagers.cluster.members import MemberState
 from prefect_azmanagers.cluster.membership import MAX_FAILURES_IN_A_ROW
 from prefect_azmanagers.cluster.usage import instance_hours
-from prefect_azmanagers.exceptions import AzManagersError
+from prefect_azmanagers.exceptions import AzManagersError, QuotaExceeded
 
 if TYPE_CHECKING:
     from prefect_azmanagers.cluster.lifecycle import Lifecycle
 
 logger = logging.getLogger("prefect_azmanagers.cluster")
+
+QUOTA_RECHECK_SECONDS = 30.0  # after the quota had no room, the next grow waits this long
 
 
 class AdaptiveScaling:
@@ -29,6 +32,8 @@ class AdaptiveScaling:
         self.lifecycle = lifecycle
         self.policy = policy
         self._requests: deque[tuple[float, int]] = deque()  # (when, count) of recent grows
+        self._quota_full_until = 0.0  # no grow before then: the quota had no room
+        self._told_failsafe = False
 
     async def run(self) -> None:
         lifecycle = self.lifecycle
@@ -65,18 +70,16 @@ class AdaptiveScaling:
             logger.warning("not scaling up: %s (the cluster keeps %d instances)",
                            decision.reason, current)
         if decision.grow and membership.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            return  # the runaway failsafe: the queue has been failed (may_grow is False)
+            if not self._told_failsafe:
+                self._told_failsafe = True
+                logger.error("not scaling up any more: %d instances in a row failed to join or "
+                             "were refused (last: %s); queued calls fail once nothing is left",
+                             membership.failures_in_a_row, membership.last_failure)
+            return  # the runaway failsafe: may_grow is False, so the queue fails when hopeless
+        if decision.grow and now < self._quota_full_until:
+            return  # the quota had no room a moment ago: look again later
         if decision.grow:
-            logger.info("scaling %d -> %d instances: %s", current, current + decision.grow,
-                        decision.reason)
-            self._requests.append((now, decision.grow))
-            lifecycle.progress.set_total((current + decision.grow) * ppi)
-            try:
-                await membership.grow(decision.grow)
-            except AzManagersError as exc:
-                membership.provisioning_failed(exc)
-                membership.failures_in_a_row += 1  # the failsafe counts refused grows
-                lifecycle.dispatcher.fail_if_hopeless()
+            await self._grow(decision.grow, current, decision.reason, now)
         elif decision.budget_spent:
             lifecycle.dispatcher.fail_if_hopeless()
         elif decision.remove:
@@ -86,3 +89,32 @@ class AdaptiveScaling:
                             decision.reason)
                 lifecycle.progress.set_total((current - len(chosen)) * ppi)
                 await lifecycle.remove(chosen, "idle: scaled down")
+
+    async def _grow(self, count: int, current: int, reason: str, now: float) -> None:
+        """One grow request; the quota caps it (it grows by what fits, and says so once) rather
+        than failing it. Other refusals count toward the runaway failsafe."""
+        lifecycle, membership = self.lifecycle, self.lifecycle.membership
+        ppi = lifecycle.options.ppi
+        while count:
+            logger.info("scaling %d -> %d instances: %s", current, current + count, reason)
+            self._requests.append((now, count))
+            lifecycle.progress.set_total((current + count) * ppi)
+            try:
+                await membership.grow(count)
+                return
+            except QuotaExceeded as exc:
+                fits = exc.fits or 0
+                if fits < count and (fits or membership.live()):
+                    logger.warning("the quota caps this cluster at %d instances for now: %s",
+                                   current + fits, exc)
+                    count, reason = fits, "as many as the quota allows"
+                    if not fits:
+                        self._quota_full_until = now + QUOTA_RECHECK_SECONDS
+                    continue
+                failure: AzManagersError = exc  # no room and nothing live: the flow must hear it
+            except AzManagersError as exc:
+                failure = exc
+            membership.provisioning_failed(failure)
+            membership.failures_in_a_row += 1  # the failsafe counts refused grows
+            lifecycle.dispatcher.fail_if_hopeless()
+            return

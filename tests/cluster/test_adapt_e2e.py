@@ -70,9 +70,10 @@ def test_a_bursty_workload_grows_to_the_maximum_shrinks_in_the_gap_and_grows_aga
     assert_nothing_left(admin, group, addresses)
 
 
-def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin):
+def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin, caplog):
     """Calls trickle in at about the idle timeout: instances are removed while calls are being
     handed out, and none is lost or re-run."""
+    caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
     group = group_name("race")
     adapt = Adapt(minimum=0, maximum=2, idle_timeout=1, interval=0.2)
     with AzureCluster("localcloud-small", manifest="localcloud", group=group, progress=False,
@@ -84,6 +85,73 @@ def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin):
         assert [f.result(timeout=300) for f in futures] == [(i, k) for i in range(10) for k in range(2)]
         usage = cluster.usage()
     assert usage.requeued == 0
+    scale_downs = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("scaling ") and "idle for" in r.getMessage()]
+    assert scale_downs, "no scale-down raced the dispatch"  # the race did happen
+    assert_nothing_left(admin, group, set())
+
+
+def test_adapt_turns_a_fixed_cluster_adaptive(localcloud, admin, caplog):
+    """`AzureCluster.adapt(...)` on a running fixed cluster: it grows with the work (saying
+    why, counting tasks), then gives idle instances back down to the minimum."""
+    caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
+    group = group_name("adaptcall")
+    with InstanceCounter(admin, group) as counter, AzureCluster(
+            "localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+            join_timeout=300, waitfor=True) as cluster:
+        cluster.adapt(minimum=0, maximum=2, idle_timeout=2, interval=0.5)
+        futures = [cluster.submit(lambda i=i: sleepy(i, 1.0)) for i in range(10)]
+        assert [f.result(timeout=300) for f in futures] == list(range(10))
+        wait_until(lambda: instances_of(admin, group) == [], 120, "the shrink to the minimum")
+    assert counter.peak == 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scaling ")]
+    assert any(line.startswith("scaling 1 -> 2 instances: ") and "tasks queued" in line
+               for line in lines), lines
+    assert_nothing_left(admin, group, set())
+
+
+def test_the_quota_caps_growth_instead_of_failing_it(localcloud, admin, caplog):
+    """Room in the regional quota for two instances, a maximum of four: the cluster grows to
+    two, says the quota caps it, and runs every task there (the failsafe is not tripped)."""
+    caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
+    group = group_name("aquota")
+    before = admin.set_quota("cores", 10_000)
+    used = before["usage"].get("cores", 0)
+    admin.set_quota("cores", used + 2 * 2)  # Standard_D2s_v3: 2 vCPUs each
+    try:
+        with InstanceCounter(admin, group) as counter, AzureCluster(
+                "localcloud-small", manifest="localcloud", group=group, progress=False,
+                join_timeout=300, adapt=Adapt(minimum=0, maximum=4, idle_timeout=60,
+                                              interval=0.5)) as cluster:
+            futures = [cluster.submit(lambda i=i: sleepy(i, 1.0)) for i in range(16)]
+            assert [f.result(timeout=300) for f in futures] == list(range(16))
+    finally:
+        admin.set_quota("cores", before["quotas"].get("cores", 10_000))
+    assert counter.peak == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the quota caps this cluster at 2 instances" in m and "cores: limit" in m
+               for m in messages), messages
+    assert not any("not scaling up any more" in m for m in messages)
+    assert_nothing_left(admin, group, set())
+
+
+def test_max_instance_hours_stops_growth_and_says_so(localcloud, admin, caplog):
+    """Past its instance-hour budget the cluster adds nothing (it says so once) and finishes
+    the work on the instances it has."""
+    caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
+    group = group_name("abudget")
+    adapt = Adapt(minimum=0, maximum=3, idle_timeout=600, interval=0.5,
+                  max_instance_hours=2 / 3600)  # two instance-seconds
+    with InstanceCounter(admin, group) as counter, AzureCluster(
+            "localcloud-small", manifest="localcloud", group=group, progress=False,
+            join_timeout=300, adapt=adapt) as cluster:
+        assert cluster.submit(lambda: sleepy(0, 3.0)).result(timeout=300) == 0  # one instance
+        futures = [cluster.submit(lambda i=i: sleepy(i, 0.5)) for i in range(12)]
+        assert [f.result(timeout=300) for f in futures] == list(range(12))
+        usage = cluster.usage()
+    assert counter.peak == 1 and usage.instances == 1
+    told = [r.getMessage() for r in caplog.records if "not scaling up" in r.getMessage()]
+    assert len(told) == 1 and "max_instance_hours=0.000555556 used" in told[0], told
     assert_nothing_left(admin, group, set())
 
 
