@@ -146,8 +146,6 @@ NIC = {
 NO_PROVIDER_MESSAGE = re.compile(r"No registered resource provider found for location '{location}' and API version "
                                  r"'2099-01-01' for type '{type}'\. The supported api-versions are '.+'\. "
                                  r"The supported locations are '.+'\.")
-# JetBrains/azure-tools-for-intellij issue #16, Azure-Samples/active-directory-dotnetcore-daemon-v2 issue #145
-WRONG_AUDIENCE_CODE = "InvalidAuthenticationTokenAudience"
 # no Authorization header: UNVERIFIED (the earlier source, a Go test helper's ARM mock, is not locatable)
 MISSING_AUTH = {"status": 401, "code": "AuthenticationFailed",
                 "message": "Authentication failed. The 'Authorization' header is missing.",
