@@ -155,6 +155,20 @@ def test_the_replacement_budget_is_spent_and_then_refused():
     assert not ours.take_replacements(1, "lost") and ours.replacements_left == 0
 
 
+def test_replacing_stops_after_three_instances_in_a_row_fail_before_joining_and_a_join_resets_it():
+    ours = membership(FakeScaleSet(), replacements=10)
+    a, b, c = (Member(n, n, n, 0.0) for n in "abc")
+    ours.failed(a, "boot failed", before_joining=True)
+    ours.failed(b, "agent lost", before_joining=False)   # a joined member's loss does not count
+    ours.failed(b, "boot failed", before_joining=True)
+    assert ours.take_replacements(1, "lost")   # two in a row: still replaced
+    ours.failed(c, "boot failed: exit 3", before_joining=True)
+    assert not ours.take_replacements(1, "lost")   # the third in a row: the failsafe
+    assert ours.replacements_left == 9 and ours.last_failure == "instance c: boot failed: exit 3"
+    ours.joined(a)   # an instance joined: not a deterministic failure after all
+    assert ours.take_replacements(1, "lost") and ours.replacements_left == 8
+
+
 def test_scaling_down_removes_joining_members_first_then_the_least_busy():
     ours = membership(FakeScaleSet())
     for name, state in (("busy", MemberState.JOINED), ("idle", MemberState.JOINED),
