@@ -2,11 +2,13 @@
 
 As root, `NonRootUser.create()` adds a throwaway local account (removed by `remove()`, which
 fails if any process of it is left) and runs commands as it with setpriv: uid, gid and groups
-of that account, no capability. The only help it gets: the project's interpreter may live under
-a directory other users cannot enter (here /root/.pyenv, /root being 0700), so each command
-runs in a private mount namespace where that directory is an empty tmpfs with exactly the
+of that account, no capability. The only help it gets: the project's interpreter, its venv and
+the checkout of an editable install may live under directories other users cannot enter (here
+/root/.pyenv, /root being 0700; a checkout in a 0700 `mktemp -d`), so each command runs in a
+private mount namespace where each such directory is an empty tmpfs with exactly the
 interpreter's trees bound back (what an administrator's world-readable install gives a user).
-Not root: the current user runs the commands as they are.
+`as_user` runs any uid that way (the `nobody` of the credential tests). Not root: the current
+user runs the commands as they are.
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+from prefect_azmanagers.localcloud.fsview import PythonTrees
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _interpreter_trees() -> list[Path]:
-    return sorted({Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent.parent})
+    """What another user needs to run `sys.executable` with this package importable: the
+    trees an instance gets too (the venv unresolved, the base interpreter, an editable
+    install's package directory)."""
+    return list(PythonTrees.of_this_interpreter().expose)
 
 
 def _closed_ancestor(path: Path) -> Path | None:
@@ -40,6 +48,43 @@ def _closed_ancestor(path: Path) -> Path | None:
         if parent != Path("/") and not os.stat(parent).st_mode & stat.S_IXOTH:
             return parent
     return None
+
+
+def _view_script(stage: Path) -> str:
+    """Shell lines (run as root in a fresh mount namespace) that make the interpreter reachable:
+    its trees under a closed directory are bound onto `stage`, an empty tmpfs covers each such
+    directory, and the trees are moved back to their own paths."""
+    q = shlex.quote
+    closed_by = {t: c for t in _interpreter_trees() if (c := _closed_ancestor(t)) is not None}
+    trees, closed = list(closed_by), sorted(set(closed_by.values()))
+    lines = ["set -e"]
+    for i, tree in enumerate(trees):
+        lines.append(f"mkdir -p {q(str(stage / str(i)))} && mount --bind {q(str(tree))} {q(str(stage / str(i)))}")
+    for path in closed:
+        lines.append(f"mount -t tmpfs -o mode=755,size=64k azlc-test-view {q(str(path))}")
+    for i, tree in enumerate(trees):
+        lines.append(f"mkdir -p {q(str(tree))} && mount --move {q(str(stage / str(i)))} {q(str(tree))}")
+    return "\n".join(lines)
+
+
+def _in_view(view: str, uid: int, gid: int, command: list[str], *, groups: str) -> list[str]:
+    """argv running `command` as uid/gid (no capability) in a private mount namespace set up by
+    `view`; `groups` is setpriv's --init-groups (an account's groups) or --clear-groups."""
+    script = view + f'\nuid=$0 gid=$1; shift\nexec setpriv --reuid="$uid" --regid="$gid" {groups} -- "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
+            str(uid), str(gid), *command]
+
+
+@contextmanager
+def as_user(uid: int, gid: int) -> Iterator[Callable[[list[str]], list[str]]]:
+    """As root: for the block, a function making the argv that runs a command as uid/gid, with
+    no groups or capability, where this interpreter is reachable wherever it is installed."""
+    stage = Path(tempfile.mkdtemp(prefix="azlc-view-"))   # root's, 0700: only mounts use it
+    try:
+        view = _view_script(stage)
+        yield lambda command: _in_view(view, uid, gid, command, groups="--clear-groups")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 @dataclass
@@ -69,23 +114,8 @@ class NonRootUser:
             os.chown(path, account.pw_uid, account.pw_gid)
         user = cls(name, account.pw_uid, account.pw_gid, base, created=True)
         user._stage = Path(tempfile.mkdtemp(prefix="azlc-view-"))  # root's, 0700: only mounts use it
-        user._view = user._view_script(user._stage)
+        user._view = _view_script(user._stage)
         return user
-
-    @staticmethod
-    def _view_script(stage: Path) -> str:
-        """Shell lines (run as root in a fresh mount namespace) that make the interpreter reachable."""
-        q = shlex.quote
-        trees = _interpreter_trees()
-        closed = sorted({c for t in trees if (c := _closed_ancestor(t)) is not None})
-        lines = ["set -e"]
-        for i, tree in enumerate(trees):
-            lines.append(f"mkdir -p {q(str(stage / str(i)))} && mount --bind {q(str(tree))} {q(str(stage / str(i)))}")
-        for path in closed:
-            lines.append(f"mount -t tmpfs -o mode=755,size=64k azlc-test-view {q(str(path))}")
-        for i, tree in enumerate(trees):
-            lines.append(f"mkdir -p {q(str(tree))} && mount --move {q(str(stage / str(i)))} {q(str(tree))}")
-        return "\n".join(lines)
 
     def env(self) -> dict[str, str]:
         home = str(self.base / "home") if self.created else os.environ.get("HOME", str(self.base))
@@ -97,9 +127,7 @@ class NonRootUser:
         env = ["env", "-i", *(f"{k}={v}" for k, v in {**self.env(), **(env_extra or {})}.items())]
         if not self.created:
             return [*env, *command]
-        script = self._view + '\nuid=$0 gid=$1; shift\nexec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
-                str(self.uid), str(self.gid), *env, *command]
+        return _in_view(self._view, self.uid, self.gid, [*env, *command], groups="--init-groups")
 
     def run(self, command: list[str], timeout: float = 180,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:

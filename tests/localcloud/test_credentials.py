@@ -18,6 +18,7 @@ import pytest
 from arm_harness import AsyncStaticCredential, Cloud, StaticCredential, bearer, nic_body, unique, vm_body
 from azure.core.exceptions import ClientAuthenticationError
 from azure.mgmt.compute import ComputeManagementClient
+from loopback_harness import as_user
 
 from prefect_azmanagers.localcloud import AdminError, LocalCloudAdmin
 
@@ -125,11 +126,12 @@ def test_another_local_user_cannot_create_vms(cloud: Cloud):
     nic_id = (f"/subscriptions/{cloud.info['subscription_id']}/resourceGroups/{cloud.rg}/providers/"
               "Microsoft.Network/networkInterfaces/intruder-nic")
     body = vm_body(cloud, nic_id, unique("intr"))
-    ran = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ATTACK,
-         str(Path(cloud.info["state_dir"]) / "localcloud.json"), cloud.info["arm_endpoint"],
-         cloud.info["subscription_id"], cloud.rg, json.dumps(nic_body(cloud)), json.dumps(body)],
-        capture_output=True, text=True, timeout=120, cwd="/", env={"PATH": os.environ["PATH"], "HOME": "/"})
+    with as_user(65534, 65534) as argv:   # nobody, able to run this interpreter wherever it lives
+        ran = subprocess.run(
+            argv([sys.executable, "-c", ATTACK,
+                  str(Path(cloud.info["state_dir"]) / "localcloud.json"), cloud.info["arm_endpoint"],
+                  cloud.info["subscription_id"], cloud.rg, json.dumps(nic_body(cloud)), json.dumps(body)]),
+            capture_output=True, text=True, timeout=120, cwd="/", env={"PATH": os.environ["PATH"], "HOME": "/"})
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "READ" not in ran.stdout
     assert "REFUSED 401 InvalidAuthenticationToken" in ran.stdout, ran.stdout + ran.stderr[-2000:]
