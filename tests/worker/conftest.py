@@ -39,6 +39,11 @@ FLOWS = textwrap.dedent('''
     def sleeper(seconds: float = 900):
         get_run_logger().info("sleeper started on %s", socket.gethostname())
         time.sleep(seconds)
+
+
+    @flow(persist_result=True)
+    def persisted(n: int = 4):
+        return {"squares": [i * i for i in range(n)], "host": socket.gethostname()}
 ''')
 
 

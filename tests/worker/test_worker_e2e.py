@@ -24,6 +24,22 @@ def _flow_run(deployment_name: str):
         return flow_run
 
 
+def _on_arm(operation):
+    """operation(clients, manifest) with the `localcloud` manifest's ARM clients; its result."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_azmanagers.azure.clients import ArmClients
+    from prefect_azmanagers.blocks import load_manifest
+
+    manifest = load_manifest("localcloud")
+
+    async def call():
+        async with ArmClients(manifest) as clients:
+            return await operation(clients, manifest)
+
+    return run_coro_as_sync(call())
+
+
 def _messages(flow_run_id) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -111,21 +127,15 @@ def test_cancelling_a_running_flow_ends_cancelled_and_deletes_its_vm(vm_pool, vm
 
 def test_a_vm_deleted_under_a_running_flow_makes_it_crashed(vm_pool, vm_worker, localcloud,
                                                             assert_nothing_left):
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
     from prefect_azmanagers.azure import vm as azure_vm
-    from prefect_azmanagers.azure.clients import ArmClients
-    from prefect_azmanagers.blocks import load_manifest
 
     flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper"))
     group, name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
-    manifest = load_manifest("localcloud")
-
-    async def delete() -> None:
-        async with ArmClients(manifest) as clients:
-            await azure_vm.delete_vm(clients, group, name)
-
-    run_coro_as_sync(delete())   # as someone deleting it in the portal
+    vm = _on_arm(lambda clients, _: azure_vm.get_vm(clients, group, name))
+    assert vm.tags["azmanagers-flow-run"] == flow_run_id      # the run's id in the VM's tags
+    assert vm.tags["azmanagers-work-pool"] == vm_pool.pool
+    assert vm.tags["azmanagers-kind"] == "azure-vm"
+    _on_arm(lambda clients, _: azure_vm.delete_vm(clients, group, name))  # as in the portal
     flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
     assert flow_run.state.is_crashed(), flow_run.state
     assert f"VM {name} no longer exists" in flow_run.state.message
@@ -134,24 +144,17 @@ def test_a_vm_deleted_under_a_running_flow_makes_it_crashed(vm_pool, vm_worker, 
 
 def test_a_spot_eviction_mid_run_ends_crashed_with_the_reason(vm_pool, vm_worker, localcloud,
                                                               assert_nothing_left):
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    from prefect_azmanagers.azure.clients import ArmClients
-    from prefect_azmanagers.blocks import load_manifest
     from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 
     flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "spot-sleeper", spot=True))
     group, name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
 
-    async def evict() -> None:
-        async with ArmClients(load_manifest("localcloud")) as clients:
-            await clients.compute.virtual_machines.simulate_eviction(group, name)
-
     with LocalCloudAdmin.from_info(localcloud) as admin:
         notice = admin.status()["settings"]["eviction_notice"]
         admin.settings(eviction_notice=3)
         try:
-            run_coro_as_sync(evict())
+            _on_arm(lambda clients, _: clients.compute.virtual_machines.simulate_eviction(
+                group, name))
             flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
         finally:
             admin.settings(eviction_notice=notice)
@@ -203,7 +206,7 @@ def test_a_pool_concurrency_limit_of_2_bounds_the_vms(vm_pool, vm_worker, localc
             assert most <= 2, vms
             time.sleep(0.5)
         assert all(client.read_flow_run(i).state.is_completed() for i in flow_run_ids)
-    print(f"at most {most} VMs at once for 5 runs with a pool limit of 2")
+    assert most == 2, f"the 5 runs never had 2 VMs at once (at most {most}): the limit was not used"
     assert_nothing_left(vm_pool.pool)
 
 
@@ -251,6 +254,7 @@ def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(localcloud, tm
         assert run.returncode == 0 and flow_run.state.is_completed(), (
             run.stdout + "\n".join(_messages(flow_run.id)))
         vm_name = flow_run.infrastructure_pid.split("/", 1)[1]
+        assert vm_name.startswith(f"{pool}-")  # the run's --job-variable basename
         assert any(m.startswith(f"hello AZURE-VM WORLD from {vm_name}")
                    for m in _messages(flow_run.id))
         assert_nothing_left(pool)
@@ -284,8 +288,11 @@ def test_a_vm_that_fails_to_boot_crashes_the_run_and_leaves_nothing(vm_pool, vm_
 
 def test_cancelling_a_run_whose_engine_has_not_started_deletes_its_vm(vm_pool, vm_worker,
                                                                        assert_nothing_left):
-    """Cancelled once the VM exists but before the engine reports Running: Prefect's worker
-    cancellation (kill_infrastructure) or the follower deletes the VM."""
+    """Cancelled once the VM exists but before the engine reports Running: the follower
+    deletes the VM (the VM's engine ends the run Cancelled, or the worker does after its
+    grace). Prefect 3.9.1's worker-side cancellation (kill_infrastructure) does not act here
+    even with PREFECT_WORKER_ENABLE_CANCELLATION=true: it watches only runs still being
+    submitted, and a run has its infrastructure pid only once submitted."""
     flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper-early"))
     flow_run = _wait_for(flow_run_id, lambda r: r.infrastructure_pid, "the VM", 300)
     assert not flow_run.state.is_running(), "the engine started too soon for this test"
@@ -294,3 +301,97 @@ def test_cancelling_a_run_whose_engine_has_not_started_deletes_its_vm(vm_pool, v
     assert flow_run.state.is_cancelled(), flow_run.state
     assert_nothing_left(vm_pool.pool)
     print(f"cancelled before the engine started: {flow_run.state.message}")
+
+
+def test_a_stopped_guest_crashes_its_run_with_the_reason(vm_pool, vm_worker, localcloud,
+                                                         assert_nothing_left):
+    """The guest dies under a running flow (the local cloud's admin kills the instance; ARM
+    keeps the VM, PowerState/stopped)."""
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper-stopped"))
+    name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)[1]
+    with LocalCloudAdmin.from_info(localcloud) as admin:
+        admin.kill(name)
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert f"VM {name} is stopped" in flow_run.state.message
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_an_engine_that_dies_without_a_final_state_crashes_its_run(vm_pool, vm_worker,
+                                                                   assert_nothing_left):
+    """The engine process on the VM is SIGKILLed (as by the OOM killer): it reports nothing;
+    the worker reads its exit status from the VM and crashes the run."""
+    from prefect_azmanagers.azure import vm as azure_vm
+    from prefect_azmanagers.detached.vm import ssh_connection
+
+    flow_run_id = _run_deployment(vm_pool("flows.py:sleeper", "sleeper-killed"))
+    group, name = _running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
+    # the python process only: the bash loop around it, whose command line also names
+    # `flow-run execute`, reports its status
+    kill = ("for p in $(pgrep -f 'prefect flow-run execute'); do "
+            "[ \"$(cat /proc/$p/comm)\" = bash ] || kill -KILL $p; done")
+
+    async def kill_engine(clients, manifest):
+        vm = await azure_vm.get_vm(clients, group, name)
+        async with ssh_connection(vm, manifest) as connection:
+            return await connection.ssh.run(kill)
+
+    done = _on_arm(kill_engine)
+    assert done.exit_status == 0, done.stderr
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 120)
+    assert flow_run.state.is_crashed(), flow_run.state
+    assert (f"the engine on VM {name} exited with status 137 without reporting a final state"
+            in flow_run.state.message)
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_a_run_that_does_not_start_within_boot_timeout_crashes(vm_pool, vm_worker,
+                                                               assert_nothing_left):
+    """The VM is up but the flow run never starts (the job's command stands in for an engine
+    that hangs before reporting Running): boot_timeout crashes the run and deletes the VM."""
+    flow_run_id = _run_deployment(vm_pool("flows.py:hello", "hello-hangs", command="sleep 900",
+                                          boot_timeout=60))
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the crash", 240)
+    assert flow_run.state.is_crashed(), flow_run.state
+    name = flow_run.infrastructure_pid.split("/", 1)[1]
+    assert (f"the flow run did not start on VM {name} within 60 s (boot_timeout)"
+            in flow_run.state.message)
+    assert_nothing_left(vm_pool.pool)
+
+
+def test_keep_on_failure_keeps_a_failed_runs_vm_then_deletes_it(vm_pool, vm_worker, localcloud,
+                                                                assert_nothing_left):
+    from tests.worker.conftest import leftovers
+
+    flow_run_id = _run_deployment(vm_pool("flows.py:fails", "fails-kept", keep_on_failure=45))
+    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the failure", 300)
+    assert flow_run.state.is_failed(), flow_run.state
+    name = flow_run.infrastructure_pid.split("/", 1)[1]
+    eventually(lambda: any(m.startswith(f"Keeping VM {name} (") for m in _messages(flow_run_id)),
+               "the keep_on_failure message", 30)
+    assert f"ARM VM {name}" in leftovers(localcloud, vm_pool.pool)  # kept, to debug
+    assert_nothing_left(vm_pool.pool, timeout=120)
+
+
+def test_the_runs_result_is_persisted_in_the_manifests_blob_container(vm_pool, vm_worker,
+                                                                      assert_nothing_left):
+    """The localcloud manifest names a blob container (Azurite): the VM's flow run gets it as
+    its default result storage, so the result is read back here from Blob Storage."""
+    from prefect.results import ResultRecordMetadata
+    from prefect_azure import AzureBlobStorageContainer
+
+    run = cli("deployment", "run", vm_pool("flows.py:persisted", "persisted"), "--watch",
+              "--watch-timeout", "400", timeout=500, check=False)
+    flow_run = _flow_run("persisted")
+    assert run.returncode == 0 and flow_run.state.is_completed(), (
+        run.stdout + "\n".join(_messages(flow_run.id)))
+    container = AzureBlobStorageContainer.load("localcloud")
+    record = flow_run.state.data
+    assert isinstance(record, ResultRecordMetadata), record
+    assert record.storage_block_id == container._block_document_id
+    assert record.storage_key in container.list_blobs()
+    vm_name = flow_run.infrastructure_pid.split("/", 1)[1]
+    assert flow_run.state.result() == {"squares": [0, 1, 4, 9], "host": vm_name}
+    assert_nothing_left(vm_pool.pool)
