@@ -60,6 +60,7 @@ from typing_extensions import Self
 
 from prefect_azmanagers import _prefect_compat as compat
 from prefect_azmanagers._log_relay import MembershipLogRelay
+from prefect_azmanagers._recording import RecordingWatch
 from prefect_azmanagers._remote_task import (
     ON_WORKER,
     RemoteTaskRun,
@@ -107,7 +108,12 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             machine's Python environment at flow start; an `EnvironmentSpec` reuses one
             capture), mpi_ranks_per_worker, mpi_flags, env, os_disk_size, image_name,
             image_version, join_timeout, max_task_retries_on_lost_worker,
-            replace_lost_workers, max_replacements, concurrency, heartbeat_timeout, progress.
+            replace_lost_workers, max_replacements, concurrency, heartbeat_timeout, progress,
+            adapt, spot_fallback, max_in_flight (task runs in flight at most; default 256),
+            api_give_up_after (seconds of a failing Prefect API before the flow's task runs
+            fail; the runner probes its API's /health and slows dispatch on 429/503),
+            max_unrecorded (task runs sent and not recorded by the API yet, at most; default
+            512: a server that falls behind is waited for instead of dropping events).
     """
 
     def __init__(
@@ -160,6 +166,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._flow_context = contextvars.Context()
         self._previous_output_handler: Any = None
         self._membership_log: MembershipLogRelay | None = None
+        self._recording: RecordingWatch | None = None
+        self._calls_back = 0  # engine calls that came back (their task runs were reported)
 
     def duplicate(self) -> Self:
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
@@ -256,6 +264,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if self._recorder is not None:
             self._recorder.shutdown(wait=True, cancel_futures=True)
             self._recorder = None
+        if self._recording is not None:
+            self._recording.stop()
+            self._recording = None
         cluster, self._cluster = self._cluster, None
         if cluster is None:
             return
@@ -321,7 +332,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             )
         cluster = AzureCluster(
             self.template, self.n or None, manifest=self.manifest,
-            **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,)),
+            **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,),
+                   prefect_api=self.options.prefect_api or get_current_settings().api.url),
         )
         # Each slot gets ready as it joins, so the first task pays nothing extra (issue 12).
         cluster.on_join(WorkerWarmUp(self._worker_settings()))
@@ -378,6 +390,10 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._flow_settings = compat.current_settings_context()
             if self._membership_log is not None:
                 self._membership_log.attach(self._flow_logger, self._flow_context)
+            if self._flow_run_id is not None and self._cluster.options.max_unrecorded:
+                self._recording = RecordingWatch(
+                    self._cluster, self._flow_run_id, self._flow_settings,
+                    lambda: self._calls_back, self._flow_logger).start()
         upstream = {k: collect_task_run_inputs_sync(v) for k, v in parameters.items()}
         merged = {k: set(v) for k, v in upstream.items()}
         for key, inputs in (dependencies or {}).items():
@@ -427,10 +443,13 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         # On the cluster's event loop thread: keep it quick (API writes go to the recorder).
         with self._lock:
             self._engine_futures.discard(done)
+            self._calls_back += 1
         if done.cancelled():
             self._end_here(run, Cancelled(message="Cancelled with the flow run."))
         elif (exc := done.exception()) is None:
             settle(run.outer, done.result())
+        elif isinstance(exc, PrefectAPIUnreachable):  # nothing can be recorded there
+            settle(run.outer, state_for_error(exc))
         elif isinstance(exc, PayloadError) and not isinstance(exc, RunNotStarted):
             # The call returned, but its State cannot travel back: the worker's engine
             # already reported the task run's final state, which stays as it is.

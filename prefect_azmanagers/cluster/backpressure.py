@@ -11,6 +11,11 @@ the errors workers send back), and calls `check()` to fail the flow when the API
   a link, so many clients converge on what the server absorbs instead of piling on).
 - When nothing but failures has come back for `give_up_after` seconds, `check()` raises
   PrefectAPIUnreachable naming the last answer: the flow fails in bounded time, never hangs.
+- An API can answer quickly yet fall behind: Prefect's default server (SQLite, in-memory
+  messaging) queues the events task runs send and drops them past its queue size, with no 429.
+  So whoever can see how far behind the API is (the task runner counts the task runs it
+  recorded) reports it with `note_unrecorded(n)`: dispatch holds while `max_unrecorded` or
+  more task runs were sent and not recorded yet.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ class Backpressure:
     pause: float = 1.0
     recover_after: int = 8
     give_up_after: float = 300.0
+    max_unrecorded: int | None = None
     clock: Callable[[], float] = time.monotonic
     limit: int = field(init=False)
+    unrecorded: int = field(init=False, default=0)
     _held_until: float = field(init=False, default=float("-inf"))
     _good_streak: int = field(init=False, default=0)
     _failing_since: float | None = field(init=False, default=None)
@@ -50,7 +57,12 @@ class Backpressure:
 
     def may_dispatch(self, in_flight: int) -> bool:
         """True when one more task run may be sent now."""
-        return self.clock() >= self._held_until and in_flight < self.limit
+        return (self.clock() >= self._held_until and in_flight < self.limit
+                and (self.max_unrecorded is None or self.unrecorded < self.max_unrecorded))
+
+    def note_unrecorded(self, count: int) -> None:
+        """How many task runs were sent and are not recorded by the API yet (any thread)."""
+        self.unrecorded = count
 
     def wait_time(self) -> float:
         """Seconds until dispatch may resume after a hold (0 when not held)."""

@@ -40,6 +40,8 @@ from prefect_azmanagers.cluster import mpi, serialization
 from prefect_azmanagers.cluster.adapt import Adapt, AdaptivePolicy
 from prefect_azmanagers.cluster.dispatch import Dispatcher
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
+from prefect_azmanagers.cluster.api_probe import watch_api
+from prefect_azmanagers.cluster.backpressure import Backpressure
 from prefect_azmanagers.cluster.lifecycle import Access, Lifecycle
 from prefect_azmanagers.cluster.members import InstanceInfo, Member, WorkerInfo, WorkerState
 from prefect_azmanagers.cluster.membership import Membership
@@ -113,7 +115,10 @@ class AzureCluster:
         self._dispatcher = Dispatcher(
             max_task_retries_on_lost_worker=self.options.max_task_retries_on_lost_worker,
             hopeless=self._hopeless,
-            spawn=self._spawn)
+            spawn=self._spawn,
+            gate=Backpressure(self.options.prefect_api or "", max_in_flight=self.options.max_in_flight,
+                              give_up_after=self.options.api_give_up_after,
+                              max_unrecorded=self.options.max_unrecorded))
         self._membership: Membership | None = None
         self._lifecycle: Lifecycle | None = None
         self._join_setup: bytes | Payload | None = None
@@ -200,6 +205,16 @@ class AzureCluster:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._dispatcher.enqueue, item)
         return item.future
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent to workers and not answered yet."""
+        return self._dispatcher.in_flight
+
+    def note_unrecorded(self, count: int) -> None:
+        """How many calls that were sent are not recorded yet by the API they report to (the
+        task runner counts its task runs): dispatch holds at `max_unrecorded`. Any thread."""
+        self._dispatcher.gate.note_unrecorded(count)
 
     def cancel(self, future: concurrent.futures.Future) -> None:
         """Cancel a submitted call; if it is running, its agent process is killed (and the
@@ -409,6 +424,8 @@ class AzureCluster:
         if self.n:
             await self._membership.grow(self.n)
         self._spawn(self._lifecycle.watch())
+        if options.prefect_api:
+            self._spawn(watch_api(options.prefect_api, self._dispatcher))
         self._spawn(self._save_usage_every(USAGE_SAVE_SECONDS))
         if options.adapt is not None:
             self._spawn(self._lifecycle.adapt(AdaptivePolicy(options.adapt)))

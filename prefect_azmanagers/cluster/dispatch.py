@@ -1,5 +1,7 @@
 """Dispatch: the work queue, feeding worker slots, turning result frames into outcomes, and the
-re-queue policy for calls whose worker was lost. Futures are settled in one place (`settle`)."""
+re-queue policy for calls whose worker was lost. Futures are settled in one place (`settle`).
+A `Backpressure` gate paces what is sent: at most its cap of calls in flight, none while the
+API the calls report to is held (see api_probe.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Callable, Coroutine
 import asyncssh
 
 from prefect_azmanagers.cluster import serialization
+from prefect_azmanagers.cluster.backpressure import Backpressure
 from prefect_azmanagers.cluster.errors import exception_from_error
 from prefect_azmanagers.cluster.members import Worker, WorkerState
 from prefect_azmanagers.cluster.protocol import Frame, Kind, Payload
@@ -85,13 +88,16 @@ class Dispatcher:
 
     def __init__(self, *, max_task_retries_on_lost_worker: int,
                  hopeless: Callable[[], str | None],
-                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task]):
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task],
+                 gate: Backpressure):
         self.max_task_retries_on_lost_worker = max_task_retries_on_lost_worker
         self.hopeless = hopeless
         self.spawn = spawn
+        self.gate = gate
         self.queue = WorkQueue()
         self.items: dict[concurrent.futures.Future, WorkItem] = {}
         self.requeued = 0  # calls put back after losing their worker
+        self.in_flight = 0  # calls sent to agents and not answered (pinned setups excluded)
         self._ids = itertools.count(1)
 
     def new_item(self, payload: bytes | Payload, label: str, *, pinned: bool = False) -> WorkItem:
@@ -123,12 +129,15 @@ class Dispatcher:
         agent = worker.agent
         while usable(worker):
             await worker.free.acquire()
+            while not self.gate.may_dispatch(self.in_flight):
+                await asyncio.sleep(min(max(self.gate.wait_time(), 0.05), 1.0))
             item = await self.queue.get()
             if not usable(worker) or worker.agent is not agent:
                 self.queue.put(item, front=True)
                 worker.free.release()
                 return
             item.worker = worker
+            self.in_flight += 1
             worker.inflight[item.id] = item
             worker.state = WorkerState.BUSY
             worker.member.last_active = time.monotonic()
@@ -153,6 +162,7 @@ class Dispatcher:
             logger.warning("worker %d answered call %d, which it was not running: ignored",
                            worker.id, frame.task_id)
             return  # the slot's free threads count only calls it runs
+        self.in_flight -= not item.pinned
         if worker.free is not None:
             worker.free.release()
         if not worker.inflight and worker.state == WorkerState.BUSY:
@@ -177,6 +187,7 @@ class Dispatcher:
         then fail the queue if hopeless (`then_check=False`: the caller checks once it has
         requested a replacement)."""
         items, worker.inflight = list(worker.inflight.values()), {}
+        self.in_flight -= sum(not item.pinned for item in items)
         if items:
             logger.warning("%s lost while running %d call(s): %s", worker.where, len(items), reason)
         for item in reversed(items):
@@ -209,6 +220,12 @@ class Dispatcher:
     def cancel_everything(self) -> None:
         for item in list(self.items.values()):
             item.future.cancel()
+
+    def fail_everything(self, exc: BaseException) -> None:
+        """Fail every call, queued or in flight (whose late answers are then ignored)."""
+        self.queue.drain()
+        for item in list(self.items.values()):
+            settle(item.future, exception=exc)
 
 
 def settle(future: concurrent.futures.Future, *, result: Any = None,

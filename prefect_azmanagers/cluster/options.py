@@ -49,6 +49,15 @@ class ClusterOptions(ProvisioningOptions):
             the initial size (default: the minimum).
         spot_fallback, spot_fallback_after: with spot, after this many evictions new
             instances are regular priority (a second scale set, `<group>-regular`).
+        max_in_flight: calls sent to workers and not answered, at most (the task runner's
+            task runs each report to the Prefect API: this bounds the load they put on it).
+        prefect_api: the API the calls report to (the task runner sets its own); its /health
+            is probed every 2 s: 429/503, failures and slow answers slow dispatch down.
+        api_give_up_after: seconds of nothing but failures from `prefect_api` after which
+            every queued and running call fails with PrefectAPIUnreachable.
+        max_unrecorded: task runs sent but not recorded by the Prefect API yet, at most (the
+            task runner counts them; a server that falls behind, e.g. SQLite with in-memory
+            messaging, would otherwise drop their events). None: no such bound.
     """
 
     ppi: int = 1
@@ -70,6 +79,10 @@ class ClusterOptions(ProvisioningOptions):
     adapt: Adapt | None = None
     spot_fallback: bool = False
     spot_fallback_after: int = 3
+    max_in_flight: int = 256
+    prefect_api: str | None = None
+    api_give_up_after: float = 300.0
+    max_unrecorded: int | None = 512
 
     @classmethod
     def from_keywords(cls, options: Mapping[str, Any]) -> ClusterOptions:
@@ -93,7 +106,10 @@ class ClusterOptions(ProvisioningOptions):
         _at_least("max_task_retries_on_lost_worker", self.max_task_retries_on_lost_worker, 0)
         if self.max_replacements is not None:
             _at_least("max_replacements", self.max_replacements, 0)
-        for name in ("join_timeout", "heartbeat_timeout"):
+        _at_least("max_in_flight", self.max_in_flight, 1)
+        if self.max_unrecorded is not None:
+            _at_least("max_unrecorded", self.max_unrecorded, 1)
+        for name in ("join_timeout", "heartbeat_timeout", "api_give_up_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")

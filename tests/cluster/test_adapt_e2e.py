@@ -78,11 +78,13 @@ def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin, caplog):
     adapt = Adapt(minimum=0, maximum=2, idle_timeout=1, interval=0.2)
     with AzureCluster("localcloud-small", manifest="localcloud", group=group, progress=False,
                       join_timeout=300, adapt=adapt) as cluster:
+        warm = [cluster.submit(lambda k=k: sleepy(k, 0.5)) for k in range(4)]
+        assert [f.result(timeout=300) for f in warm] == list(range(4))  # both instances up
         futures = []
-        for i in range(10):
+        for i in range(12):  # idle just past the timeout between rounds: removals race submits
             futures += [cluster.submit(lambda i=i, k=k: (i, k)) for k in range(2)]
-            time.sleep(1.0)
-        assert [f.result(timeout=300) for f in futures] == [(i, k) for i in range(10) for k in range(2)]
+            time.sleep(1.3)
+        assert [f.result(timeout=300) for f in futures] == [(i, k) for i in range(12) for k in range(2)]
         usage = cluster.usage()
     assert usage.requeued == 0
     scale_downs = [r.getMessage() for r in caplog.records

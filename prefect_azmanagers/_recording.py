@@ -1,0 +1,91 @@
+"""How far the Prefect API is behind the task runs a runner sent: the credit that keeps a
+server that falls behind from dropping their events.
+
+Prefect's default server (SQLite, in-memory messaging) answers quickly while it falls behind:
+the events the workers' task engines send queue up in its messaging and are dropped past the
+queue's size ("Subscription queue is full, dropping message"), with no 429 to slow anyone.
+So the runner counts, every `interval` seconds, the flow run's task runs the API holds in a
+final state, and tells the cluster how many it sent that are not recorded yet; the cluster's
+dispatch holds at `max_unrecorded`. A count that stops moving while dispatch is held (an API
+that records nothing, events lost anyway) releases the hold after `stall_after` seconds, with
+a warning: a hold must never hang the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.context import SettingsContext
+
+if TYPE_CHECKING:
+    from prefect_azmanagers.cluster.cluster import AzureCluster
+
+FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+
+
+class RecordingWatch:
+    """Reports the flow run's unrecorded task runs to the cluster, from a thread of its own."""
+
+    def __init__(self, cluster: AzureCluster, flow_run_id: uuid.UUID, settings: Any,
+                 finished: Callable[[], int], logger: Any, *, interval: float = 2.0,
+                 stall_after: float = 60.0):
+        self.cluster, self.flow_run_id, self.settings = cluster, flow_run_id, settings
+        self.finished = finished  # task runs whose call came back (their engines reported)
+        self.logger, self.interval, self.stall_after = logger, interval, stall_after
+        self.recorded = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="azm-recording")
+
+    def start(self) -> RecordingWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 15)
+        self.cluster.note_unrecorded(0)
+
+    def _run(self) -> None:
+        settings = self.settings
+        filters = {  # POST /task_runs/count (the client has no method for it)
+            "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id])).model_dump(
+                mode="json", exclude_unset=True),
+            "task_runs": TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                any_=FINAL))).model_dump(mode="json", exclude_unset=True)}
+        progress_at, stalled = time.monotonic(), False
+        with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
+              else contextlib.nullcontext()), get_client(sync_client=True) as client:
+            while not self._stop.wait(self.interval):
+                try:
+                    answer = client.request("POST", "/task_runs/count", json=filters)
+                    answer.raise_for_status()
+                    recorded = int(answer.json())
+                except Exception as exc:  # noqa: BLE001 - an outage is the API probe's to judge
+                    logging.getLogger(__name__).debug("could not count task runs: %s", exc)
+                    continue
+                now = time.monotonic()
+                if recorded > self.recorded:
+                    self.recorded, progress_at, stalled = recorded, now, False
+                unrecorded = self.finished() + self.cluster.in_flight - recorded
+                if not stalled and now - progress_at > self.stall_after \
+                        and unrecorded >= self.cluster.options.max_unrecorded:
+                    stalled = True
+                    self.logger.warning(
+                        "The Prefect API recorded no task run of this flow for %.0f s with %d "
+                        "unrecorded: dispatch goes on without waiting for it (some task runs "
+                        "may be missing from the UI).", self.stall_after, unrecorded)
+                self.cluster.note_unrecorded(0 if stalled else unrecorded)
