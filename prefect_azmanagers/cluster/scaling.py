@@ -38,7 +38,7 @@ class AdaptiveScaling:
     async def run(self) -> None:
         lifecycle = self.lifecycle
         while lifecycle.policy is self.policy and not lifecycle.closing:
-            await self._decide()
+            await self.step()
             await asyncio.sleep(self.policy.adapt.interval)
 
     def snapshot(self, now: float) -> Snapshot:
@@ -58,7 +58,8 @@ class AdaptiveScaling:
             instance_hours=sum(instance_hours(membership.members.values(), now).values()),
             per_instance=lifecycle.options.ppi * lifecycle.options.concurrency)
 
-    async def _decide(self) -> None:
+    async def step(self) -> None:
+        """One decision of the policy, carried out."""
         lifecycle, membership, policy = self.lifecycle, self.lifecycle.membership, self.policy
         now = time.monotonic()
         snapshot = self.snapshot(now)

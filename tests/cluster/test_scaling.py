@@ -21,6 +21,7 @@ class FakeMembership:
     def __init__(self, room: int | None = None, refuse: Exception | None = None, live: int = 0):
         self.room, self.refuse = room, refuse
         self.grown: list[int] = []
+        self.asked: list[int] = []
         self.members: dict = {}
         self.claims: list = []
         self.failures_in_a_row = 0
@@ -32,6 +33,7 @@ class FakeMembership:
         return self._live
 
     async def grow(self, count: int) -> None:
+        self.asked.append(count)
         if self.refuse is not None:
             raise self.refuse
         if self.room is not None and count > self.room:
@@ -44,37 +46,42 @@ class FakeMembership:
         self.failed_with.append(exc)
 
 
-def scaling(membership: FakeMembership) -> tuple[AdaptiveScaling, SimpleNamespace]:
+def scaling(membership: FakeMembership, queued: int) -> tuple[AdaptiveScaling, SimpleNamespace]:
+    """AdaptiveScaling over fakes, seeing `queued` tasks and the fake's live instances."""
     dispatcher = SimpleNamespace(checks=0)
     dispatcher.fail_if_hopeless = lambda: setattr(dispatcher, "checks", dispatcher.checks + 1)
     lifecycle = SimpleNamespace(
         membership=membership, dispatcher=dispatcher, closing=False,
         options=SimpleNamespace(ppi=1, concurrency=1),
         progress=SimpleNamespace(set_total=lambda total: None))
-    return AdaptiveScaling(lifecycle, AdaptivePolicy(Adapt(maximum=10))), dispatcher
+    adaptive = AdaptiveScaling(lifecycle, AdaptivePolicy(Adapt(maximum=10)))
+    adaptive.snapshot = lambda now: _snapshot(queued, live=len(membership.live()))
+    return adaptive, dispatcher
 
 
 def test_a_grow_past_the_quota_asks_for_what_fits_and_says_so(caplog):
     caplog.set_level(logging.INFO, logger="prefect_azmanagers.cluster")
     membership = FakeMembership(room=2)
-    adaptive, _ = scaling(membership)
-    asyncio.run(adaptive._grow(5, 0, "5 tasks queued, 0 running", 0.0))
-    assert membership.grown == [2] and membership.failures_in_a_row == 0
+    adaptive, _ = scaling(membership, queued=5)
+    asyncio.run(adaptive.step())
+    assert membership.asked == [5, 2] and membership.grown == [2]
+    assert membership.failures_in_a_row == 0
     assert any("the quota caps this cluster at 2 instances" in r.getMessage() for r in caplog.records)
 
 
 def test_a_full_quota_with_instances_live_waits_and_is_no_failure():
     membership = FakeMembership(room=0, live=2)
-    adaptive, _ = scaling(membership)
-    asyncio.run(adaptive._grow(3, 2, "3 tasks queued", 100.0))
-    assert membership.grown == [] and membership.failures_in_a_row == 0
-    assert adaptive._quota_full_until > 100.0  # no grow asked before the quota is read again
+    adaptive, _ = scaling(membership, queued=5)
+    asyncio.run(adaptive.step())
+    asyncio.run(adaptive.step())  # right after: the quota is not asked again yet
+    assert membership.asked == [5] and membership.grown == []  # 5 queued + 2 running on 2
+    assert membership.failures_in_a_row == 0
 
 
 def test_a_full_quota_with_nothing_live_is_a_failure_the_flow_hears():
     membership = FakeMembership(room=0, live=0)
-    adaptive, dispatcher = scaling(membership)
-    asyncio.run(adaptive._grow(3, 0, "3 tasks queued", 0.0))
+    adaptive, dispatcher = scaling(membership, queued=3)
+    asyncio.run(adaptive.step())
     assert membership.failures_in_a_row == 1 and isinstance(membership.failed_with[0], QuotaExceeded)
     assert dispatcher.checks == 1
 
@@ -82,19 +89,21 @@ def test_a_full_quota_with_nothing_live_is_a_failure_the_flow_hears():
 def test_refused_grows_count_toward_the_failsafe_which_then_says_why_once(caplog):
     caplog.set_level(logging.INFO, logger="prefect_azmanagers.cluster")
     membership = FakeMembership(refuse=AllocationFailed("no capacity"))
-    adaptive, _ = scaling(membership)
-    adaptive.snapshot = lambda now: _snapshot(queued=4)
+    adaptive, _ = scaling(membership, queued=4)
     for _ in range(MAX_FAILURES_IN_A_ROW + 3):
-        asyncio.run(adaptive._decide())
-    assert membership.failures_in_a_row == MAX_FAILURES_IN_A_ROW  # no grow once tripped
+        asyncio.run(adaptive.step())
+    assert len(membership.asked) == MAX_FAILURES_IN_A_ROW  # no grow once tripped
+    assert membership.failures_in_a_row == MAX_FAILURES_IN_A_ROW
     told = [r.getMessage() for r in caplog.records if "not scaling up any more" in r.getMessage()]
     assert len(told) == 1 and "boot script failed" in told[0]
 
 
-def _snapshot(queued: int):
-    from prefect_azmanagers.cluster.adapt import Snapshot
+def _snapshot(queued: int, live: int):
+    from prefect_azmanagers.cluster.adapt import InstanceView, Snapshot
 
-    return Snapshot(queued=queued, running=0, instances=[], requested=0, removing=0,
+    busy = [InstanceView(key=str(i), joined=True, inflight=1, idle_for=0.0, spot=False)
+            for i in range(live)]
+    return Snapshot(queued=queued, running=live, instances=busy, requested=0, removing=0,
                     requested_last_minute=0, instance_hours=0.0, per_instance=1)
 
 
