@@ -11,7 +11,9 @@ argument and the event loop is never busy copying one for long.
 
 Trust: every connection (including `read_boot_log`, for diagnostics) checks the host key
 pinned per vmId and reads nothing from ~/.ssh (config, known_hosts, keys) nor the user's SSH
-agent; an instance marked gone is never connected to again. What the driver holds from one
+agent; an instance marked gone is never connected to again, and a reconnect first asks the
+cloud whether the instance still exists (`still_exists`), contacting its address only if so.
+What the driver holds from one
 agent is bounded (MAX_FRAME, MAX_LINE), and `env` values never reach a log (AgentCommand).
 """
 
@@ -21,7 +23,7 @@ import asyncio
 import json
 import shlex
 import weakref
-from typing import Callable, ClassVar, Sequence
+from typing import Awaitable, Callable, ClassVar, Sequence
 
 import asyncssh
 
@@ -280,6 +282,12 @@ class AgentProcess(asyncssh.SSHClientSession[bytes]):
             self._channel.close()
 
 
+class ExistenceUnknown(OSError):
+    """The cloud could not say whether the instance still exists (its listing failed, e.g.
+    the cloud is unreachable or stopped); its address was not contacted. An OSError, so a
+    caller retrying unreachable instances backs off and retries as for one."""
+
+
 class InstanceConnection:
     """The SSH connection to one instance (created with `open`).
 
@@ -287,6 +295,8 @@ class InstanceConnection:
     and the user's SSH agent. Once `mark_gone(vm_id)` says the cloud deleted an instance, its
     connections are closed and `open` refuses it (InstanceGone), so no reconnect, keepalive or
     diagnostic keeps knocking at an address the cloud may already have given to another VM.
+    With `still_exists`, `open` asks the cloud first, so nothing knocks either at an address
+    whose instance the cloud can no longer vouch for (deleted unseen, or the cloud stopped).
     """
 
     _gone: ClassVar[set[str]] = set()  # vmIds are unique: a deleted one never comes back
@@ -327,15 +337,30 @@ class InstanceConnection:
     async def open(cls, address: str, *, port: int, username: str, client_key: asyncssh.SSHKey,
                    vm_id: str, host_keys: PinnedHostKeys,
                    on_lost: Callable[[Exception | None], None] = lambda exc: None,
+                   still_exists: Callable[[], Awaitable[bool | None]] | None = None,
                    connect_timeout: float = 15.0, keepalive_interval: float = 15.0,
                    keepalive_count_max: int = 4) -> "InstanceConnection":
         """Connect to an instance, checking (or, on first contact, pinning) its host key.
 
+        `still_exists`, if given, is asked first (a fresh listing by the cloud): False marks
+        the instance gone, None (the listing failed) raises ExistenceUnknown; either way its
+        address is not contacted. Use it where the instance may have gone since it was last
+        seen, as on a reconnect.
+
         Raises HostKeyMismatch if the instance presents a key other than the pinned one,
-        InstanceGone once `mark_gone(vm_id)` was called, OSError / asyncssh.Error when it
-        cannot be reached or refuses the key.
+        InstanceGone once `mark_gone(vm_id)` was called, ExistenceUnknown, OSError /
+        asyncssh.Error when it cannot be reached or refuses the key.
         """
         cls._refuse_gone(vm_id, address)
+        if still_exists is not None:
+            listed = await still_exists()
+            if listed is None:
+                raise ExistenceUnknown(f"instance {vm_id} ({address}): the cloud could not say "
+                                       "whether it still exists (listing it failed); its address "
+                                       "was not contacted")
+            if not listed:
+                cls.mark_gone(vm_id)
+            cls._refuse_gone(vm_id, address)
         pinned = host_keys.get(vm_id)
         holder: dict[str, _PinningClient] = {}
 

@@ -21,6 +21,7 @@ from prefect_azmanagers.cluster.protocol import Frame, Kind, encode
 from prefect_azmanagers.cluster.serialization import dumps, dumps_payload, loads
 from prefect_azmanagers.cluster.transport import (
     AgentProcess,
+    ExistenceUnknown,
     InstanceConnection,
     agent_command,
     read_boot_log,
@@ -57,10 +58,10 @@ class Collector:
         return next(f for f in self.frames if predicate(f))
 
 
-async def _open(sshd, known_hosts, vm_id="vm-1"):
+async def _open(sshd, known_hosts, vm_id="vm-1", **options):
     return await InstanceConnection.open(
         sshd.address, port=sshd.port, username=sshd.username, client_key=sshd.client_key,
-        vm_id=vm_id, host_keys=PinnedHostKeys(known_hosts))
+        vm_id=vm_id, host_keys=PinnedHostKeys(known_hosts), **options)
 
 
 @contextlib.asynccontextmanager
@@ -139,6 +140,35 @@ async def test_host_key_pinned_per_vm_id_and_mismatch_refused(sshd, tmp_path):
     known_hosts.write_text(known_hosts.read_text() + "vm-b " + other.export_public_key().decode())
     with pytest.raises(HostKeyMismatch, match="vm-b"):
         await _open(sshd, known_hosts, vm_id="vm-b")
+
+
+async def test_the_address_is_contacted_only_once_the_cloud_still_lists_the_instance(
+        sshd, tmp_path, monkeypatch):
+    """A reconnect asks the cloud first: a listing that failed (the cloud stopped) or that no
+    longer shows the instance sends nothing to its address; only a confirmed one connects."""
+    knocks = []
+    real_connect = asyncssh.create_connection
+
+    async def connect(factory, host, *args, **kwargs):
+        knocks.append(host)
+        return await real_connect(factory, host, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "create_connection", connect)
+    known_hosts = tmp_path / "known_hosts"
+
+    async def answer(listed):
+        return listed
+
+    with pytest.raises(ExistenceUnknown, match="listing it failed"):
+        await _open(sshd, known_hosts, vm_id="vm-unknown", still_exists=lambda: answer(None))
+    with pytest.raises(InstanceGone):
+        await _open(sshd, known_hosts, vm_id="vm-deleted", still_exists=lambda: answer(False))
+    with pytest.raises(InstanceGone):   # marked gone: refused without asking again
+        await _open(sshd, known_hosts, vm_id="vm-deleted")
+    assert knocks == []
+    conn = await _open(sshd, known_hosts, vm_id="vm-listed", still_exists=lambda: answer(True))
+    conn.close()
+    assert knocks == [sshd.address]
 
 
 async def test_agent_killed_reports_exit(sshd, tmp_path):

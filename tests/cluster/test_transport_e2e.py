@@ -96,3 +96,46 @@ def test_nothing_connects_to_an_instance_once_the_cloud_deleted_it(localcloud, a
         assert cluster.submit(lambda: "still working").result(timeout=60) == "still working"
     assert [t for host, t in attempts if host == victim.ip and t > marked] == []
     assert_nothing_left(admin, group, addresses)
+
+
+def test_nothing_connects_to_instances_once_the_local_cloud_stopped(localcloud, tmp_path, monkeypatch):
+    """A local cloud of the test's own stops under a running cluster: the instance's SSH
+    connection drops, and the cloud can no longer vouch for the instance. The reconnect asks
+    the cloud first and, with no answer, backs off without a packet to the instance's address
+    (which, once the cloud's routes are gone, would leave the machine), then loses it: the
+    call fails and the cluster closes."""
+    from prefect_azmanagers.cli.localcloud import localcloud_blocks
+    from prefect_azmanagers.exceptions import AzureError, WorkerLost
+    from prefect_azmanagers.localcloud import start, stop
+    from tests.cluster.test_engine_e2e import ssh_connections_to
+
+    state_dir = tmp_path / "cloud"
+    blocks = localcloud_blocks(start(state_dir, blob="off"))
+    stopped: list[float] = []
+    knocks: list[tuple[str, float]] = []   # every SSH connection the driver opens
+    real_connect = asyncssh.create_connection
+
+    async def connect(factory, host, *args, **kwargs):
+        knocks.append((host, time.monotonic()))
+        if stopped:   # refused here, so this test never sends stray traffic itself
+            raise ConnectionRefusedError(f"test: {host} contacted after the local cloud stopped")
+        return await real_connect(factory, host, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "create_connection", connect)
+    try:
+        # closing cannot delete the instance with the cloud gone, and says so
+        with pytest.raises(AzureError, match="Could not reach Azure Resource Manager"), \
+                AzureCluster(blocks["localcloud-small"], 1, manifest=blocks["localcloud"],
+                             group=group_name("stopped"), progress=False, join_timeout=300,
+                             waitfor=True, max_replacements=0) as cluster:
+            addresses = {w.ip for w in cluster.workers}
+            assert cluster.submit(lambda: "up").result(timeout=120) == "up"
+            stopped.append(time.monotonic())
+            assert stop(state_dir)
+            with pytest.raises(WorkerLost) as lost:
+                cluster.submit(lambda: "after").result(timeout=600)
+            print(f"cloud stopped: {lost.value}\nfailed after {time.monotonic() - stopped[0]:.1f} s")
+    finally:
+        stop(state_dir)
+    assert [host for host, t in knocks if host in addresses and t > stopped[0]] == []
+    assert ssh_connections_to(addresses) == []
