@@ -34,19 +34,15 @@ class ProvisioningOptions:
     image_version: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_price, (int, float)) or math.isnan(self.max_price) or (
-                self.max_price != -1 and self.max_price <= 0):
+        if not isinstance(self.spot, bool):
+            raise ConfigurationError(f"spot must be True or False, got {self.spot!r}")
+        if isinstance(self.max_price, bool) or not isinstance(self.max_price, (int, float)) \
+                or not math.isfinite(self.max_price) or (self.max_price != -1 and self.max_price <= 0):
             raise ConfigurationError(
                 f"max_price must be -1 (pay up to the regular price) or a positive price per "
                 f"hour, got {self.max_price!r}")
-        if not 0 <= self.spot_regular_percentage_above_base <= 100:
-            raise ConfigurationError(
-                "spot_regular_percentage_above_base must be within 0..100, got "
-                f"{self.spot_regular_percentage_above_base!r}")
-        if self.spot_base_regular_priority_count < 0:
-            raise ConfigurationError(
-                "spot_base_regular_priority_count must be >= 0, got "
-                f"{self.spot_base_regular_priority_count!r}")
+        _whole("spot_regular_percentage_above_base", self.spot_regular_percentage_above_base, 0, 100)
+        _whole("spot_base_regular_priority_count", self.spot_base_regular_priority_count, 0)
         if (self.spot_base_regular_priority_count or self.spot_regular_percentage_above_base) \
                 and not self.spot:
             raise ConfigurationError(
@@ -55,13 +51,26 @@ class ProvisioningOptions:
                 "spot=True too.")
         if self.max_price != -1 and not self.spot:
             raise ConfigurationError("max_price applies to spot instances only: pass spot=True too.")
-        if self.os_disk_size is not None and not (isinstance(self.os_disk_size, int)
-                                                  and 1 <= self.os_disk_size <= 4095):
+        if self.os_disk_size is not None and (isinstance(self.os_disk_size, bool) or not (
+                isinstance(self.os_disk_size, int) and 1 <= self.os_disk_size <= 4095)):
             raise ConfigurationError(
                 f"os_disk_size must be a size in GB within 1..4095, got {self.os_disk_size!r}")
+        for name in ("image_name", "image_version"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ConfigurationError(f"{name} must be a non-empty string or None, got {value!r}")
 
     @property
     def priority_mix(self) -> bool:
         """Spot mixed with regular instances (a Flexible scale set with priorityMixPolicy)."""
         return self.spot and (self.spot_base_regular_priority_count > 0
                               or self.spot_regular_percentage_above_base > 0)
+
+
+def _whole(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ConfigurationError naming `name` and its range unless `value` is an int (not a bool)
+    within low..high."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high):
+        allowed = f"within {low}..{high}" if high is not None else f">= {low}"
+        raise ConfigurationError(f"{name} must be an integer {allowed}, got {value!r}")
