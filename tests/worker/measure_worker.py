@@ -41,6 +41,10 @@ def _first(logs, what: str, match) -> datetime:
         raise AssertionError(f"no {what} in the run's logs") from None
 
 
+def _since(started: datetime):
+    return lambda moment: round((moment - started).total_seconds(), 2)
+
+
 def test_measure_worker(vm_pool, vm_worker, localcloud):
     from prefect import get_client
 
@@ -59,7 +63,7 @@ def test_measure_worker(vm_pool, vm_worker, localcloud):
         assert flow_run.state.is_completed(), _messages(flow_run_id)
         logs = _logs(flow_run_id)
         completed = flow_run.state.timestamp
-        since = lambda t: round((t - started).total_seconds(), 2)  # noqa: E731
+        since = _since(started)
         rows.append({
             "run": index, "cold": index == 0, "flow_run_id": str(flow_run_id),
             "provisioned": since(_first(logs, "provisioning line",
