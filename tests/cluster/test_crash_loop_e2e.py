@@ -58,7 +58,9 @@ def test_an_instance_whose_agents_cannot_restart_is_lost_and_its_work_runs_elsew
             with pytest.raises(WorkerLost) as lost:
                 future.result(timeout=120)
             assert "a broken environment on this instance" in str(lost.value)
-        assert time.monotonic() - started < 120
+        elapsed = time.monotonic() - started
+        print(f"crash loop on the last instance: {lost.value}\nthe queue failed after {elapsed:.1f} s")
+        assert elapsed < 120
         pids = {victim.pid, healthy.pid}
     assert_nothing_left(admin, group, addresses, pids)
 

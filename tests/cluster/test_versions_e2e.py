@@ -3,6 +3,8 @@ with one error naming both sides and the fix, and nothing is left behind."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from prefect_azmanagers.blocks import load_manifest, load_scaleset_template
@@ -33,9 +35,11 @@ def test_a_worker_with_another_prefect_minor_is_refused(localcloud, admin):
     cluster = AzureCluster(template, 1, manifest=manifest.model_copy(
         update={"python": "/home/azureuser/fakepy/python"}), group=group, progress=False,
         join_timeout=240, waitfor=True, max_replacements=0)
+    started = time.monotonic()
     with pytest.raises((VersionMismatch, JoinTimeout)) as info:
         cluster.start()
     message = str(info.value)
+    print(f"versions: {message}\n{type(info.value).__name__} after {time.monotonic() - started:.1f} s")
     assert "prefect 3.8.0 on the worker, 3.9" in message and "Fix: use customenv=True" in message
     assert "Worker (/home/azureuser/fakepy/python): python " in message
     assert_nothing_left(admin, group, set())
