@@ -87,7 +87,10 @@ def prefect_server(root: Path, api_url: str, database: dict[str, str] | None = N
     env = dict(os.environ, PREFECT_HOME=str(root / "server-home"),
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
                PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_UI_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_UI_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # its outbound HTTP (the collection registry on GitHub) to a dead loopback port
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               NO_PROXY="127.0.0.1,localhost,::1")
     env.update(database or {})
     log = root / "prefect-server.log"
     proc = subprocess.Popen(

@@ -42,7 +42,7 @@ class RecordingWatch:
 
     def __init__(self, cluster: AzureCluster, flow_run_id: uuid.UUID, settings: Any,
                  finished: Callable[[], int], logger: Any, *, interval: float = 2.0,
-                 stall_after: float = 60.0):
+                 stall_after: float = 300.0):
         self.cluster, self.flow_run_id, self.settings = cluster, flow_run_id, settings
         self.finished = finished  # task runs whose call came back (their engines reported)
         self.logger, self.interval, self.stall_after = logger, interval, stall_after
@@ -75,8 +75,9 @@ class RecordingWatch:
                     answer.raise_for_status()
                     recorded = int(answer.json())
                 except Exception as exc:  # noqa: BLE001 - an outage is the API probe's to judge
+                    # too busy to count: the last count stands, so a hold stays held
                     logging.getLogger(__name__).debug("could not count task runs: %s", exc)
-                    continue
+                    recorded = self.recorded
                 now = time.monotonic()
                 if recorded > self.recorded:
                     self.recorded, progress_at, stalled = recorded, now, False

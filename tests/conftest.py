@@ -69,6 +69,11 @@ class PrefectServer:
             PREFECT_SERVER_API_PORT=str(self.port),
             PREFECT_UI_API_URL=self.api_url,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            # The server fetches Prefect's collection registry from GitHub when the UI asks
+            # (work-pool forms): a dead loopback proxy keeps it on this machine, and it falls
+            # back to the copy bundled with Prefect.
+            HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+            NO_PROXY="127.0.0.1,localhost,::1",
         )
         return env
 
@@ -132,6 +137,41 @@ def localcloud(prefect_server):
         yield info
     finally:
         subprocess.run(cli + ["localcloud", "stop", "--state-dir", str(state_dir)], timeout=180)
+
+
+LEFTOVER_GRACE = 60.0  # s for deletions a test started to finish before its leftovers count
+
+
+def _holdings(admin) -> tuple[set[str], set[str], int]:
+    """The local cloud's instances (name/vmId), scale sets (resource group/name) and NIC count."""
+    status = admin.status()
+    return ({f"instance {i['name']} ({i['vm_id']})" for i in status["instances"]},
+            {f"scale set {s['resource_group']}/{s['name']}" for s in status["scale_sets"]},
+            status["nics"])
+
+
+def _added(before: tuple[set[str], set[str], int], after: tuple[set[str], set[str], int]) -> list[str]:
+    added = sorted((after[0] - before[0]) | (after[1] - before[1]))
+    return added + ([f"{after[2] - before[2]} NIC(s)"] if after[2] > before[2] else [])
+
+
+@pytest.fixture(autouse=True)
+def _local_cloud_left_as_found(request):
+    """After each e2e test that used the session's local cloud: it holds no instance, scale
+    set or NIC that was not there before the test. Module-scoped fixtures made theirs before
+    the first snapshot, so they are not counted; deletions a test started get LEFTOVER_GRACE."""
+    if request.node.get_closest_marker("e2e") is None or "localcloud" not in request.fixturenames:
+        yield
+        return
+    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+
+    with LocalCloudAdmin.from_info(request.getfixturevalue("localcloud")) as admin:
+        before = _holdings(admin)
+        yield
+        deadline = time.monotonic() + LEFTOVER_GRACE
+        while (left := _added(before, _holdings(admin))) and time.monotonic() < deadline:
+            time.sleep(2)
+    assert not left, f"the test left these in the local cloud: {left}"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -38,11 +38,13 @@ async def watch_api(api_url: str, dispatcher: Dispatcher, *, interval: float = 2
                 status, retry_after = answer.status_code, _seconds(answer.headers.get("retry-after"))
             except httpx.HTTPError as exc:
                 logger.debug("the Prefect API did not answer its health probe: %s", exc)
-            gate.observe(status, time.monotonic() - started, retry_after, what=f"GET {health}")
+            took = time.monotonic() - started
+            gate.observe(status, took, retry_after, what=f"GET {health}")
             if gate.limit < gate.max_in_flight and not held:
+                answer = ("no answer" if status is None else f"HTTP {status}"
+                          if status >= 400 else f"answered in {took:.1f} s")
                 logger.warning("the Prefect API at %s is overloaded or failing (%s): dispatch "
-                               "slows to %d calls in flight", api_url,
-                               "no answer" if status is None else f"HTTP {status}", gate.limit)
+                               "slows to %d calls in flight", api_url, answer, gate.limit)
             held = gate.limit < gate.max_in_flight
             try:
                 gate.check()

@@ -20,14 +20,10 @@ from typing import Any, Callable
 import cloudpickle
 
 from prefect_azmanagers.cluster.mpi.ranks import (
-    ATTEMPT,
     FAILURE_GRACE_SECONDS,
-    OUTCOME,
-    PEER_FAILED,
-    RUN,
-    SETTLED,
     Backoff,
     RankedCall,
+    Tag,
     finish_tagged_output,
     load_call,
     tag_lines,
@@ -54,7 +50,7 @@ def follow(flush: Callable[[], None]) -> None:
     control = MPI.COMM_WORLD.Dup()
     backoff = Backoff()
     while True:
-        message = _wait_for(control, RUN, backoff, timeout=None)
+        message = _wait_for(control, Tag.RUN, backoff, timeout=None)
         if message is None:
             break
         task_id, payload = message
@@ -63,7 +59,7 @@ def follow(flush: Callable[[], None]) -> None:
             _run_attempt(control, protocol, backoff, task_id, 1, call)
             continue
         # rank 0 announces each attempt it makes, then None when the call is over
-        while (attempt := _wait_for(control, ATTEMPT, backoff, timeout=None)) is not None:
+        while (attempt := _wait_for(control, Tag.ATTEMPT, backoff, timeout=None)) is not None:
             number, announcement = attempt
             _run_attempt(control, protocol, backoff, task_id, number,
                          functools.partial(call.follow, announcement))
@@ -88,14 +84,14 @@ def _run_attempt(control: Any, protocol: int, backoff: Backoff, task_id: int, at
                    "message": str(exc), "traceback": traceback.format_exc()}
     sys.stdout.flush()
     sys.stderr.flush()
-    sent = control.isend(outcome, dest=0, tag=OUTCOME)  # rank 0 may be unable to receive
+    sent = control.isend(outcome, dest=0, tag=Tag.OUTCOME)  # rank 0 may be unable to receive
     backoff.active()
     if outcome is None:
         sent.wait()
         return
-    peers = [control.isend((task_id, attempt), dest=p, tag=PEER_FAILED)
+    peers = [control.isend((task_id, attempt), dest=p, tag=Tag.PEER_FAILED)
              for p in range(1, control.Get_size()) if p != rank]
-    if _wait_for(control, SETTLED, backoff, UNSETTLED_SECONDS) is _TIMED_OUT:
+    if _wait_for(control, Tag.SETTLED, backoff, UNSETTLED_SECONDS) is _TIMED_OUT:
         # one report per attempt: the lowest failed rank sends it, the others only end the job
         report = not _lower_rank_failed(control, rank, (task_id, attempt))
         _report_and_abort(protocol, task_id, report, rank, control.Get_size(), outcome)
@@ -124,9 +120,9 @@ def _lower_rank_failed(control: Any, rank: int, attempt: tuple[int, int]) -> boo
 
     found = False
     status = MPI.Status()
-    while control.Iprobe(source=MPI.ANY_SOURCE, tag=PEER_FAILED, status=status):
+    while control.Iprobe(source=MPI.ANY_SOURCE, tag=Tag.PEER_FAILED, status=status):
         peer = status.Get_source()
-        found |= control.recv(source=peer, tag=PEER_FAILED) == attempt and peer < rank
+        found |= control.recv(source=peer, tag=Tag.PEER_FAILED) == attempt and peer < rank
     return found
 
 

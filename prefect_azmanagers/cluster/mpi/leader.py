@@ -18,13 +18,10 @@ from typing import Any, Callable
 from prefect_azmanagers.cluster.mpi import launched_by_mpi
 from prefect_azmanagers.cluster.mpi.follower import follow
 from prefect_azmanagers.cluster.mpi.ranks import (
-    ATTEMPT,
     FAILURE_GRACE_SECONDS,
-    OUTCOME,
-    RUN,
-    SETTLED,
     Backoff,
     RankedCall,
+    Tag,
     finish_tagged_output,
     load_call,
     tag_lines,
@@ -81,7 +78,7 @@ class Leader:
                 self._start_attempt()
         # Delivered before the call starts: a large payload needs rank 0 to drive MPI progress,
         # which it cannot do while the call's C code holds the GIL.
-        self._send_to_ranks((task_id, payload), RUN)
+        self._send_to_ranks((task_id, payload), Tag.RUN)
         local: dict[str, Any] = {}
 
         def run() -> None:
@@ -99,7 +96,7 @@ class Leader:
         self._serve(local)
         if not self.poisoned:
             if self._per_attempt:  # the ranks stop waiting for attempts of this call
-                self._send_to_ranks(None, ATTEMPT)
+                self._send_to_ranks(None, Tag.ATTEMPT)
             self._busy = False
         if "error" in local:
             raise local["error"]
@@ -120,14 +117,14 @@ class Leader:
                 announcement, self._announcement = self._announcement, _NOTHING
                 attempt = self._attempt
             if announcement is not _NOTHING:
-                self._send_to_ranks((attempt, announcement), ATTEMPT)
+                self._send_to_ranks((attempt, announcement), Tag.ATTEMPT)
                 backoff.active()
                 with self._changed:
                     self._announced = attempt
                     self._changed.notify_all()
-            while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=OUTCOME, status=status):
+            while self.control.Iprobe(source=self._mpi.ANY_SOURCE, tag=Tag.OUTCOME, status=status):
                 source = status.Get_source()
-                outcome = self.control.recv(source=source, tag=OUTCOME)
+                outcome = self.control.recv(source=source, tag=Tag.OUTCOME)
                 with self._changed:
                     self._outcomes[source] = outcome
                     if outcome and self._failed_at is None:
@@ -167,7 +164,7 @@ class Leader:
     def _settle(self) -> None:
         """Tell the ranks that failed the attempt that their failure is handled (see follow):
         rank 0 has left the attempt, so it is not stuck."""
-        self._mpi.Request.waitall([self.control.isend(None, dest=rank, tag=SETTLED)
+        self._mpi.Request.waitall([self.control.isend(None, dest=rank, tag=Tag.SETTLED)
                                    for rank, outcome in self._outcomes.items() if outcome])
         self._settled = True
         self._changed.notify_all()
@@ -240,7 +237,7 @@ class Leader:
         if self.poisoned or self._busy:
             return
         for rank in range(1, self.size):
-            self.control.send(None, dest=rank, tag=RUN)
+            self.control.send(None, dest=rank, tag=Tag.RUN)
         self._mpi.Finalize()
 
 

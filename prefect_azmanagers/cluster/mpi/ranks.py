@@ -8,6 +8,7 @@ Control messages travel on a duplicate of COMM_WORLD, so a task's own messages o
 from __future__ import annotations
 
 import abc
+import enum
 import functools
 import os
 import sys
@@ -17,9 +18,17 @@ from typing import Any, Callable, Protocol
 
 from prefect_azmanagers.cluster.protocol import Payload, load_payload
 
-# Control message tags: rank 0 -> ranks (RUN a call, an attempt's ATTEMPT announcement, a failure
-# SETTLED); ranks -> rank 0 (an attempt's OUTCOME); ranks -> ranks (a PEER_FAILED notice).
-RUN, OUTCOME, SETTLED, PEER_FAILED, ATTEMPT = 1, 2, 3, 4, 5
+
+class Tag(enum.IntEnum):
+    """Control message tags: rank 0 -> ranks (RUN a call, an ATTEMPT's announcement, a failure
+    SETTLED); ranks -> rank 0 (an attempt's OUTCOME); ranks -> ranks (a PEER_FAILED notice)."""
+
+    RUN = 1
+    OUTCOME = 2
+    SETTLED = 3
+    PEER_FAILED = 4
+    ATTEMPT = 5
+
 # After one rank failed, how long the others may take to finish the call before the worker is
 # considered stuck (e.g. in a collective the failed rank never joins) and restarted.
 FAILURE_GRACE_SECONDS = 2.0
