@@ -171,6 +171,9 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
 
     def duplicate(self) -> Self:
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
+        # Not through the constructor: a runner unpickled on a worker (no template, no
+        # cluster: they do not travel) is duplicated by Prefect's engine there too, and the
+        # constructor rightly refuses that configuration from a user.
         twin = object.__new__(type(self))
         twin.__setstate__(self.__getstate__())
         # In-process copies keep what pickling reduces: the cluster and the manifest object

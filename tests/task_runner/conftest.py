@@ -15,9 +15,9 @@ from typing import Any, Callable
 import cloudpickle
 import pytest
 
+from prefect_azmanagers.cluster.options import ClusterOptions
 from prefect_azmanagers.cluster.usage import UsageReport, WorkerGauge
 from prefect_azmanagers.cluster.usage import report as usage_report
-
 from prefect_azmanagers.exceptions import PayloadError, WorkerLost
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 
@@ -38,6 +38,7 @@ class FakeCluster:
                  cancel: int = 0, lost_after: Callable[[Any], None] | None = None):
         self.forward_ports = forward_ports
         self.manifest = None
+        self.options = ClusterOptions(max_unrecorded=None)  # no recording watch: no engine here
         self.output_handler: Callable[[Any, str, str], None] = lambda w, s, line: None
         self.submitted: list[str] = []
         self.cancelled_all = 0

@@ -371,7 +371,10 @@ def test_runner_pickles_without_engine_and_duplicates_its_configuration(cluster)
     (dict(group="has space"), "is not a scale-set name"),
     (dict(os_disk_size=0), "os_disk_size must be a size in GB"),
     (dict(max_replacements=-1), "max_replacements must be an integer >= 0"),
-    (dict(sppot=True), "unknown cluster option(s) sppot; the options are: adapt, concurrency"),
+    (dict(max_in_flight=0), "max_in_flight must be an integer >= 1"),
+    (dict(max_unrecorded=0), "max_unrecorded must be an integer >= 1"),
+    (dict(api_give_up_after=0), "api_give_up_after must be a positive number"),
+    (dict(sppot=True), "unknown cluster option(s) sppot; the options are: adapt, api_give_up_after, concurrency"),
 ])
 def test_bad_options_fail_at_construction_naming_the_option(options, named):
     """Nothing is provisioned first: the runner and the cluster refuse the option when made."""
