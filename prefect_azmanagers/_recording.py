@@ -5,10 +5,11 @@ Prefect's default server (SQLite, in-memory messaging) answers quickly while it 
 the events the workers' task engines send queue up in its messaging and are dropped past the
 queue's size ("Subscription queue is full, dropping message"), with no 429 to slow anyone.
 So the runner counts, every `interval` seconds, the flow run's task runs the API holds in a
-final state, and tells the cluster how many it sent that are not recorded yet; the cluster's
-dispatch holds at `max_unrecorded`. A count that stops moving while dispatch is held (an API
-that records nothing, events lost anyway) releases the hold after `stall_after` seconds, with
-a warning: a hold must never hang the flow.
+final state, and the cluster's dispatch reads `unrecorded()` (calls that came back or are in
+flight, minus that count) before each call it sends, holding at `max_unrecorded`. Read at
+dispatch time, the hold engages at once, however long a count takes on a busy server. A count
+that stops moving while dispatch is held (an API that records nothing, events lost anyway)
+releases the hold after `stall_after` seconds, with a warning: a hold never hangs the flow.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ if TYPE_CHECKING:
     from prefect_azmanagers.cluster.cluster import AzureCluster
 
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+COUNT_TIMEOUT = 30.0  # s for one count; a busier server keeps the last count standing
 
 
 class RecordingWatch:
-    """Reports the flow run's unrecorded task runs to the cluster, from a thread of its own."""
+    """Counts the flow run's recorded task runs from a thread of its own; the cluster paces
+    dispatch by `unrecorded()` while the watch runs."""
 
     def __init__(self, cluster: AzureCluster, flow_run_id: uuid.UUID, settings: Any,
                  finished: Callable[[], int], logger: Any, *, interval: float = 2.0,
@@ -47,17 +50,25 @@ class RecordingWatch:
         self.finished = finished  # task runs whose call came back (their engines reported)
         self.logger, self.interval, self.stall_after = logger, interval, stall_after
         self.recorded = 0
+        self.stalled = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="azm-recording")
 
+    def unrecorded(self) -> int:
+        """Task runs sent and not recorded in a final state yet (0 once recording stalled)."""
+        if self.stalled:
+            return 0
+        return self.finished() + self.cluster.in_flight - self.recorded
+
     def start(self) -> RecordingWatch:
+        self.cluster.pace_by_unrecorded(self.unrecorded)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        self.cluster.pace_by_unrecorded(None)
         self._stop.set()
-        self._thread.join(timeout=self.interval + 15)
-        self.cluster.note_unrecorded(0)
+        self._thread.join(timeout=COUNT_TIMEOUT + 5)
 
     def _run(self) -> None:
         settings = self.settings
@@ -66,9 +77,10 @@ class RecordingWatch:
                 mode="json", exclude_unset=True),
             "task_runs": TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
                 any_=FINAL))).model_dump(mode="json", exclude_unset=True)}
-        progress_at, stalled = time.monotonic(), False
+        progress_at = time.monotonic()
         with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
-              else contextlib.nullcontext()), get_client(sync_client=True) as client:
+              else contextlib.nullcontext()), \
+                get_client(sync_client=True, httpx_settings={"timeout": COUNT_TIMEOUT}) as client:
             while not self._stop.wait(self.interval):
                 try:
                     answer = client.request("POST", "/task_runs/count", json=filters)
@@ -77,16 +89,15 @@ class RecordingWatch:
                 except Exception as exc:  # noqa: BLE001 - an outage is the API probe's to judge
                     # too busy to count: the last count stands, so a hold stays held
                     logging.getLogger(__name__).debug("could not count task runs: %s", exc)
-                    recorded = self.recorded
+                    continue
                 now = time.monotonic()
                 if recorded > self.recorded:
-                    self.recorded, progress_at, stalled = recorded, now, False
-                unrecorded = self.finished() + self.cluster.in_flight - recorded
-                if not stalled and now - progress_at > self.stall_after \
-                        and unrecorded >= self.cluster.options.max_unrecorded:
-                    stalled = True
+                    self.recorded, progress_at, self.stalled = recorded, now, False
+                elif (not self.stalled and now - progress_at > self.stall_after
+                        and self.unrecorded() >= self.cluster.options.max_unrecorded):
+                    self.stalled = True
                     self.logger.warning(
                         "The Prefect API recorded no task run of this flow for %.0f s with %d "
                         "unrecorded: dispatch goes on without waiting for it (some task runs "
-                        "may be missing from the UI).", self.stall_after, unrecorded)
-                self.cluster.note_unrecorded(0 if stalled else unrecorded)
+                        "may be missing from the UI).", self.stall_after,
+                        self.finished() + self.cluster.in_flight - self.recorded)

@@ -14,8 +14,8 @@ the errors workers send back), and calls `check()` to fail the flow when the API
 - An API can answer quickly yet fall behind: Prefect's default server (SQLite, in-memory
   messaging) queues the events task runs send and drops them past its queue size, with no 429.
   So whoever can see how far behind the API is (the task runner counts the task runs it
-  recorded) reports it with `note_unrecorded(n)`: dispatch holds while `max_unrecorded` or
-  more task runs were sent and not recorded yet.
+  recorded) gives the gate a source of that number (`pace_by_unrecorded`), read at each
+  dispatch: it holds while `max_unrecorded` or more task runs were sent and not recorded yet.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Backpressure:
     max_unrecorded: int | None = None
     clock: Callable[[], float] = time.monotonic
     limit: int = field(init=False)
-    unrecorded: int = field(init=False, default=0)
+    _unrecorded: Callable[[], int] | None = field(init=False, default=None)
     _held_until: float = field(init=False, default=float("-inf"))
     _good_streak: int = field(init=False, default=0)
     _failing_since: float | None = field(init=False, default=None)
@@ -58,11 +58,13 @@ class Backpressure:
     def may_dispatch(self, in_flight: int) -> bool:
         """True when one more task run may be sent now."""
         return (self.clock() >= self._held_until and in_flight < self.limit
-                and (self.max_unrecorded is None or self.unrecorded < self.max_unrecorded))
+                and (self.max_unrecorded is None or self._unrecorded is None
+                     or self._unrecorded() < self.max_unrecorded))
 
-    def note_unrecorded(self, count: int) -> None:
-        """How many task runs were sent and are not recorded by the API yet (any thread)."""
-        self.unrecorded = count
+    def pace_by_unrecorded(self, source: Callable[[], int] | None) -> None:
+        """Read, at each dispatch, how many task runs were sent and are not recorded by the
+        API yet (None: stop pacing by it)."""
+        self._unrecorded = source
 
     def wait_time(self) -> float:
         """Seconds until dispatch may resume after a hold (0 when not held)."""

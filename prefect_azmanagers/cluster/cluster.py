@@ -211,10 +211,11 @@ class AzureCluster:
         """Calls sent to workers and not answered yet."""
         return self._dispatcher.in_flight
 
-    def note_unrecorded(self, count: int) -> None:
-        """How many calls that were sent are not recorded yet by the API they report to (the
-        task runner counts its task runs): dispatch holds at `max_unrecorded`. Any thread."""
-        self._dispatcher.gate.note_unrecorded(count)
+    def pace_by_unrecorded(self, source: Callable[[], int] | None) -> None:
+        """Hold dispatch while `source()` (read at each dispatch, on the cluster's loop: keep
+        it cheap) says `max_unrecorded` or more calls that were sent are not recorded yet by
+        the API they report to; the task runner counts its task runs. None stops it."""
+        self._dispatcher.gate.pace_by_unrecorded(source)
 
     def cancel(self, future: concurrent.futures.Future) -> None:
         """Cancel a submitted call; if it is running, its agent process is killed (and the

@@ -16,10 +16,10 @@ class FakeCluster:
     def __init__(self, in_flight: int = 0, max_unrecorded: int = 10):
         self.in_flight = in_flight
         self.options = type("Options", (), {"max_unrecorded": max_unrecorded})()
-        self.reported: list[int] = []
+        self.source = None
 
-    def note_unrecorded(self, count: int) -> None:
-        self.reported.append(count)
+    def pace_by_unrecorded(self, source) -> None:
+        self.source = source
 
 
 @task
@@ -45,11 +45,12 @@ def test_it_reports_sent_minus_recorded_task_runs(prefect_server):
     watch = RecordingWatch(cluster, state.state_details.flow_run_id, SettingsContext.get(),
                            lambda: 5, logging.getLogger("test"), interval=0.2).start()
     try:
+        assert cluster.source() == 5 + 3  # before any count: all sent, none known recorded
         until(lambda: watch.recorded == 5)  # the server records the engine's events shortly
-        until(lambda: cluster.reported and cluster.reported[-1] == 3)  # 5 back + 3 out - 5
+        assert cluster.source() == 3  # 5 back + 3 in flight - 5 recorded
     finally:
         watch.stop()
-    assert cluster.reported[-1] == 0  # stopping releases the cluster
+    assert cluster.source is None  # stopping releases the cluster
 
 
 def test_a_stalled_count_releases_the_hold_and_says_so(prefect_server, caplog):
@@ -57,11 +58,12 @@ def test_a_stalled_count_releases_the_hold_and_says_so(prefect_server, caplog):
     cluster = FakeCluster(max_unrecorded=10)
     logger = logging.getLogger("test-recording")
     watch = RecordingWatch(cluster, state.state_details.flow_run_id, SettingsContext.get(),
-                           lambda: 100, logger, interval=0.2, stall_after=1.0).start()
+                           lambda: 100, logger, interval=0.2, stall_after=3.0).start()
     try:
         until(lambda: watch.recorded == 5)
-        until(lambda: 0 in cluster.reported[1:])  # held at 95, then released
+        held = cluster.source()
+        until(lambda: cluster.source() == 0)  # released once the count stalled
     finally:
         watch.stop()
-    assert 95 in cluster.reported
+    assert held == 95  # 100 back - 5 recorded, read at once (the stall comes 3 s later)
     assert any("recorded no task run of this flow" in r.getMessage() for r in caplog.records)
