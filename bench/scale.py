@@ -2,7 +2,7 @@
 the database grows, does the driver stay small? One process tree, one run:
 
     python -m bench.scale [--tasks 10000] [--only postgres|sqlite] [--runner azure|threadpool]
-                          [--instances 16 --ppi 4]
+                          [--instances 16 --ppi 4] [--max-unrecorded 512]
 
 For each server setup (PostgreSQL + Redis messaging from scripts/services.sh; the default
 SQLite server), a fresh server runs the same flow of N trivial tasks, submitted at once, on
@@ -196,12 +196,13 @@ def _short(row: dict) -> dict:
                                     "server_cpu_s", "join_s", "error") if row.get(k) is not None}
 
 
-def azure(instances: int, ppi: int):
+def azure(instances: int, ppi: int, max_unrecorded: int | None):
     from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
     return lambda: AzureScaleSetTaskRunner("localcloud-small", instances, manifest="localcloud",
                                            ppi=ppi, waitfor=True, join_timeout=900,
-                                           group=f"scale-{instances}x{ppi}")
+                                           group=f"scale-{instances}x{ppi}",
+                                           max_unrecorded=max_unrecorded)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -216,17 +217,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settle", type=float, default=300,
                         help="seconds to wait for the server to record every task run")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per flow at most")
+    parser.add_argument("--max-unrecorded", type=int, default=512,
+                        help="the Azure runner's max_unrecorded; 0: no such bound")
     args = parser.parse_args(argv)
     n, i, p = args.tasks, args.instances, args.ppi
     report: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "cpus": os.cpu_count(), "tasks": n, "setups": {}}
+                    "cpus": os.cpu_count(), "tasks": n, "max_unrecorded": args.max_unrecorded,
+                    "setups": {}}
     print(f"{n} trivial tasks per flow, {os.cpu_count()} CPUs", flush=True)
     try:
         for setup, workers in (("postgres", (i, p)), ("sqlite", (max(i // 2, 1), p))):
             if args.only and setup != args.only:
                 continue
             runners = {"ThreadPoolTaskRunner(8)": lambda: ThreadPoolTaskRunner(8),
-                       f"AzureScaleSetTaskRunner {workers[0]}x{workers[1]}": azure(*workers)}
+                       f"AzureScaleSetTaskRunner {workers[0]}x{workers[1]}":
+                           azure(*workers, args.max_unrecorded or None)}
             if args.runner:
                 runners = {k: v for k, v in runners.items()
                            if k.startswith({"azure": "Azure", "threadpool": "ThreadPool"}[args.runner])}
