@@ -189,6 +189,7 @@ class Lifecycle:
                     member.address, port=self.access.manifest.ssh_port,
                     username=self.access.admin, client_key=self.access.client_key,
                     vm_id=member.vm_id, host_keys=self.access.host_keys,
+                    still_exists=None if retry else partial(self._still_listed, member),
                     on_lost=partial(self._connection_lost, member))
             except (HostKeyMismatch, InstanceGone):
                 raise
@@ -197,6 +198,17 @@ class Lifecycle:
                     raise
                 logger.debug("instance %s not reachable yet: %s", member.name, exc)
                 await asyncio.sleep(1.0)
+
+    async def _still_listed(self, member: Member) -> bool | None:
+        """Does a fresh listing still show the instance? None: listing failed, or raised a
+        grow's failure (asked before a reconnect: nothing knocks at an address the cloud cannot
+        vouch for)."""
+        reconciliation = await self.membership.refresh()
+        if reconciliation is not None:
+            self.carry_out(reconciliation)
+        if reconciliation is None or reconciliation.failure is not None:
+            return None
+        return member not in reconciliation.vanished
 
     async def _join_failed(self, member: Member, reason: str, *, replace: bool = True) -> None:
         tail = await self.boot_tail(member)
