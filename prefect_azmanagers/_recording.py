@@ -10,6 +10,7 @@ flight, minus that count) before each call it sends, holding at `max_unrecorded`
 dispatch time, the hold engages at once, however long a count takes on a busy server. A count
 that stops moving while dispatch is held (an API that records nothing, events lost anyway)
 releases the hold after `stall_after` seconds, with a warning: a hold never hangs the flow.
+At the flow's end `settle()` keeps the workers up while the API is still recording.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ class RecordingWatch:
         self.cluster.pace_by_unrecorded(self.unrecorded)
         self._thread.start()
         return self
+
+    def settle(self, *, patience: float = 60.0) -> None:
+        """At the flow's end, before the workers go: wait while the API is still recording
+        this flow's task runs (the count moved within `patience` s); a flow whose last events
+        are in flight would otherwise lose them with its instances. Says what is missing."""
+        progress_at, last = time.monotonic(), self.recorded
+        while (missing := self.finished() - self.recorded) > 0:
+            if self.recorded > last:
+                progress_at, last = time.monotonic(), self.recorded
+            elif time.monotonic() - progress_at > patience or not self._thread.is_alive():
+                self.logger.warning(
+                    "%d task runs of this flow are not recorded by the Prefect API %.0f s after "
+                    "the flow's last one ended; they may be missing from the UI.",
+                    missing, patience)
+                return
+            time.sleep(min(self.interval, 1.0))
 
     def stop(self) -> None:
         self.cluster.pace_by_unrecorded(None)

@@ -268,6 +268,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._recorder.shutdown(wait=True, cancel_futures=True)
             self._recorder = None
         if self._recording is not None:
+            if not cancel:  # the workers stay up while the API records their last task runs
+                self._recording.settle()
             self._recording.stop()
             self._recording = None
         cluster, self._cluster = self._cluster, None

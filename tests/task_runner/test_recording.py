@@ -67,3 +67,20 @@ def test_a_stalled_count_releases_the_hold_and_says_so(prefect_server, caplog):
         watch.stop()
     assert held == 95  # 100 back - 5 recorded, read at once (the stall comes 3 s later)
     assert any("recorded no task run of this flow" in r.getMessage() for r in caplog.records)
+
+
+def test_settle_returns_once_recorded_and_says_what_is_missing_when_recording_stops(
+        prefect_server, caplog):
+    state = five(return_state=True)
+    logger = logging.getLogger("test-recording-settle")
+    for finished, missing in ((5, None), (7, 2)):
+        watch = RecordingWatch(FakeCluster(), state.state_details.flow_run_id,
+                               SettingsContext.get(), lambda: finished, logger,
+                               interval=0.2).start()
+        try:
+            watch.settle(patience=2.0)
+            assert watch.recorded == 5
+        finally:
+            watch.stop()
+        told = [r.getMessage() for r in caplog.records if "are not recorded" in r.getMessage()]
+        assert (told[-1].startswith(f"{missing} task runs") if missing else not told), told
