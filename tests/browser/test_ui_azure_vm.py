@@ -105,15 +105,15 @@ def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(prefect_se
                                                                       vm_worker, page):
     from playwright.sync_api import expect
 
-    from tests.worker.test_worker_e2e import _messages, _run_deployment, _wait_for
+    from tests.worker.runs import messages_of, run_deployment, wait_for_run
 
     _answer_worker_view(page, _worker_view(with_azure_vm=False))
-    flow_run_id = _run_deployment(vm_pool("flows.py:hello", "hello-ui",
+    flow_run_id = run_deployment(vm_pool("flows.py:hello", "hello-ui",
                                           parameters={"name": "the UI"}))
-    flow_run = _wait_for(flow_run_id, lambda r: r.state.is_final(), "the run's end", 400)
-    assert flow_run.state.is_completed(), "\n".join(_messages(flow_run_id))
+    flow_run = wait_for_run(flow_run_id, lambda r: r.state.is_final(), "the run's end", 400)
+    assert flow_run.state.is_completed(), "\n".join(messages_of(flow_run_id))
     vm_name = flow_run.infrastructure_pid.split("/", 1)[1]
-    boot = next(m for m in _messages(flow_run_id) if m.startswith(f"[{vm_name} boot] "))
+    boot = next(m for m in messages_of(flow_run_id) if m.startswith(f"[{vm_name} boot] "))
 
     page.goto(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}")
     expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)

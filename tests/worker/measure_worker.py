@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from bench.services import write_results
 from tests.worker.conftest import leftovers
-from tests.worker.test_worker_e2e import _messages, _run_deployment
+from tests.worker.runs import messages_of, run_deployment
 
 RUNS = 4
 COLUMNS = ["provisioned", "engine_first_line", "flow_first_line", "completed", "vm_deleted"]
@@ -53,14 +53,14 @@ def test_measure_worker(vm_pool, vm_worker, localcloud):
     rows = []
     for index in range(RUNS):
         started = datetime.now(timezone.utc)
-        flow_run_id = _run_deployment(deployment)
+        flow_run_id = run_deployment(deployment)
         with get_client(sync_client=True) as client:
             while not (flow_run := client.read_flow_run(flow_run_id)).state.is_final():
                 time.sleep(0.2)
         while [x for x in leftovers(localcloud, vm_pool.pool) if x.startswith("ARM VM")]:
             time.sleep(0.2)
         gone = datetime.now(timezone.utc)
-        assert flow_run.state.is_completed(), _messages(flow_run_id)
+        assert flow_run.state.is_completed(), messages_of(flow_run_id)
         logs = _logs(flow_run_id)
         completed = flow_run.state.timestamp
         since = _since(started)

@@ -20,7 +20,10 @@ from prefect.states import Completed, Running
 
 from prefect_azmanagers.azure import vm as azure_vm
 from prefect_azmanagers.exceptions import (
-    AzManagersError, ConfigurationError, PrefectAPIUnreachable, ResourceMissing,
+    AzManagersError,
+    ConfigurationError,
+    PrefectAPIUnreachable,
+    ResourceMissing,
 )
 from prefect_azmanagers.workers import vmrun
 from prefect_azmanagers.workers.azure_vm import AzureVMJobConfiguration
