@@ -50,7 +50,7 @@ from prefect_azmanagers.azure.clients import ArmClients
 from prefect_azmanagers.azure.ownership import KIND_TAG, ownership_tags
 from prefect_azmanagers.blocks import AzureManifest, aload_manifest, aload_nic_template, aload_vm_template
 from prefect_azmanagers.cluster.known_hosts import PinnedHostKeys
-from prefect_azmanagers.customenv import capture_environment, customenv_hook, env_python
+from prefect_azmanagers.customenv import boot_hooks
 from prefect_azmanagers.detached.vm import ADMIN_TAG, MANIFEST_TAG, api_url_for_vms, ssh_connection
 from prefect_azmanagers.exceptions import (
     AzManagersError, ConfigurationError, ManifestNotFound, PrefectAPIUnreachable, ResourceMissing,
@@ -346,10 +346,7 @@ async def run_flow_run(worker: AzureVMWorker, flow_run: FlowRun, config: AzureVM
                          default_storage_block=await anyio.to_thread.run_sync(result_storage,
                                                                               manifest))
     env_file = "".join(f"{line}\n" for line in _env_lines(env)).encode()  # bad names fail here
-    hooks, python = [], manifest.python
-    if config.customenv:
-        hooks.append(customenv_hook(capture_environment(), admin_username=admin, python=python))
-        python = env_python(admin)
+    hooks, python = boot_hooks(config.customenv, admin_username=admin, python=manifest.python)
     hooks.append(engine_hook(admin=admin, engine=engine_command(python, flow_run.id, config.command),
                              flow_run_id=flow_run.id, wait_seconds=config.boot_timeout))
     custom_data = encode_custom_data(boot_script(admin_username=admin,

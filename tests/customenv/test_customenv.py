@@ -23,6 +23,7 @@ from prefect_azmanagers.customenv import (
     LocalPackageError,
     LocalWheel,
     LockFileError,
+    boot_hooks,
     capture_environment,
     customenv_hook,
     env_python,
@@ -216,3 +217,11 @@ def test_hook_failure_writes_the_pip_tail_to_boot_status(tmp_path):
     assert "(customenv: pip install failed:" in status
     assert "azm-no-such-package" in status
     assert "No matching distribution" in proc.stdout  # pip's full output is in the boot log
+
+
+def test_boot_hooks_are_the_one_place_cluster_detached_vms_and_the_worker_get_customenv():
+    assert boot_hooks(False, admin_username="cvx", python="python3") == ([], "python3")
+    spec = EnvironmentSpec("test", ("a==1",))
+    hooks, python = boot_hooks(spec, admin_username="cvx", python="/usr/bin/python3")
+    assert hooks == [customenv_hook(spec, admin_username="cvx", python="/usr/bin/python3")]
+    assert python == env_python("cvx")
