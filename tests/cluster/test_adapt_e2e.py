@@ -101,8 +101,8 @@ def test_adapt_turns_a_fixed_cluster_adaptive(localcloud, admin, caplog):
     with InstanceCounter(admin, group) as counter, AzureCluster(
             "localcloud-small", 1, manifest="localcloud", group=group, progress=False,
             join_timeout=300, waitfor=True) as cluster:
-        cluster.adapt(minimum=0, maximum=2, idle_timeout=2, interval=0.5)
         futures = [cluster.submit(lambda i=i: sleepy(i, 1.0)) for i in range(10)]
+        cluster.adapt(minimum=0, maximum=2, idle_timeout=2, interval=0.5)  # with work queued
         assert [f.result(timeout=300) for f in futures] == list(range(10))
         wait_until(lambda: instances_of(admin, group) == [], 120, "the shrink to the minimum")
     assert counter.peak == 2
