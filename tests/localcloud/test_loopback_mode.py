@@ -183,7 +183,10 @@ def test_the_prefect_api_reaches_instances_through_the_blocks_first_address(lb: 
     _create_vm(lb, name)
     try:
         ip = lb.network.network_interfaces.get(lb.rg, f"{name}-nic").ip_configurations[0].private_ip_address
-        assert lb.ssh(ip, f"curl -s {url}/health").stdout == "driver-loopback-ok"
+        # the forwarder may still be settling on a loaded machine: curl retries a refusal
+        answer = lb.ssh(ip, f"curl -s --retry 5 --retry-connrefused --retry-delay 1 --max-time 20 "
+                            f"{url}/health")
+        assert answer.stdout == "driver-loopback-ok", answer
     finally:
         lb.compute.virtual_machines.begin_delete(lb.rg, name).result()
         lb.network.network_interfaces.begin_delete(lb.rg, f"{name}-nic").result()
