@@ -111,10 +111,9 @@ class RecordingWatch:
                 if recorded > self.recorded:
                     self.recorded, progress_at, self.stalled = recorded, now, False
                 elif (not self.stalled and now - progress_at > self.stall_after
-                        and self.unrecorded() >= self.cluster.options.max_unrecorded):
+                        and (backlog := self.unrecorded()) >= self.cluster.options.max_unrecorded):
                     self.stalled = True
                     self.logger.warning(
                         "The Prefect API recorded no task run of this flow for %.0f s with %d "
                         "unrecorded: dispatch goes on without waiting for it (some task runs "
-                        "may be missing from the UI).", self.stall_after,
-                        self.finished() + self.cluster.in_flight - self.recorded)
+                        "may be missing from the UI).", self.stall_after, backlog)
