@@ -41,10 +41,10 @@ async def watch_api(api_url: str, dispatcher: Dispatcher, *, interval: float = 2
             took = time.monotonic() - started
             gate.observe(status, took, retry_after, what=f"GET {health}")
             if gate.limit < gate.max_in_flight and not held:
-                answer = ("no answer" if status is None else f"HTTP {status}"
-                          if status >= 400 else f"answered in {took:.1f} s")
+                why = ("no answer" if status is None else f"HTTP {status}"
+                       if status >= 400 else f"answered in {took:.1f} s")
                 logger.warning("the Prefect API at %s is overloaded or failing (%s): dispatch "
-                               "slows to %d calls in flight", api_url, answer, gate.limit)
+                               "slows to %d calls in flight", api_url, why, gate.limit)
             held = gate.limit < gate.max_in_flight
             try:
                 gate.check()
