@@ -221,8 +221,11 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._membership_log = MembershipLogRelay.install()  # before waitfor's joins
             forward_port = self._plan_api_access()
             self._cluster = self._given_cluster or self._create_cluster(forward_port)
-            if self._given_cluster is not None and forward_port is not None:
-                _require_forwarded(self._given_cluster, forward_port)
+            if self._given_cluster is not None:
+                if forward_port is not None:
+                    _require_forwarded(self._given_cluster, forward_port)
+                # Its slots get ready for this runner's settings before its first task.
+                self._given_cluster.on_join(WorkerWarmUp(self._worker_settings()))
             self._previous_output_handler = self._cluster.output_handler
             self._cluster.output_handler = self._log_worker_output
             self._resolver = concurrent.futures.ThreadPoolExecutor(

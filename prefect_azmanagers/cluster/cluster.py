@@ -149,10 +149,19 @@ class AzureCluster:
 
     def on_join(self, setup: Callable[[], Any]) -> None:
         """Run `setup()` on every worker slot as it joins (and after each agent restart),
-        before it takes work: e.g. a warm-up, so the first call pays nothing extra."""
-        if self._started:
-            raise AzManagersError("on_join() must be called before start()")
-        self._join_setup = serialization.dumps_payload(setup, what="the join setup")
+        before it takes work: e.g. a warm-up, so the first call pays nothing extra.
+
+        On a started cluster it replaces the setup and runs at once, ahead of their next
+        call, on the slots already up (not waited for); the setup in place again is a no-op.
+        """
+        if self._closed:
+            raise AzManagersError("this cluster was closed; create a new AzureCluster")
+        payload = serialization.dumps_payload(setup, what="the join setup")
+        if payload == self._join_setup:
+            return
+        self._join_setup = payload
+        if self._lifecycle is not None:
+            self._call(self._lifecycle.replace_join_setup(payload))
 
     def start(self) -> AzureCluster:
         """Begin provisioning (returns at once; with `waitfor`, blocks until all workers joined).

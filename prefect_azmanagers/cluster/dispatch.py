@@ -38,7 +38,9 @@ class WorkItem:
     label: str
     lost_attempts: int = 0
     worker: Worker | None = None
-    pinned: bool = False  # for one slot only (its setup): cancelled, never re-queued, if lost
+    # For one slot only (its setup): takes none of the slot's free threads (the agent runs
+    # calls in order, so it goes ahead of the next one), and is cancelled, not re-queued, if lost.
+    pinned: bool = False
 
 
 class WorkQueue:
@@ -147,9 +149,8 @@ class Dispatcher:
                 return  # the channel closed: the exit callback re-queues the item
 
     async def send_to(self, worker: Worker, item: WorkItem) -> None:
-        """Run a pinned item on this slot, ahead of the queue (its feeder is not started)."""
-        assert worker.free is not None and worker.agent is not None
-        await worker.free.acquire()
+        """Run a pinned item on this slot: its agent queues it before the calls sent after it."""
+        assert worker.agent is not None
         item.worker = worker
         worker.inflight[item.id] = item
         worker.state = WorkerState.BUSY
@@ -163,7 +164,7 @@ class Dispatcher:
                            worker.id, frame.task_id)
             return  # the slot's free threads count only calls it runs
         self.in_flight -= not item.pinned
-        if worker.free is not None:
+        if worker.free is not None and not item.pinned:
             worker.free.release()
         if not worker.inflight and worker.state == WorkerState.BUSY:
             worker.state = WorkerState.IDLE

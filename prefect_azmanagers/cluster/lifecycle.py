@@ -95,6 +95,14 @@ class Lifecycle:
         self._worker_ids = itertools.count(1)
         self._removals: set[asyncio.Task] = set()
 
+    async def replace_join_setup(self, setup: bytes | Payload) -> None:
+        """Agents that start from now run `setup`; the running ones run it next."""
+        self.slots.join_setup = setup
+        for member in self.membership.members.values():
+            for worker in member.workers:
+                if self.slots.usable(worker):
+                    self.spawn(self.slots.run_setup(worker), member.tasks)
+
     # -- watching the scale set -------------------------------------------------------------
 
     async def watch(self) -> None:

@@ -98,14 +98,15 @@ class Slots:
         worker.free = asyncio.Semaphore(worker.concurrency)
         worker.state = WorkerState.IDLE
         if self.join_setup is not None:
-            await self._run_setup(worker)
+            await self.run_setup(worker)
             if generation != worker.generation:
                 return  # lost during its setup: the restart or reconnect takes over
         worker.feeder = self.spawn(self.dispatcher.feed(worker, self.usable), member.tasks)
 
-    async def _run_setup(self, worker: Worker) -> None:
-        """The cluster's join setup (`AzureCluster.on_join`) on a new agent, before any work:
-        e.g. the task runner's warm-up. Its failure is logged; the slot joins anyway."""
+    async def run_setup(self, worker: Worker) -> None:
+        """The cluster's join setup (`AzureCluster.on_join`) on this slot's agent, ahead of
+        its next call: e.g. the task runner's warm-up. Its failure is logged; the slot works
+        on anyway."""
         item = self.dispatcher.new_item(self.join_setup, "the join setup", pinned=True)
         try:
             await self.dispatcher.send_to(worker, item)

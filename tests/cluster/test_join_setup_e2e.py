@@ -1,5 +1,6 @@
 """AzureCluster.on_join: a setup call runs on every slot as it joins and after an agent
-restart, before the slot takes any work (the task runner's warm-up rides on it)."""
+restart, before the slot takes any work, and on the slots already up when it is given to a
+running cluster (the task runner's warm-up rides on it)."""
 
 from __future__ import annotations
 
@@ -43,4 +44,8 @@ def test_every_slot_runs_the_join_setup_before_work_also_after_a_restart(localcl
                    120, "the slot restarted")
         assert all(cluster.submit(lambda: was_set_up(tag)).result(timeout=60) for _ in range(8))
         assert sum(w.tasks_run for w in cluster.workers) == 16  # setups are not tasks
+        # A new setup on the running cluster reaches the slots already up before their next call.
+        later = uuid.uuid4().hex[:8]
+        cluster.on_join(lambda: mark_ready(later))
+        assert all(cluster.submit(lambda: was_set_up(later)).result(timeout=60) for _ in range(8))
     assert_nothing_left(admin, group, addresses)
