@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 from prefect import flow, task
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from prefect_azmanagers.blocks import AzureManifest, load_manifest
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
@@ -86,8 +86,11 @@ def test_an_api_that_stays_down_fails_the_flow_in_bounded_time_with_a_clear_erro
         direct_manifest, prefect_server, caplog):
     caplog.set_level("ERROR", logger="prefect_azmanagers.cluster")
     outage: dict[str, float] = {}
+    # Prefect's client retries each of the flow's final writes (its state, the usage
+    # artifact) 5 times with backoff against the dead API: its own time, not the runner's.
     with FailingApiProxy(prefect_server.api_url) as proxy, \
-            temporary_settings(updates={PREFECT_API_URL: proxy.api_url}):
+            temporary_settings(updates={PREFECT_API_URL: proxy.api_url,
+                                        PREFECT_CLIENT_MAX_RETRIES: 1}):
 
         @flow(task_runner=AzureScaleSetTaskRunner(
             "localcloud-small", 1, manifest=direct_manifest, waitfor=True, join_timeout=300,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 FLOWS = textwrap.dedent('''
+    import os
     import socket
     import time
 
@@ -36,9 +37,12 @@ FLOWS = textwrap.dedent('''
 
 
     @flow
-    def sleeper(seconds: float = 900):
+    def sleeper(seconds: float = 900, release: str = ""):
+        """Sleeps `seconds`, or less once the file `release` exists (the test says when)."""
         get_run_logger().info("sleeper started on %s", socket.gethostname())
-        time.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (release and os.path.exists(release)):
+            time.sleep(0.5)
 
 
     @flow(persist_result=True)

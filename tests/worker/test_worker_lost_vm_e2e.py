@@ -123,11 +123,11 @@ def test_a_run_that_does_not_start_within_boot_timeout_crashes(vm_pool, vm_worke
     """The VM is up but the flow run never starts (the job's command stands in for an engine
     that hangs before reporting Running): boot_timeout crashes the run and deletes the VM."""
     flow_run_id = run_deployment(vm_pool("flows.py:hello", "hello-hangs", command="sleep 900",
-                                          boot_timeout=60))
+                                          boot_timeout=30))
     flow_run = wait_for_run(flow_run_id, lambda r: r.state.is_final(), "the crash", 240)
     assert flow_run.state.is_crashed(), flow_run.state
     name = flow_run.infrastructure_pid.split("/", 1)[1]
-    assert (f"the flow run did not start on VM {name} within 60 s (boot_timeout)"
+    assert (f"the flow run did not start on VM {name} within 30 s (boot_timeout)"
             in flow_run.state.message)
     assert_nothing_left(vm_pool.pool)
 

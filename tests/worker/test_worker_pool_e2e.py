@@ -3,7 +3,10 @@ its VMs; the pool's concurrency limit bounds the VMs."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +20,14 @@ def test_a_killed_worker_restarted_mid_run_leaves_nothing_behind(vm_pool, tmp_pa
                                                                  assert_nothing_left):
     import signal
 
-    from tests.worker.conftest import WorkerProcess
+    from tests.worker.conftest import WorkerProcess, eventually
 
-    deployment = vm_pool("flows.py:sleeper", "short-sleeper", parameters={"seconds": 90})
+    # The flow runs until this file exists (the VMs see the host's /var/tmp), so it is still
+    # running when the second worker adopts its VM, however slow the machine.
+    release = Path(tempfile.mkdtemp(prefix="azm-release-", dir="/var/tmp"))
+    release.chmod(0o755)
+    deployment = vm_pool("flows.py:sleeper", "released-sleeper",
+                         parameters={"seconds": 600, "release": str(release / "go")})
     first = WorkerProcess(vm_pool.pool, tmp_path / "first.log")
     first.start()
     try:
@@ -30,12 +38,15 @@ def test_a_killed_worker_restarted_mid_run_leaves_nothing_behind(vm_pool, tmp_pa
     second = WorkerProcess(vm_pool.pool, tmp_path / "second.log")
     second.start()
     try:
+        eventually(lambda: f"adopts VM {vm_name}" in "\n".join(messages_of(flow_run_id)),
+                   "the second worker's adoption of the VM", 120)
+        (release / "go").touch()
         flow_run = wait_for_run(flow_run_id, lambda r: r.state.is_final(), "the run's end", 300)
         assert flow_run.state.is_completed(), flow_run.state
         assert_nothing_left(vm_pool.pool, timeout=120)
     finally:
         second.stop()
-    assert f"adopts VM {vm_name}" in "\n".join(messages_of(flow_run_id))
+        shutil.rmtree(release, ignore_errors=True)
 
 
 def test_a_pool_concurrency_limit_of_2_bounds_the_vms(vm_pool, vm_worker, localcloud,
@@ -46,15 +57,15 @@ def test_a_pool_concurrency_limit_of_2_bounds_the_vms(vm_pool, vm_worker, localc
 
     cli("work-pool", "set-concurrency-limit", vm_pool.pool, "2")
     deployment = vm_pool("flows.py:hello", "hello-many")
-    flow_run_ids = [run_deployment(deployment) for _ in range(5)]
+    flow_run_ids = [run_deployment(deployment) for _ in range(4)]
     most, deadline = 0, time.monotonic() + 900
     with get_client(sync_client=True) as client:
         while not all(client.read_flow_run(i).state.is_final() for i in flow_run_ids):
-            assert time.monotonic() < deadline, "the 5 runs did not end"
+            assert time.monotonic() < deadline, "the 4 runs did not end"
             vms = [x for x in leftovers(localcloud, vm_pool.pool) if x.startswith("ARM VM ")]
             most = max(most, len(vms))
             assert most <= 2, vms
             time.sleep(0.5)
         assert all(client.read_flow_run(i).state.is_completed() for i in flow_run_ids)
-    assert most == 2, f"the 5 runs never had 2 VMs at once (at most {most}): the limit was not used"
+    assert most == 2, f"the 4 runs never had 2 VMs at once (at most {most}): the limit was not used"
     assert_nothing_left(vm_pool.pool)
