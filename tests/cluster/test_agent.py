@@ -17,28 +17,19 @@ from prefect_azmanagers.cluster import serialization
 from prefect_azmanagers.cluster.protocol import HEADER, FrameDecoder, Kind, encode
 from prefect_azmanagers.cluster.transport import agent_command
 from tests.cluster.test_protocol import _wire
+from tests.httpd import QuietHandler
 
 
-class _FakeIMDS(http.server.BaseHTTPRequestHandler):
+class _FakeIMDS(QuietHandler):
     events: list[dict] = []
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.headers.get("Metadata") != "true":
-            self.send_response(400)
-            self.end_headers()
-            return
-        if self.path.startswith("/metadata/instance"):
-            doc = {"compute": {"name": "ss_3"}}
+            self.reply(b"", status=400)
+        elif self.path.startswith("/metadata/instance"):
+            self.reply(json.dumps({"compute": {"name": "ss_3"}}).encode())
         else:
-            doc = {"DocumentIncarnation": 1, "Events": self.events}
-        body = json.dumps(doc).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+            self.reply(json.dumps({"DocumentIncarnation": 1, "Events": self.events}).encode())
 
 
 class _FrameReader:

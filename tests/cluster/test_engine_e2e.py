@@ -117,16 +117,11 @@ def loopback_http_server():
     """An HTTP server on the driver's 127.0.0.1 only (instances cannot reach it directly)."""
     import http.server
 
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = b"hello through the tunnel"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    from tests.httpd import QuietHandler
 
-        def log_message(self, *args):
-            pass
+    class Hello(QuietHandler):
+        def do_GET(self):  # noqa: N802
+            self.reply(b"hello through the tunnel")
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     threading.Thread(target=server.serve_forever, daemon=True).start()

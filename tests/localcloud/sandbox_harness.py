@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.httpd import QuietHandler
 
 
 class LoopThread:
@@ -71,16 +73,9 @@ class LoopbackService:
     """An HTTP server on the driver's 127.0.0.1 standing in for a loopback-only service."""
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
-                body = b"driver-loopback-ok"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
+                self.reply(b"driver-loopback-ok")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]

@@ -65,15 +65,7 @@ def mismatches(actual: Any, shape: Any, params: dict[str, str], where: str = "bo
 
 
 def header_mismatches(headers: dict[str, str], expected: dict[str, Any], params: dict[str, str]) -> list[str]:
-    found = []
-    for name, value in expected.items():
-        if value is ABSENT:
-            found += [f"header {name}: expected none, got {headers[name]!r}"] if name in headers else []
-        elif name not in headers:
-            found.append(f"header {name}: missing")
-        else:
-            found += mismatches(headers[name], value, params, f"header {name}")
-    return found
+    return mismatches(headers, expected, params, "headers")
 
 
 def common_mismatches(method: str, headers: dict[str, str], correlation: str | None = None) -> list[str]:
