@@ -134,7 +134,10 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "AzureScaleSetTaskRunner('cbox08', 4), or an existing cluster: "
                 "AzureScaleSetTaskRunner(cluster=my_cluster)."
             )
-        from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
+        from prefect_azmanagers.cluster.options import (
+            ClusterOptions,
+            check_instance_count,
+        )
 
         self.template = template
         self.n = n
@@ -513,19 +516,26 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         return cached[2]
 
     def _worker_settings(self) -> dict[str, Any]:
-        """The driver's serialized settings as workers get them: their API URL, and the
-        manifest's blob container as their default result storage (Prefect's own setting)."""
+        """The driver's serialized settings as workers get them: their API URL, the
+        manifest's blob container as their default result storage (Prefect's own setting),
+        and none of the server's own settings (its database URL and password among them:
+        Prefect would ship them to remote workers too; a worker runs no server)."""
         settings = compat.serialize_settings()
-        sections = settings.get("settings", {})
-        updates = {}
+        if not settings:
+            return settings
+        sections = {name: value for name, value in settings.get("settings", {}).items()
+                    if name != "server"}
         if self._api_url_for_workers:
-            updates["api"] = dict(sections.get("api", {}), url=self._api_url_for_workers)
+            sections["api"] = dict(sections.get("api", {}), url=self._api_url_for_workers)
         if self._result_storage:
-            updates["results"] = dict(sections.get("results", {}),
-                                      default_storage_block=self._result_storage)
-        if not settings or not updates:
-            return settings  # shared: copied only to change it
-        return dict(settings, settings={**sections, **updates})
+            sections["results"] = dict(sections.get("results", {}),
+                                       default_storage_block=self._result_storage)
+        profile = settings.get("profile")
+        if isinstance(profile, dict) and isinstance(profile.get("settings"), dict):
+            profile = dict(profile, settings={
+                name: value for name, value in profile["settings"].items()
+                if not str(name).startswith("PREFECT_SERVER_")})
+        return dict(settings, settings=sections, profile=profile)
 
     def _pickled_task(self, task: Task[Any, Any]) -> bytes:
         """The task pickled once per runner (by value when its module is not installed)."""

@@ -30,6 +30,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_SERVER_DATABASE_PASSWORD, temporary_settings
 
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
@@ -367,6 +368,15 @@ def expensive(x):
 '''
 
 
+@task
+def server_secret_seen() -> str | None:
+    """The Prefect server's database password as the worker's settings have it."""
+    from prefect.settings import get_current_settings
+
+    password = get_current_settings().server.database.password
+    return None if password is None else password.get_secret_value()
+
+
 def test_shared_cluster_user_module_retries_and_caching(localcloud, admin, prefect_server,
                                                         tmp_path, monkeypatch):
     """A module that exists only on the driver runs on the workers; Prefect's retries and
@@ -389,14 +399,17 @@ def test_shared_cluster_user_module_retries_and_caching(localcloud, admin, prefe
 
         @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
         def second():
-            return final_state(azm_user_tasks.expensive.submit(9))
+            return final_state(azm_user_tasks.expensive.submit(9)), server_secret_seen.submit().result()
 
         flaky, computed = first()
         assert flaky == ("flaky", 5, 3)  # two Prefect retries on the worker, then success
         assert computed.is_completed() and computed.name == "Completed"
         assert len(cluster.workers) == 1  # the cluster outlives the first flow
-        cached = second()
+        # The server's own settings stay on the driver: its database password never travels.
+        with temporary_settings(updates={PREFECT_SERVER_DATABASE_PASSWORD: "not-for-workers"}):
+            cached, secret_on_worker = second()
         assert cached.name == "Cached" and cached.result() == computed.result()
+        assert secret_on_worker is None
     assert_nothing_left(admin, group, tag)
 
 
