@@ -41,6 +41,7 @@ class FakeCluster:
         self.options = ClusterOptions(max_unrecorded=None)  # no recording watch: no engine here
         self.output_handler: Callable[[Any, str, str], None] = lambda w, s, line: None
         self.submitted: list[str] = []
+        self.join_setups: list[Callable[[], Any]] = []
         self.cancelled_all = 0
         self.cancelled: list[concurrent.futures.Future[Any]] = []
         self.closed = 0
@@ -54,6 +55,9 @@ class FakeCluster:
 
     def start(self) -> "FakeCluster":
         return self
+
+    def on_join(self, setup: Callable[[], Any]) -> None:
+        self.join_setups.append(setup)
 
     def submit(self, fn: Callable[[], Any], *, label: str = "", payload: bytes | None = None
                ) -> concurrent.futures.Future[Any]:

@@ -77,6 +77,26 @@ def test_results_sync_async_mapped_dependent(cluster):
     assert len(cluster.submitted) == 8
 
 
+def test_a_given_cluster_is_readied_for_the_runners_settings_without_the_servers(cluster):
+    """The runner hands a cluster it is given the warm-up for its settings as it enters; the
+    Prefect server's own settings (its database password) are not among them."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_PASSWORD, temporary_settings
+
+    from prefect_azmanagers._remote_task import WorkerWarmUp
+
+    @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
+    def one():
+        return square.submit(3).result()
+
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_PASSWORD: "not-for-workers"}):
+        assert one() == 9
+    [warm_up] = cluster.join_setups
+    assert isinstance(warm_up, WorkerWarmUp)
+    assert warm_up.settings["settings"]["api"]["url"]
+    assert "server" not in warm_up.settings["settings"]
+    assert "not-for-workers" not in repr(warm_up.settings)
+
+
 def test_api_holds_task_runs_and_dependency_edges(cluster):
     @flow(task_runner=AzureScaleSetTaskRunner(cluster=cluster))
     def edges():
