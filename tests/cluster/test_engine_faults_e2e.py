@@ -42,10 +42,11 @@ def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localc
     assert_nothing_left(admin, group, set())
 
 
-def test_allocation_failure_then_replacement_leaves_nothing(localcloud, admin):
+def test_allocation_failure_then_replacement_leaves_nothing(localcloud, admin, caplog):
     """The scale set's creation ends AllocationFailed; the failed instance is replaced (the
     default). Whether the replacement is refused with that failure or provisioned, the call
     ends one way or the other and the cluster deletes every instance and the scale set."""
+    caplog.set_level("INFO", logger="prefect_azmanagers")  # the replacement's story, if it fails
     group = group_name("alloc")
     admin.fail_next_lro(1)
     try:
