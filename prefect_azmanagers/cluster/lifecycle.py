@@ -94,6 +94,7 @@ class Lifecycle:
         self._loop = asyncio.get_running_loop()
         self._worker_ids = itertools.count(1)
         self._removals: set[asyncio.Task] = set()
+        self._arranging_replacements = 0  # losses between an instance's removal and its replacement
 
     async def replace_join_setup(self, setup: bytes | Payload) -> None:
         """Agents that start from now run `setup`; the running ones run it next."""
@@ -363,11 +364,17 @@ class Lifecycle:
                 self.slots.lost(worker, reason, then_check=False)
         logger.warning("instance %s lost: %s", member.name, reason)
         self.membership.failed(member, reason, before_joining=before_joining)
-        await self.remove([member], reason)
-        if member.evicted:  # known once the deletion found it gone, at the latest
-            self._count_eviction()
-        if replacement is not None:
-            await self._replace(1, f"instance {member.name} {replacement}")
+        # Until its replacement is asked for, queued work is not hopeless (another check may
+        # run while the deletion is awaited).
+        self._arranging_replacements += replacement is not None
+        try:
+            await self.remove([member], reason)
+            if member.evicted:  # known once the deletion found it gone, at the latest
+                self._count_eviction()
+            if replacement is not None:
+                await self._replace(1, f"instance {member.name} {replacement}")
+        finally:
+            self._arranging_replacements -= replacement is not None
         self.dispatcher.fail_if_hopeless()
         self.membership.changed.set()
 
@@ -405,8 +412,11 @@ class Lifecycle:
             await AdaptiveScaling(self, policy).run()
 
     def may_grow(self) -> bool:
-        """The adaptive policy will add capacity when work waits (so queued work is not
-        hopeless while nothing is joined): not while closing, nor past the runaway failsafe."""
+        """Capacity may still come (so queued work is not hopeless while nothing is joined): a
+        lost instance's replacement is being arranged, or the adaptive policy will add some
+        when work waits (not while closing, nor past the runaway failsafe)."""
+        if self._arranging_replacements:
+            return True
         return (self.policy is not None and not self.closing
                 and self.membership.failures_in_a_row < MAX_FAILURES_IN_A_ROW
                 and not self.policy.told_budget)
