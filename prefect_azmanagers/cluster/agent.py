@@ -9,10 +9,10 @@ stream. fd 2 stays the SSH channel's stderr, which the driver reads line by line
 carries the agent's own crash output). On spot instances (`--imds URL`) it polls the IMDS
 scheduled events once a second and reports a Preempt naming its VM.
 
-The agent's own imports stay light (stdlib + cloudpickle). Before it says HELLO it runs its
-warm-up (`--warm-up MODULE:FUNCTION`, by default Prefect's task engine imported and its models
-built, `prefect_azmanagers._remote_task:warm_up`), so a slot joins ready and the first task it
-runs pays nothing the later ones do not; `--warm-up none` skips it (plain callables only).
+The agent's own imports stay light (stdlib + cloudpickle). Before it says HELLO it runs the
+cluster's warm-up, if any (`--warm-up MODULE:FUNCTION`; the task runner's,
+`prefect_azmanagers._remote_task:warm_up`, imports Prefect's task engine and builds its
+models), so a slot joins ready and the first task it runs pays nothing the later ones do not.
 """
 
 from __future__ import annotations
@@ -245,9 +245,6 @@ def watch_scheduled_events(channel: _Channel, base_url: str, interval: float = 1
         time.sleep(interval)
 
 
-DEFAULT_WARM_UP = "prefect_azmanagers._remote_task:warm_up"
-
-
 def warm_up(spec: str) -> float:
     """Import MODULE and call FUNCTION() of `spec` ("MODULE:FUNCTION", or "none"); returns the
     seconds it took. Runs before HELLO, while fd 1 may still be the protocol's stdout, so
@@ -292,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m prefect_azmanagers.cluster.agent")
     parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once by this slot")
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
-    parser.add_argument("--warm-up", default=DEFAULT_WARM_UP, metavar="MODULE:FUNCTION",
+    parser.add_argument("--warm-up", default="none", metavar="MODULE:FUNCTION",
                         help="called before HELLO to make the slot ready for its first task "
-                             "(default: %(default)s); 'none' skips it")
+                             "(the cluster's warm_up option; default: none)")
     parser.add_argument("--imds", default=None,
                         help="IMDS base URL to poll for Preempt events (spot instances); "
                              f"${IMDS_URL_VARIABLE}, when set on the instance, wins")

@@ -78,7 +78,7 @@ class Slots:
         command = agent_command(
             self.access.python, worker_id=worker.id, concurrency=worker.concurrency,
             env=options.env, imds_url=options.imds_url if options.spot and worker.slot == 1 else None,
-            launcher=self.access.launcher)
+            launcher=self.access.launcher, warm_up=options.warm_up)
         worker.command = command
         worker.stderr_tail.clear()
         agent = await member.conn.start_agent(

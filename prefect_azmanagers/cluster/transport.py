@@ -79,7 +79,7 @@ class AgentCommand(str):
 
 def agent_command(python: str, *, worker_id: int, concurrency: int = 1, heartbeat: float = 10.0,
                   imds_url: str | None = None, env: dict[str, str] | None = None,
-                  launcher: Sequence[str] = ()) -> AgentCommand:
+                  launcher: Sequence[str] = (), warm_up: str | None = None) -> AgentCommand:
     """The shell command that starts one agent process on an instance.
 
     The only place the command is built: MPI wraps it with `launcher` (e.g. `mpirun -n K
@@ -94,6 +94,8 @@ def agent_command(python: str, *, worker_id: int, concurrency: int = 1, heartbea
             "--concurrency", str(concurrency), "--heartbeat", str(heartbeat)]
     if imds_url:
         tail += ["--imds", imds_url]
+    if warm_up:
+        tail += ["--warm-up", warm_up]
     env = env or {}
     text = " ".join(shlex.quote(word)
                     for word in (*head, *(f"{name}={value}" for name, value in env.items()), *tail))

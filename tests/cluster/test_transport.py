@@ -384,9 +384,10 @@ async def test_an_instance_marked_gone_is_never_connected_to_again(sshd, tmp_pat
 def test_agent_command_quotes_everything():
     command = agent_command("/opt/my python/bin/python3", worker_id=7, concurrency=3,
                             env={"A": "x'; rm -rf / #", "B": "$(id)"}, imds_url="http://169.254.169.254",
-                            launcher=["mpirun", "-n", "2"])
+                            launcher=["mpirun", "-n", "2"], warm_up="pkg.mod:warm")
     words = shlex.split(command)
     assert words[:2] == ["exec", "env"]
     assert "A=x'; rm -rf / #" in words and "B=$(id)" in words and "AZM_WORKER_ID=7" in words
     assert words[words.index("mpirun"):words.index("mpirun") + 4] == ["mpirun", "-n", "2", "/opt/my python/bin/python3"]
-    assert words[-6:] == ["--concurrency", "3", "--heartbeat", "10.0", "--imds", "http://169.254.169.254"]
+    assert words[-8:] == ["--concurrency", "3", "--heartbeat", "10.0", "--imds", "http://169.254.169.254",
+                          "--warm-up", "pkg.mod:warm"]

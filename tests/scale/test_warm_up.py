@@ -102,8 +102,10 @@ def _modules_before_first_task(agent: subprocess.Popen) -> list[str]:
     return serialization.loads(result.body)
 
 
-def test_the_default_warm_up_imports_the_engine_and_the_prefect_collections(tmp_path):
-    agent = _agent(tmp_path)
+def test_the_task_runners_warm_up_imports_the_engine_and_the_prefect_collections(tmp_path):
+    from prefect_azmanagers._remote_task import WORKER_IMPORTS
+
+    agent = _agent(tmp_path, "--warm-up", WORKER_IMPORTS)
     try:
         modules = _modules_before_first_task(agent)
     finally:
@@ -112,8 +114,9 @@ def test_the_default_warm_up_imports_the_engine_and_the_prefect_collections(tmp_
     assert modules == ["prefect.events.worker", "prefect.task_engine", "prefect_dask"]
 
 
-def test_warm_up_none_keeps_the_agent_light(tmp_path):
-    agent = _agent(tmp_path, "--warm-up", "none")
+@pytest.mark.parametrize("args", [(), ("--warm-up", "none")], ids=["default", "none"])
+def test_without_a_warm_up_the_agent_stays_light(tmp_path, args):
+    agent = _agent(tmp_path, *args)
     try:
         modules = _modules_before_first_task(agent)
     finally:

@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import (
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_SERVER_DATABASE_PASSWORD, temporary_settings
 
+from prefect_azmanagers._remote_task import WORKER_IMPORTS
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
@@ -219,9 +220,12 @@ def test_waitfor_blocks_until_every_worker_joined(localcloud, admin):
     @flow(task_runner=runner(group, 2, ppi=2, waitfor=True, env={"AZM_TEST_TAG": tag}))
     def waited():
         joined = len(FlowRunContext.get().task_runner.cluster.workers)  # before any submit
-        return joined, sum(square.map(range(10)).result())
+        warm_ups = {" ".join(agent.cmdline()).partition("--warm-up ")[2].split(" ")[0]
+                    for agent in agents_tagged(tag)}
+        return joined, warm_ups, sum(square.map(range(10)).result())
 
-    assert waited() == (4, sum(i * i for i in range(10)))
+    # every agent imported Prefect's task engine before it joined (the runner's warm_up)
+    assert waited() == (4, {WORKER_IMPORTS}, sum(i * i for i in range(10)))
     assert_nothing_left(admin, group, tag)
 
 

@@ -394,6 +394,8 @@ def test_runner_pickles_without_engine_and_duplicates_its_configuration(cluster)
     (dict(max_in_flight=0), "max_in_flight must be an integer >= 1"),
     (dict(max_unrecorded=0), "max_unrecorded must be an integer >= 1"),
     (dict(api_give_up_after=0), "api_give_up_after must be a positive number"),
+    (dict(warm_up="mypackage.setup"), "warm_up: 'mypackage.setup' is not MODULE:FUNCTION"),
+    (dict(warm_up="m:f; rm -rf /"), "is not MODULE:FUNCTION"),
     (dict(sppot=True), "unknown cluster option(s) sppot; the options are: adapt, api_give_up_after, concurrency"),
 ])
 def test_bad_options_fail_at_construction_naming_the_option(options, named):
