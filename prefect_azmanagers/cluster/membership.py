@@ -125,6 +125,10 @@ class Membership:
         self._growing += 1  # claimed, not yet among the scale set's pending grows
         try:
             await self.scaleset.grow(count)
+        except asyncio.CancelledError:
+            # Interrupted (Ctrl-C during start): the request may be out already, so its
+            # instances stay claimed and a close lists, claims and deletes them.
+            raise
         except BaseException:
             for _ in range(count):
                 self.claims.pop()

@@ -213,6 +213,29 @@ def test_delete_everything_claims_requested_instances_and_deletes_the_empty_scal
     assert sorted(scaleset.deleted[0]) == ["0", "1"] and scaleset.deleted_if_empty
 
 
+def test_a_grow_interrupted_after_its_request_went_out_is_deleted_at_close():
+    """Ctrl-C while the grow's request is answered (seen once: the interrupt cancelled the
+    start, the cluster forgot the request, and its scale set outlived it)."""
+    scaleset = FakeScaleSet()
+    ours = membership(scaleset)
+
+    async def interrupted() -> None:
+        async def answered_too_late(count: int) -> None:
+            scaleset.listed = [instance("azm_0"), instance("azm_1")]  # ARM made them
+            await asyncio.sleep(3600)
+
+        scaleset.grow = answered_too_late
+        growing = asyncio.get_running_loop().create_task(ours.grow(2))
+        await asyncio.sleep(0.05)
+        growing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await growing
+        await ours.delete_everything()
+
+    run(interrupted())
+    assert sorted(scaleset.deleted[0]) == ["0", "1"] and scaleset.deleted_if_empty
+
+
 def test_a_scale_set_made_again_reuses_names_but_its_instances_are_claimed_anew():
     """A failed grow's cleanup deletes the emptied scale set; the replacement makes it again
     and its first instance is named `_0` again: a new VM that takes the replacement's claim."""
