@@ -74,12 +74,21 @@ class Cloud:
         return Path(self.info["ssh_public_key_file"]).read_text().strip()
 
     def ssh(self, ip: str, command: str, *, key: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run `command` on an instance with the stock OpenSSH client and the manifest's key."""
+        """Run `command` on an instance with the stock OpenSSH client and the manifest's key.
+
+        A session that broke (ssh's own exit 255 with "Broken pipe", not the command's) is
+        tried again, up to 3 times: once, on a loaded CI machine, one ended "client_loop: send
+        disconnect: Broken pipe". Refused or unreachable instances are not tried again."""
         argv = ["ssh", "-i", key or self.info["ssh_private_key_file"], "-o", "IdentitiesOnly=yes",
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-p", str(self.info.get("ssh_port", 22)),
                 f"azureuser@{ip}", command]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        for attempt in range(3):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if done.returncode != 255 or "Broken pipe" not in done.stderr:
+                break
+            time.sleep(1 + attempt)
+        return done
 
     def scale_set_body(self, capacity: int, *, custom_data: str | None = None, sku: str = "Standard_B1s",
                        **profile: Any) -> dict[str, Any]:
