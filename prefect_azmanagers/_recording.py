@@ -5,8 +5,9 @@ Prefect's default server (SQLite, in-memory messaging) answers quickly while it 
 the events the workers' task engines send queue up in its messaging and are dropped past the
 queue's size ("Subscription queue is full, dropping message"), with no 429 to slow anyone.
 So the runner counts, every `interval` seconds, the flow run's task runs the API holds in a
-final state, and the cluster's dispatch reads `unrecorded()` (calls that came back or are in
-flight, minus that count) before each call it sends, holding at `max_unrecorded`. Read at
+final state, and the cluster's dispatch reads its `backlog()` (calls that came back, minus
+that count) before each call it sends, holding when the backlogs of the flows on the cluster
+plus the calls in flight reach `max_unrecorded`. Read at
 dispatch time, the hold engages at once, however long a count takes on a busy server. A count
 that stops moving while dispatch is held (an API that records nothing, events lost anyway)
 releases the hold after `stall_after` seconds, with a warning: a hold never hangs the flow.
@@ -42,7 +43,7 @@ COUNT_TIMEOUT = 30.0  # s for one count; a busier server keeps the last count st
 
 class RecordingWatch:
     """Counts the flow run's recorded task runs from a thread of its own; the cluster paces
-    dispatch by `unrecorded()` while the watch runs."""
+    dispatch by its `backlog()` while the watch runs."""
 
     def __init__(self, cluster: AzureCluster, flow_run_id: uuid.UUID, settings: Any,
                  finished: Callable[[], int], logger: Any, *, interval: float = 2.0,
@@ -53,16 +54,18 @@ class RecordingWatch:
         self.recorded = 0
         self.stalled = False
         self._stop = threading.Event()
+        self._unpace: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, daemon=True, name="azm-recording")
 
-    def unrecorded(self) -> int:
-        """Task runs sent and not recorded in a final state yet (0 once recording stalled)."""
+    def backlog(self) -> int:
+        """Task runs that came back and are not recorded in a final state yet (0 once
+        recording stalled)."""
         if self.stalled:
             return 0
-        return self.finished() + self.cluster.in_flight - self.recorded
+        return self.finished() - self.recorded
 
     def start(self) -> RecordingWatch:
-        self.cluster.pace_by_unrecorded(self.unrecorded)
+        self._unpace = self.cluster.pace_by_unrecorded(self.backlog)
         self._thread.start()
         return self
 
@@ -83,7 +86,7 @@ class RecordingWatch:
             time.sleep(min(self.interval, 1.0))
 
     def stop(self) -> None:
-        self.cluster.pace_by_unrecorded(None)
+        self._unpace()
         self._stop.set()
         self._thread.join(timeout=COUNT_TIMEOUT + 5)
 
@@ -111,7 +114,8 @@ class RecordingWatch:
                 if recorded > self.recorded:
                     self.recorded, progress_at, self.stalled = recorded, now, False
                 elif (not self.stalled and now - progress_at > self.stall_after
-                        and (backlog := self.unrecorded()) >= self.cluster.options.max_unrecorded):
+                        and (backlog := self.backlog() + self.cluster.in_flight)
+                        >= self.cluster.options.max_unrecorded):
                     self.stalled = True
                     self.logger.warning(
                         "The Prefect API recorded no task run of this flow for %.0f s with %d "

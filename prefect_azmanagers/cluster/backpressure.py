@@ -13,9 +13,10 @@ the errors workers send back), and calls `check()` to fail the flow when the API
   PrefectAPIUnreachable naming the last answer: the flow fails in bounded time, never hangs.
 - An API can answer quickly yet fall behind: Prefect's default server (SQLite, in-memory
   messaging) queues the events task runs send and drops them past its queue size, with no 429.
-  So whoever can see how far behind the API is (the task runner counts the task runs it
-  recorded) gives the gate a source of that number (`pace_by_unrecorded`), read at each
-  dispatch: it holds while `max_unrecorded` or more task runs were sent and not recorded yet.
+  So whoever can see how far behind the API is gives the gate a backlog (`pace_by_unrecorded`:
+  each task runner on the cluster counts its task runs that came back and are not recorded
+  yet), read at each dispatch: it holds while the backlogs plus the task runs in flight reach
+  `max_unrecorded`. Flows sharing a cluster add a backlog each; one that ends removes its own.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Backpressure:
     max_unrecorded: int | None = None
     clock: Callable[[], float] = time.monotonic
     limit: int = field(init=False)
-    _unrecorded: Callable[[], int] | None = field(init=False, default=None)
+    _backlogs: tuple[Callable[[], int], ...] = field(init=False, default=())
     _held_until: float = field(init=False, default=float("-inf"))
     _good_streak: int = field(init=False, default=0)
     _failing_since: float | None = field(init=False, default=None)
@@ -58,13 +59,25 @@ class Backpressure:
     def may_dispatch(self, in_flight: int) -> bool:
         """True when one more task run may be sent now."""
         return (self.clock() >= self._held_until and in_flight < self.limit
-                and (self.max_unrecorded is None or self._unrecorded is None
-                     or self._unrecorded() < self.max_unrecorded))
+                and not self._recording_behind(in_flight))
 
-    def pace_by_unrecorded(self, source: Callable[[], int] | None) -> None:
-        """Read, at each dispatch, how many task runs were sent and are not recorded by the
-        API yet (None: stop pacing by it)."""
-        self._unrecorded = source
+    def _recording_behind(self, in_flight: int) -> bool:
+        """The task runs sent and not recorded yet (in flight, plus the backlogs) reach
+        `max_unrecorded`; never without a backlog to read."""
+        if self.max_unrecorded is None or not self._backlogs:
+            return False
+        return in_flight + sum(backlog() for backlog in self._backlogs) >= self.max_unrecorded
+
+    def pace_by_unrecorded(self, backlog: Callable[[], int]) -> Callable[[], None]:
+        """Also read, at each dispatch, `backlog()`: task runs that came back and are not
+        recorded by the API yet. Returns what removes it. (Any thread: the tuple is swapped
+        whole, so a dispatch reads one or the other.)"""
+        self._backlogs = (*self._backlogs, backlog)
+
+        def remove() -> None:
+            self._backlogs = tuple(b for b in self._backlogs if b is not backlog)
+
+        return remove
 
     def wait_time(self) -> float:
         """Seconds until dispatch may resume after a hold (0 when not held)."""

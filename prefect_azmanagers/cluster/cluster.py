@@ -220,11 +220,12 @@ class AzureCluster:
         """Calls sent to workers and not answered yet."""
         return self._dispatcher.in_flight
 
-    def pace_by_unrecorded(self, source: Callable[[], int] | None) -> None:
-        """Hold dispatch while `source()` (read at each dispatch, on the cluster's loop: keep
-        it cheap) says `max_unrecorded` or more calls that were sent are not recorded yet by
-        the API they report to; the task runner counts its task runs. None stops it."""
-        self._dispatcher.gate.pace_by_unrecorded(source)
+    def pace_by_unrecorded(self, backlog: Callable[[], int]) -> Callable[[], None]:
+        """Hold dispatch while the calls in flight plus every `backlog()` (calls that came back
+        and are not recorded yet by the API they report to; read at each dispatch, on the
+        cluster's loop: keep it cheap) reach `max_unrecorded`. Each task runner on the cluster
+        adds its own; returns what removes it."""
+        return self._dispatcher.gate.pace_by_unrecorded(backlog)
 
     def cancel(self, future: concurrent.futures.Future) -> None:
         """Cancel a submitted call; if it is running, its agent process is killed (and the

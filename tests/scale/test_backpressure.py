@@ -84,3 +84,15 @@ def test_bad_settings_are_refused():
         policy(max_in_flight=2, min_in_flight=3)
     with pytest.raises(ValueError, match="positive"):
         policy(give_up_after=0)
+
+
+def test_flows_sharing_a_cluster_pace_by_all_their_backlogs_and_each_removes_its_own():
+    bp, _ = policy(max_unrecorded=10)
+    assert bp.may_dispatch(50)  # no backlog to read: only the cap
+    first = bp.pace_by_unrecorded(lambda: 4)
+    second = bp.pace_by_unrecorded(lambda: 3)
+    assert bp.may_dispatch(2) and not bp.may_dispatch(3)  # 3 in flight + 4 + 3 back = 10
+    first()  # the first flow ended
+    assert bp.may_dispatch(6) and not bp.may_dispatch(7)  # the second one still paces
+    second()
+    assert bp.may_dispatch(50)

@@ -1,5 +1,6 @@
-"""RecordingWatch against a real Prefect server: it reports the task runs sent and not yet
-recorded in a final state, and releases a hold (with a warning) when recording stalls."""
+"""RecordingWatch against a real Prefect server: it reports the task runs that came back and
+are not yet recorded in a final state, and releases a hold (with a warning) when recording
+stalls."""
 
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ class FakeCluster:
     def __init__(self, in_flight: int = 0, max_unrecorded: int = 10):
         self.in_flight = in_flight
         self.options = type("Options", (), {"max_unrecorded": max_unrecorded})()
-        self.source = None
+        self.backlogs: list = []
 
-    def pace_by_unrecorded(self, source) -> None:
-        self.source = source
+    def pace_by_unrecorded(self, backlog):
+        self.backlogs.append(backlog)
+        return lambda: self.backlogs.remove(backlog)
+
+    def source(self) -> int:
+        [backlog] = self.backlogs
+        return backlog()
 
 
 @task
@@ -39,18 +45,18 @@ def until(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def test_it_reports_sent_minus_recorded_task_runs(prefect_server):
+def test_it_reports_returned_minus_recorded_task_runs(prefect_server):
     state = five(return_state=True)
     cluster = FakeCluster(in_flight=3)
     watch = RecordingWatch(cluster, state.state_details.flow_run_id, SettingsContext.get(),
                            lambda: 5, logging.getLogger("test"), interval=0.2).start()
     try:
-        assert cluster.source() == 5 + 3  # before any count: all sent, none known recorded
+        assert cluster.source() == 5  # before any count: all back, none known recorded
         until(lambda: watch.recorded == 5)  # the server records the engine's events shortly
-        assert cluster.source() == 3  # 5 back + 3 in flight - 5 recorded
+        assert cluster.source() == 0  # 5 back - 5 recorded (the cluster adds its in flight)
     finally:
         watch.stop()
-    assert cluster.source is None  # stopping releases the cluster
+    assert cluster.backlogs == []  # stopping releases the cluster
 
 
 def test_a_stalled_count_releases_the_hold_and_says_so(prefect_server, caplog):
