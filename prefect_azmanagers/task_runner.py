@@ -63,7 +63,6 @@ from prefect_azmanagers._log_relay import MembershipLogRelay
 from prefect_azmanagers._recording import RecordingWatch
 from prefect_azmanagers._remote_task import (
     ON_WORKER,
-    WORKER_IMPORTS,
     RemoteTaskRun,
     RunNotStarted,
     WorkerWarmUp,
@@ -345,8 +344,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         cluster = AzureCluster(
             self.template, self.n or None, manifest=self.manifest,
             **dict(vars(self.options), forward_ports=() if forward_port is None else (forward_port,),
-                   prefect_api=self.options.prefect_api or get_current_settings().api.url,
-                   warm_up=self.options.warm_up or WORKER_IMPORTS),
+                   prefect_api=self.options.prefect_api or get_current_settings().api.url),
         )
         # Each slot gets ready as it joins, so the first task pays nothing extra (issue 12).
         cluster.on_join(WorkerWarmUp(self._worker_settings()))

@@ -16,6 +16,7 @@ from prefect_azmanagers.exceptions import ConfigurationError
 
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+PREFECT_WARM_UP = "prefect_azmanagers._remote_task:warm_up"  # a name only: no import of Prefect here
 _WARM_UP = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 _SCALESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
@@ -60,8 +61,9 @@ class ClusterOptions(ProvisioningOptions):
             task runner counts them; a server that falls behind, e.g. SQLite with in-memory
             messaging, would otherwise drop their events). None: no such bound.
         warm_up: "MODULE:FUNCTION" every agent (every MPI rank) calls before it joins, so the
-            first call pays no import (the task runner's imports Prefect's task engine: 2-4 s
-            of a fresh process). None: agents join light, for plain callables.
+            first call pays no import. The default imports Prefect's task engine (2-4 s of a
+            fresh process): a cluster made for flows, shared by them or not, joins ready for
+            their first task. None: agents join light (~0.1 s), for plain callables only.
     """
 
     ppi: int = 1
@@ -87,7 +89,7 @@ class ClusterOptions(ProvisioningOptions):
     prefect_api: str | None = None
     api_give_up_after: float = 300.0
     max_unrecorded: int | None = 512
-    warm_up: str | None = None
+    warm_up: str | None = PREFECT_WARM_UP
 
     @classmethod
     def from_keywords(cls, options: Mapping[str, Any]) -> ClusterOptions:

@@ -50,7 +50,7 @@ def test_a_bursty_workload_grows_to_the_maximum_shrinks_in_the_gap_and_grows_aga
     group = group_name("adapt")
     adapt = Adapt(minimum=0, maximum=3, idle_timeout=4, interval=0.5)
     with InstanceCounter(admin, group) as counter, AzureCluster(
-            "localcloud-small", manifest="localcloud", group=group, progress=False,
+            "localcloud-small", manifest="localcloud", group=group, progress=False, warm_up=None,
             join_timeout=300, adapt=adapt) as cluster:
         assert instances_of(admin, group) == []     # minimum 0: nothing before work comes
         first = [cluster.submit(lambda i=i: sleepy(i, 1.5)) for i in range(18)]
@@ -76,7 +76,7 @@ def test_a_scale_down_racing_dispatch_loses_nothing(localcloud, admin, caplog):
     caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
     group = group_name("race")
     adapt = Adapt(minimum=0, maximum=2, idle_timeout=1, interval=0.2)
-    with AzureCluster("localcloud-small", manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=300, adapt=adapt) as cluster:
         warm = [cluster.submit(lambda k=k: sleepy(k, 0.5)) for k in range(4)]
         assert [f.result(timeout=300) for f in warm] == list(range(4))  # both instances up
@@ -99,7 +99,7 @@ def test_adapt_turns_a_fixed_cluster_adaptive(localcloud, admin, caplog):
     caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
     group = group_name("adaptcall")
     with InstanceCounter(admin, group) as counter, AzureCluster(
-            "localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+            "localcloud-small", 1, manifest="localcloud", group=group, progress=False, warm_up=None,
             join_timeout=300, waitfor=True) as cluster:
         futures = [cluster.submit(lambda i=i: sleepy(i, 1.0)) for i in range(10)]
         cluster.adapt(minimum=0, maximum=2, idle_timeout=2, interval=0.5)  # with work queued
@@ -122,7 +122,7 @@ def test_the_quota_caps_growth_instead_of_failing_it(localcloud, admin, caplog):
     admin.set_quota("cores", used + 2 * 2)  # Standard_D2s_v3: 2 vCPUs each
     try:
         with InstanceCounter(admin, group) as counter, AzureCluster(
-                "localcloud-small", manifest="localcloud", group=group, progress=False,
+                "localcloud-small", manifest="localcloud", group=group, progress=False, warm_up=None,
                 join_timeout=300, adapt=Adapt(minimum=0, maximum=4, idle_timeout=60,
                                               interval=0.5)) as cluster:
             futures = [cluster.submit(lambda i=i: sleepy(i, 1.0)) for i in range(16)]
@@ -145,7 +145,7 @@ def test_max_instance_hours_stops_growth_and_says_so(localcloud, admin, caplog):
     adapt = Adapt(minimum=0, maximum=3, idle_timeout=600, interval=0.5,
                   max_instance_hours=2 / 3600)  # two instance-seconds
     with InstanceCounter(admin, group) as counter, AzureCluster(
-            "localcloud-small", manifest="localcloud", group=group, progress=False,
+            "localcloud-small", manifest="localcloud", group=group, progress=False, warm_up=None,
             join_timeout=300, adapt=adapt) as cluster:
         assert cluster.submit(lambda: sleepy(0, 3.0)).result(timeout=300) == 0  # one instance
         futures = [cluster.submit(lambda i=i: sleepy(i, 0.5)) for i in range(12)]
@@ -205,7 +205,7 @@ def test_an_eviction_during_a_burst_is_replaced_and_one_during_idle_is_not(local
     try:
         adapt = Adapt(minimum=0, maximum=2, idle_timeout=600, interval=0.5)
         with AzureCluster("localcloud-small", manifest="localcloud", group=group, spot=True,
-                          progress=False, join_timeout=300, adapt=adapt) as cluster:
+                          progress=False, warm_up=None, join_timeout=300, adapt=adapt) as cluster:
             futures = [cluster.submit(lambda i=i: sleepy(i, 3)) for i in range(16)]
             wait_until(lambda: len({w.instance for w in cluster.workers}) == 2, 300, "2 instances")
             victim = cluster.workers[0].instance
@@ -233,7 +233,7 @@ def test_after_repeated_evictions_spot_fallback_adds_regular_instances(localclou
     admin.settings(eviction_notice=5)
     try:
         with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, spot=True,
-                          spot_fallback=True, spot_fallback_after=1, progress=False,
+                          spot_fallback=True, spot_fallback_after=1, progress=False, warm_up=None,
                           join_timeout=300, waitfor=True) as cluster:
             first = cluster.workers[0].instance
             futures = [cluster.submit(lambda i=i: sleepy(i, 2)) for i in range(6)]

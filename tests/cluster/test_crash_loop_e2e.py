@@ -34,7 +34,7 @@ BREAK_AND_KILL = ("printf 'raise ImportError(\"a broken environment on this inst
 
 def test_an_instance_whose_agents_cannot_restart_is_lost_and_its_work_runs_elsewhere(localcloud, admin):
     group = group_name("crash")
-    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=300, waitfor=True, max_replacements=0) as cluster:
         addresses = {w.ip for w in cluster.workers}
         futures = [cluster.submit(lambda i=i: sleepy(i, 1)) for i in range(12)]
@@ -70,7 +70,7 @@ def test_an_instance_that_reconnects_into_a_broken_environment_is_lost_not_left_
     the slot is restarted up to the bound, then given up and the instance lost, so the queue
     fails with the agent's stderr instead of waiting for a joined instance that runs nothing."""
     group = group_name("reconnect")
-    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=300, waitfor=True, max_replacements=0) as cluster:
         [victim] = cluster.workers
         addresses = {victim.ip}

@@ -141,7 +141,7 @@ def test_results_tracebacks_output_tunnel_and_clean_close(localcloud, admin, loo
     lines: list[tuple[int, str, str]] = []
     port = loopback_http_server
     cluster = AzureCluster("localcloud-small", 2, manifest="localcloud", ppi=2, group=group,
-                           progress=False, join_timeout=300, waitfor=True, forward_ports=[port])
+                           progress=False, warm_up=None, join_timeout=300, waitfor=True, forward_ports=[port])
     cluster.output_handler = lambda w, stream, line: lines.append((w.id, stream, line))
     with cluster:
         workers = cluster.workers
@@ -200,7 +200,7 @@ def test_elastic_start_then_scale_up_and_down(localcloud, admin, caplog):
     group = group_name("elastic")
     caplog.set_level("INFO", logger="prefect_azmanagers.cluster")
     with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                      progress=False, join_timeout=300) as cluster:
+                      progress=False, warm_up=None, join_timeout=300) as cluster:
         assert cluster.workers == []  # start() returned before any instance booted
         futures = [cluster.submit(lambda i=i: sleepy(i, 0.05)) for i in range(10)]
         assert [f.result(timeout=300) for f in futures] == list(range(10))
@@ -227,7 +227,7 @@ def test_elastic_start_then_scale_up_and_down(localcloud, admin, caplog):
 def test_agent_killed_and_ssh_dropped_mid_task_are_requeued(localcloud, admin):
     group = group_name("faults")
     with AzureCluster("localcloud-small", 2, manifest="localcloud", ppi=2, group=group,
-                      progress=False, join_timeout=300, waitfor=True) as cluster:
+                      progress=False, warm_up=None, join_timeout=300, waitfor=True) as cluster:
         addresses = {w.ip for w in cluster.workers}
         futures = [cluster.submit(lambda i=i: sleepy(i, 4)) for i in range(12)]
         wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 4, 60, "4 busy workers")
@@ -280,7 +280,7 @@ def test_spot_eviction_drains_and_requeues(localcloud, admin):
     admin.settings(eviction_notice=10)
     try:
         with AzureCluster("localcloud-small", 2, manifest="localcloud", spot=True, group=group,
-                          progress=False, join_timeout=300, waitfor=True) as cluster:
+                          progress=False, warm_up=None, join_timeout=300, waitfor=True) as cluster:
             addresses = {w.ip for w in cluster.workers}
             futures = [cluster.submit(lambda i=i: sleepy(i, 8)) for i in range(6)]
             wait_until(lambda: sum(w.state == "busy" for w in cluster.workers) == 2, 60, "busy workers")
@@ -306,7 +306,7 @@ def write_pid_and_sleep(path: str) -> None:
 def test_cancel_stops_remote_work(localcloud, admin):
     group = group_name("cancel")
     with AzureCluster("localcloud-small", 1, manifest="localcloud", ppi=2, group=group,
-                      progress=False, join_timeout=300, waitfor=True,
+                      progress=False, warm_up=None, join_timeout=300, waitfor=True,
                       heartbeat_timeout=20) as cluster:
         addresses = {w.ip for w in cluster.workers}
         ip = cluster.workers[0].ip

@@ -31,7 +31,7 @@ def test_boot_failure_gives_join_timeout_with_boot_log_and_leaves_nothing(localc
     group = group_name("bootfail")
     template = load_scaleset_template("localcloud-small").model_copy(
         update={"tempdisk": "echo preparing scratch space on purpose-fail; exit 3"})
-    cluster = AzureCluster(template, 1, manifest="localcloud", group=group, progress=False,
+    cluster = AzureCluster(template, 1, manifest="localcloud", group=group, progress=False, warm_up=None,
                            join_timeout=240, waitfor=True, max_replacements=0)
     with pytest.raises(JoinTimeout) as info:
         cluster.start()
@@ -51,7 +51,7 @@ def test_allocation_failure_then_replacement_leaves_nothing(localcloud, admin, c
     admin.fail_next_lro(1)
     try:
         with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                          progress=False, join_timeout=240) as cluster:
+                          progress=False, warm_up=None, join_timeout=240) as cluster:
             future = cluster.submit(lambda: 42)
             try:
                 outcome = future.result(timeout=240)
@@ -68,7 +68,7 @@ def test_join_deadline_names_the_instance_that_did_not_join(localcloud, admin):
     admin.settings(boot_delay=60)
     try:
         cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                               progress=False, join_timeout=15, waitfor=True, max_replacements=0)
+                               progress=False, warm_up=None, join_timeout=15, waitfor=True, max_replacements=0)
         with pytest.raises(JoinTimeout) as info:
             cluster.start()  # raises after deleting what it made
     finally:
@@ -85,7 +85,7 @@ def test_sigterm_closes_the_cluster(localcloud, admin, tmp_path):
         import sys, time
         from prefect_azmanagers.cluster.cluster import AzureCluster
         cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", group="{group}",
-                               progress=False, join_timeout=300, waitfor=True).start()
+                               progress=False, warm_up=None, join_timeout=300, waitfor=True).start()
         print(cluster.submit(lambda: "joined").result(timeout=120), flush=True)
         time.sleep(600)
     """))
@@ -107,7 +107,7 @@ def test_wrong_interpreter_is_reported_with_the_agents_stderr(localcloud, admin)
 
     group = group_name("nopython")
     manifest = load_manifest("localcloud").model_copy(update={"python": "/opt/missing/python3"})
-    cluster = AzureCluster("localcloud-small", 1, manifest=manifest, group=group, progress=False,
+    cluster = AzureCluster("localcloud-small", 1, manifest=manifest, group=group, progress=False, warm_up=None,
                            join_timeout=240, waitfor=True, max_replacements=0)
     with pytest.raises(JoinTimeout) as info:
         cluster.start()
@@ -123,7 +123,7 @@ def test_ctrl_c_during_provisioning_deletes_what_was_made(localcloud, admin, tmp
     script.write_text(textwrap.dedent(f"""
         from prefect_azmanagers.cluster.cluster import AzureCluster
         with AzureCluster("localcloud-small", 2, manifest="localcloud", group="{group}",
-                          progress=False, join_timeout=600, waitfor=True) as cluster:
+                          progress=False, warm_up=None, join_timeout=600, waitfor=True) as cluster:
             print("joined", flush=True)
     """))
     admin.settings(boot_delay=30)
@@ -144,7 +144,7 @@ def test_ctrl_c_during_provisioning_deletes_what_was_made(localcloud, admin, tmp
 def test_a_tunnel_that_cannot_listen_fails_the_calls_clearly(localcloud, admin):
     group = group_name("fwd")
     # port 80 on the instance's loopback: the admin user's sshd session may not listen there
-    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=120, forward_ports=[80]) as cluster:
         future = cluster.submit(lambda: 1)
         with pytest.raises(WorkerLost, match="cannot listen on its 127.0.0.1 port 80"):

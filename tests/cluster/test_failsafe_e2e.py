@@ -33,7 +33,7 @@ def test_a_boot_that_always_fails_is_replaced_twice_then_the_calls_fail_naming_i
     template = load_scaleset_template("localcloud-small").model_copy(
         update={"tempdisk": "echo preparing scratch space on purpose-fail; exit 3"})
     started = time.monotonic()
-    with AzureCluster(template, 1, manifest="localcloud", group=group, progress=False,
+    with AzureCluster(template, 1, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=240, max_replacements=10) as cluster:
         future = cluster.submit(lambda: 42)
         with pytest.raises(WorkerLost) as lost:

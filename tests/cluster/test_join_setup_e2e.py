@@ -33,7 +33,7 @@ def was_set_up(tag: str) -> bool:
 def test_every_slot_runs_the_join_setup_before_work_also_after_a_restart(localcloud, admin):
     group, tag = group_name("setup"), uuid.uuid4().hex[:8]
     cluster = AzureCluster("localcloud-small", 1, manifest="localcloud", ppi=2, group=group,
-                           progress=False, join_timeout=300, waitfor=True)
+                           progress=False, warm_up=None, join_timeout=300, waitfor=True)
     cluster.on_join(lambda: mark_ready(tag))
     with cluster:
         addresses = {w.ip for w in cluster.workers}

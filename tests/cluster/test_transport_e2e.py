@@ -38,7 +38,7 @@ def test_env_values_reach_the_worker_but_no_log_and_env_sh_is_private(localcloud
     caplog.set_level(logging.DEBUG)
     logging.getLogger("asyncssh").setLevel(logging.DEBUG)  # it logs each exec command at INFO
     group = group_name("redact")
-    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=240, waitfor=True, env={"TOKEN": SECRET}) as cluster:
         assert cluster.submit(_worker_view).result(timeout=240) == (SECRET, 0o600)
     assert "TOKEN=<redacted>" in caplog.text and SECRET not in caplog.text
@@ -49,7 +49,7 @@ def test_an_agent_that_cannot_start_is_reported_without_env_values(localcloud, a
     caplog.set_level(logging.DEBUG)
     manifest = load_manifest("localcloud").model_copy(update={"python": "/nonexistent/python3"})
     group = group_name("redact-fail")
-    cluster = AzureCluster("localcloud-small", 1, manifest=manifest, group=group, progress=False,
+    cluster = AzureCluster("localcloud-small", 1, manifest=manifest, group=group, progress=False, warm_up=None,
                            join_timeout=240, waitfor=True, max_replacements=0,
                            env={"TOKEN": SECRET})
     with pytest.raises(JoinTimeout) as info:
@@ -84,7 +84,7 @@ def test_nothing_connects_to_an_instance_once_the_cloud_deleted_it(localcloud, a
     monkeypatch.setattr(InstanceConnection, "mark_gone", classmethod(mark_gone))
     manifest = load_manifest("localcloud")
     group = group_name("gone")
-    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False,
+    with AzureCluster("localcloud-small", 2, manifest="localcloud", group=group, progress=False, warm_up=None,
                       join_timeout=300, waitfor=True, max_replacements=0) as cluster:
         addresses = {w.ip for w in cluster.workers}
         victim = cluster.workers[0]
@@ -126,7 +126,7 @@ def test_nothing_connects_to_instances_once_the_local_cloud_stopped(localcloud, 
         # closing cannot delete the instance with the cloud gone, and says so
         with pytest.raises(AzureError, match="Could not reach Azure Resource Manager"), \
                 AzureCluster(blocks["localcloud-small"], 1, manifest=blocks["localcloud"],
-                             group=group_name("stopped"), progress=False, join_timeout=300,
+                             group=group_name("stopped"), progress=False, warm_up=None, join_timeout=300,
                              waitfor=True, max_replacements=0) as cluster:
             addresses = {w.ip for w in cluster.workers}
             assert cluster.submit(lambda: "up").result(timeout=120) == "up"

@@ -33,7 +33,7 @@ def test_a_worker_with_another_prefect_minor_is_refused(localcloud, admin):
         update={"tempdisk": FAKE.replace("{python}", manifest.python)})
     group = group_name("versions")
     cluster = AzureCluster(template, 1, manifest=manifest.model_copy(
-        update={"python": "/home/azureuser/fakepy/python"}), group=group, progress=False,
+        update={"python": "/home/azureuser/fakepy/python"}), group=group, progress=False, warm_up=None,
         join_timeout=240, waitfor=True, max_replacements=0)
     started = time.monotonic()
     with pytest.raises((VersionMismatch, JoinTimeout)) as info:

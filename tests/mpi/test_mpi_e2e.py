@@ -65,7 +65,7 @@ def test_allreduce_on_k_ranks_and_failing_ranks(localcloud, admin, ranks):
     group = f"mpi{ranks}-{uuid.uuid4().hex[:6]}"
     lines: list[str] = []
     with AzureCluster("localcloud-small", 1, manifest="localcloud", group=group,
-                      mpi_ranks_per_worker=ranks, progress=False, join_timeout=300,
+                      mpi_ranks_per_worker=ranks, progress=False, warm_up=None, join_timeout=300,
                       waitfor=True) as cluster:
         cluster.output_handler = lambda worker, stream, line: lines.append(line)
         expected = (ranks, ranks * (ranks + 1) // 2)

@@ -103,9 +103,9 @@ def _modules_before_first_task(agent: subprocess.Popen) -> list[str]:
 
 
 def test_the_task_runners_warm_up_imports_the_engine_and_the_prefect_collections(tmp_path):
-    from prefect_azmanagers._remote_task import WORKER_IMPORTS
+    from prefect_azmanagers.cluster.options import PREFECT_WARM_UP
 
-    agent = _agent(tmp_path, "--warm-up", WORKER_IMPORTS)
+    agent = _agent(tmp_path, "--warm-up", PREFECT_WARM_UP)
     try:
         modules = _modules_before_first_task(agent)
     finally:

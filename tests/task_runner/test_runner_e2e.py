@@ -32,7 +32,7 @@ from prefect.client.schemas.filters import (
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_SERVER_DATABASE_PASSWORD, temporary_settings
 
-from prefect_azmanagers._remote_task import WORKER_IMPORTS
+from prefect_azmanagers.cluster.options import PREFECT_WARM_UP
 from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
 from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
@@ -225,7 +225,7 @@ def test_waitfor_blocks_until_every_worker_joined(localcloud, admin):
         return joined, warm_ups, sum(square.map(range(10)).result())
 
     # every agent imported Prefect's task engine before it joined (the runner's warm_up)
-    assert waited() == (4, {WORKER_IMPORTS}, sum(i * i for i in range(10)))
+    assert waited() == (4, {PREFECT_WARM_UP}, sum(i * i for i in range(10)))
     assert_nothing_left(admin, group, tag)
 
 
