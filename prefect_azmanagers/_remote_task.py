@@ -158,11 +158,11 @@ class RemoteTaskRun(RankedCall):
 def warm_up() -> None:
     """Make this worker process ready for its first task run (a cluster's default `warm_up`,
     `cluster.options.PREFECT_WARM_UP`, run by each agent before the slot says HELLO;
-    `WorkerWarmUp` calls it too, for a cluster made with another one): import Prefect's task engine and what a task run uses
-    (2-4 s of a fresh process on this project's 2-core machine, which the first task run
-    paid otherwise, several slots at once), load the installed Prefect collections (the
-    first block a flow run context builds, its result storage, loads them all: prefect-dask
-    alone takes ~0.8 s) and build the context models that `hydrated_context` rebuilds on
+    `WorkerWarmUp` calls it too, for a cluster made with another one): import Prefect's task
+    engine and what a task run uses (2-4 s of a fresh process on this project's 2-core
+    machine, which the first task run paid otherwise, several slots at once), load the
+    installed Prefect collections (the first block a flow run context builds, its result
+    storage, loads them all: prefect-dask alone takes ~0.8 s) and build the context models that `hydrated_context` rebuilds on
     first use. Nothing here depends on the driver's settings, which arrive with the first
     task."""
     import httpx  # noqa: F401
@@ -184,8 +184,8 @@ class WorkerWarmUp:
     """Run once on each slot as it joins, before its first task (the cluster sends it): what
     the first task run would otherwise pay under the driver's settings, ~1-2 s here with
     four slots joining at once (and `warm_up()`'s imports, on a cluster given to the runner
-    that was made with another `warm_up`). The settings are hydrated (and cached for every task run
-    that brings the same ones), Prefect's logging is set up under them, this thread's API
+    that was made with another `warm_up`). The settings are hydrated (and cached for every
+    task run that brings the same ones), Prefect's logging is set up under them, this thread's API
     client is opened (it checks the server's API version), and the slot's first event,
     `prefect-azmanagers.worker.ready`, is sent (the events worker's connection opened and
     its first emit paid: ~0.6 s here).

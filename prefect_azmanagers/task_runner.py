@@ -134,10 +134,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
                 "AzureScaleSetTaskRunner('cbox08', 4), or an existing cluster: "
                 "AzureScaleSetTaskRunner(cluster=my_cluster)."
             )
-        from prefect_azmanagers.cluster.options import (
-            ClusterOptions,
-            check_instance_count,
-        )
+        from prefect_azmanagers.cluster.options import ClusterOptions, check_instance_count
 
         self.template = template
         self.n = n

@@ -10,8 +10,8 @@ carries the agent's own crash output). On spot instances (`--imds URL`) it polls
 scheduled events once a second and reports a Preempt naming its VM.
 
 The agent's own imports stay light (stdlib + cloudpickle). Before it says HELLO it runs the
-cluster's warm-up, if any (`--warm-up MODULE:FUNCTION`; the task runner's,
-`prefect_azmanagers._remote_task:warm_up`, imports Prefect's task engine and builds its
+cluster's `warm_up`, if any (`--warm-up MODULE:FUNCTION`; clusters default to
+`prefect_azmanagers._remote_task:warm_up`, which imports Prefect's task engine and builds its
 models), so a slot joins ready and the first task it runs pays nothing the later ones do not.
 """
 
