@@ -162,9 +162,9 @@ def warm_up() -> None:
     engine and what a task run uses (2-4 s of a fresh process on this project's 2-core
     machine, which the first task run paid otherwise, several slots at once), load the
     installed Prefect collections (the first block a flow run context builds, its result
-    storage, loads them all: prefect-dask alone takes ~0.8 s) and build the context models that `hydrated_context` rebuilds on
-    first use. Nothing here depends on the driver's settings, which arrive with the first
-    task."""
+    storage, loads them all: prefect-dask alone takes ~0.8 s) and build the context models
+    that `hydrated_context` rebuilds on first use. Nothing here depends on the driver's
+    settings, which arrive with the first task."""
     import httpx  # noqa: F401
     import prefect.events.worker  # noqa: F401
     import prefect.logging.handlers  # noqa: F401
