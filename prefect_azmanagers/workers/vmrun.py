@@ -18,7 +18,8 @@ Crashed when the VM is gone, stopped or deallocated, when the boot script failed
 did not start within boot_timeout, or when the engine exited without a final state; Cancelled
 (VM deleted) when a Cancelling run's engine did not end it within CANCEL_GRACE_SECONDS. Once
 the run is final the VM is deleted (after keep_on_failure seconds if it did not complete), on
-every path; the one exception is a worker that stops while its runs go on: their VMs stay, and
+every path, once the engine exited (at most ENGINE_DRAIN_SECONDS later: it sends the flow's
+last log lines as it exits, after its final state); the one exception is a worker that stops while its runs go on: their VMs stay, and
 `adopt` in the next worker of the pool follows them (or deletes those whose run has ended).
 """
 
@@ -74,6 +75,7 @@ STATE_POLL_SECONDS = 2.0
 ARM_POLL_SECONDS = 10.0
 CANCEL_GRACE_SECONDS = 30.0       # for the VM's engine to end a Cancelling run itself
 ENGINE_EXIT_GRACE_SECONDS = 20.0  # for a final state to arrive after the engine exited
+ENGINE_DRAIN_SECONDS = 30.0       # for the engine to exit after the final state (its last logs)
 OWNER_SILENT_HEARTBEATS = 3       # a worker silent this long no longer follows its VMs
 API_RETRY_SECONDS = 300.0         # how long a follower retries a Prefect API that does not answer
 API_BACKOFF_FIRST, API_BACKOFF_MAX = 1.0, 30.0  # seconds between those retries (doubling)
@@ -219,6 +221,7 @@ class VMRun:
             kind = state.type if state else StateType.PENDING
             now = time.monotonic()
             if kind in _FINAL:
+                await self.engine_exited()
                 self.run_logger.info("Flow run is %s; deleting VM %s", state.name, self.vm.name)
                 await self.delete(clients, keep=kind != StateType.COMPLETED)
                 return kind
@@ -249,6 +252,14 @@ class VMRun:
             if reason is not None:
                 return await self.end(clients, reason)
             await anyio.sleep(STATE_POLL_SECONDS)
+
+    async def engine_exited(self) -> None:
+        """After the run's final state, wait (at most ENGINE_DRAIN_SECONDS) for its engine to
+        exit: the engine sends its last log lines and events as it exits, and a VM deleted
+        sooner loses them (seen: the flow's own lines missing from the run's logs)."""
+        deadline = time.monotonic() + ENGINE_DRAIN_SECONDS
+        while self.engine_exit is None and time.monotonic() < deadline:
+            await anyio.sleep(min(STATE_POLL_SECONDS, 0.5))
 
     async def read_flow_run(self) -> FlowRun:
         """The run as the API has it now, retried while the API does not answer (see `api`)."""

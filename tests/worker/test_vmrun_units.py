@@ -78,6 +78,7 @@ def deleted(monkeypatch):
     monkeypatch.setattr(vmrun, "STATE_POLL_SECONDS", 0.01)
     monkeypatch.setattr(vmrun, "API_BACKOFF_FIRST", 0.01)
     monkeypatch.setattr(vmrun, "API_BACKOFF_MAX", 0.05)
+    monkeypatch.setattr(vmrun, "ENGINE_DRAIN_SECONDS", 0.2)
     return names
 
 
@@ -211,3 +212,27 @@ async def test_a_bad_env_name_fails_the_run_before_any_vm_is_made(monkeypatch):
     config = AzureVMJobConfiguration(vm_template="t", env={"MY-SETTING": "1"})
     with pytest.raises(ConfigurationError, match="'MY-SETTING' is not a valid shell name"):
         await vmrun.run_flow_run(SimpleNamespace(), flow_run, config, None)
+
+
+async def test_a_completed_runs_vm_is_deleted_only_once_its_engine_exited(deleted, monkeypatch):
+    """The engine sends the flow's last log lines as it exits, after the final state."""
+    monkeypatch.setattr(vmrun, "ENGINE_DRAIN_SECONDS", 30.0)
+    run = _run([Completed()])
+    following = []
+
+    async def exits_later() -> None:
+        await anyio.sleep(0.3)
+        following.append(list(deleted))  # nothing deleted while the engine still runs
+        run.engine_exit = 0
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(exits_later)
+        assert await run.follow(clients=None) == Completed().type
+    assert following == [[]] and deleted == ["pool-abcdef"]
+
+
+async def test_an_engine_that_never_says_it_exited_delays_the_deletion_boundedly(deleted):
+    run = _run([Completed()])  # ENGINE_DRAIN_SECONDS is 0.2 here
+    started = time.monotonic()
+    assert await run.follow(clients=None) == Completed().type
+    assert deleted == ["pool-abcdef"] and time.monotonic() - started >= 0.2
