@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.conftest import cli, flows_repo, vm_pool, vm_worker  # noqa: F401 - fixtures
+from tests.worker.conftest import (  # noqa: F401 - fixtures
+    assert_nothing_left,
+    cli,
+    flows_repo,
+    vm_pool,
+    vm_worker,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -102,7 +108,8 @@ def test_a_cli_made_pool_shows_its_fields_in_the_ui(prefect_server, vm_pool, pag
 
 
 def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(prefect_server, vm_pool,
-                                                                      vm_worker, page):
+                                                                      vm_worker, page,
+                                                                      assert_nothing_left):
     from playwright.sync_api import expect
 
     from tests.worker.runs import messages_of, run_deployment, wait_for_run
@@ -122,3 +129,6 @@ def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(prefect_se
         logs_tab.first.click()
     expect(page.get_by_text(boot).first).to_be_visible(timeout=60_000)
     expect(page.get_by_text(f"hello the UI from {vm_name}").first).to_be_visible(timeout=60_000)
+    # the worker deletes the VM once the engine exited; a worker stopped before leaves it
+    # for the next worker's adoption, so the test waits for the deletion
+    assert_nothing_left(vm_pool.pool)
