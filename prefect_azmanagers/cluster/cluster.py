@@ -126,11 +126,8 @@ class AzureCluster:
         self._clients: ArmClients | None = None
 
     def _hopeless(self) -> str | None:
-        """Why queued work can never run (None while an instance is joined, coming, or an
-        adaptive policy may still add one)."""
-        if self._membership is None or (self._lifecycle is not None and self._lifecycle.may_grow()):
-            return None
-        return self._membership.hopeless_reason()
+        """Why queued work can never run (None before the cluster started)."""
+        return None if self._lifecycle is None else self._lifecycle.hopeless_reason()
 
     @property
     def group(self) -> str:

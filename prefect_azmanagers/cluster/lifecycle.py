@@ -411,6 +411,11 @@ class Lifecycle:
         if policy is not None:
             await AdaptiveScaling(self, policy).run()
 
+    def hopeless_reason(self) -> str | None:
+        """Why queued work can never run: None while an instance is joined or coming, a
+        replacement is being arranged, or an adaptive policy may still add one."""
+        return None if self.may_grow() else self.membership.hopeless_reason()
+
     def may_grow(self) -> bool:
         """Capacity may still come (so queued work is not hopeless while nothing is joined): a
         lost instance's replacement is being arranged, or the adaptive policy will add some

@@ -42,15 +42,12 @@ class StubbornAgent:
 def one_joined_instance(scaleset: FakeScaleSet, agent: StubbornAgent
                         ) -> tuple[Lifecycle, Dispatcher, Member]:
     """A lifecycle (no SSH, no cloud) whose cluster has one joined instance, azm_0, with one
-    slot; queued work is hopeless as the cluster judges it (`AzureCluster._hopeless`)."""
+    slot; queued work is hopeless as the lifecycle judges it, as in the cluster."""
     members = membership(scaleset)
     loop = asyncio.get_running_loop()
     lifecycle: Lifecycle | None = None
-
-    def hopeless() -> str | None:
-        return None if lifecycle.may_grow() else members.hopeless_reason()
-
-    dispatcher = Dispatcher(max_task_retries_on_lost_worker=3, hopeless=hopeless,
+    dispatcher = Dispatcher(max_task_retries_on_lost_worker=3,
+                            hopeless=lambda: lifecycle.hopeless_reason(),
                             spawn=loop.create_task, gate=Backpressure(""))
     lifecycle = Lifecycle(ClusterOptions(progress=False), None, members, dispatcher,
                           progress=JoinProgress(1, show=False), output=lambda *a: None,
