@@ -114,10 +114,10 @@ class RecordingWatch:
                 if recorded > self.recorded:
                     self.recorded, progress_at, self.stalled = recorded, now, False
                 elif (not self.stalled and now - progress_at > self.stall_after
-                        and (backlog := self.backlog() + self.cluster.in_flight)
+                        and (unrecorded := self.backlog() + self.cluster.in_flight)
                         >= self.cluster.options.max_unrecorded):
                     self.stalled = True
                     self.logger.warning(
                         "The Prefect API recorded no task run of this flow for %.0f s with %d "
                         "unrecorded: dispatch goes on without waiting for it (some task runs "
-                        "may be missing from the UI).", self.stall_after, backlog)
+                        "may be missing from the UI).", self.stall_after, unrecorded)

@@ -19,8 +19,9 @@ did not start within boot_timeout, or when the engine exited without a final sta
 (VM deleted) when a Cancelling run's engine did not end it within CANCEL_GRACE_SECONDS. Once
 the run is final the VM is deleted (after keep_on_failure seconds if it did not complete), on
 every path, once the engine exited (at most ENGINE_DRAIN_SECONDS later: it sends the flow's
-last log lines as it exits, after its final state); the one exception is a worker that stops while its runs go on: their VMs stay, and
-`adopt` in the next worker of the pool follows them (or deletes those whose run has ended).
+last log lines as it exits, after its final state); the one exception is a worker that stops
+while its runs go on: their VMs stay, and `adopt` in the next worker of the pool follows them
+(or deletes those whose run has ended).
 """
 
 from __future__ import annotations
