@@ -40,14 +40,20 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 
 
+POOL = "ThreadPoolTaskRunner(8)"
+POOL_BLOB = "ThreadPoolTaskRunner(8), blob result storage"
+FRESH_NO_BLOB = "fresh, manifest without blob container"
+NO_BLOB = "localcloud-noblob"
+
+
 @task
 def started(submitted_at: float) -> float:
     return time.time() - submitted_at
 
 
-def timed_flow(task_runner, n: int) -> dict:
+def timed_flow(task_runner, n: int, **flow_options) -> dict:
     """One flow run of n trivial tasks: join (runner entered -> body), first result, tasks/s."""
-    @flow(task_runner=task_runner, name="bench-cold-start")
+    @flow(task_runner=task_runner, name="bench-cold-start", **flow_options)
     def cold_flow(count: int) -> tuple[float, float, float, list[float]]:
         body = time.time()
         t0 = time.perf_counter()
@@ -67,26 +73,40 @@ def timed_flow(task_runner, n: int) -> dict:
             "start_latency_p95_ms": round(1000 * latencies[int(len(latencies) * 0.95)], 1)}
 
 
-def measure_cold_start(api_port: int, n: int, w: int, rounds: int) -> dict:
-    """Rows: ThreadPoolTaskRunner(8), `rounds` fresh runners, a shared cluster's first flow
-    run and `rounds` later ones. Each row is one flow run, timed as `timed_flow` says."""
+def measure_cold_start(n: int, w: int, rounds: int) -> dict:
+    """Rows: ThreadPoolTaskRunner(8) (local and blob result storage), `rounds` fresh runners
+    (with and without the manifest's blob container), a shared cluster's first flow run and
+    `rounds` later ones. Each row is one flow run, timed as `timed_flow` says."""
+    from prefect_azure import AzureBlobStorageContainer
+
+    from prefect_azmanagers.blocks import load_manifest
     from prefect_azmanagers.cluster.cluster import AzureCluster
     from prefect_azmanagers.task_runner import AzureScaleSetTaskRunner
 
-    rows: dict[str, list[dict]] = {"ThreadPoolTaskRunner(8)": [], "fresh": [],
+    # The local cloud's manifest names a blob container, the workers' default result storage.
+    # Prefect looks every task's cache key up in it (a blob GET, and an INFO log line, per
+    # task run, persisted or not): the ThreadPool row with the same storage and the fresh row
+    # without it show what that lookup costs, apart from the runner.
+    load_manifest("localcloud").model_copy(update={"blob_container": None}).save(
+        NO_BLOB, overwrite=True)
+    blob = AzureBlobStorageContainer.load("localcloud")
+    rows: dict[str, list[dict]] = {POOL: [], POOL_BLOB: [], "fresh": [], FRESH_NO_BLOB: [],
                                    "shared, first flow run": [], "shared, later flow runs": []}
 
-    def run(name: str, runner) -> None:
-        row = timed_flow(runner, n)
+    def run(name: str, runner, **flow_options) -> None:
+        row = timed_flow(runner, n, **flow_options)
         rows[name].append(row)
-        print(f"  {name:<26} {row['tasks_per_s']:>7} tasks/s  first result "
+        print(f"  {name:<40} {row['tasks_per_s']:>7} tasks/s  first result "
               f"{row['first_result_s']:.3f} s  join {row['join_s']} s", flush=True)
 
     for _ in range(rounds):
-        run("ThreadPoolTaskRunner(8)", ThreadPoolTaskRunner(8))
+        run(POOL, ThreadPoolTaskRunner(8))
+        run(POOL_BLOB, ThreadPoolTaskRunner(8), result_storage=blob, persist_result=False)
         run("fresh", AzureScaleSetTaskRunner("localcloud-small", w, manifest="localcloud",
                                              waitfor=True))
-    cluster = AzureCluster("localcloud-small", w, manifest="localcloud", forward_ports=[api_port],
+        run(FRESH_NO_BLOB, AzureScaleSetTaskRunner("localcloud-small", w, manifest=NO_BLOB,
+                                                   waitfor=True))
+    cluster = AzureCluster("localcloud-small", w, manifest="localcloud",
                            progress=False, waitfor=True, group="bench-cold").start()
     try:
         run("shared, first flow run", AzureScaleSetTaskRunner(cluster=cluster))
@@ -102,16 +122,16 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
     def median(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
 
-    pool = median("ThreadPoolTaskRunner(8)", "tasks_per_s")
+    pool = median(POOL, "tasks_per_s")
     table = {name: {"tasks_per_s": median(name, "tasks_per_s"),
                     "vs_threadpool": round(median(name, "tasks_per_s") / pool, 2),
                     "first_result_s": median(name, "first_result_s"),
                     "start_latency_p50_ms": median(name, "start_latency_p50_ms"),
                     "join_s": median(name, "join_s"), "flow_runs": rows[name]}
              for name in rows}
-    print(f"\n{'runner':<28}{'tasks/s':>9}{'x pool':>8}{'first result s':>16}{'join s':>8}")
+    print(f"\n{'runner':<40}{'tasks/s':>9}{'x pool':>8}{'first result s':>16}{'join s':>8}")
     for name, r in table.items():
-        print(f"{name:<28}{r['tasks_per_s']:>9}{r['vs_threadpool']:>8}"
+        print(f"{name:<40}{r['tasks_per_s']:>9}{r['vs_threadpool']:>8}"
               f"{r['first_result_s']:>16}{r['join_s']:>8}")
     print("(medians of the flow runs; goals: fresh >= 1.0x ThreadPoolTaskRunner(8), "
           "first result < 0.3 s)")
@@ -133,11 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         with database_services(root, args.server) as database, \
                 prefect_server(root, os.environ["PREFECT_API_URL"], database) as api_url, \
                 local_cloud(root, api_url):
-            api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
             print(f"{args.tasks} trivial tasks, {args.workers} workers, {os.cpu_count()} CPUs",
                   flush=True)
-            report["runners"] = measure_cold_start(api_port, args.tasks, args.workers,
-                                                   args.rounds)
+            report["runners"] = measure_cold_start(args.tasks, args.workers, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if _OWN_HOME:

@@ -370,11 +370,15 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         return None  # a routable URL (e.g. Prefect Cloud): workers reach it directly
 
     def _manifest(self) -> AzureManifest | None:
-        if self._given_cluster is not None:
-            return getattr(self._given_cluster, "manifest", None)
+        """The manifest the workers were made with: the runner's, or the given cluster's
+        (loaded when the cluster names it, so its blob container and API address for VMs
+        apply to a shared cluster as they do to the runner's own)."""
         from prefect_azmanagers.blocks import load_manifest
 
-        return load_manifest(self.manifest)
+        if self._given_cluster is None:
+            return load_manifest(self.manifest)
+        manifest = getattr(self._given_cluster, "manifest", None)
+        return load_manifest(manifest) if isinstance(manifest, str) else manifest
 
     # -- submission --------------------------------------------------------------------
 

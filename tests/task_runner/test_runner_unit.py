@@ -345,6 +345,23 @@ def test_given_cluster_is_left_open_and_must_forward_the_api(prefect_server, fak
             pass
 
 
+def test_a_given_cluster_made_with_a_manifest_name_gets_that_manifests_api_address(
+        prefect_server, fake_cluster):
+    """A shared cluster made with manifest="name" runs its workers as the runner's own would:
+    the saved manifest's API address for VMs (here: no port forward needed) applies."""
+    from prefect_azmanagers.blocks import AzureManifest
+
+    AzureManifest(subscription_id="SUB", resource_group="rg", ssh_user="u",
+                  prefect_api_url_for_vms="http://10.0.0.1:4200/api").save(
+        "direct-api", overwrite=True)
+    fake = fake_cluster(forward_ports=())
+    fake.manifest = "direct-api"
+    with AzureScaleSetTaskRunner(cluster=fake):
+        pass
+    [warm_up] = fake.join_setups
+    assert warm_up.settings["settings"]["api"]["url"] == "http://10.0.0.1:4200/api"
+
+
 def test_ephemeral_mode_is_refused():
     with temporary_settings(updates={PREFECT_API_URL: None}):
         with pytest.raises(PrefectAPIUnreachable, match="PREFECT_API_URL is not set"):

@@ -157,13 +157,15 @@ class WorkerProcess:
 
 @pytest.fixture
 def vm_worker(vm_pool, tmp_path):
-    """A running worker of the `vm_pool`; stopped after the test."""
+    """A running worker of the `vm_pool`; stopped after the test. Its log (the VMs' engine
+    output among it) is printed at teardown: pytest shows it when the test failed."""
     worker = WorkerProcess(vm_pool.pool, tmp_path / "worker.log")
     worker.start()
     try:
         yield worker
     finally:
         worker.stop()
+        print(f"--- the worker's log ---\n{worker.output()[-30000:]}")
 
 
 def leftovers(localcloud_info: dict, pool: str) -> list[str]:
