@@ -35,6 +35,7 @@ from bench.services import (
 _OWN_HOME = bench_environment()  # before prefect is imported
 
 from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
@@ -43,6 +44,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 POOL = "ThreadPoolTaskRunner(8)"
 POOL_BLOB = "ThreadPoolTaskRunner(8), blob result storage"
 FRESH_NO_BLOB = "fresh, manifest without blob container"
+FRESH_NO_CACHE = "fresh, tasks with cache_policy=NO_CACHE"
 NO_BLOB = "localcloud-noblob"
 
 
@@ -51,13 +53,13 @@ def started(submitted_at: float) -> float:
     return time.time() - submitted_at
 
 
-def timed_flow(task_runner, n: int, **flow_options) -> dict:
-    """One flow run of n trivial tasks: join (runner entered -> body), first result, tasks/s."""
+def timed_flow(task_runner, n: int, trivial=started, **flow_options) -> dict:
+    """One flow run of n `trivial` tasks: join (runner entered -> body), first result, tasks/s."""
     @flow(task_runner=task_runner, name="bench-cold-start", **flow_options)
     def cold_flow(count: int) -> tuple[float, float, float, list[float]]:
         body = time.time()
         t0 = time.perf_counter()
-        futures = [started.submit(time.time()) for _ in range(count)]
+        futures = [trivial.submit(time.time()) for _ in range(count)]
         first = None
         for done in as_completed(futures):
             first = first or time.perf_counter() - t0
@@ -75,7 +77,7 @@ def timed_flow(task_runner, n: int, **flow_options) -> dict:
 
 def measure_cold_start(n: int, w: int, rounds: int) -> dict:
     """Rows: ThreadPoolTaskRunner(8) (local and blob result storage), `rounds` fresh runners
-    (with and without the manifest's blob container), a shared cluster's first flow run and
+    (with and without the manifest's blob container, and with NO_CACHE tasks), a shared cluster's first flow run and
     `rounds` later ones. Each row is one flow run, timed as `timed_flow` says."""
     from prefect_azure import AzureBlobStorageContainer
 
@@ -86,15 +88,17 @@ def measure_cold_start(n: int, w: int, rounds: int) -> dict:
     # The local cloud's manifest names a blob container, the workers' default result storage.
     # Prefect looks every task's cache key up in it (a blob GET, and an INFO log line, per
     # task run, persisted or not): the ThreadPool row with the same storage and the fresh row
-    # without it show what that lookup costs, apart from the runner.
+    # without it show what that lookup costs, apart from the runner; tasks made with
+    # cache_policy=NO_CACHE (the user's remedy for tasks that need no cache) skip it.
     load_manifest("localcloud").model_copy(update={"blob_container": None}).save(
         NO_BLOB, overwrite=True)
     blob = AzureBlobStorageContainer.load("localcloud")
     rows: dict[str, list[dict]] = {POOL: [], POOL_BLOB: [], "fresh": [], FRESH_NO_BLOB: [],
-                                   "shared, first flow run": [], "shared, later flow runs": []}
+                                   FRESH_NO_CACHE: [], "shared, first flow run": [],
+                                   "shared, later flow runs": []}
 
-    def run(name: str, runner, **flow_options) -> None:
-        row = timed_flow(runner, n, **flow_options)
+    def run(name: str, runner, **options) -> None:
+        row = timed_flow(runner, n, **options)
         rows[name].append(row)
         print(f"  {name:<40} {row['tasks_per_s']:>7} tasks/s  first result "
               f"{row['first_result_s']:.3f} s  join {row['join_s']} s", flush=True)
@@ -106,6 +110,9 @@ def measure_cold_start(n: int, w: int, rounds: int) -> dict:
                                              waitfor=True))
         run(FRESH_NO_BLOB, AzureScaleSetTaskRunner("localcloud-small", w, manifest=NO_BLOB,
                                                    waitfor=True))
+        run(FRESH_NO_CACHE, AzureScaleSetTaskRunner("localcloud-small", w, manifest="localcloud",
+                                                    waitfor=True),
+            trivial=started.with_options(cache_policy=NO_CACHE))
     cluster = AzureCluster("localcloud-small", w, manifest="localcloud",
                            progress=False, waitfor=True, group="bench-cold").start()
     try:
