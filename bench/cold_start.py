@@ -1,6 +1,8 @@
 """Cold start as a user meets it: a fresh AzureScaleSetTaskRunner per flow run (nothing warmed
 by hand), beside a shared AzureCluster (its first flow run and the later ones) and Prefect's
-ThreadPoolTaskRunner(8), all on the same N-task flow in one run:
+ThreadPoolTaskRunner(8), all on the same N-task flow in one run. The local cloud's manifest
+names a blob container, so rows with and without it (and ThreadPoolTaskRunner with it) show
+what Prefect's per-task cache lookup in that storage costs:
 
     python -m bench.cold_start [--tasks 400] [--workers 4] [--rounds 2] [--server postgres]
 
@@ -77,8 +79,9 @@ def timed_flow(task_runner, n: int, trivial=started, **flow_options) -> dict:
 
 def measure_cold_start(n: int, w: int, rounds: int) -> dict:
     """Rows: ThreadPoolTaskRunner(8) (local and blob result storage), `rounds` fresh runners
-    (with and without the manifest's blob container, and with NO_CACHE tasks), a shared cluster's first flow run and
-    `rounds` later ones. Each row is one flow run, timed as `timed_flow` says."""
+    (with and without the manifest's blob container, and with NO_CACHE tasks), a shared
+    cluster's first flow run and `rounds` later ones. Each row is one flow run, timed as
+    `timed_flow` says."""
     from prefect_azure import AzureBlobStorageContainer
 
     from prefect_azmanagers.blocks import load_manifest
