@@ -11,7 +11,10 @@ plus the calls in flight reach `max_unrecorded`. Read at
 dispatch time, the hold engages at once, however long a count takes on a busy server. A count
 that stops moving while dispatch is held (an API that records nothing, events lost anyway)
 releases the hold after `stall_after` seconds, with a warning: a hold never hangs the flow.
-At the flow's end `settle()` keeps the workers up while the API is still recording.
+At the flow's end `settle()` keeps the workers up while the API is still recording, then
+writes the final state the runner holds to each task run the API still holds unfinished: on a
+busy server a worker's last events can be lost on their way (their logs arrive, the Completed
+event does not), and the run would stay Running in the UI forever.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
 from prefect.client.orchestration import get_client
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from prefect_azmanagers.cluster.cluster import AzureCluster
 
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+UNFINISHED = [kind for kind in StateType if kind not in FINAL]
 COUNT_TIMEOUT = 30.0  # s for one count; a busier server keeps the last count standing
 
 
@@ -69,21 +74,61 @@ class RecordingWatch:
         self._thread.start()
         return self
 
-    def settle(self, *, patience: float = 60.0) -> None:
+    def settle(self, *, patience: float = 60.0,
+               repair: Callable[[Any, uuid.UUID], bool] | None = None) -> None:
         """At the flow's end, before the workers go: wait while the API is still recording
         this flow's task runs (the count moved within `patience` s); a flow whose last events
-        are in flight would otherwise lose them with its instances. Says what is missing."""
+        are in flight would otherwise lose them with its instances. Then each task run the
+        API holds unfinished goes to `repair(client, task_run_id)`, which writes the final
+        state the runner knows (False: none known). Says what is still missing."""
         progress_at, last = time.monotonic(), self.recorded
         while (missing := self.finished() - self.recorded) > 0:
             if self.recorded > last:
                 progress_at, last = time.monotonic(), self.recorded
             elif time.monotonic() - progress_at > patience or not self._thread.is_alive():
-                self.logger.warning(
-                    "%d task runs of this flow are not recorded by the Prefect API %.0f s after "
-                    "the flow's last one ended; they may be missing from the UI.",
-                    missing, patience)
+                repaired = self._repair(repair) if repair is not None else 0
+                if repaired:
+                    self.logger.info(
+                        "%d task runs of this flow ended on their workers but the Prefect API "
+                        "still held them unfinished %.0f s after the flow's last one ended "
+                        "(their final events were lost on the way): their final states were "
+                        "written to the API from here.", repaired, patience)
+                if missing > repaired:
+                    self.logger.warning(
+                        "%d task runs of this flow are not recorded by the Prefect API %.0f s "
+                        "after the flow's last one ended; they may be missing from the UI.",
+                        missing - repaired, patience)
                 return
             time.sleep(min(self.interval, 1.0))
+
+    def _repair(self, repair: Callable[[Any, uuid.UUID], bool]) -> int:
+        """`repair` each task run of the flow run that the API holds unfinished; returns how
+        many were repaired."""
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id]))
+        task_runs = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+            any_=UNFINISHED)))
+        repaired = 0
+        try:
+            with self._client() as client:
+                unfinished: list[uuid.UUID] = []
+                while page := client.read_task_runs(flow_run_filter=flow_runs,
+                                                    task_run_filter=task_runs,
+                                                    limit=200, offset=len(unfinished)):
+                    unfinished += [task_run.id for task_run in page]
+                for task_run_id in unfinished:
+                    repaired += bool(repair(client, task_run_id))
+        except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; the warning says it
+            logging.getLogger(__name__).debug("could not repair task runs: %s", exc)
+        return repaired
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        """A sync client under the flow's settings (they say where the API is)."""
+        settings = self.settings
+        with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
+              else contextlib.nullcontext()), \
+                get_client(sync_client=True, httpx_settings={"timeout": COUNT_TIMEOUT}) as client:
+            yield client
 
     def stop(self) -> None:
         self._unpace()
@@ -91,16 +136,13 @@ class RecordingWatch:
         self._thread.join(timeout=COUNT_TIMEOUT + 5)
 
     def _run(self) -> None:
-        settings = self.settings
         filters = {  # POST /task_runs/count (the client has no method for it)
             "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id])).model_dump(
                 mode="json", exclude_unset=True),
             "task_runs": TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
                 any_=FINAL))).model_dump(mode="json", exclude_unset=True)}
         progress_at = time.monotonic()
-        with (SettingsContext(profile=settings.profile, settings=settings.settings) if settings
-              else contextlib.nullcontext()), \
-                get_client(sync_client=True, httpx_settings={"timeout": COUNT_TIMEOUT}) as client:
+        with self._client() as client:
             while not self._stop.wait(self.interval):
                 try:
                     answer = client.request("POST", "/task_runs/count", json=filters)

@@ -3,13 +3,15 @@
 When the engine rather than the task ends a task run (its worker kept being lost, an argument
 cannot be sent or rebuilt, the call was cancelled), no worker reports that outcome: the runner
 writes the task run's Crashed, Failed or Cancelled state to the API itself, as Prefect's task
-engine would have.
+engine would have. When a worker did report it but its events were lost on their way to the
+API, `ReportedStates` holds that final state for the runner to write at the flow's end.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from prefect.client.schemas.objects import RunInput
 from prefect.context import SettingsContext
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture, wait
+from prefect.results import ResultRecordMetadata
 from prefect.states import Cancelled, Crashed, Failed, State
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
@@ -119,3 +122,32 @@ def settle(future: concurrent.futures.Future[State], state: State) -> None:
         future.set_result(state)
     except concurrent.futures.InvalidStateError:
         pass  # already settled (e.g. cancelled first)
+
+
+class ReportedStates:
+    """The final state each worker reported for the flow's task runs, kept small (type, name,
+    message, and the record of a persisted result; never an in-memory value), so the runner
+    can write it to the API where the worker's own events did not arrive (`repair`)."""
+
+    def __init__(self) -> None:
+        self._states: dict[uuid.UUID, tuple[Any, str | None, str | None, Any]] = {}
+        self._lock = threading.Lock()
+
+    def note(self, task_run_id: uuid.UUID, state: State) -> None:
+        if not isinstance(state, State) or not state.is_final():
+            return
+        record = state.data if isinstance(state.data, ResultRecordMetadata) else None
+        with self._lock:
+            self._states[task_run_id] = (state.type, state.name, state.message, record)
+
+    def repair(self, client: Any, task_run_id: uuid.UUID) -> bool:
+        """Write the reported final state of `task_run_id` (forced, as the engine's own final
+        state would have been); False when no worker reported one here."""
+        with self._lock:
+            reported = self._states.get(task_run_id)
+        if reported is None:
+            return False
+        kind, name, message, record = reported
+        client.set_task_run_state(
+            task_run_id, State(type=kind, name=name, message=message, data=record), force=True)
+        return True

@@ -68,6 +68,7 @@ from prefect_azmanagers._remote_task import (
     WorkerWarmUp,
 )
 from prefect_azmanagers._task_states import (
+    ReportedStates,
     Submission,
     futures_to_states,
     record_state,
@@ -168,6 +169,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self._membership_log: MembershipLogRelay | None = None
         self._recording: RecordingWatch | None = None
         self._calls_back = 0  # engine calls that came back (their task runs were reported)
+        self._reported = ReportedStates()  # their final states, should their events be lost
 
     def duplicate(self) -> Self:
         """A fresh runner with this configuration (sharing a passed-in cluster)."""
@@ -272,9 +274,10 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._recorder = None
         if self._recording is not None:
             if not cancel:  # the workers stay up while the API records their last task runs
-                self._recording.settle()
+                self._recording.settle(repair=self._reported.repair)
             self._recording.stop()
             self._recording = None
+            self._reported = ReportedStates()
         cluster, self._cluster = self._cluster, None
         if cluster is None:
             return
@@ -459,6 +462,8 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if done.cancelled():
             self._end_here(run, Cancelled(message="Cancelled with the flow run."))
         elif (exc := done.exception()) is None:
+            if self._recording is not None:  # the watch's settle may need it at the end
+                self._reported.note(run.task_run_id, done.result())
             settle(run.outer, done.result())
         elif isinstance(exc, PrefectAPIUnreachable):  # nothing can be recorded there
             settle(run.outer, state_for_error(exc))

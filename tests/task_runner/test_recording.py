@@ -90,3 +90,44 @@ def test_settle_returns_once_recorded_and_says_what_is_missing_when_recording_st
             watch.stop()
         told = [r.getMessage() for r in caplog.records if "are not recorded" in r.getMessage()]
         assert (told[-1].startswith(f"{missing} task runs") if missing else not told), told
+
+
+def test_settle_writes_the_reported_final_state_of_task_runs_the_api_holds_unfinished(
+        prefect_server, caplog):
+    """Two task runs whose Completed events were lost (the API holds them Running, as a busy
+    server left 22-36 of a large run): settle writes the final state the workers reported,
+    through the REST API, and says so; one no worker reported stays as it is."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Completed, Running
+
+    from prefect_azmanagers._task_states import ReportedStates
+
+    state = five(return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[flow_run_id])))
+        lost, unknown = [r.id for r in runs[:2]], runs[2].id
+        for task_run_id in [*lost, unknown]:
+            client.set_task_run_state(task_run_id, Running(), force=True)
+    reported = ReportedStates()
+    for task_run_id in lost:
+        reported.note(task_run_id, Completed(message="reported by its worker"))
+    logger = logging.getLogger("test-recording-repair")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    watch = RecordingWatch(FakeCluster(), flow_run_id, SettingsContext.get(), lambda: 5,
+                           logger, interval=0.2).start()
+    try:
+        watch.settle(patience=1.0, repair=reported.repair)
+    finally:
+        watch.stop()
+    with get_client(sync_client=True) as client:
+        states = {r.id: r.state for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+    assert all(states[i].is_completed() and states[i].message == "reported by its worker"
+               for i in lost), states
+    assert states[unknown].is_running()
+    told = [r.getMessage() for r in caplog.records if r.name == "test-recording-repair"]
+    assert any(m.startswith("2 task runs of this flow ended on their workers") for m in told), told
+    assert any(m.startswith("1 task runs of this flow are not recorded") for m in told), told
