@@ -108,17 +108,21 @@ class RecordingWatch:
         task_runs = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
             any_=UNFINISHED)))
         repaired = 0
-        try:
-            with self._client() as client:
-                unfinished: list[uuid.UUID] = []
+        with self._client() as client:
+            unfinished: list[uuid.UUID] = []
+            try:
                 while page := client.read_task_runs(flow_run_filter=flow_runs,
                                                     task_run_filter=task_runs,
                                                     limit=200, offset=len(unfinished)):
                     unfinished += [task_run.id for task_run in page]
-                for task_run_id in unfinished:
+            except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; a warning says it
+                logging.getLogger(__name__).debug("could not list unfinished task runs: %s", exc)
+            for task_run_id in unfinished:
+                try:
                     repaired += bool(repair(client, task_run_id))
-        except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; the warning says it
-            logging.getLogger(__name__).debug("could not repair task runs: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - one refused write spoils no other
+                    logging.getLogger(__name__).debug("could not write the final state of "
+                                                      "task run %s: %s", task_run_id, exc)
         return repaired
 
     @contextlib.contextmanager
