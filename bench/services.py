@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,10 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def bench_environment() -> str | None:
     """Before prefect is imported: every process of the run (children inherit it) sees one
     API URL and a Prefect home of the run's own, unless given. Returns that home (None if the
-    caller gave one), for the bench to remove at its end."""
+    caller gave one), for the bench to remove at its end. A `kill` (SIGTERM) stops the bench
+    as Ctrl-C does, so its services (server, database, local cloud) are stopped too."""
+    signal.signal(signal.SIGTERM, _interrupted)
     os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
