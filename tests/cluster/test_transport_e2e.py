@@ -12,7 +12,7 @@ import time
 import asyncssh
 import pytest
 
-from prefect_azmanagers.azure.clients import ArmClients
+from prefect_azmanagers.azure.clients import ArmClients, IdempotentRetryPolicy
 from prefect_azmanagers.blocks import load_manifest
 from prefect_azmanagers.cluster.cluster import AzureCluster
 from prefect_azmanagers.cluster.transport import InstanceConnection
@@ -122,6 +122,11 @@ def test_nothing_connects_to_instances_once_the_local_cloud_stopped(localcloud, 
         return await real_connect(factory, host, *args, **kwargs)
 
     monkeypatch.setattr(asyncssh, "create_connection", connect)
+    # Every ARM call from here on fails to connect: azure-core's retries would make each of the
+    # five reconnects wait ~10 s before it fails; quick retries keep the same sequence.
+    configure_retries = IdempotentRetryPolicy.configure_retries
+    monkeypatch.setattr(IdempotentRetryPolicy, "configure_retries",
+                        lambda self, options: {**configure_retries(self, options), "backoff": 0.05})
     try:
         # closing cannot delete the instance with the cloud gone, and says so
         with pytest.raises(AzureError, match="Could not reach Azure Resource Manager"), \
