@@ -14,7 +14,8 @@ releases the hold after `stall_after` seconds, with a warning: a hold never hang
 At the flow's end `settle()` keeps the workers up while the API is still recording, then
 writes the final state the runner holds to each task run the API still holds unfinished: on a
 busy server a worker's last events can be lost on their way (their logs arrive, the Completed
-event does not), and the run would stay Running in the UI forever.
+event does not), and the run would stay Running in the UI forever. A task run all of whose
+events were lost is created with its final state.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -36,6 +37,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import SettingsContext
 
 if TYPE_CHECKING:
@@ -44,6 +46,16 @@ if TYPE_CHECKING:
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 UNFINISHED = [kind for kind in StateType if kind not in FINAL]
 COUNT_TIMEOUT = 30.0  # s for one count; a busier server keeps the last count standing
+
+
+class Repair(Protocol):
+    """Writes the final states the runner knows (`_task_states.ReportedStates`)."""
+
+    def repair(self, client: Any, task_run_id: uuid.UUID) -> bool: ...
+
+    def restore(self, client: Any, flow_run_id: uuid.UUID, task_run_id: uuid.UUID) -> bool: ...
+
+    def task_run_ids(self) -> list[uuid.UUID]: ...
 
 
 class RecordingWatch:
@@ -74,56 +86,73 @@ class RecordingWatch:
         self._thread.start()
         return self
 
-    def settle(self, *, patience: float = 60.0,
-               repair: Callable[[Any, uuid.UUID], bool] | None = None) -> None:
+    def settle(self, *, patience: float = 60.0, repair: Repair | None = None) -> None:
         """At the flow's end, before the workers go: wait while the API is still recording
         this flow's task runs (the count moved within `patience` s); a flow whose last events
-        are in flight would otherwise lose them with its instances. Then each task run the
-        API holds unfinished goes to `repair(client, task_run_id)`, which writes the final
-        state the runner knows (False: none known). Says what is still missing."""
+        are in flight would otherwise lose them with its instances. Then `repair` writes the
+        final state the runner knows to each task run the API holds unfinished, and creates
+        each one it never heard of. Says what is still missing."""
         progress_at, last = time.monotonic(), self.recorded
         while (missing := self.finished() - self.recorded) > 0:
             if self.recorded > last:
                 progress_at, last = time.monotonic(), self.recorded
             elif time.monotonic() - progress_at > patience or not self._thread.is_alive():
-                repaired = self._repair(repair) if repair is not None else 0
-                if repaired:
+                repaired, restored = self._repair(repair, missing) if repair else (0, 0)
+                if repaired or restored:
                     self.logger.info(
                         "%d task runs of this flow ended on their workers but the Prefect API "
-                        "still held them unfinished %.0f s after the flow's last one ended "
-                        "(their final events were lost on the way): their final states were "
-                        "written to the API from here.", repaired, patience)
-                if missing > repaired:
+                        "still held %d of them unfinished and had never heard of %d %.0f s "
+                        "after the flow's last one ended (their events were lost on the way): "
+                        "their final states were written to the API from here.",
+                        repaired + restored, repaired, restored, patience)
+                if missing > repaired + restored:
                     self.logger.warning(
                         "%d task runs of this flow are not recorded by the Prefect API %.0f s "
                         "after the flow's last one ended; they may be missing from the UI.",
-                        missing - repaired, patience)
+                        missing - repaired - restored, patience)
                 return
             time.sleep(min(self.interval, 1.0))
 
-    def _repair(self, repair: Callable[[Any, uuid.UUID], bool]) -> int:
-        """`repair` each task run of the flow run that the API holds unfinished; returns how
-        many were repaired."""
-        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id]))
-        task_runs = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+    def _repair(self, repair: Repair, missing: int) -> tuple[int, int]:
+        """`repair.repair` each task run of the flow run that the API holds unfinished; if
+        that leaves some of the `missing` ones out, `repair.restore` each reported one the
+        API does not hold at all. Returns how many were repaired and restored."""
+        unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
             any_=UNFINISHED)))
-        repaired = 0
+        repaired = restored = 0
         with self._client() as client:
-            unfinished: list[uuid.UUID] = []
-            try:
-                while page := client.read_task_runs(flow_run_filter=flow_runs,
-                                                    task_run_filter=task_runs,
-                                                    limit=200, offset=len(unfinished)):
-                    unfinished += [task_run.id for task_run in page]
-            except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; a warning says it
-                logging.getLogger(__name__).debug("could not list unfinished task runs: %s", exc)
-            for task_run_id in unfinished:
-                try:
-                    repaired += bool(repair(client, task_run_id))
-                except Exception as exc:  # noqa: BLE001 - one refused write spoils no other
-                    logging.getLogger(__name__).debug("could not write the final state of "
-                                                      "task run %s: %s", task_run_id, exc)
-        return repaired
+            for task_run_id in self._task_run_ids(client, unfinished):
+                repaired += self._write(repair.repair, client, task_run_id)
+            if missing > repaired:
+                in_api = set(self._task_run_ids(client, None))
+                for task_run_id in repair.task_run_ids():
+                    if task_run_id not in in_api:
+                        restored += self._write(repair.restore, client, self.flow_run_id,
+                                                task_run_id)
+        return repaired, restored
+
+    def _task_run_ids(self, client: Any, task_runs: TaskRunFilter | None) -> list[uuid.UUID]:
+        """The ids of the flow run's task runs that `task_runs` selects (all when None), as
+        far as the API could list them."""
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id]))
+        found: list[uuid.UUID] = []
+        try:
+            while page := client.read_task_runs(
+                    flow_run_filter=flow_runs, task_run_filter=task_runs,
+                    sort=TaskRunSort.ID_DESC, limit=200, offset=len(found)):
+                found += [task_run.id for task_run in page]
+        except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; a warning says it
+            logging.getLogger(__name__).debug("could not list the flow's task runs: %s", exc)
+        return found
+
+    @staticmethod
+    def _write(write: Callable[..., bool], *args: Any) -> bool:
+        try:
+            return bool(write(*args))
+        except Exception as exc:  # noqa: BLE001 - one refused write spoils no other
+            logging.getLogger(__name__).debug("could not write a task run's final state "
+                                              "(%s): %s", args[-1], exc)
+            return False
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:

@@ -126,28 +126,54 @@ def settle(future: concurrent.futures.Future[State], state: State) -> None:
 
 class ReportedStates:
     """The final state each worker reported for the flow's task runs, kept small (type, name,
-    message, and the record of a persisted result; never an in-memory value), so the runner
-    can write it to the API where the worker's own events did not arrive (`repair`)."""
+    message, the record of a persisted result and the task; never an in-memory value), so the
+    runner can write it to the API where the worker's own events did not arrive: `repair` a
+    task run the API holds unfinished, `restore` one the API never heard of."""
 
     def __init__(self) -> None:
-        self._states: dict[uuid.UUID, tuple[Any, str | None, str | None, Any]] = {}
+        self._states: dict[uuid.UUID, tuple[Any, str | None, str | None, Any, Task]] = {}
         self._lock = threading.Lock()
 
-    def note(self, task_run_id: uuid.UUID, state: State) -> None:
+    def note(self, task_run_id: uuid.UUID, state: State, task: Task[Any, Any]) -> None:
         if not isinstance(state, State) or not state.is_final():
             return
         record = state.data if isinstance(state.data, ResultRecordMetadata) else None
         with self._lock:
-            self._states[task_run_id] = (state.type, state.name, state.message, record)
+            self._states[task_run_id] = (state.type, state.name, state.message, record, task)
+
+    def _reported(self, task_run_id: uuid.UUID) -> tuple[State, Task] | None:
+        with self._lock:
+            reported = self._states.get(task_run_id)
+        if reported is None:
+            return None
+        kind, name, message, record, task = reported
+        return State(type=kind, name=name, message=message, data=record), task
 
     def repair(self, client: Any, task_run_id: uuid.UUID) -> bool:
         """Write the reported final state of `task_run_id` (forced, as the engine's own final
         state would have been); False when no worker reported one here."""
-        with self._lock:
-            reported = self._states.get(task_run_id)
-        if reported is None:
+        if (reported := self._reported(task_run_id)) is None:
             return False
-        kind, name, message, record = reported
-        client.set_task_run_state(
-            task_run_id, State(type=kind, name=name, message=message, data=record), force=True)
+        client.set_task_run_state(task_run_id, reported[0], force=True)
+        return True
+
+    def task_run_ids(self) -> list[uuid.UUID]:
+        with self._lock:
+            return list(self._states)
+
+    def restore(self, client: Any, flow_run_id: uuid.UUID, task_run_id: uuid.UUID) -> bool:
+        """Create `task_run_id`, which the API never heard of (all of its events were lost),
+        holding its reported final state, as the runner creates a run whose engine never
+        started; False when no worker reported it here or its events arrived meanwhile. Its
+        name, key and tags are made anew: only the state travelled back."""
+        if (reported := self._reported(task_run_id)) is None:
+            return False
+        state, task = reported
+        try:
+            client.create_task_run(task=task, flow_run_id=flow_run_id, id=task_run_id,
+                                   **compat.task_run_identity(task, {}), state=state)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 409:
+                return False
+            raise
         return True

@@ -274,7 +274,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._recorder = None
         if self._recording is not None:
             if not cancel:  # the workers stay up while the API records their last task runs
-                self._recording.settle(repair=self._reported.repair)
+                self._recording.settle(repair=self._reported)
             self._recording.stop()
             self._recording = None
             self._reported = ReportedStates()
@@ -463,7 +463,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             self._end_here(run, Cancelled(message="Cancelled with the flow run."))
         elif (exc := done.exception()) is None:
             if self._recording is not None:  # the watch's settle may need it at the end
-                self._reported.note(run.task_run_id, done.result())
+                self._reported.note(run.task_run_id, done.result(), run.task)
             settle(run.outer, done.result())
         elif isinstance(exc, PrefectAPIUnreachable):  # nothing can be recorded there
             settle(run.outer, state_for_error(exc))

@@ -92,15 +92,17 @@ def test_settle_returns_once_recorded_and_says_what_is_missing_when_recording_st
         assert (told[-1].startswith(f"{missing} task runs") if missing else not told), told
 
 
-def test_settle_writes_the_reported_final_state_of_task_runs_the_api_holds_unfinished(
-        prefect_server, caplog):
+def test_settle_writes_the_reported_final_states_the_api_lost(prefect_server, caplog):
     """Two task runs whose Completed events were lost (the API holds them Running, as a busy
-    server left 22-36 of a large run): settle writes the final state the workers reported,
-    through the REST API, and says so; one no worker reported stays as it is."""
+    server left 22-36 of a large run) and one all of whose events were lost (the API never
+    heard of it, as 1-5 of 10,000): settle writes the final state the workers reported,
+    through the REST API, creating the third, and says so; one no worker reported stays as
+    it is."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.states import Completed, Running
 
+    from prefect_azmanagers._prefect_compat import new_task_run_id
     from prefect_azmanagers._task_states import ReportedStates
 
     state = five(return_state=True)
@@ -111,23 +113,27 @@ def test_settle_writes_the_reported_final_state_of_task_runs_the_api_holds_unfin
         lost, unknown = [r.id for r in runs[:2]], runs[2].id
         for task_run_id in [*lost, unknown]:
             client.set_task_run_state(task_run_id, Running(), force=True)
+    absent = new_task_run_id()
     reported = ReportedStates()
-    for task_run_id in lost:
-        reported.note(task_run_id, Completed(message="reported by its worker"))
+    for task_run_id in [*lost, absent]:
+        reported.note(task_run_id, Completed(message="reported by its worker"), echo)
     logger = logging.getLogger("test-recording-repair")
     caplog.set_level(logging.INFO, logger=logger.name)
-    watch = RecordingWatch(FakeCluster(), flow_run_id, SettingsContext.get(), lambda: 5,
+    watch = RecordingWatch(FakeCluster(), flow_run_id, SettingsContext.get(), lambda: 6,
                            logger, interval=0.2).start()
     try:
-        watch.settle(patience=1.0, repair=reported.repair)
+        watch.settle(patience=1.0, repair=reported)
     finally:
         watch.stop()
     with get_client(sync_client=True) as client:
-        states = {r.id: r.state for r in client.read_task_runs(
+        runs = {r.id: r for r in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
-    assert all(states[i].is_completed() and states[i].message == "reported by its worker"
-               for i in lost), states
-    assert states[unknown].is_running()
+    assert all(runs[i].state.is_completed() and runs[i].state.message == "reported by its worker"
+               for i in [*lost, absent]), runs
+    assert runs[absent].flow_run_id == flow_run_id and runs[absent].name.startswith("echo-")
+    assert runs[unknown].state.is_running()
     told = [r.getMessage() for r in caplog.records if r.name == "test-recording-repair"]
-    assert any(m.startswith("2 task runs of this flow ended on their workers") for m in told), told
+    assert any(m.startswith("3 task runs of this flow ended on their workers but the Prefect "
+                            "API still held 2 of them unfinished and had never heard of 1")
+               for m in told), told
     assert any(m.startswith("1 task runs of this flow are not recorded") for m in told), told
