@@ -94,9 +94,10 @@ def cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.Comp
     return done
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def vm_pool(localcloud, flows_repo):
-    """An azure-vm work pool made with `prefect work-pool create --type azure-vm`, and
+    """An azure-vm work pool made with `prefect work-pool create --type azure-vm`, shared by a
+    module's tests (each deploys its own flows in it and leaves no VM behind), and
     deploy(entrypoint, name, **job_variables) -> "flow/deployment" of flows.py in it."""
     from prefect import get_client
 
@@ -155,17 +156,24 @@ class WorkerProcess:
                 self.proc.wait()
 
 
-@pytest.fixture
-def vm_worker(vm_pool, tmp_path):
-    """A running worker of the `vm_pool`; stopped after the test. Its log (the VMs' engine
-    output among it) is printed at teardown: pytest shows it when the test failed."""
-    worker = WorkerProcess(vm_pool.pool, tmp_path / "worker.log")
+@pytest.fixture(scope="module")
+def _pool_worker(vm_pool, tmp_path_factory):
+    worker = WorkerProcess(vm_pool.pool, tmp_path_factory.mktemp("worker") / "worker.log")
     worker.start()
     try:
         yield worker
     finally:
         worker.stop()
-        print(f"--- the worker's log ---\n{worker.output()[-30000:]}")
+
+
+@pytest.fixture
+def vm_worker(_pool_worker):
+    """The running worker of the `vm_pool`, shared by a module's tests (stopped after the last
+    one). What it logged during the test (the VMs' engine output among it) is printed at the
+    test's teardown: pytest shows it when the test failed."""
+    start = len(_pool_worker.output())
+    yield _pool_worker
+    print(f"--- the worker's log during the test ---\n{_pool_worker.output()[start:][-30000:]}")
 
 
 def leftovers(localcloud_info: dict, pool: str) -> list[str]:

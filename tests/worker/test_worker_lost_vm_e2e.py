@@ -99,9 +99,10 @@ def test_an_engine_that_dies_without_a_final_state_crashes_its_run(vm_pool, vm_w
 
     flow_run_id = run_deployment(vm_pool("flows.py:sleeper", "sleeper-killed"))
     group, name = running_on_vm(flow_run_id).infrastructure_pid.split("/", 1)
-    # the python process only: the bash loop around it, whose command line also names
-    # `flow-run execute`, reports its status
-    kill = ("for p in $(pgrep -f 'prefect flow-run execute'); do "
+    # the python process of this run only (the local cloud's instances share the host's
+    # processes, other tests' engines among them): the bash loop around it, whose command
+    # line also names `flow-run execute`, reports its status
+    kill = (f"for p in $(pgrep -f 'prefect flow-run execute {flow_run_id}'); do "
             "[ \"$(cat /proc/$p/comm)\" = bash ] || kill -KILL $p; done")
 
     async def kill_engine(clients, manifest):
@@ -136,7 +137,7 @@ def test_keep_on_failure_keeps_a_failed_runs_vm_then_deletes_it(vm_pool, vm_work
                                                                 assert_nothing_left):
     from tests.worker.conftest import leftovers
 
-    flow_run_id = run_deployment(vm_pool("flows.py:fails", "fails-kept", keep_on_failure=45))
+    flow_run_id = run_deployment(vm_pool("flows.py:fails", "fails-kept", keep_on_failure=20))
     flow_run = wait_for_run(flow_run_id, lambda r: r.state.is_final(), "the failure", 300)
     assert flow_run.state.is_failed(), flow_run.state
     name = flow_run.infrastructure_pid.split("/", 1)[1]
