@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.worker.conftest import (  # noqa: F401 - fixtures
+    _pool_worker,
     assert_nothing_left,
     cli,
     flows_repo,

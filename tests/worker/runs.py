@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tests.worker.conftest import cli, eventually
+from tests.worker.conftest import eventually
 
 
 def flow_run_of(deployment_name: str):
@@ -44,9 +44,11 @@ def messages_of(flow_run_id) -> list[str]:
 
 
 def run_deployment(deployment: str) -> str:
-    """`prefect deployment run` without watching; returns the flow run's id."""
-    run = cli("deployment", "run", deployment)
-    return run.stdout.split("UUID: ", 1)[1].split()[0]
+    """A run of `deployment`, started as `prefect deployment run` starts it (the CLI's own
+    path is in test_worker_e2e) without a CLI process per run; returns the flow run's id."""
+    from prefect.deployments import run_deployment as start
+
+    return str(start(deployment, timeout=0).id)
 
 
 def wait_for_run(flow_run_id: str, predicate, what: str, timeout: float):
