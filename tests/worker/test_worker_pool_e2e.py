@@ -22,6 +22,8 @@ def test_a_killed_worker_restarted_mid_run_leaves_nothing_behind(vm_pool, tmp_pa
 
     from tests.worker.conftest import WorkerProcess, eventually
 
+    # This module's first test: the module's shared worker (`vm_worker`) is not running yet,
+    # so this test's two workers are the pool's only ones.
     # The flow runs until this file exists (the VMs see the host's /var/tmp), so it is still
     # running when the second worker adopts its VM, however slow the machine.
     release = Path(tempfile.mkdtemp(prefix="azm-release-", dir="/var/tmp"))
