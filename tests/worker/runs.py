@@ -44,11 +44,13 @@ def messages_of(flow_run_id) -> list[str]:
 
 
 def run_deployment(deployment: str) -> str:
-    """A run of `deployment`, started as `prefect deployment run` starts it (the CLI's own
-    path is in test_worker_e2e) without a CLI process per run; returns the flow run's id."""
-    from prefect.deployments import run_deployment as start
+    """A run of `deployment`, made through the API as `prefect deployment run` makes it (the
+    CLI's own path is in test_worker_e2e) without a CLI process per run; returns its id."""
+    from prefect import get_client
 
-    return str(start(deployment, timeout=0).id)
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        return str(client.create_flow_run_from_deployment(deployment_id).id)
 
 
 def wait_for_run(flow_run_id: str, predicate, what: str, timeout: float):
