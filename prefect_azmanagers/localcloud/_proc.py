@@ -1,11 +1,14 @@
-"""Process helpers for the sandboxes: run a command without blocking the loop, find and end the
-processes that live in a network namespace."""
+"""Process helpers for the sandboxes and the cloud's services: run a command without blocking
+the loop, tell whether a process still runs, find and end the processes that live in a network
+namespace."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -81,6 +84,34 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def alive(pid: int) -> bool:
+    """`pid` runs: it exists and is not a zombie (reaped here when it is our child). A zombie
+    has closed its sockets and files."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until `pid` no longer runs (a signal is delivered asynchronously: a killed process
+    may hold its sockets for a moment); False if it still runs after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def signal_all(pids: list[int], sig: signal.Signals) -> None:

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from prefect_azmanagers.localcloud._proc import wait_gone
 from prefect_azmanagers.localcloud.sandbox.common import tail
 
 ACCOUNT = "azlocal"
 CONTAINER = "azmanagers"
 AZURITE_ENV = "AZM_AZURITE"  # the azurite-blob executable, when it is not where setup.sh puts it
 START_TIMEOUT = 30.0
+LEFTOVER_EXIT_TIMEOUT = 10.0  # s for a killed leftover Azurite to exit
 INSTALL_HINT = ("install it with `npm install --prefix {prefix} azurite` (scripts/setup.sh does), "
                 "or set AZM_AZURITE to an azurite-blob executable")
 
@@ -154,6 +156,7 @@ class Azurite:
         if b"azurite" in cmdline and str(self.dir).encode() in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+            wait_gone(pid, LEFTOVER_EXIT_TIMEOUT)  # still listening until it has exited
         self._pid_file.unlink(missing_ok=True)
 
 

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from prefect_azmanagers.localcloud import urls
+from prefect_azmanagers.localcloud._proc import alive
 from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
 from prefect_azmanagers.localcloud.blob import Azurite, AzuriteError
 from prefect_azmanagers.localcloud.config import load_config
@@ -383,7 +384,7 @@ def running_pid(state_dir: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return pid if b"prefect_azmanagers.localcloud" in cmdline and _alive(pid) else None
+    return pid if b"prefect_azmanagers.localcloud" in cmdline and alive(pid) else None
 
 
 # ----- background start / stop ----------------------------------------------------------------
@@ -436,32 +437,17 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout: float = 60) -> b
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and running_pid(state_dir) == pid and _alive(pid):
+        while time.monotonic() < deadline and running_pid(state_dir) == pid and alive(pid):
             time.sleep(0.1)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
+            while alive(pid):
                 time.sleep(0.05)
     asyncio.run(_remove_leftovers(state_dir))
     Azurite(state_dir).remove_leftover()
     (state_dir / PID_FILE).unlink(missing_ok=True)
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     return pid is not None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return False
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
-            return False
-    return True
 
 
 async def _remove_leftovers(state_dir: Path) -> None:
