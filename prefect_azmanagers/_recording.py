@@ -116,24 +116,26 @@ class RecordingWatch:
     def _repair(self, repair: Repair, missing: int) -> tuple[int, int]:
         """`repair.repair` each task run of the flow run that the API holds unfinished; if
         that leaves some of the `missing` ones out, `repair.restore` each reported one the
-        API does not hold at all. Returns how many were repaired and restored."""
+        API does not hold at all (only when it listed them all). Returns how many were
+        repaired and restored."""
         unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
             any_=UNFINISHED)))
         repaired = restored = 0
         with self._client() as client:
-            for task_run_id in self._task_run_ids(client, unfinished):
+            for task_run_id in self._task_run_ids(client, unfinished)[0]:
                 repaired += self._write(repair.repair, client, task_run_id)
-            if missing > repaired:
-                in_api = set(self._task_run_ids(client, None))
-                for task_run_id in repair.task_run_ids():
-                    if task_run_id not in in_api:
-                        restored += self._write(repair.restore, client, self.flow_run_id,
-                                                task_run_id)
+            in_api, complete = (self._task_run_ids(client, None) if missing > repaired
+                                else ([], False))
+            if complete:  # a partial list would make the runs it missed look absent
+                for task_run_id in set(repair.task_run_ids()) - set(in_api):
+                    restored += self._write(repair.restore, client, self.flow_run_id,
+                                            task_run_id)
         return repaired, restored
 
-    def _task_run_ids(self, client: Any, task_runs: TaskRunFilter | None) -> list[uuid.UUID]:
+    def _task_run_ids(self, client: Any,
+                      task_runs: TaskRunFilter | None) -> tuple[list[uuid.UUID], bool]:
         """The ids of the flow run's task runs that `task_runs` selects (all when None), as
-        far as the API could list them."""
+        far as the API could list them, and whether it listed them all."""
         flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id]))
         found: list[uuid.UUID] = []
         try:
@@ -143,7 +145,8 @@ class RecordingWatch:
                 found += [task_run.id for task_run in page]
         except Exception as exc:  # noqa: BLE001 - the flow's outcome stands; a warning says it
             logging.getLogger(__name__).debug("could not list the flow's task runs: %s", exc)
-        return found
+            return found, False
+        return found, True
 
     @staticmethod
     def _write(write: Callable[..., bool], *args: Any) -> bool:
