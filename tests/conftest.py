@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+# Tests Ctrl-C their subprocesses (an interrupted provisioning must delete what it made). A
+# session started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
+# an ignored signal stays ignored across exec, so those children could not be interrupted.
+# A handler of our own is reset to the default on exec: the children get Python's Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Isolate Prefect's home and settings before anything imports prefect.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="azm-tests-"))
