@@ -186,7 +186,8 @@ class WorkerWarmUp:
     four slots joining at once (and `warm_up()`'s imports, on a cluster given to the runner
     that was made with another `warm_up`). The settings are hydrated (and cached for every
     task run that brings the same ones), Prefect's logging is set up under them, this thread's API
-    client is opened (it checks the server's API version), and the slot's first event,
+    client is opened (it checks the server's API version), the default result storage block
+    (the manifest's blob container) is loaded, and the slot's first event,
     `prefect-azmanagers.worker.ready`, is sent (the events worker's connection opened and
     its first emit paid: ~0.6 s here).
 
@@ -208,6 +209,7 @@ class WorkerWarmUp:
             ensure_logging_setup()
             _keep_api_records_off_stderr()
             _thread_client()
+            _default_result_storage()
             host = socket.gethostname()
             emit_event("prefect-azmanagers.worker.ready", resource={
                 "prefect.resource.id": f"prefect-azmanagers.worker.{host}.{os.getpid()}",
@@ -292,6 +294,17 @@ def _thread_client() -> Any:
         current = SyncClientContext()
         current.__enter__()  # left open on purpose: one client per agent thread
     return current.client
+
+
+def _default_result_storage() -> None:
+    """Load the result storage block the settings name (the manifest's blob container), if
+    any: Prefect keeps it per process and settings, so the first task run does not wait for
+    the block's read from the API before it can persist its result."""
+    from prefect.results import get_default_result_storage
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().results.default_storage_block:
+        get_default_result_storage()
 
 
 def flush_events() -> None:

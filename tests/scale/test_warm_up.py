@@ -159,3 +159,56 @@ def test_worker_warm_up_hydrates_the_settings_and_reaches_the_api(prefect_server
                  if e["resource"]["prefect.resource.id"].endswith(f".{pid}")]
         time.sleep(0.5)
     assert found, "the worker's ready event never reached the API"
+
+
+WORKER_WITH_STORAGE = textwrap.dedent("""
+    import os, sys, time, cloudpickle
+    warm = cloudpickle.loads(sys.stdin.buffer.read())
+    warm()
+    print("warmed", flush=True)
+    while not os.path.exists(sys.argv[1]):  # the test deletes the block meanwhile
+        time.sleep(0.1)
+    from prefect.results import get_default_result_storage
+    from prefect_azmanagers._remote_task import _settings_context
+    with _settings_context(warm.settings):  # as each task run enters it
+        print(get_default_result_storage().basepath, flush=True)
+""")
+
+
+@pytest.mark.e2e
+def test_worker_warm_up_loads_the_result_storage_block_before_the_first_task(prefect_server,
+                                                                            tmp_path):
+    """The first task run finds the block loaded: it is not read from the API again (here it
+    no longer exists when the task would read it)."""
+    import uuid
+
+    from prefect.filesystems import LocalFileSystem
+
+    from prefect_azmanagers._prefect_compat import serialize_settings
+    from prefect_azmanagers._remote_task import WorkerWarmUp
+
+    name = f"warm-storage-{uuid.uuid4().hex[:6]}"
+    block_id = LocalFileSystem(basepath=str(tmp_path / "results")).save(name)
+    settings = serialize_settings()
+    settings["settings"]["results"] = dict(settings["settings"].get("results", {}),
+                                           default_storage_block=f"local-file-system/{name}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "worker-home")
+    go = tmp_path / "go"
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_WITH_STORAGE, str(go)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env)
+    try:
+        worker.stdin.write(cloudpickle.dumps(WorkerWarmUp(settings)))
+        worker.stdin.close()
+        assert worker.stdout.readline().strip() == b"warmed", worker.stderr.read().decode()[-3000:]
+        httpx.delete(f"{prefect_server.api_url}/block_documents/{block_id}",
+                     timeout=10).raise_for_status()
+        go.touch()
+        worker.wait(60)
+        out, err = worker.stdout.read(), worker.stderr.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, err.decode()[-3000:]
+    assert out.decode().strip() == str(tmp_path / "results")
