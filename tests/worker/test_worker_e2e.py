@@ -69,35 +69,28 @@ def test_cancelling_a_running_flow_ends_cancelled_and_deletes_its_vm(vm_pool, vm
     assert_state_stays(flow_run_id, "CANCELLED")
 
 
-def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(localcloud, tmp_path,
+def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(vm_pool, vm_worker,
                                                                   assert_nothing_left):
-    """prefect.yaml's hello-vm: `prefect deploy`, then `deployment run --watch`; the VM clones
-    this repository (its committed HEAD, from a bare copy at a path the VMs see)."""
+    """prefect.yaml's hello-vm, deployed into the module's pool: `prefect deploy`, then
+    `deployment run --watch`; the VM clones this repository (its committed HEAD, from a bare
+    copy at a path the VMs see)."""
     import json
     import os
     import shutil
     import subprocess
     import sys
     import tempfile
-    import uuid
     from pathlib import Path
-
-    from prefect import get_client
-
-    from tests.worker.conftest import WorkerProcess
 
     repo = Path(__file__).resolve().parents[2]
     copy = Path(tempfile.mkdtemp(prefix="azm-worker-repo-", dir="/var/tmp"))
-    pool = f"azmyaml-{uuid.uuid4().hex[:6]}"
-    worker = WorkerProcess(pool, tmp_path / "worker.log")
+    pool = vm_pool.pool  # the pool's teardown deletes the deployment
     try:
         subprocess.run(["git", "clone", "-q", "--bare", "--depth", "1", f"file://{repo}",
                         str(copy / "repo.git")], check=True)
         (copy / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
         for path in [copy, *copy.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        cli("work-pool", "create", pool, "--type", "azure-vm")
-        worker.start()
         env = dict(os.environ, AZM_VM_POOL=pool, AZM_GIT_REPO=f"file://{copy / 'repo.git'}")
         deployed = subprocess.run(
             [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "hello-vm"],
@@ -118,13 +111,7 @@ def test_the_prefect_yaml_deployment_runs_on_a_vm_cloned_from_git(localcloud, tm
                    for m in messages_of(flow_run.id))
         assert_nothing_left(pool)
     finally:
-        worker.stop()
         shutil.rmtree(copy, ignore_errors=True)
-        with get_client(sync_client=True) as client:
-            for deployment in client.read_deployments():
-                if deployment.work_pool_name == pool:
-                    client.delete_deployment(deployment.id)
-            client.delete_work_pool(pool)
 
 
 def test_cancelling_a_run_whose_engine_has_not_started_deletes_its_vm(vm_pool, vm_worker,
