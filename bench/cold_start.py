@@ -9,7 +9,9 @@ what Prefect's per-task cache lookup in that storage costs:
 Each flow submits N trivial tasks at once. Timed from the first line of the flow's body (the
 runner has entered: with waitfor=True every worker has joined): the first result, the last
 one (tasks/s) and each task's start latency. The fresh runner's join (runner entered -> body)
-is reported beside it. Starts a Prefect server (SQLite, or `--server postgres`: PostgreSQL +
+is reported beside it. After each flow run the bench waits until the API has recorded its
+task runs ("recorded after": ThreadPoolTaskRunner returns before the server has caught up), so
+no row starts on a server still busy with the previous one's backlog. Starts a Prefect server (SQLite, or `--server postgres`: PostgreSQL +
 Redis, which keeps server overload out of the figures) and the local cloud, and stops them.
 Results: a table on stdout and JSON under bench/results/.
 """
@@ -31,6 +33,7 @@ from bench.services import (
     database_services,
     local_cloud,
     prefect_server,
+    recorded,
     write_results,
 )
 
@@ -56,9 +59,12 @@ def started(submitted_at: float) -> float:
 
 
 def timed_flow(task_runner, n: int, trivial=started, **flow_options) -> dict:
-    """One flow run of n `trivial` tasks: join (runner entered -> body), first result, tasks/s."""
+    """One flow run of n `trivial` tasks: join (runner entered -> body), first result, tasks/s,
+    and how long after the flow returned the API held all n task runs final."""
+    from prefect.runtime import flow_run
+
     @flow(task_runner=task_runner, name="bench-cold-start", **flow_options)
-    def cold_flow(count: int) -> tuple[float, float, float, list[float]]:
+    def cold_flow(count: int) -> tuple[str, float, float, float, list[float]]:
         body = time.time()
         t0 = time.perf_counter()
         futures = [trivial.submit(time.time()) for _ in range(count)]
@@ -66,13 +72,17 @@ def timed_flow(task_runner, n: int, trivial=started, **flow_options) -> dict:
         for done in as_completed(futures):
             first = first or time.perf_counter() - t0
         latencies = [f.result() for f in futures]
-        return body, first, time.perf_counter() - t0, latencies
+        return flow_run.id, body, first, time.perf_counter() - t0, latencies
 
     entered = time.time()
-    body, first, seconds, latencies = cold_flow(n)
+    flow_run_id, body, first, seconds, latencies = cold_flow(n)
+    returned = time.monotonic()
+    counts = recorded(os.environ["PREFECT_API_URL"], flow_run_id, n, settle=600)
     latencies.sort()
     return {"join_s": round(body - entered, 2), "first_result_s": round(first, 3),
             "seconds": round(seconds, 2), "tasks_per_s": round(n / seconds, 1),
+            "recorded_after_s": round(time.monotonic() - returned, 1),
+            "api_task_runs_by_state": counts,
             "start_latency_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "start_latency_p95_ms": round(1000 * latencies[int(len(latencies) * 0.95)], 1)}
 
@@ -104,7 +114,8 @@ def measure_cold_start(n: int, w: int, rounds: int) -> dict:
         row = timed_flow(runner, n, **options)
         rows[name].append(row)
         print(f"  {name:<40} {row['tasks_per_s']:>7} tasks/s  first result "
-              f"{row['first_result_s']:.3f} s  join {row['join_s']} s", flush=True)
+              f"{row['first_result_s']:.3f} s  join {row['join_s']} s  recorded after "
+              f"{row['recorded_after_s']} s", flush=True)
 
     for _ in range(rounds):
         run(POOL, ThreadPoolTaskRunner(8))
@@ -137,12 +148,14 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
                     "vs_threadpool": round(median(name, "tasks_per_s") / pool, 2),
                     "first_result_s": median(name, "first_result_s"),
                     "start_latency_p50_ms": median(name, "start_latency_p50_ms"),
-                    "join_s": median(name, "join_s"), "flow_runs": rows[name]}
+                    "join_s": median(name, "join_s"),
+                    "recorded_after_s": median(name, "recorded_after_s"), "flow_runs": rows[name]}
              for name in rows}
-    print(f"\n{'runner':<40}{'tasks/s':>9}{'x pool':>8}{'first result s':>16}{'join s':>8}")
+    print(f"\n{'runner':<40}{'tasks/s':>9}{'x pool':>8}{'first result s':>16}{'join s':>8}"
+          f"{'recorded after s':>18}")
     for name, r in table.items():
         print(f"{name:<40}{r['tasks_per_s']:>9}{r['vs_threadpool']:>8}"
-              f"{r['first_result_s']:>16}{r['join_s']:>8}")
+              f"{r['first_result_s']:>16}{r['join_s']:>8}{r['recorded_after_s']:>18}")
     print("(medians of the flow runs; goals: fresh >= 1.0x ThreadPoolTaskRunner(8), "
           "first result < 0.3 s)")
     return table

@@ -34,19 +34,18 @@ from bench.services import (
     free_port,
     local_cloud,
     prefect_server,
+    recorded,
     write_results,
 )
 
 _OWN_HOME = bench_environment()  # before prefect is imported
 
-import httpx  # noqa: E402
 import psutil  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 MB = 1 << 20
-STATES = ("Completed", "Failed", "Crashed", "Cancelled", "Running", "Pending", "Scheduled")
 
 
 @task
@@ -126,24 +125,6 @@ def run_flow(task_runner, n: int, timeout: float) -> dict:
             "tasks_per_s_by_fifth": fifths,
             "driver_rss_MB_per_1000_tasks": growth if growth is None else round(growth, 2),
             "driver_rss_MB_end": round(rss[-1][1] / MB, 1) if rss else None}
-
-
-def recorded(api_url: str, flow_run_id: str, n: int, settle: float) -> dict[str, int]:
-    """Task runs of the flow run in the API by state name, once n are final (or `settle` s)."""
-    deadline = time.monotonic() + settle
-    while True:
-        counts = {}
-        for name in STATES:
-            answer = httpx.post(f"{api_url}/task_runs/count", timeout=60, json={
-                "flow_runs": {"id": {"any_": [flow_run_id]}},
-                "task_runs": {"state": {"name": {"any_": [name]}}}})
-            answer.raise_for_status()
-            if answer.json():
-                counts[name] = answer.json()
-        final = sum(counts.get(s, 0) for s in ("Completed", "Failed", "Crashed", "Cancelled"))
-        if final >= n or time.monotonic() > deadline:
-            return counts
-        time.sleep(2.0)
 
 
 def server_cpu(port: int) -> float:

@@ -19,6 +19,9 @@ from pathlib import Path
 import httpx
 
 
+STATES = ("Completed", "Failed", "Crashed", "Cancelled", "Running", "Pending", "Scheduled")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,3 +142,21 @@ def local_cloud(root: Path, api_url: str) -> Iterator[dict]:
     finally:
         subprocess.run(cli + ["stop", "--state-dir", str(state_dir)], timeout=180,
                        stdout=subprocess.DEVNULL)
+
+
+def recorded(api_url: str, flow_run_id: str, n: int, settle: float) -> dict[str, int]:
+    """Task runs of the flow run in the API by state name, once n are final (or `settle` s)."""
+    deadline = time.monotonic() + settle
+    while True:
+        counts = {}
+        for name in STATES:
+            answer = httpx.post(f"{api_url}/task_runs/count", timeout=60, json={
+                "flow_runs": {"id": {"any_": [flow_run_id]}},
+                "task_runs": {"state": {"name": {"any_": [name]}}}})
+            answer.raise_for_status()
+            if answer.json():
+                counts[name] = answer.json()
+        final = sum(counts.get(s, 0) for s in ("Completed", "Failed", "Crashed", "Cancelled"))
+        if final >= n or time.monotonic() > deadline:
+            return counts
+        time.sleep(2.0)
