@@ -439,7 +439,11 @@ def _memory_kib(pids: list[int], field: str) -> int:
     """Sum of `field` ("Rss" or "Pss": shared pages divided among their users) over `pids`."""
     total = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except (ProcessLookupError, FileNotFoundError):  # exited since it was listed: the end of
+            continue                                      # a check's SSH session, say; no memory
+        for line in rollup.splitlines():
             if line.startswith(f"{field}:"):
                 total += int(line.split()[1])
     return total
