@@ -12,8 +12,9 @@ one (tasks/s) and each task's start latency. The fresh runner's join (runner ent
 is reported beside it. After each flow run the bench waits until the API has recorded its
 task runs ("recorded after": ThreadPoolTaskRunner returns before the server has caught up), so
 no row starts on a server still busy with the previous one's backlog; "recorded tasks/s" counts
-from the flow's body to that moment (a fresh runner's includes deleting its scale set). Starts a Prefect server (SQLite, or `--server postgres`: PostgreSQL +
-Redis, which keeps server overload out of the figures) and the local cloud, and stops them.
+from the flow's body to that moment (a fresh runner's includes deleting its scale set). Starts
+a Prefect server (SQLite, or `--server postgres`: PostgreSQL + Redis, which keeps server
+overload out of the figures) and the local cloud, and stops them.
 Results: a table on stdout and JSON under bench/results/.
 """
 

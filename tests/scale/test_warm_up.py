@@ -201,7 +201,11 @@ def test_worker_warm_up_loads_the_result_storage_block_before_the_first_task(pre
     try:
         worker.stdin.write(cloudpickle.dumps(WorkerWarmUp(settings)))
         worker.stdin.close()
-        assert worker.stdout.readline().strip() == b"warmed", worker.stderr.read().decode()[-3000:]
+        line = worker.stdout.readline().strip()
+        if line != b"warmed":
+            worker.kill()  # its stderr ends only with it
+            pytest.fail(f"the warm-up did not finish ({line!r}): "
+                        f"{worker.stderr.read().decode()[-3000:]}")
         httpx.delete(f"{prefect_server.api_url}/block_documents/{block_id}",
                      timeout=10).raise_for_status()
         go.touch()
