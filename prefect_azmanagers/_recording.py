@@ -124,12 +124,12 @@ class RecordingWatch:
         with self._client() as client:
             for task_run_id in self._task_run_ids(client, unfinished)[0]:
                 repaired += self._write(repair.repair, client, task_run_id)
-            in_api, complete = (self._task_run_ids(client, None) if missing > repaired
-                                else ([], False))
-            if complete:  # a partial list would make the runs it missed look absent
-                for task_run_id in set(repair.task_run_ids()) - set(in_api):
-                    restored += self._write(repair.restore, client, self.flow_run_id,
-                                            task_run_id)
+            if missing > repaired:
+                in_api, complete = self._task_run_ids(client, None)
+                if complete:  # a partial list would make the runs it missed look absent
+                    for task_run_id in set(repair.task_run_ids()) - set(in_api):
+                        restored += self._write(repair.restore, client, self.flow_run_id,
+                                                task_run_id)
         return repaired, restored
 
     def _task_run_ids(self, client: Any,
