@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from prefect_azmanagers.localcloud import urls
-from prefect_azmanagers.localcloud._proc import alive
+from prefect_azmanagers.localcloud._proc import alive, wait_gone
 from prefect_azmanagers.localcloud.admin import ADMIN_PREFIX, admin_routes
 from prefect_azmanagers.localcloud.blob import Azurite, AzuriteError
 from prefect_azmanagers.localcloud.config import load_config
@@ -441,8 +441,9 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout: float = 60) -> b
             time.sleep(0.1)
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
-            while alive(pid):
-                time.sleep(0.05)
+            if not wait_gone(pid, timeout):
+                raise LocalCloudError(f"the local cloud (pid {pid}) still runs {timeout:.0f} s "
+                                      "after SIGKILL; its leftovers were not removed")
     asyncio.run(_remove_leftovers(state_dir))
     Azurite(state_dir).remove_leftover()
     (state_dir / PID_FILE).unlink(missing_ok=True)
