@@ -71,14 +71,15 @@ def _expect_fields(page) -> None:
                ).to_be_visible(timeout=60_000)
 
 
-def test_the_create_form_offers_azure_vm_with_its_fields(prefect_server, page):
+def test_the_create_form_offers_azure_vm_with_its_fields(ui):
     from playwright.sync_api import expect
     from prefect import get_client
 
+    page = ui.page
     _answer_worker_view(page, _worker_view(with_azure_vm=True))
     name = f"azmui-{uuid.uuid4().hex[:6]}"
-    page.goto(f"{prefect_server.ui_url}/work-pools/create")
-    page.get_by_text("Azure VM", exact=True).click(timeout=60_000)
+    ui.open("/work-pools/create", lambda page: page.get_by_text("Azure VM", exact=True))
+    page.get_by_text("Azure VM", exact=True).click()
     page.get_by_role("button", name="Next").click()
     page.get_by_label("Name").first.fill(name)
     page.get_by_role("button", name="Next").click()
@@ -97,24 +98,25 @@ def test_the_create_form_offers_azure_vm_with_its_fields(prefect_server, page):
             client.delete_work_pool(name)
 
 
-def test_a_cli_made_pool_shows_its_fields_in_the_ui(prefect_server, vm_pool, page):
+def test_a_cli_made_pool_shows_its_fields_in_the_ui(vm_pool, ui):
     from playwright.sync_api import expect
 
+    page = ui.page
     _answer_worker_view(page, _worker_view(with_azure_vm=False))
-    page.goto(f"{prefect_server.ui_url}/work-pools/work-pool/{vm_pool.pool}")
-    expect(page.get_by_text("Azure Vm", exact=True)).to_be_visible(timeout=60_000)  # its type
+    ui.open(f"/work-pools/work-pool/{vm_pool.pool}",
+            lambda page: page.get_by_text("Azure Vm", exact=True))  # its type
     expect(page.get_by_role("heading", name="Base Job Configuration")).to_be_visible(
         timeout=60_000)
     _expect_fields(page)
 
 
-def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(prefect_server, vm_pool,
-                                                                      vm_worker, page,
+def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(vm_pool, vm_worker, ui,
                                                                       assert_nothing_left):
     from playwright.sync_api import expect
 
     from tests.worker.runs import messages_of, run_deployment, wait_for_run
 
+    page = ui.page
     _answer_worker_view(page, _worker_view(with_azure_vm=False))
     flow_run_id = run_deployment(vm_pool("flows.py:hello", "hello-ui",
                                           parameters={"name": "the UI"}))
@@ -123,8 +125,7 @@ def test_a_runs_logs_show_its_vms_boot_output_and_the_flows_own_lines(prefect_se
     vm_name = flow_run.infrastructure_pid.split("/", 1)[1]
     boot = next(m for m in messages_of(flow_run_id) if m.startswith(f"[{vm_name} boot] "))
 
-    page.goto(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}")
-    expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
+    ui.open(f"/runs/flow-run/{flow_run_id}", lambda page: page.get_by_text("Completed").first)
     logs_tab = page.get_by_role("tab", name=re.compile("Logs"))
     if logs_tab.count():
         logs_tab.first.click()

@@ -31,17 +31,17 @@ def finished_job(localcloud):
         rmproc(vm)
 
 
-def test_ui_lists_the_detached_flow_run_with_its_logs(prefect_server, finished_job, page):
+def test_ui_lists_the_detached_flow_run_with_its_logs(finished_job, ui):
     from playwright.sync_api import expect
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
         flow_run_name = client.read_flow_run(finished_job.flow_run_id).name
-    page.goto(f"{prefect_server.ui_url}/runs")
-    expect(page.get_by_text(flow_run_name).first).to_be_visible(timeout=60_000)
+    page = ui.page
+    ui.open("/runs", lambda page: page.get_by_text(flow_run_name).first)
 
-    page.goto(f"{prefect_server.ui_url}/runs/flow-run/{finished_job.flow_run_id}")
-    expect(page.get_by_text(flow_run_name).first).to_be_visible(timeout=60_000)
+    ui.open(f"/runs/flow-run/{finished_job.flow_run_id}",
+            lambda page: page.get_by_text(flow_run_name).first)
     expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
     logs_tab = page.get_by_role("tab", name=re.compile("Logs"))
     if logs_tab.count():

@@ -33,7 +33,7 @@ def finished_flow_run(localcloud):
     return ui_check()
 
 
-def test_ui_shows_task_runs_and_worker_log_line(prefect_server, finished_flow_run, page):
+def test_ui_shows_task_runs_and_worker_log_line(finished_flow_run, ui):
     from playwright.sync_api import expect
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -44,8 +44,9 @@ def test_ui_shows_task_runs_and_worker_log_line(prefect_server, finished_flow_ru
     assert len(task_runs) == 3
 
     _wait_for_log(finished_flow_run, "From worker")
-    page.goto(f"{prefect_server.ui_url}/runs/flow-run/{finished_flow_run}")
-    expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
+    page = ui.page
+    ui.open(f"/runs/flow-run/{finished_flow_run}",
+            lambda page: page.get_by_text("Completed").first)
     expect(page.get_by_text(re.compile(r"From worker \d+: ui-check line from task \d"))
            .first).to_be_visible(timeout=60_000)
 
