@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import uuid
 from uuid import uuid4
+from collections.abc import Mapping
 from typing import Any
 
 from prefect.context import (
@@ -58,14 +59,15 @@ def task_run_identity(task: Any, parameters: dict[str, Any]) -> dict[str, str]:
     return {"name": name, "dynamic_key": dynamic_key}
 
 
-_serialized_settings: tuple[SettingsContext, dict[str, Any]] | None = None
+_serialized_settings: tuple[SettingsContext, Mapping[str, Any]] | None = None
 
 
-def serialize_settings() -> dict[str, Any]:
+def serialize_settings() -> Mapping[str, Any]:
     """The settings part of `prefect.context.serialize_context()` (its costly ~80%).
 
     Kept for the current settings context: successive flow runs in one process share it, so
-    each one does not pay the serialization again. The result is shared: copy it to change it.
+    each one does not pay the serialization again. The result is shared, hence a read-only
+    `Mapping`: copy it to change it.
     """
     global _serialized_settings
     settings_context = SettingsContext.get()
@@ -77,7 +79,7 @@ def serialize_settings() -> dict[str, Any]:
     return cached[1]
 
 
-def flow_run_scoped_context(settings: dict[str, Any]) -> dict[str, Any]:
+def flow_run_scoped_context(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of `prefect.context.serialize_context()` fixed for a whole flow run.
 
     Settings (serialized once by the caller, `serialize_settings`), the flow run context

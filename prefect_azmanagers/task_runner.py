@@ -528,7 +528,7 @@ class AzureScaleSetTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         Prefect would ship them to remote workers too; a worker runs no server)."""
         settings = compat.serialize_settings()
         if not settings:
-            return settings
+            return {}
         sections = {name: value for name, value in settings.get("settings", {}).items()
                     if name != "server"}
         if self._api_url_for_workers:

@@ -189,9 +189,10 @@ def test_worker_warm_up_loads_the_result_storage_block_before_the_first_task(pre
 
     name = f"warm-storage-{uuid.uuid4().hex[:6]}"
     block_id = LocalFileSystem(basepath=str(tmp_path / "results")).save(name)
-    settings = serialize_settings()
-    settings["settings"]["results"] = dict(settings["settings"].get("results", {}),
-                                           default_storage_block=f"local-file-system/{name}")
+    driver = serialize_settings()  # shared with every later caller in this process: copied
+    sections = driver["settings"]
+    settings = dict(driver, settings=dict(sections, results=dict(
+        sections.get("results", {}), default_storage_block=f"local-file-system/{name}")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "worker-home")
     go = tmp_path / "go"
