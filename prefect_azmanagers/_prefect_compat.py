@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 import uuid
-from uuid import uuid4
 from collections.abc import Mapping
 from typing import Any
+from uuid import uuid4
 
 from prefect.context import (
     EngineContext,
