@@ -51,6 +51,10 @@ INFO_FILE = "localcloud.json"
 PID_FILE = "localcloud.pid"
 LOG_FILE = "localcloud.log"
 SECRET_FIELDS = ("static_token", "client_secret", "blob_key")  # of localcloud.json: never printed or logged
+# Idle keep-alive connections stay open for minutes, as Azure's front ends keep them. At
+# uvicorn's 5 s default, equal to httpx's own expiry, a client reusing a connection at that
+# moment got "Server disconnected without sending a response" (the admin client, under load).
+KEEP_ALIVE_SECONDS = 120
 
 
 class LocalCloudError(RuntimeError):
@@ -253,7 +257,8 @@ async def _serve(state_dir: Path, port: int, prefect_api_url: str | None, networ
         identity.issuer_base = endpoint
         uv_config = uvicorn.Config(build_app(backend, describe_host, identity), lifespan="off", log_level="warning",
                                    ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
-                                   access_log=False, timeout_graceful_shutdown=2)
+                                   access_log=False, timeout_graceful_shutdown=2,
+                                   timeout_keep_alive=KEEP_ALIVE_SECONDS)
         server = _Server(uv_config)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
