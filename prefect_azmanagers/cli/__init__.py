@@ -9,23 +9,63 @@ prefect-azmanagers detached add localcloud-vm --manifest localcloud   # a detach
 ```
 
 A user mistake (any `AzManagersError`) prints one red line and exits 1, never a traceback.
+A noun's module is imported when the noun is used: `localcloud stop` never imports Prefect or
+the Azure SDK (3 s of imports before), only the top-level `--help` imports every noun.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
+import click
 import typer
 from typer.core import TyperGroup
 
-from prefect_azmanagers.cli import azure, config, detached, localcloud
 from prefect_azmanagers.cli.common import exit_with_error
 from prefect_azmanagers.exceptions import AzManagersError
 
 
-class _ErrorHandlingGroup(TyperGroup):
-    """Turns the project's errors raised by any sub-command into `exit_with_error`."""
+# command -> (module of prefect_azmanagers.cli, its Typer app or command function), in help order
+_COMMANDS = {
+    "manifest": ("config", "manifest_app"),
+    "template": ("config", "template_app"),
+    "import-azmanagers": ("config", "import_azmanagers"),
+    "export-azmanagers": ("config", "export_azmanagers"),
+    "keygen": ("config", "keygen"),
+    "localcloud": ("localcloud", "app"),
+    "scalesets": ("azure", "scalesets_app"),
+    "vms": ("azure", "vms_app"),  # what ARM lists; `detached` manages detached VMs
+    "cleanup": ("azure", "cleanup"),
+    "usage": ("azure", "usage"),
+    "detached": ("detached", "vm_app"),
+    "vm": ("detached", "vm_app"),  # the former name of `detached`, easily taken for `vms`
+    "job": ("detached", "job_app"),
+}
+_HIDDEN = {"vm"}
+
+
+class _RootGroup(TyperGroup):
+    """Imports a command's module when the command is looked up, and turns the project's errors
+    raised by any sub-command into `exit_with_error`."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *_COMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return super().get_command(ctx, name)
+        module, attribute = _COMMANDS[name]
+        target = getattr(importlib.import_module(f"prefect_azmanagers.cli.{module}"), attribute)
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)  # a group even with one command (`vms list`)
+        else:
+            single = typer.Typer()
+            single.command(name)(target)
+            command = typer.main.get_command(single)
+        command.name, command.hidden = name, name in _HIDDEN
+        return command
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -36,7 +76,7 @@ class _ErrorHandlingGroup(TyperGroup):
 
 app = typer.Typer(
     name="prefect-azmanagers",
-    cls=_ErrorHandlingGroup,
+    cls=_RootGroup,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     help="AzManagers for Prefect: manifests, templates, scale sets, detached VMs, local cloud.",
@@ -56,18 +96,3 @@ def _root(
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
-
-
-app.add_typer(config.manifest_app, name="manifest")
-app.add_typer(config.template_app, name="template")
-app.command("import-azmanagers")(config.import_azmanagers)
-app.command("export-azmanagers")(config.export_azmanagers)
-app.command("keygen")(config.keygen)
-app.add_typer(localcloud.app, name="localcloud")
-app.add_typer(azure.scalesets_app, name="scalesets")
-app.add_typer(azure.vms_app, name="vms")  # what ARM lists; `detached` manages detached VMs
-app.command("cleanup")(azure.cleanup)
-app.command("usage")(azure.usage)
-app.add_typer(detached.vm_app, name="detached")
-app.add_typer(detached.vm_app, name="vm", hidden=True)  # the former name, easily taken for `vms`
-app.add_typer(detached.job_app, name="job")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 import typer.main
 from typer.testing import CliRunner
@@ -34,7 +35,8 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
 def test_build_commands_take_every_builder_keyword_with_its_default(command: str, builder) -> None:
     """The build commands restate their builder's keywords as options; they must not drift apart."""
     repeatable = {"data_disk": "data_disks", "tag": "tags"}   # singular on the command line
-    click_command = typer.main.get_command(app).commands["template"].commands[command]
+    root = typer.main.get_command(app)
+    click_command = root.get_command(click.Context(root), "template").commands[command]
     options = {repeatable.get(p.name, p.name): p for p in click_command.params
                if p.name not in ("save", "overwrite")}
     parameters = inspect.signature(builder).parameters
@@ -52,6 +54,21 @@ def test_root_lists_every_noun() -> None:
                  "localcloud", "scalesets", "vms", "detached", "job"]:
         assert f" {noun} " in result.output, noun
     assert " vm " not in result.output  # a hidden alias: `vm` and `vms` were easy to confuse
+
+
+def test_a_localcloud_command_imports_neither_prefect_nor_the_azure_sdk(tmp_path) -> None:
+    """Each noun's module is imported when the noun is used: `localcloud stop` is quick."""
+    script = ("import sys\n"
+              "from typer.testing import CliRunner\n"
+              "from prefect_azmanagers.cli import app\n"
+              f"result = CliRunner().invoke(app, ['localcloud', 'stop', '--state-dir', {str(tmp_path)!r}])\n"
+              "print(result.exit_code, result.output.strip().replace('\\n', ' '))\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'azure'}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome, imported = done.stdout.strip().splitlines()
+    assert outcome.startswith("0 "), outcome
+    assert imported == "[]", f"the localcloud command imported {imported}"
 
 
 def test_vm_stays_an_alias_of_detached() -> None:
