@@ -26,7 +26,6 @@ from typer.core import TyperGroup
 from prefect_azmanagers.cli.common import exit_with_error
 from prefect_azmanagers.exceptions import AzManagersError
 
-
 # command -> (module of prefect_azmanagers.cli, its Typer app or command function), in help order
 _COMMANDS = {
     "manifest": ("config", "manifest_app"),
