@@ -35,28 +35,10 @@ def leftovers(name: str, localcloud_info: dict) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
     from prefect.exceptions import ObjectNotFound
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    from prefect_azmanagers.azure.clients import ArmClients
-    from prefect_azmanagers.blocks import load_manifest
-    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
+    from tests.cloud_leftovers import cloud_leftovers
 
-    manifest = load_manifest("localcloud")
-    found = []
-
-    async def arm() -> None:
-        async with ArmClients(manifest) as clients:
-            async for vm in clients.compute.virtual_machines.list(manifest.resource_group):
-                if vm.name == name:
-                    found.append(f"ARM VM {name}")
-            async for nic in clients.network.network_interfaces.list(manifest.resource_group):
-                if nic.name.startswith(name):
-                    found.append(f"ARM NIC {nic.name}")
-
-    run_coro_as_sync(arm())
-    with LocalCloudAdmin.from_info(localcloud_info) as admin:
-        found += [f"local-cloud instance {i['name']}" for i in admin.status()["instances"]
-                  if i["name"] == name]
+    found = cloud_leftovers(localcloud_info, name)  # a VM's NICs are named after it
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(name)

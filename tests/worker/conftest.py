@@ -178,29 +178,9 @@ def vm_worker(_pool_worker):
 
 def leftovers(localcloud_info: dict, pool: str) -> list[str]:
     """ARM VMs and NICs and local-cloud instances of the pool's flow runs (named pool-xxxxxx)."""
-    from prefect.utilities.asyncutils import run_coro_as_sync
+    from tests.cloud_leftovers import cloud_leftovers
 
-    from prefect_azmanagers.azure.clients import ArmClients
-    from prefect_azmanagers.blocks import load_manifest
-    from prefect_azmanagers.localcloud.admin import LocalCloudAdmin
-
-    manifest = load_manifest("localcloud")
-    found = []
-
-    async def arm() -> None:
-        async with ArmClients(manifest) as clients:
-            async for vm in clients.compute.virtual_machines.list(manifest.resource_group):
-                if vm.name.startswith(f"{pool}-"):
-                    found.append(f"ARM VM {vm.name}")
-            async for nic in clients.network.network_interfaces.list(manifest.resource_group):
-                if nic.name.startswith(f"{pool}-"):
-                    found.append(f"ARM NIC {nic.name}")
-
-    run_coro_as_sync(arm())
-    with LocalCloudAdmin.from_info(localcloud_info) as admin:
-        found += [f"local-cloud instance {i['name']}" for i in admin.status()["instances"]
-                  if i["name"].startswith(f"{pool}-")]
-    return found
+    return cloud_leftovers(localcloud_info, f"{pool}-")
 
 
 def eventually(probe, what: str, timeout: float, interval: float = 1.0):
