@@ -60,7 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if not os.access(CPUACCT, os.W_OK):
         raise pytest.UsageError(f"AZM_TEST_CPU needs root and a cgroup-v1 cpuacct hierarchy at {CPUACCT}")
-    config.pluginmanager.register(_Account(Path(out), os.environ.get("PYTEST_XDIST_WORKER", "main")))
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")  # xdist worker, or not
+    config.pluginmanager.register(_Account(Path(out), worker))
 
 
 def report(out: Path, top: int = 20) -> str:
